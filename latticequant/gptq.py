@@ -1,0 +1,145 @@
+"""GPTQ in its blocked lazy-batch form, for any processing order (PAPER §4).
+
+Column ``P[p]`` is quantized at step ``p``; the error is spread over the columns not yet
+quantized by the OBS update ``dw_F = -e_j [H_F^-1]_{F,j} / [H_F^-1]_{jj}``. With the upper
+Cholesky factor ``U`` of ``H_P^-1`` (``H_P^-1 = U^T U``) the update for step p is the row
+``U[p, p:]`` scaled by ``(w - q) / U_pp``. Blocks of ``block_size`` columns apply the update
+inside the block at once per column and to the rest of the matrix once per block.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from latticequant.config import QuantConfig
+from latticequant.grid import fit_rows, group_index, n_groups, static_grid
+from latticequant.hessian import cholesky_lower, prepare, with_damping
+from latticequant.order import check_permutation, resolve_order
+from latticequant.result import QuantResult, assemble
+
+
+def gptq_factor(
+    H: torch.Tensor, cfg: QuantConfig
+) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """Processing order ``P`` and upper factor ``U`` of ``H_P^-1``, damping raised as needed."""
+
+    def factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        try:
+            P = resolve_order(cfg.order, Hd, "gptq")
+        except ValueError:
+            if isinstance(cfg.order, torch.Tensor):
+                raise
+            return None  # min-pivot met a non-positive pivot: needs more damping
+        # U^T U = H_P^-1 without forming the inverse: with J the reversal and J H_P J = L L^T,
+        # H_P = (J L J)(J L J)^T, so U = (J L J)^-1 = J L^-1 J.
+        L = cholesky_lower(Hd[P][:, P].flip(0, 1))
+        if L is None:
+            return None
+        eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+        return (P, U) if torch.isfinite(U).all() else None
+
+    return with_damping(H, cfg.damp, factor)
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: QuantConfig,
+    *,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> QuantResult:
+    """Quantize W (d_out, d_in) against the Hessian H (d_in, d_in) with GPTQ.
+
+    ``cfg.order`` is the processing order. ``scales``/``zeros`` (d_out, n_groups) pin a static
+    grid instead of fitting one. With ``static_groups=False`` and groups, each group's grid is
+    fitted when the loop reaches its first column, on the weights updated by every column
+    quantized before it (groups then follow processing positions, ``g_idx[P[p]] = p // g``).
+    """
+    t0 = time.perf_counter()
+    if isinstance(cfg.order, torch.Tensor):
+        check_permutation(cfg.order, H.shape[0] if H.dim() == 2 else -1)
+    W0 = W
+    W, H64 = prepare(W, H)
+    d_out, d_in = W.shape
+    (P, U64), damp = gptq_factor(H64, cfg)
+    maxq, g = cfg.maxq, cfg.group_size
+    refit = g != -1 and not cfg.static_groups and scales is None
+
+    if refit:
+        g_idx = torch.empty(d_in, dtype=torch.long, device=W.device)
+        g_idx[P] = torch.arange(d_in, device=W.device) // g
+        S = torch.empty(d_out, n_groups(d_in, g), dtype=W.dtype, device=W.device)
+        Z = torch.empty_like(S)
+    else:
+        g_idx = group_index(d_in, g).to(W.device)
+        S, Z = static_grid(W, cfg, scales, zeros)
+
+    # columns become rows: every per-column read and write below is contiguous
+    U = U64.to(W.dtype)
+    Wt = W[:, P].T.contiguous()
+    if not refit:
+        S_t, Z_t = S[:, g_idx[P]].T.contiguous(), Z[:, g_idx[P]].T.contiguous()
+    codes_t = torch.empty_like(Wt)
+    targets_t = torch.empty_like(Wt)
+    clipped = 0
+    s = z = None
+    for i1 in range(0, d_in, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, d_in)
+        U1t = U[i1:i2, i1:i2].T.contiguous()
+        ErrT = torch.empty(i2 - i1, d_out, dtype=W.dtype, device=W.device)
+        for i in range(i2 - i1):
+            p = i1 + i
+            if refit:
+                if p % g == 0:
+                    s, z = _refit(Wt, ErrT, U, i1, i, min(p + g, d_in), cfg)
+                    S[:, p // g], Z[:, p // g] = s, z
+            else:
+                s, z = S_t[p], Z_t[p]
+            # the lazy batch: this column receives the updates of the block's earlier columns
+            w = Wt[p] - U1t[i, :i] @ ErrT[:i] if i else Wt[p]
+            targets_t[p] = w
+            code = torch.round(w / s + z)
+            if cfg.clip:
+                clipped += int(((code < 0) | (code > maxq)).sum())
+                code.clamp_(0, maxq)
+            codes_t[p] = code
+            ErrT[i] = (w - s * (code - z)) / U1t[i, i]
+        if i2 < d_in:
+            Wt[i2:] -= U[i1:i2, i2:].T @ ErrT
+
+    codes_p, targets_p = codes_t.T, targets_t.T
+    codes = torch.empty_like(codes_p)
+    codes[:, P] = codes_p
+    targets = torch.empty_like(targets_p)
+    targets[:, P] = targets_p
+    D = torch.empty(d_in, dtype=torch.float64, device=W.device)
+    D[P] = 1.0 / torch.diagonal(U64) ** 2
+    return assemble(
+        W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=P, D=D,
+        clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=targets, t0=t0,
+    )  # fmt: skip
+
+
+def _refit(
+    Wt: torch.Tensor,
+    ErrT: torch.Tensor,
+    U: torch.Tensor,
+    i1: int,
+    i: int,
+    end: int,
+    cfg: QuantConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of the group at positions ``[p, end)``, ``p = i1 + i``, on its updated weights.
+
+    The rows of ``Wt`` carry the updates of every block before this one; the block's own
+    columns before ``p`` are applied here, so the group sees every column quantized before it.
+    """
+    p = i1 + i
+    cols = Wt[p:end]
+    if i:
+        cols = cols - U[i1:p, p:end].T @ ErrT[:i]
+    return fit_rows(cols.T, cfg)
