@@ -122,6 +122,7 @@ def babai_quantize(
     return assemble(
         W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=Q, D=D,
         clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=targets, t0=t0,
+        projected=(W, damp * float(torch.diagonal(H64).mean())),
     )  # fmt: skip
 
 

@@ -63,11 +63,25 @@ def assemble(
     damp: float,
     targets: torch.Tensor | None,
     t0: float,
+    projected: tuple[torch.Tensor, float] | None = None,
 ) -> QuantResult:
-    """Dequantize, and measure the loss and the bound that every quantizer reports."""
+    """Dequantize, and measure the loss and the bound that every quantizer reports.
+
+    ``projected = (W', lambda)`` says that ``targets`` are the projected targets of a
+    nearest-plane decode of W' (W with dead columns zeroed) on ``H' + lambda I``. The loss then
+    comes from the decomposition ``(w - q)^T (H' + lambda I) (w - q) = sum_j D_j (t_j - q_j)^2``
+    (PAPER §5) less ``lambda ||w - q||^2``, instead of a (d_out, d_in, d_in) product that would
+    cost twice the decode itself.
+    """
     Q = dequantize(codes, scales, zeros, g_idx).to(W.dtype)
-    E = W - Q
-    loss = ((E @ H.to(W.dtype)) * E).sum(dim=1)
+    if projected is None:
+        E = W - Q
+        loss = ((E @ H.to(W.dtype)) * E).sum(dim=1)
+    else:
+        Wd, lam = projected
+        r = (targets - Q).to(torch.float64)
+        E = (Wd - Q).to(torch.float64)
+        loss = ((r * r) @ D.to(torch.float64) - lam * (E * E).sum(dim=1)).to(W.dtype)
     s = scales[:, g_idx].to(torch.float64)
     bound = (0.25 * (s * s) @ D.to(torch.float64)).to(W.dtype)
     maxq = (1 << bits) - 1

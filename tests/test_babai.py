@@ -121,3 +121,18 @@ def test_exact_cvp_below_babai_below_bound_on_tiny_lattices(seed):
         babai = float(r.loss[row])
         assert opt <= babai * (1 + 1e-9) + 1e-12
         assert babai <= float(r.bound[row]) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("quantize", [lq.gptq_quantize, lq.babai_quantize])
+def test_reported_loss_equals_the_direct_quadratic_form(quantize, dtype):
+    H = correlated_hessian(40, seed=21).to(dtype)
+    H[3, :] = 0
+    H[:, 3] = 0  # a dead column: excluded from the loss by H itself
+    W = weights(8, 40, seed=21).to(dtype)
+    for clip in (True, False):
+        r = quantize(W, H, lq.QuantConfig(bits=3, group_size=16, order="act", clip=clip))
+        E = (W - r.Q).double()
+        direct = torch.einsum("ri,ij,rj->r", E, H.double(), E)
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(r.loss.double(), direct, rtol=tol, atol=tol * direct.max())
