@@ -1,0 +1,346 @@
+"""Checkpoint folders in the GPTQ layout, and a loader that runs them on the CPU.
+
+A folder holds ``model.safetensors`` (each quantized layer as ``<module>.qweight/.qzeros/
+.scales/.g_idx`` or its format's keys, every other tensor as is, a tied ``lm_head`` stored once),
+``config.json`` with ``quantization_config``, ``quantize_config.json``, the tokenizer files and
+``quant_log.json`` (per-layer statistics). Our own ``latticequant`` section of the quantization
+config lists each quantized module with its format, bits and tensor shapes, so the loader can
+check a checkpoint completely before using it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "save_quantized",
+    "load_quantized",
+    "is_quantized_checkpoint",
+    "read_quant_log",
+    "WEIGHTS_FILE",
+    "LOG_FILE",
+]
+
+WEIGHTS_FILE = "model.safetensors"
+LOG_FILE = "quant_log.json"
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, truncated, or does not match its config."""
+
+
+def _atomic_json(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Names whose tensor shares storage with an earlier name (tied embeddings): alias -> kept."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+def _dynamic_overrides(modules: dict, skipped: list[str], base: dict) -> dict:
+    """GPTQModel's ``dynamic`` rules: ``-:`` skips a module, ``+:`` gives it other settings."""
+    dynamic: dict[str, dict] = {}
+    for name in skipped:
+        dynamic[f"-:^{name.replace('.', '[.]')}$"] = {}
+    for name, m in modules.items():
+        diff = {k: m[k] for k in ("bits", "group_size", "sym", "desc_act") if m.get(k) != base[k]}
+        if diff:
+            dynamic[f"+:^{name.replace('.', '[.]')}$"] = diff
+    return dynamic
+
+
+def save_quantized(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    layers: Mapping,
+    *,
+    method,
+    config,
+    tokenizer=None,
+    checkpoint_format: str = "gptq",
+    overrides=(),
+    run: dict | None = None,
+) -> None:
+    """Write the checkpoint of ``model`` whose quantized layers are ``layers`` into ``folder``.
+
+    ``layers`` maps module names to :class:`latticequant.pipeline.QuantizedLayer`. The folder
+    must exist; each file is written under a temporary name and renamed.
+    """
+    from safetensors.torch import save_file
+
+    from latticequant.formats import quantize_config_dict
+    from latticequant.models import describe_model, linear_weight
+    from latticequant.pipeline import config_to_dict
+
+    folder = Path(folder)
+    state = model.state_dict()
+    aliases = _tied_aliases(state)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if name in aliases:
+            continue
+        tensors[name] = t
+    modules = {}
+    for name, layer in layers.items():
+        weight_key = f"{name}.weight"
+        if weight_key not in tensors:
+            raise CheckpointError(f"quantized layer {name} has no weight in the model")
+        del tensors[weight_key]
+        d_out, d_in = linear_weight(model.get_submodule(name)).shape
+        for key, t in layer.tensors.items():
+            tensors[f"{name}.{key}"] = t
+        modules[name] = {
+            "format": layer.format,
+            "bits": layer.config.get("bits"),
+            "group_size": layer.config.get("group_size"),
+            "sym": layer.config.get("sym"),
+            "desc_act": layer.config.get("order") == "act",
+            "in_features": int(d_in),
+            "out_features": int(d_out),
+            "keys": {k: list(t.shape) for k, t in layer.tensors.items()},
+        }
+    layout = describe_model(model)
+    skipped = [n for n in layout.linear_names() if n not in layers]
+
+    cfg = config_to_dict(config)
+    base = {
+        "bits": cfg.get("bits", 4),
+        "group_size": cfg.get("group_size", -1),
+        "sym": bool(cfg.get("sym", True)),
+        "desc_act": cfg.get("order") == "act",
+    }
+    section = {
+        "method": method.name,
+        "format": method.format,
+        "config": cfg,
+        "overrides": [
+            {"pattern": o.pattern, "skip": o.skip, "changes": dict(o.changes)} for o in overrides
+        ],
+        "tied": aliases,
+        "modules": modules,
+    }
+    qconfig = quantize_config_dict(
+        bits=base["bits"],
+        group_size=base["group_size"],
+        desc_act=base["desc_act"],
+        sym=base["sym"],
+        static_groups=bool(cfg.get("static_groups", False)),
+        damp_percent=float(cfg.get("damp", 0.01)),
+        true_sequential=True,
+        checkpoint_format=checkpoint_format,
+        meta={"method": method.name},
+    )
+    dynamic = _dynamic_overrides(modules, skipped, base)
+    if dynamic:
+        qconfig["dynamic"] = dynamic
+    qconfig["latticequant"] = section
+
+    tmp = folder / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"format": "pt"},
+    )
+    os.replace(tmp, folder / WEIGHTS_FILE)
+
+    model_config = model.config.to_dict() if hasattr(model, "config") else {}
+    model_config["quantization_config"] = qconfig
+    _atomic_json(model_config, folder / "config.json")
+    _atomic_json(qconfig, folder / QUANTIZE_CONFIG_FILE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    stats = [layers[n].stats for n in layout.linear_names() if n in layers]
+    _atomic_json(
+        {
+            "method": method.name,
+            "config": cfg,
+            "checkpoint_format": checkpoint_format,
+            "run": run or {},
+            "skipped": skipped,
+            "layers": stats,
+        },
+        folder / LOG_FILE,
+    )
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+
+def is_quantized_checkpoint(folder: str | os.PathLike) -> bool:
+    """True for a folder whose config.json carries a GPTQ ``quantization_config``."""
+    folder = Path(folder)
+    try:
+        config = _read_config(folder)
+    except CheckpointError:
+        return False
+    qc = config.get("quantization_config") or {}
+    return qc.get("quant_method") == "gptq"
+
+
+def read_quant_log(folder: str | os.PathLike) -> dict:
+    """The per-layer statistics a quantization run wrote next to its checkpoint."""
+    path = Path(folder) / LOG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {LOG_FILE}: not a latticequant checkpoint")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _module_table(qc: dict, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Quantized modules from our section, or inferred from ``.qweight`` keys (other tools)."""
+    section = qc.get("latticequant")
+    if section and "modules" in section:
+        return section["modules"]
+    from latticequant.formats import GPTQ_KEYS
+
+    modules = {}
+    for key in tensors:
+        if key.endswith(".qweight"):
+            name = key[: -len(".qweight")]
+            modules[name] = {
+                "format": "gptq",
+                "bits": qc.get("bits"),
+                "keys": {
+                    k: list(tensors[f"{name}.{k}"].shape)
+                    for k in GPTQ_KEYS
+                    if f"{name}.{k}" in tensors
+                },
+            }
+    return modules
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def load_quantized(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """A model ready for inference from a checkpoint folder, its quantized layers as modules.
+
+    Every expected tensor is checked for presence and shape before anything is used; a
+    truncated or mismatched checkpoint raises :class:`CheckpointError` naming the tensor.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from latticequant.formats import FormatError, build_module, get_format
+
+    folder = Path(folder)
+    config = _read_config(folder)
+    qc = config.pop("quantization_config", None)
+    if not qc or qc.get("quant_method") != "gptq":
+        raise CheckpointError(f"{folder}/config.json has no GPTQ quantization_config")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{weights} is truncated or corrupt: {exc}") from None
+
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError(f"{folder}/config.json names no model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **config)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot build a model from {folder}/config.json: {exc}") from None
+
+    modules = _module_table(qc, tensors)
+    checkpoint_format = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    expected = model.state_dict()
+    tied = set((qc.get("latticequant") or {}).get("tied", {}))
+    if not tied and getattr(hf_config, "tie_word_embeddings", False):
+        tied = set(_tied_aliases(expected))
+
+    for name, entry in modules.items():
+        try:
+            fmt = get_format(entry.get("format", "gptq"))
+        except FormatError as exc:
+            raise CheckpointError(f"module {name}: {exc}") from None
+        for key in fmt.keys:
+            full = f"{name}.{key}"
+            if full not in tensors:
+                raise CheckpointError(f"checkpoint is missing tensor {full}")
+            want = entry.get("keys", {}).get(key)
+            if want is not None and list(tensors[full].shape) != list(want):
+                raise CheckpointError(
+                    f"tensor {full} has shape {list(tensors[full].shape)}, expected {want}"
+                )
+        if f"{name}.weight" not in expected:
+            raise CheckpointError(f"model built from config.json has no linear layer {name}")
+
+    float_state = {}
+    quantized_params = {f"{n}.weight" for n in modules} | {f"{n}.bias" for n in modules}
+    for key, t in expected.items():
+        if key in quantized_params or key in tied:
+            continue
+        if key not in tensors:
+            raise CheckpointError(f"checkpoint is missing tensor {key}")
+        if tuple(tensors[key].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"tensor {key} has shape {list(tensors[key].shape)}, the model expects "
+                f"{list(t.shape)} (checkpoint does not match config.json)"
+            )
+        float_state[key] = tensors[key]
+    model.load_state_dict(float_state, strict=False)
+    if tied:
+        model.tie_weights()
+
+    for name, entry in modules.items():
+        original = model.get_submodule(name)
+        fmt = get_format(entry.get("format", "gptq"))
+        layer_tensors = {k: tensors[f"{name}.{k}"] for k in fmt.keys}
+        bias = tensors.get(f"{name}.bias")
+        if bias is None and getattr(original, "bias", None) is not None:
+            raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
+        meta = {"bits": entry.get("bits", qc.get("bits")), "checkpoint_format": checkpoint_format}
+        for k in ("in_features", "out_features"):
+            if k in entry:
+                meta[k] = entry[k]
+        try:
+            module = build_module(entry.get("format", "gptq"), layer_tensors, meta, bias)
+        except FormatError as exc:
+            raise CheckpointError(f"module {name}: {exc}") from None
+        _set_module(model, name, module)
+    return model.to(device).eval()

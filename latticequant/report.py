@@ -1,0 +1,143 @@
+"""Per-layer tables and plots from a checkpoint's ``quant_log.json``."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from latticequant.checkpoint import read_quant_log
+
+__all__ = ["layer_rows", "summary", "format_table", "plot_loss_vs_bound", "load_report"]
+
+COLUMNS = (
+    ("name", "layer", "{}"),
+    ("loss", "loss", "{:.4g}"),
+    ("rel_rtn", "/rtn", "{:.3f}"),
+    ("bound", "bound", "{:.4g}"),
+    ("clipped", "clipped", "{:d}"),
+    ("clipped_pct", "clip%", "{:.2f}"),
+    ("damp", "damp", "{:.3g}"),
+    ("time_s", "time s", "{:.2f}"),
+    ("bits_per_weight", "bits", "{:.3f}"),
+)
+
+
+def _ratio(a, b) -> float:
+    if a is None or b is None or b == 0:
+        return float("nan")
+    return a / b
+
+
+def layer_rows(log: dict) -> list[dict]:
+    """One row per quantized layer: loss, loss relative to RTN, bound, clipping, damping, time."""
+    rows = []
+    for entry in log.get("layers", []):
+        clipped = int(entry.get("clipped", 0))
+        shape = entry.get("shape") or [0, 0]
+        n_weights = shape[0] * shape[1]
+        rows.append(
+            {
+                "name": entry["name"],
+                "loss": float(entry.get("loss", float("nan"))),
+                "rel_rtn": _ratio(entry.get("loss"), entry.get("rtn_loss")),
+                "bound": float(entry.get("bound", float("nan"))),
+                "clipped": clipped,
+                "clipped_pct": 100.0 * clipped / n_weights if n_weights else float("nan"),
+                "damp": float(entry.get("damp", float("nan"))),
+                "time_s": float(entry.get("time_s", float("nan"))),
+                "bits_per_weight": float(entry.get("bits_per_weight", float("nan"))),
+            }
+        )
+    return rows
+
+
+def summary(log: dict, rows: list[dict]) -> dict:
+    """Totals over the layers: summed losses, the ratio to RTN, weighted bits, time."""
+    layers = log.get("layers", [])
+    total_loss = sum(e.get("loss", 0.0) for e in layers)
+    total_rtn = sum(e.get("rtn_loss", 0.0) for e in layers) if layers else 0.0
+    weights = [(e.get("shape") or [0, 0]) for e in layers]
+    n = sum(a * b for a, b in weights)
+    bits = sum(e.get("bits_per_weight", 0.0) * a * b for e, (a, b) in zip(layers, weights))
+    return {
+        "method": log.get("method"),
+        "n_layers": len(rows),
+        "skipped": len(log.get("skipped", [])),
+        "loss": total_loss,
+        "rel_rtn": _ratio(total_loss, total_rtn) if total_rtn else float("nan"),
+        "clipped": sum(r["clipped"] for r in rows),
+        "bits_per_weight": bits / n if n else float("nan"),
+        "layer_time_s": sum(r["time_s"] for r in rows if not math.isnan(r["time_s"])),
+        "quantize_time_s": (log.get("run") or {}).get("quantize_time_s"),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table, one line per layer, columns aligned."""
+    header = [title for _, title, _ in COLUMNS]
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = row[key]
+            cells.append(
+                "nan" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
+            )
+        body.append(cells)
+    widths = [
+        max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)
+    ]
+    lines = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))
+        )
+    ]
+    for cells in body:
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            )
+        )
+    return "\n".join(lines)
+
+
+def plot_loss_vs_bound(rows: list[dict], path: str | os.PathLike, title: str = "") -> None:
+    """PNG of each layer's proxy loss next to its Babai bound (log scale), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("no quantized layers to plot")
+    path = Path(path)
+    x = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(rows)), 4.0))
+    ax.semilogy(x, [r["bound"] for r in rows], "o-", ms=3, label="bound (no clipping)")
+    ax.semilogy(x, [r["loss"] for r in rows], "s-", ms=3, label="proxy loss")
+    clipped = [i for i, r in enumerate(rows) if r["clipped"] > 0]
+    if clipped:
+        ax.semilogy(
+            clipped,
+            [rows[i]["loss"] for i in clipped],
+            "x",
+            color="red",
+            label="layer with clipped codes",
+        )
+    ax.set_xlabel("layer (in quantization order)")
+    ax.set_ylabel("tr((W-Q) H (W-Q)^T)")
+    ax.set_title(title or "proxy loss and Babai bound per layer")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def load_report(folder: str | os.PathLike) -> tuple[dict, list[dict], dict]:
+    """``(log, rows, summary)`` of a checkpoint folder."""
+    log = read_quant_log(folder)
+    rows = layer_rows(log)
+    return log, rows, summary(log, rows)
