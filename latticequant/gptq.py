@@ -10,6 +10,7 @@ inside the block at once per column and to the rest of the matrix once per block
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +45,94 @@ def gptq_factor(
     return with_damping(H, cfg.damp, factor)
 
 
+@dataclass
+class Decoded:
+    """Codes of a GPTQ decode in the original column order, and the grid it used."""
+
+    codes: torch.Tensor
+    targets: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    clipped: int
+    outliers: torch.Tensor | None
+
+
+def gptq_decode(
+    W: torch.Tensor,
+    P: torch.Tensor,
+    U: torch.Tensor,
+    cfg: QuantConfig,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    outlier_dtype: torch.dtype | None = None,
+) -> Decoded:
+    """The blocked GPTQ loop on a prepared problem: W, processing order P, ``U^T U = H_P^-1``.
+
+    ``scales``/``zeros`` give the static grid; None with ``static_groups=False`` refits each
+    group when the loop reaches it. With ``outlier_dtype`` a weight whose code would leave the
+    grid is kept as its error-updated value in that dtype (SSQR's outliers, PAPER §7): its code
+    becomes the zero point and the error it passes on is that dtype's rounding error.
+    """
+    d_out, d_in = W.shape
+    maxq, g = cfg.maxq, cfg.group_size
+    refit = scales is None
+    if refit:
+        if g == -1 or cfg.static_groups:
+            raise ValueError("gptq_decode needs a static grid unless groups are refitted")
+        g_idx = torch.empty(d_in, dtype=torch.long, device=W.device)
+        g_idx[P] = torch.arange(d_in, device=W.device) // g
+        S = torch.empty(d_out, n_groups(d_in, g), dtype=W.dtype, device=W.device)
+        Z = torch.empty_like(S)
+    else:
+        g_idx = group_index(d_in, g).to(W.device)
+        S, Z = scales, zeros
+        S_t, Z_t = S[:, g_idx[P]].T.contiguous(), Z[:, g_idx[P]].T.contiguous()
+
+    # columns become rows: every per-column read and write below is contiguous
+    U = U.to(W.dtype)
+    Wt = W[:, P].T.contiguous()
+    codes_t = torch.empty_like(Wt)
+    targets_t = torch.empty_like(Wt)
+    out_t = torch.zeros_like(Wt, dtype=torch.bool) if outlier_dtype is not None else None
+    clipped = 0
+    s = z = None
+    for i1 in range(0, d_in, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, d_in)
+        U1t = U[i1:i2, i1:i2].T.contiguous()
+        ErrT = torch.empty(i2 - i1, d_out, dtype=W.dtype, device=W.device)
+        for i in range(i2 - i1):
+            p = i1 + i
+            if refit:
+                if p % g == 0:
+                    s, z = _refit(Wt, ErrT, U, i1, i, min(p + g, d_in), cfg)
+                    S[:, p // g], Z[:, p // g] = s, z
+            else:
+                s, z = S_t[p], Z_t[p]
+            # the lazy batch: this column receives the updates of the block's earlier columns
+            w = Wt[p] - U1t[i, :i] @ ErrT[:i] if i else Wt[p]
+            targets_t[p] = w
+            code = torch.round(w / s + z)
+            if out_t is not None:
+                out = (code < 0) | (code > maxq)
+                out_t[p] = out
+                code = torch.where(out, z, code)
+                q = torch.where(out, w.to(outlier_dtype).to(w.dtype), s * (code - z))
+            else:
+                if cfg.clip:
+                    clipped += int(((code < 0) | (code > maxq)).sum())
+                    code.clamp_(0, maxq)
+                q = s * (code - z)
+            codes_t[p] = code
+            ErrT[i] = (w - q) / U1t[i, i]
+        if i2 < d_in:
+            Wt[i2:] -= U[i1:i2, i2:].T @ ErrT
+
+    inv = torch.argsort(P)
+    outliers = None if out_t is None else out_t[inv].T
+    return Decoded(codes_t[inv].T, targets_t[inv].T, S, Z, g_idx, clipped, outliers)
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -64,64 +153,18 @@ def gptq_quantize(
         check_permutation(cfg.order, H.shape[0] if H.dim() == 2 else -1)
     W0 = W
     W, H64 = prepare(W, H)
-    d_out, d_in = W.shape
     (P, U64), damp = gptq_factor(H64, cfg)
-    maxq, g = cfg.maxq, cfg.group_size
-    refit = g != -1 and not cfg.static_groups and scales is None
-
-    if refit:
-        g_idx = torch.empty(d_in, dtype=torch.long, device=W.device)
-        g_idx[P] = torch.arange(d_in, device=W.device) // g
-        S = torch.empty(d_out, n_groups(d_in, g), dtype=W.dtype, device=W.device)
-        Z = torch.empty_like(S)
+    if cfg.group_size != -1 and not cfg.static_groups and scales is None:
+        S = Z = None
     else:
-        g_idx = group_index(d_in, g).to(W.device)
         S, Z = static_grid(W, cfg, scales, zeros)
-
-    # columns become rows: every per-column read and write below is contiguous
-    U = U64.to(W.dtype)
-    Wt = W[:, P].T.contiguous()
-    if not refit:
-        S_t, Z_t = S[:, g_idx[P]].T.contiguous(), Z[:, g_idx[P]].T.contiguous()
-    codes_t = torch.empty_like(Wt)
-    targets_t = torch.empty_like(Wt)
-    clipped = 0
-    s = z = None
-    for i1 in range(0, d_in, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, d_in)
-        U1t = U[i1:i2, i1:i2].T.contiguous()
-        ErrT = torch.empty(i2 - i1, d_out, dtype=W.dtype, device=W.device)
-        for i in range(i2 - i1):
-            p = i1 + i
-            if refit:
-                if p % g == 0:
-                    s, z = _refit(Wt, ErrT, U, i1, i, min(p + g, d_in), cfg)
-                    S[:, p // g], Z[:, p // g] = s, z
-            else:
-                s, z = S_t[p], Z_t[p]
-            # the lazy batch: this column receives the updates of the block's earlier columns
-            w = Wt[p] - U1t[i, :i] @ ErrT[:i] if i else Wt[p]
-            targets_t[p] = w
-            code = torch.round(w / s + z)
-            if cfg.clip:
-                clipped += int(((code < 0) | (code > maxq)).sum())
-                code.clamp_(0, maxq)
-            codes_t[p] = code
-            ErrT[i] = (w - s * (code - z)) / U1t[i, i]
-        if i2 < d_in:
-            Wt[i2:] -= U[i1:i2, i2:].T @ ErrT
-
-    codes_p, targets_p = codes_t.T, targets_t.T
-    codes = torch.empty_like(codes_p)
-    codes[:, P] = codes_p
-    targets = torch.empty_like(targets_p)
-    targets[:, P] = targets_p
-    D = torch.empty(d_in, dtype=torch.float64, device=W.device)
+    dec = gptq_decode(W, P, U64, cfg, S, Z)
+    D = torch.empty(W.shape[1], dtype=torch.float64, device=W.device)
     D[P] = 1.0 / torch.diagonal(U64) ** 2
     return assemble(
-        W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=P, D=D,
-        clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=targets, t0=t0,
-        projected=(W, damp * float(torch.diagonal(H64).mean())),
+        W=W0, H=H, codes=dec.codes, scales=dec.scales, zeros=dec.zeros, g_idx=dec.g_idx,
+        order=P, D=D, clipped=dec.clipped, bits=cfg.bits, clip=cfg.clip, damp=damp,
+        targets=dec.targets, t0=t0, projected=(W, damp * float(torch.diagonal(H64).mean())),
     )  # fmt: skip
 
 

@@ -30,8 +30,8 @@ import torch
 
 from latticequant.bits import OutOfReach, effective_bits, meet_target
 from latticequant.config import ORDER_NAMES, SCALE_METHODS, Order, QuantConfig
-from latticequant.gptq import gptq_factor
-from latticequant.grid import fit_grid, group_index
+from latticequant.gptq import gptq_decode, gptq_factor
+from latticequant.grid import dequantize, fit_grid, group_index
 from latticequant.hessian import check_inputs, prepare
 from latticequant.order import check_permutation
 
@@ -205,46 +205,26 @@ def ssqr_decode(
 
     ``U`` is the upper factor of ``H_P^-1`` in processing order ``P``; ``scales`` are used as
     given (already float16 values). A column whose error-updated weight ``t`` rounds outside
-    ``{0 .. 2^b - 1}`` keeps ``q = fp16(t)`` and the zero point as its code.
+    ``{0 .. 2^b - 1}`` keeps ``q = fp16(t)`` and the zero point as its code; the core's
+    :func:`~latticequant.gptq.gptq_decode` applies the rule inside its loop, so later columns
+    correct only the error that is really stored.
     """
-    d_out, d_in = W.shape
-    maxq, zero = (1 << bits) - 1, float(1 << (bits - 1))
-    dtype = W.dtype
-    Uw = U.to(dtype)
-    S_p = scales.to(dtype)[:, g_idx[P]]
-    Wp = W[:, P].clone()
-    codes_p = torch.empty_like(Wp)
-    Q_p = torch.empty_like(Wp)
-    out_p = torch.empty(d_out, d_in, dtype=torch.bool, device=W.device)
-    for i1 in range(0, d_in, block_size):
-        i2 = min(i1 + block_size, d_in)
-        W1 = Wp[:, i1:i2]
-        U1 = Uw[i1:i2, i1:i2]
-        Err1 = torch.zeros(d_out, i2 - i1, dtype=dtype, device=W.device)
-        for i in range(i2 - i1):
-            p = i1 + i
-            s = S_p[:, p]
-            t = W1[:, i]
-            code = torch.round(t / s + zero)
-            out = (code < 0) | (code > maxq)
-            code = torch.where(out, torch.full_like(code, zero), code)
-            q = s * (code - zero)
-            q = torch.where(out, t.to(torch.float16).to(dtype), q)
-            codes_p[:, p], Q_p[:, p], out_p[:, p] = code, q, out
-            err = (t - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        if i2 < d_in:
-            Wp[:, i2:] -= Err1 @ Uw[i1:i2, i2:]
-    codes = torch.empty_like(codes_p)
-    codes[:, P] = codes_p
-    Q = torch.empty_like(Q_p)
-    Q[:, P] = Q_p
-    outliers = torch.empty_like(out_p)
-    outliers[:, P] = out_p
+    d_in = W.shape[1]
+    group_size = -1 if scales.shape[1] == 1 else int((g_idx == 0).sum())
+    cfg = QuantConfig(
+        bits=bits, group_size=group_size, sym=True, order=P, clip=False, block_size=block_size
+    )
+    if not torch.equal(g_idx.cpu(), group_index(d_in, group_size)):
+        raise ValueError("SSQR groups must be the static groups j // group_size")
+    S = scales.to(W.dtype)
+    Z = torch.full_like(S, float(1 << (bits - 1)))
+    dec = gptq_decode(W, P, U, cfg, S, Z, outlier_dtype=torch.float16)
+    Q = torch.where(
+        dec.outliers, dec.targets.to(torch.float16).to(W.dtype), dequantize(dec.codes, S, Z, g_idx)
+    )
     if not bool(torch.isfinite(Q).all()):
         raise ValueError("an outlier exceeds the float16 range; SSQR cannot store it")
-    return codes.to(torch.int64), outliers, Q
+    return dec.codes.to(torch.int64), dec.outliers, Q
 
 
 def _search_factor(prob: _Problem, cfg: SSQRConfig) -> tuple[float, tuple, int]:
