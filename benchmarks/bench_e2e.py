@@ -38,6 +38,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # the repository's latticequant, installed or not
 sys.path.insert(0, str(HERE))
 
 log = logging.getLogger("bench_e2e")
@@ -213,6 +214,7 @@ def run_job(job: dict) -> dict:
         resume=False,
         overwrite=True,
         progress=False,
+        checkpoint_format=job.get("checkpoint_format", "gptq"),
     )
     t2 = time.perf_counter()
     row.update(
@@ -226,6 +228,7 @@ def run_job(job: dict) -> dict:
                 "static_groups": cfg.static_groups,
                 "damp": cfg.damp,
                 "block_size": cfg.block_size,
+                "checkpoint_format": job.get("checkpoint_format", "gptq"),
             },
         }
     )
@@ -234,6 +237,14 @@ def run_job(job: dict) -> dict:
     row["ppl"] = _ppl(model, heldout, eval_seqlen)
     row["loader"] = "in memory"
     return row
+
+
+class JobFailed(RuntimeError):
+    """A child run failed; ``reason`` is the last line of its log."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def spawn(job: dict, log_path: Path, python: str) -> dict:
@@ -256,9 +267,10 @@ def spawn(job: dict, log_path: Path, python: str) -> dict:
         )
     if proc.returncode != 0 or not result_path.is_file():
         tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-        raise RuntimeError(
+        raise JobFailed(
+            tail[-1] if tail else f"exit {proc.returncode}",
             f"{job['tool']} {job.get('config')} failed (exit {proc.returncode}); "
-            f"log {log_path}:\n" + "\n".join(tail)
+            f"log {log_path}:\n" + "\n".join(tail),
         )
     return json.loads(result_path.read_text())
 
@@ -365,6 +377,7 @@ def markdown(results: dict) -> str:
         "| ppl, GPTQModel loader | run |"
     )
     lines += [header, "|" + "---|" * 9]
+    load_errors: list[str] = []
     for config in CONFIGS:
         ref = rows.get(f"gptqmodel/{config}")
         for key in sorted(
@@ -376,12 +389,21 @@ def markdown(results: dict) -> str:
             if ref and ref.get("run_id") == r.get("run_id") and ref.get("wall_s"):
                 ratio = r["wall_s"] / ref["wall_s"]
             grid = "sym" if r.get("settings", {}).get("sym") else "asym"
+            errors = r.get("load_errors", {})
+
+            def loaded(loader: str, r=r, errors=errors, key=key) -> str:
+                if loader in errors:
+                    load_errors.append(f"{key}, {loader} loader: {errors[loader]}")
+                    return "error"
+                return _fmt(r.get(f"ppl_{loader}_loader"))
+
             lines.append(
                 f"| {config} | {TOOL_LABELS[r['tool']]} | {grid} | "
                 f"{_fmt(r.get('wall_s'), '.0f')} | {_fmt(ratio)} | {_fmt(r.get('ppl'))} | "
-                f"{_fmt(r.get('ppl_latticequant_loader'))} | "
-                f"{_fmt(r.get('ppl_gptqmodel_loader'))} | {r.get('run_id', '')} |"
+                f"{loaded('latticequant')} | {loaded('gptqmodel')} | {r.get('run_id', '')} |"
             )
+    if load_errors:
+        lines += ["", "Loader errors:", ""] + [f"- {e}" for e in load_errors]
     agree = results.get("gptq_vs_babai", {})
     if agree:
         lines += [
@@ -447,6 +469,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="our methods on a symmetric grid (as GPTQModel); default asymmetric",
     )
     ap.add_argument("--damp", type=float, default=0.01, help="our methods' relative damping")
+    ap.add_argument(
+        "--checkpoint-format",
+        choices=("gptq", "gptq_v2"),
+        default="gptq",
+        help="format of our checkpoints; GPTQModel loads asymmetric ones only as "
+        "gptq_v2 (default gptq)",
+    )
     ap.add_argument(
         "--cross-load",
         action="store_true",
@@ -571,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_seqlen": args.eval_seqlen,
         "sym": args.sym,
         "damp": args.damp,
+        "checkpoint_format": args.checkpoint_format,
     }
 
     def save() -> None:
@@ -590,8 +620,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             row = spawn({**common, **job}, args.work / "logs" / f"{name}.log", python)
-        except RuntimeError as exc:
+        except JobFailed as exc:
             log.error("%s", exc)
+            if job["tool"] == "load":
+                return {"error": exc.reason}
             failures += 1
             return None
         log.info(
@@ -625,7 +657,9 @@ def main(argv: list[str] | None = None) -> int:
                         {"tool": "load", "config": config, "out": str(out), "loader": loader},
                         f"load-{tool}-{config}-{loader}",
                     )
-                    if other is not None:
+                    if other is not None and "error" in other:
+                        row.setdefault("load_errors", {})[loader] = other["error"]
+                    elif other is not None:
                         row[f"ppl_{loader}_loader"] = other["ppl"]
             results["rows"][key] = row
             save()

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository's latticequant, installed or not
+sys.path.insert(0, str(HERE))
 
 import latticequant as lq  # noqa: E402
 

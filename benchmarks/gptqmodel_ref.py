@@ -312,12 +312,29 @@ def quantize_model(
 # --------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(folder: str | os.PathLike, *, backend: str = "gptq_torch") -> torch.nn.Module:
-    """A GPTQ-format checkpoint loaded by GPTQModel on the CPU; returns the HF causal LM.
+def _allow_float32_torch_kernel() -> None:
+    """Let GPTQModel's pure-torch GPTQ kernel run in float32.
 
-    ``gptq_torch`` is GPTQModel's pure-torch dequantizing kernel, which runs anywhere and in
-    float32. The returned module is the underlying ``transformers`` model, so the same
-    perplexity function can be applied to it as to any other model.
+    ``TorchLinear`` dequantizes ``scales * (codes - zeros)`` with plain torch ops and multiplies
+    in the input's dtype, so float32 works, but 7.7.0 declares only float16/bfloat16 and refuses
+    float32 at load time. Loading in float16 instead would round every float weight of the
+    model (embeddings, norms), so the declaration is widened for this process.
+    """
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    if torch.float32 not in TorchLinear.SUPPORTS_DTYPES:
+        TorchLinear.SUPPORTS_DTYPES = [*TorchLinear.SUPPORTS_DTYPES, torch.float32]
+
+
+def load_checkpoint(folder: str | os.PathLike, *, backend: str = "gptq_torch") -> torch.nn.Module:
+    """A GPTQ-format checkpoint loaded by GPTQModel on the CPU in float32; returns the HF model.
+
+    ``gptq_torch`` (default) is GPTQModel's pure-torch dequantizing kernel: every bit width,
+    exact float32 arithmetic (see :func:`_allow_float32_torch_kernel`). ``auto`` lets GPTQModel
+    pick its CPU kernel (4-bit only in float32). The returned module is the underlying
+    ``transformers`` model, so the same perplexity function applies to it as to any other.
+    GPTQModel refuses asymmetric checkpoints in the v1 ``gptq`` format unless GPTQModel itself
+    wrote them; ``gptq_v2`` checkpoints load.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -327,6 +344,8 @@ def load_checkpoint(folder: str | os.PathLike, *, backend: str = "gptq_torch") -
     if not quant and not (folder / "quantize_config.json").is_file():
         raise ValueError(f"{folder} holds no quantization_config: not a GPTQ checkpoint")
     gptqmodel = import_gptqmodel()
+    if backend == "gptq_torch":
+        _allow_float32_torch_kernel()
     qmodel = gptqmodel.GPTQModel.load(
         str(folder), device="cpu", backend=backend, dtype=torch.float32
     )

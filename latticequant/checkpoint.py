@@ -34,6 +34,8 @@ __all__ = [
 WEIGHTS_FILE = "model.safetensors"
 LOG_FILE = "quant_log.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
+OWN_QUANT_METHOD = "latticequant"  # quant_method of checkpoints with non-GPTQ layers
+QUANT_METHODS = ("gptq", OWN_QUANT_METHOD)
 
 
 class CheckpointError(ValueError):
@@ -46,6 +48,13 @@ def _atomic_json(obj, path: Path) -> None:
         json.dump(obj, fh, indent=2, default=str)
         fh.write("\n")
     os.replace(tmp, path)
+
+
+def _readable(path: Path) -> None:
+    """Give a file the permissions of an ordinary new file (the writer may create it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -92,7 +101,7 @@ def save_quantized(
     """
     from safetensors.torch import save_file
 
-    from latticequant.formats import quantize_config_dict
+    from latticequant.formats import SUPPORTED_BITS, quantize_config_dict
     from latticequant.models import describe_model, linear_weight
     from latticequant.pipeline import config_to_dict
 
@@ -128,7 +137,7 @@ def save_quantized(
 
     cfg = config_to_dict(config)
     base = {
-        "bits": cfg.get("bits", 4),
+        "bits": cfg.get("bits"),
         "group_size": cfg.get("group_size", -1),
         "sym": bool(cfg.get("sym", True)),
         "desc_act": cfg.get("order") == "act",
@@ -143,17 +152,29 @@ def save_quantized(
         "tied": aliases,
         "modules": modules,
     }
-    qconfig = quantize_config_dict(
-        bits=base["bits"],
-        group_size=base["group_size"],
-        desc_act=base["desc_act"],
-        sym=base["sym"],
-        static_groups=bool(cfg.get("static_groups", False)),
-        damp_percent=float(cfg.get("damp", 0.01)),
-        true_sequential=True,
-        checkpoint_format=checkpoint_format,
-        meta={"method": method.name},
-    )
+    if base["bits"] in SUPPORTED_BITS:
+        qconfig = quantize_config_dict(
+            bits=base["bits"],
+            group_size=base["group_size"],
+            desc_act=base["desc_act"],
+            sym=base["sym"],
+            static_groups=bool(cfg.get("static_groups", False)),
+            damp_percent=float(cfg.get("damp", 0.01)),
+            true_sequential=True,
+            checkpoint_format=checkpoint_format,
+            meta={"method": method.name},
+        )
+    else:  # a method without a fixed code width (Huffman-coded codes)
+        qconfig = {
+            "bits": None,
+            "group_size": base["group_size"],
+            "desc_act": base["desc_act"],
+            "true_sequential": True,
+            "checkpoint_format": checkpoint_format,
+        }
+    # Other tools read GPTQ layers only; a checkpoint with other formats must not pass for one.
+    formats_used = {m["format"] for m in modules.values()}
+    qconfig["quant_method"] = "gptq" if formats_used <= {"gptq"} else OWN_QUANT_METHOD
     dynamic = _dynamic_overrides(modules, skipped, base)
     if dynamic:
         qconfig["dynamic"] = dynamic
@@ -165,6 +186,7 @@ def save_quantized(
         str(tmp),
         metadata={"format": "pt"},
     )
+    _readable(tmp)
     os.replace(tmp, folder / WEIGHTS_FILE)
 
     model_config = model.config.to_dict() if hasattr(model, "config") else {}
@@ -201,14 +223,14 @@ def _read_config(folder: Path) -> dict:
 
 
 def is_quantized_checkpoint(folder: str | os.PathLike) -> bool:
-    """True for a folder whose config.json carries a GPTQ ``quantization_config``."""
+    """True for a folder whose config.json carries a GPTQ or latticequant quantization config."""
     folder = Path(folder)
     try:
         config = _read_config(folder)
     except CheckpointError:
         return False
     qc = config.get("quantization_config") or {}
-    return qc.get("quant_method") == "gptq"
+    return qc.get("quant_method") in QUANT_METHODS
 
 
 def read_quant_log(folder: str | os.PathLike) -> dict:
@@ -263,11 +285,12 @@ def load_quantized(folder: str | os.PathLike, device: str | torch.device = "cpu"
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from latticequant.formats import FormatError, build_module, get_format
+    from latticequant.models import linear_weight
 
     folder = Path(folder)
     config = _read_config(folder)
     qc = config.pop("quantization_config", None)
-    if not qc or qc.get("quant_method") != "gptq":
+    if not qc or qc.get("quant_method") not in QUANT_METHODS:
         raise CheckpointError(f"{folder}/config.json has no GPTQ quantization_config")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
@@ -309,6 +332,13 @@ def load_quantized(folder: str | os.PathLike, device: str | torch.device = "cpu"
                 )
         if f"{name}.weight" not in expected:
             raise CheckpointError(f"model built from config.json has no linear layer {name}")
+        want_shape = tuple(linear_weight(model.get_submodule(name)).shape)
+        have_shape = (entry.get("out_features"), entry.get("in_features"))
+        if None not in have_shape and tuple(have_shape) != want_shape:
+            raise CheckpointError(
+                f"layer {name} is stored with shape {list(have_shape)} (out, in), config.json "
+                f"gives {list(want_shape)}: checkpoint does not match config.json"
+            )
 
     float_state = {}
     quantized_params = {f"{n}.weight" for n in modules} | {f"{n}.bias" for n in modules}

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 
@@ -185,10 +186,19 @@ def cmd_quantize(args) -> int:
     from latticequant.data import perplexity
     from latticequant.methods import get_method
     from latticequant.models import load_model
-    from latticequant.pipeline import Override, parse_override, quantize_model
+    from latticequant.pipeline import (
+        OutputExistsError,
+        Override,
+        parse_override,
+        quantize_model,
+    )
 
     method = get_method(args.method)
     config = config_from_args(method.config_cls, args)
+    if os.path.exists(args.out) and not args.overwrite:  # refuse before any slow work
+        raise OutputExistsError(
+            f"output folder {args.out} already exists; pass --overwrite to replace it"
+        )
     overrides = [Override(p, skip=True) for p in args.skip]
     overrides += [parse_override(o, method.config_cls) for o in args.override]
     t0 = time.perf_counter()
@@ -300,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("latticequant: interrupted", file=sys.stderr)
+        print("latticequant: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as exc:
         if args.verbose:

@@ -23,6 +23,9 @@ __all__ = [
     "list_methods",
     "bits_per_weight",
     "UnknownMethodError",
+    "rtn_loss",
+    "grid_layer_stats",
+    "stored_weight",
 ]
 
 
@@ -104,11 +107,40 @@ def bits_per_weight(tensors: dict[str, torch.Tensor], n_weights: int) -> float:
     return total_bits / n_weights
 
 
-def grid_layer_stats(result, rtn_result) -> dict[str, float]:
+def rtn_loss(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    config,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> float:
+    """``tr((W - Q) H (W - Q)^T)`` of round-to-nearest on the layer's static grid.
+
+    The same number as ``latticequant.rtn_quantize(W, H, config).loss.sum()`` without its
+    bound, so that every layer's log can carry the RTN baseline at little cost. ``scales`` and
+    ``zeros`` reuse a static grid already fitted (by the method itself) instead of refitting.
+    """
+    from latticequant.grid import group_index, round_to_grid, static_grid
+
+    dead = torch.diagonal(H) == 0
+    Wg = W
+    if bool(dead.any()):  # as the core does: inputs that never fire get weight 0
+        Wg = W.clone()
+        Wg[:, dead] = 0
+    if scales is None:
+        scales, zeros = static_grid(Wg, config)
+    g_idx = group_index(W.shape[1], config.group_size).to(W.device)
+    s, z = scales[:, g_idx].to(W.dtype), zeros[:, g_idx].to(W.dtype)
+    Q = s * (round_to_grid(Wg, s, z, config.maxq, clip=config.clip) - z)
+    E = W - Q
+    return float(((E @ H.to(E.dtype)) * E).sum(dtype=torch.float64))
+
+
+def grid_layer_stats(result, rtn_loss_value: float) -> dict[str, float]:
     """The common log entries of a grid quantizer's :class:`~latticequant.QuantResult`."""
-    stats = {
+    return {
         "loss": float(result.loss.sum()),
-        "rtn_loss": float(rtn_result.loss.sum()),
+        "rtn_loss": float(rtn_loss_value),
         "bound": float(result.bound.sum()),
         "clipped": int(result.clipped),
         "clipped_frac": int(result.clipped) / max(1, result.codes.numel()),
@@ -116,7 +148,13 @@ def grid_layer_stats(result, rtn_result) -> dict[str, float]:
         "damp": float(result.damp),
         "time_s": float(result.time_s),
     }
-    return stats
+
+
+def stored_weight(result, scale_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """``Q`` as a loader reads it back: the scales rounded to their stored dtype."""
+    scales = result.scales.to(scale_dtype).to(dtype)
+    g = result.g_idx
+    return scales[:, g] * (result.codes.to(dtype) - result.zeros.to(dtype)[:, g])
 
 
 def _grid_method(core_name: str) -> Callable[[torch.Tensor, torch.Tensor, object], LayerQuant]:
@@ -124,16 +162,21 @@ def _grid_method(core_name: str) -> Callable[[torch.Tensor, torch.Tensor, object
 
     def quantize(W: torch.Tensor, H: torch.Tensor, config) -> LayerQuant:
         import latticequant as lq
-        from latticequant.formats import dequantize_gptq, pack_gptq
+        from latticequant.formats import pack_gptq
 
         core = getattr(lq, f"{core_name}_quantize")
         result = core(W, H, config)
-        rtn = result if core_name == "rtn" else lq.rtn_quantize(W, H, config)
+        if core_name == "rtn":
+            base = float(result.loss.sum())
+        elif config.static_groups:  # the method's grid is the static one: reuse it
+            base = rtn_loss(W, H, config, result.scales, result.zeros)
+        else:
+            base = rtn_loss(W, H, config)
         checkpoint_format = config.extra.get("checkpoint_format", "gptq")
         tensors = pack_gptq(result, checkpoint_format=checkpoint_format)
         # Feed forward exactly what a loader reads back (scales rounded to their stored dtype).
-        Q = dequantize_gptq(tensors, int(result.bits), checkpoint_format, dtype=W.dtype)
-        stats = grid_layer_stats(result, rtn)
+        Q = stored_weight(result, tensors["scales"].dtype, W.dtype)
+        stats = grid_layer_stats(result, base)
         stats["bits_per_weight"] = bits_per_weight(tensors, W.numel())
         return LayerQuant(Q=Q, tensors=tensors, stats=stats)
 

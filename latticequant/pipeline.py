@@ -435,7 +435,11 @@ def _fingerprint(model, method: Method, config, overrides, calib_ids, attention_
                 "method": method.name,
                 "config": config_to_dict(config),
                 "overrides": [dataclasses.asdict(o) for o in overrides],
-                "model": {k: list(v.shape) for k, v in model.state_dict().items()},
+                # Shapes and a cheap checksum of every tensor: another model or other weights.
+                "model": {
+                    k: [list(v.shape), float(v.detach().double().sum())]
+                    for k, v in model.state_dict().items()
+                },
                 "model_config": getattr(getattr(model, "config", None), "to_json_string", str)(),
                 "extra": extra,
             },
@@ -613,10 +617,14 @@ def quantize_model(
     batch_size = n if batch_size is None else int(batch_size)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but CUDA is not available here")
     layout = describe_model(model)
     model.eval()
-    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
 
     state = final = work = None
     if out_dir is not None:
@@ -703,8 +711,6 @@ def quantize_model(
             on_block_done(index)
     bar.close()
     elapsed = time.perf_counter() - t_start
-    if use_cache is not None:
-        model.config.use_cache = use_cache
 
     stats = [layers[name].stats for name in layout.linear_names() if name in layers]
     if out_dir is not None:

@@ -113,7 +113,7 @@ def plot_loss_vs_bound(rows: list[dict], path: str | os.PathLike, title: str = "
         raise ValueError("no quantized layers to plot")
     path = Path(path)
     x = list(range(len(rows)))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(rows)), 4.0))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.12 * len(rows))), 4.5))
     ax.semilogy(x, [r["bound"] for r in rows], "o-", ms=3, label="bound (no clipping)")
     ax.semilogy(x, [r["loss"] for r in rows], "s-", ms=3, label="proxy loss")
     clipped = [i for i, r in enumerate(rows) if r["clipped"] > 0]

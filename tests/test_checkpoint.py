@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -48,6 +49,9 @@ def test_folder_contents_and_configs(saved):
         assert required in names
     assert "tokenizer.json" in names
     assert not any(n.startswith(".") for n in names)  # no temporary files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     tensors = load_file(str(out / "model.safetensors"))
     assert "lm_head.weight" not in tensors  # tied to the embeddings, stored once
     assert "model.embed_tokens.weight" in tensors
@@ -148,3 +152,23 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "empty" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(CheckpointError, match="no GPTQ quantization_config"):
         load_quantized(tmp_path / "empty")
+
+
+def test_gpt2_conv1d_round_trip(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128)).eval()
+    calib = torch.randint(0, 128, (4, 32))
+    stats = quantize_model(
+        model,
+        None,
+        calib,
+        "gptq",
+        lq.QuantConfig(bits=4, group_size=GROUP),
+        tmp_path / "g",
+        progress=False,
+    )
+    assert len(stats) == 8
+    loaded = load_quantized(tmp_path / "g")
+    assert torch.allclose(loaded(calib).logits, model(calib).logits, atol=1e-4)

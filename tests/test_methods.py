@@ -101,3 +101,20 @@ def test_gptq_v2_zeros_differ_by_one_from_v1():
     z2 = unpack_gptq(v2.tensors, 4, "gptq_v2")[2]
     assert torch.equal(z1, z2) and bool((z1 == 8).all())
     assert not torch.equal(v1.tensors["qzeros"], v2.tensors["qzeros"])
+
+
+@pytest.mark.parametrize(
+    "sym,clip,group_size", [(False, True, 32), (True, False, -1), (True, True, 48)]
+)
+def test_rtn_loss_equals_core_rtn(sym, clip, group_size):
+    W, H = _problem(d_in=96)
+    H[:, 5] = 0
+    H[5, :] = 0  # an input that never fires
+    cfg = lq.QuantConfig(bits=3, group_size=group_size, sym=sym, clip=clip)
+    ref = lq.rtn_quantize(W, H, cfg)
+    assert methods.rtn_loss(W, H, cfg) == pytest.approx(float(ref.loss.sum()), rel=1e-9)
+    reuse = methods.rtn_loss(W, H, cfg, ref.scales, ref.zeros)
+    assert reuse == pytest.approx(float(ref.loss.sum()), rel=1e-9)
+    W32, H32 = W.float(), H.float()
+    ref32 = float(lq.rtn_quantize(W32, H32, cfg).loss.sum())
+    assert methods.rtn_loss(W32, H32, cfg) == pytest.approx(ref32, rel=1e-4)

@@ -138,7 +138,8 @@ def test_overrides_skip_and_change_bits(calib_ids):
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, down0)
     v = model.model.layers[1].self_attn.v_proj.weight.reshape(-1, GROUP)
     assert max(len(torch.unique(row)) for row in v) <= 4
-    assert stats[names.index("model.layers.1.self_attn.v_proj")]["bits_per_weight"] == 2 + 18 / 32 + 1
+    v_stats = stats[names.index("model.layers.1.self_attn.v_proj")]
+    assert v_stats["bits_per_weight"] == 2 + (16 + 2) / GROUP + 32 / 32  # codes, scale+zero, g_idx
 
 
 def test_parse_override_errors():
@@ -278,6 +279,30 @@ def test_resume_with_other_settings_is_refused(tmp_path, calib_ids):
     assert len(stats) == 14 and out.exists()
 
 
+def test_resume_with_other_weights_is_refused(tmp_path, calib_ids):
+    def stop(index):
+        raise _Interrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        quantize_model(
+            make_tiny_llama(seed=0),
+            None,
+            calib_ids,
+            "rtn",
+            _cfg(),
+            out,
+            progress=False,
+            on_block_done=stop,
+        )
+    with pytest.raises(ResumeMismatchError):
+        quantize_model(make_tiny_llama(seed=1), None, calib_ids, "rtn", _cfg(), out, progress=False)
+    with pytest.raises(ResumeMismatchError):
+        quantize_model(
+            make_tiny_llama(seed=0), None, calib_ids.flip(0), "rtn", _cfg(), out, progress=False
+        )
+
+
 def test_existing_output_is_refused_without_overwrite(tmp_path, calib_ids):
     out = tmp_path / "out"
     out.mkdir()
@@ -299,5 +324,10 @@ def test_bad_inputs(calib_ids):
         quantize_model(model, None, calib_ids, "rtn", {"bits": 4}, None, progress=False)
     with pytest.raises(ValueError, match="unknown quantization method"):
         quantize_model(model, None, calib_ids, "nope", None, None, progress=False)
+    with pytest.raises(ValueError, match="unknown device"):
+        quantize_model(model, None, calib_ids, "rtn", None, None, device="nodevice")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            quantize_model(model, None, calib_ids, "rtn", None, None, device="cuda")
     with pytest.raises(ValueError, match="unsupported model"):
         quantize_model(torch.nn.Sequential(torch.nn.ReLU()), None, calib_ids, "rtn", None, None)
