@@ -165,7 +165,9 @@ def _grid_method(core_name: str) -> Callable[[torch.Tensor, torch.Tensor, object
         from latticequant.formats import pack_gptq
 
         core = getattr(lq, f"{core_name}_quantize")
-        result = core(W, H, config)
+        # Solve in float64: the layers are small enough that it costs little, and the two
+        # derivations (GPTQ, Babai) then round every weight the same way, ties included.
+        result = core(W.to(torch.float64), H.to(torch.float64), config)
         if core_name == "rtn":
             base = float(result.loss.sum())
         elif config.static_groups:  # the method's grid is the static one: reuse it
