@@ -23,7 +23,7 @@ import torch
 from latticequant.config import QuantConfig
 from latticequant.grid import fit_rows, group_index, n_groups, static_grid
 from latticequant.hessian import cholesky_upper, prepare, with_damping
-from latticequant.order import check_permutation, resolve_order
+from latticequant.order import check_permutation, resolve_order_or_none
 from latticequant.result import QuantResult, assemble
 
 
@@ -33,11 +33,8 @@ def babai_factor(
     """Basis order ``Q`` and upper factor ``U`` of ``H_Q``, damping raised as needed."""
 
     def factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        try:
-            Q = resolve_order(cfg.order, Hd, "babai")
-        except ValueError:
-            if isinstance(cfg.order, torch.Tensor):
-                raise
+        Q = resolve_order_or_none(cfg.order, Hd, "babai")
+        if Q is None:
             return None
         U = cholesky_upper(Hd[Q][:, Q])
         return None if U is None else (Q, U)

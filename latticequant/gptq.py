@@ -17,7 +17,7 @@ import torch
 from latticequant.config import QuantConfig
 from latticequant.grid import fit_rows, group_index, n_groups, static_grid
 from latticequant.hessian import cholesky_lower, prepare, with_damping
-from latticequant.order import check_permutation, resolve_order
+from latticequant.order import check_permutation, resolve_order_or_none
 from latticequant.result import QuantResult, assemble
 
 
@@ -27,12 +27,9 @@ def gptq_factor(
     """Processing order ``P`` and upper factor ``U`` of ``H_P^-1``, damping raised as needed."""
 
     def factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        try:
-            P = resolve_order(cfg.order, Hd, "gptq")
-        except ValueError:
-            if isinstance(cfg.order, torch.Tensor):
-                raise
-            return None  # min-pivot met a non-positive pivot: needs more damping
+        P = resolve_order_or_none(cfg.order, Hd, "gptq")
+        if P is None:
+            return None
         # U^T U = H_P^-1 without forming the inverse: with J the reversal and J H_P J = L L^T,
         # H_P = (J L J)(J L J)^T, so U = (J L J)^-1 = J L^-1 J.
         L = cholesky_lower(Hd[P][:, P].flip(0, 1))

@@ -107,3 +107,17 @@ def resolve_order(order: Order, H: torch.Tensor, convention: str) -> torch.Tenso
         Q, _ = min_pivot_order(H)
         return Q.flip(0) if convention == "gptq" else Q
     raise ValueError(f"unknown order {order!r}")
+
+
+def resolve_order_or_none(order: Order, H: torch.Tensor, convention: str) -> torch.Tensor | None:
+    """``resolve_order`` for a damped H inside ``with_damping``: None asks for more damping.
+
+    Min-pivot meets a non-positive pivot when H is not positive definite; an explicit order that
+    is not a permutation is the caller's error and still raises.
+    """
+    try:
+        return resolve_order(order, H, convention)
+    except ValueError:
+        if isinstance(order, torch.Tensor):
+            raise
+        return None

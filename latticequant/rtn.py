@@ -9,7 +9,7 @@ import torch
 from latticequant.config import QuantConfig
 from latticequant.grid import group_index, round_to_grid, static_grid
 from latticequant.hessian import prepare, with_damping
-from latticequant.order import ldl_diagonal, resolve_order
+from latticequant.order import ldl_diagonal, resolve_order_or_none
 from latticequant.result import QuantResult, assemble
 
 
@@ -31,11 +31,8 @@ def rtn_quantize(
     W, H64 = prepare(W, H)
 
     def factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        try:
-            P = resolve_order(cfg.order, Hd, "gptq")
-        except ValueError:
-            if isinstance(cfg.order, torch.Tensor):
-                raise
+        P = resolve_order_or_none(cfg.order, Hd, "gptq")
+        if P is None:
             return None
         D = ldl_diagonal(Hd, P.flip(0))
         return None if D is None else (P, D)
