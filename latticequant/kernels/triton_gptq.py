@@ -22,6 +22,51 @@ INTERPRET = bool(knobs.runtime.interpret)
 
 
 @triton.jit
+def _dequant_tile(
+    qw_ptr,
+    scales_ptr,
+    zeros_ptr,
+    gidx_ptr,
+    offs_k,
+    k_mask,
+    offs_n,
+    n_mask,
+    k0,
+    N,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TILE_IN_GROUP: tl.constexpr,
+):
+    """The float32 weights of rows ``offs_k`` x columns ``offs_n``, unpacked from the stream."""
+    maxq: tl.constexpr = (1 << BITS) - 1
+    mask2 = k_mask[:, None] & n_mask[None, :]
+    # codes: word and shift of each row from its bit offset k * BITS
+    bit = offs_k * BITS
+    shift = (bit % 32).to(tl.uint32)
+    wp = qw_ptr + (bit // 32)[:, None] * N + offs_n[None, :]
+    word = tl.load(wp, mask=mask2, other=0).to(tl.uint32, bitcast=True)
+    q = word >> shift[:, None]
+    if BITS == 3:
+        straddle = shift > 29
+        nxt = tl.load(wp + N, mask=mask2 & straddle[:, None], other=0)
+        q = q | (nxt.to(tl.uint32, bitcast=True) << ((32 - shift) & 31)[:, None])
+    q = (q & maxq).to(tl.float32)
+    # grid of the rows: one group for the whole tile, or one group per row
+    if TILE_IN_GROUP:
+        g = k0 // GROUP_SIZE
+        s = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        w = (q - z[None, :]) * s[None, :]
+    else:
+        g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
+        gp = g[:, None] * N + offs_n[None, :]
+        s = tl.load(scales_ptr + gp, mask=mask2, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + gp, mask=mask2, other=0.0).to(tl.float32)
+        w = (q - z) * s
+    return w
+
+
+@triton.jit
 def gptq_gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -52,35 +97,14 @@ def gptq_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    maxq: tl.constexpr = (1 << BITS) - 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        mask2 = k_mask[:, None] & n_mask[None, :]
-        # codes: word and shift of each row from its bit offset k * BITS
-        bit = offs_k * BITS
-        shift = (bit % 32).to(tl.uint32)
-        wp = qw_ptr + (bit // 32)[:, None] * N + offs_n[None, :]
-        word = tl.load(wp, mask=mask2, other=0).to(tl.uint32, bitcast=True)
-        q = word >> shift[:, None]
-        if BITS == 3:
-            straddle = shift > 29
-            nxt = tl.load(wp + N, mask=mask2 & straddle[:, None], other=0)
-            q = q | (nxt.to(tl.uint32, bitcast=True) << ((32 - shift) & 31)[:, None])
-        q = (q & maxq).to(tl.float32)
-        # grid of the rows: one group for the whole tile, or one group per row
-        if TILE_IN_GROUP:
-            g = k0 // GROUP_SIZE
-            s = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            z = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            w = (q - z[None, :]) * s[None, :]
-        else:
-            g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
-            gp = g[:, None] * N + offs_n[None, :]
-            s = tl.load(scales_ptr + gp, mask=mask2, other=0.0).to(tl.float32)
-            z = tl.load(zeros_ptr + gp, mask=mask2, other=0.0).to(tl.float32)
-            w = (q - z) * s
+        w = _dequant_tile(
+            qw_ptr, scales_ptr, zeros_ptr, gidx_ptr, offs_k, k_mask, offs_n, n_mask, k0, N,
+            BITS, GROUP_SIZE, TILE_IN_GROUP,
+        )  # fmt: skip
         xt = tl.load(
             x_ptr + offs_m[:, None] * K + offs_k[None, :],
             mask=m_mask[:, None] & k_mask[None, :],
@@ -129,35 +153,16 @@ def gptq_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = tl.arange(0, BLOCK_M)
-    maxq: tl.constexpr = (1 << BITS) - 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_PROGRAM
     k_end = tl.minimum(k_start + K_PER_PROGRAM, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
-        mask2 = k_mask[:, None] & n_mask[None, :]
-        bit = offs_k * BITS
-        shift = (bit % 32).to(tl.uint32)
-        wp = qw_ptr + (bit // 32)[:, None] * N + offs_n[None, :]
-        word = tl.load(wp, mask=mask2, other=0).to(tl.uint32, bitcast=True)
-        q = word >> shift[:, None]
-        if BITS == 3:
-            straddle = shift > 29
-            nxt = tl.load(wp + N, mask=mask2 & straddle[:, None], other=0)
-            q = q | (nxt.to(tl.uint32, bitcast=True) << ((32 - shift) & 31)[:, None])
-        q = (q & maxq).to(tl.float32)
-        if TILE_IN_GROUP:
-            g = k0 // GROUP_SIZE
-            s = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            z = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            w = (q - z[None, :]) * s[None, :]
-        else:
-            g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
-            gp = g[:, None] * N + offs_n[None, :]
-            s = tl.load(scales_ptr + gp, mask=mask2, other=0.0).to(tl.float32)
-            z = tl.load(zeros_ptr + gp, mask=mask2, other=0.0).to(tl.float32)
-            w = (q - z) * s
+        w = _dequant_tile(
+            qw_ptr, scales_ptr, zeros_ptr, gidx_ptr, offs_k, k_mask, offs_n, n_mask, k0, N,
+            BITS, GROUP_SIZE, TILE_IN_GROUP,
+        )  # fmt: skip
         for m in tl.static_range(BLOCK_M):
             row_ok = tl.full((BLOCK_K,), m, tl.int32) < M
             xm = tl.load(x_ptr + m * K + offs_k, mask=k_mask & row_ok, other=0.0)
