@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 LOG_FILE = "quant_log.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 OWN_QUANT_METHOD = "latticequant"  # quant_method of checkpoints with non-GPTQ layers
@@ -82,6 +83,36 @@ def _dynamic_overrides(modules: dict, skipped: list[str], base: dict) -> dict:
     return dynamic
 
 
+def _write_weights(folder: Path, shards: Iterable[dict], n_shards: int = 1) -> None:
+    """``model.safetensors``, or one file per shard and their index, each written atomically.
+
+    The index is written last: a folder with an index has all its shards.
+    """
+    from safetensors.torch import save_file
+
+    def write(tensors: dict, name: str) -> int:
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(data, str(tmp), metadata={"format": "pt"})
+        _readable(tmp)
+        os.replace(tmp, folder / name)
+        return sum(t.numel() * t.element_size() for t in data.values())
+
+    if n_shards == 1:
+        (tensors,) = list(shards)
+        write(tensors, WEIGHTS_FILE)
+        return
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        total += write(tensors, name)
+        weight_map.update(dict.fromkeys(tensors, name))
+    _atomic_json(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+        folder / INDEX_FILE,
+    )
+
+
 def save_quantized(
     model: nn.Module,
     folder: str | os.PathLike,
@@ -93,20 +124,35 @@ def save_quantized(
     checkpoint_format: str = "gptq",
     overrides=(),
     run: dict | None = None,
+    block_tensors: Callable[[int], Mapping] | None = None,
 ) -> None:
     """Write the checkpoint of ``model`` whose quantized layers are ``layers`` into ``folder``.
 
     ``layers`` maps module names to :class:`latticequant.pipeline.QuantizedLayer`. The folder
     must exist; each file is written under a temporary name and renamed.
-    """
-    from safetensors.torch import save_file
 
+    A model whose blocks are kept on disk (:mod:`latticequant.offload`) is written one block
+    per shard, with ``model.safetensors.index.json``: each block is read back from the store,
+    and its quantized layers' tensors from ``block_tensors(index)`` (the same mapping as
+    ``layers``, for that block), so only one block is ever in memory.
+    """
     from latticequant.formats import SUPPORTED_BITS, quantize_config_dict
     from latticequant.models import describe_model, linear_weight
+    from latticequant.offload import store_of
     from latticequant.pipeline import config_to_dict
 
     folder = Path(folder)
+    layout = describe_model(model)
+    store = store_of(model)
+    if store is not None and block_tensors is None:
+        raise ValueError("a model kept on disk needs block_tensors to write its quantized layers")
     state = model.state_dict()
+    for name in layers:
+        if f"{name}.weight" not in state:
+            raise CheckpointError(f"quantized layer {name} has no weight in the model")
+    in_blocks = f"{layout.block_path}."
+    if store is not None:  # the blocks are on ``meta``; they are written shard by shard below
+        state = {k: v for k, v in state.items() if not k.startswith(in_blocks)}
     aliases = _tied_aliases(state)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state.items():
@@ -115,10 +161,7 @@ def save_quantized(
         tensors[name] = t
     modules = {}
     for name, layer in layers.items():
-        weight_key = f"{name}.weight"
-        if weight_key not in tensors:
-            raise CheckpointError(f"quantized layer {name} has no weight in the model")
-        del tensors[weight_key]
+        tensors.pop(f"{name}.weight", None)
         d_out, d_in = linear_weight(model.get_submodule(name)).shape
         for key, t in layer.tensors.items():
             tensors[f"{name}.{key}"] = t
@@ -130,9 +173,8 @@ def save_quantized(
             "desc_act": layer.config.get("order") == "act",
             "in_features": int(d_in),
             "out_features": int(d_out),
-            "keys": {k: list(t.shape) for k, t in layer.tensors.items()},
+            "keys": {k: list(v) for k, v in layer.shapes.items()},
         }
-    layout = describe_model(model)
     skipped = [n for n in layout.linear_names() if n not in layers]
 
     cfg = config_to_dict(config)
@@ -180,14 +222,24 @@ def save_quantized(
         qconfig["dynamic"] = dynamic
     qconfig["latticequant"] = section
 
-    tmp = folder / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"format": "pt"},
-    )
-    _readable(tmp)
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    if store is None:
+        _write_weights(folder, [tensors])
+    else:
+
+        def shards():
+            yield tensors
+            for index in range(len(store)):
+                prefix = layout.block_name(index)
+                quantized = block_tensors(index)
+                with store.block(index) as block:
+                    shard = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+                for name, layer in quantized.items():
+                    del shard[f"{name}.weight"]
+                    for key, t in layer.tensors.items():
+                        shard[f"{name}.{key}"] = t
+                yield shard
+
+        _write_weights(folder, shards(), n_shards=1 + len(store))
 
     model_config = model.config.to_dict() if hasattr(model, "config") else {}
     model_config["quantization_config"] = qconfig
@@ -274,14 +326,47 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model.safetensors`` or of the shards its index names."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            with open(index) as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index: {exc}") from None
+        files = sorted(set(weight_map.values()))
+    elif (folder / WEIGHTS_FILE).is_file():
+        weight_map, files = None, [WEIGHTS_FILE]
+    else:
+        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE} (nor {INDEX_FILE})")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{index} names {name}, which is missing")
+        try:
+            tensors.update(load_file(str(path)))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from None
+    if weight_map is not None:
+        absent = sorted(k for k, f in weight_map.items() if k not in tensors)
+        if absent:
+            raise CheckpointError(
+                f"{index} lists tensor {absent[0]} in {weight_map[absent[0]]}, which lacks it"
+            )
+    return tensors
+
+
 def load_quantized(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """A model ready for inference from a checkpoint folder, its quantized layers as modules.
 
     Every expected tensor is checked for presence and shape before anything is used; a
     truncated or mismatched checkpoint raises :class:`CheckpointError` naming the tensor.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from latticequant.formats import FormatError, build_module, get_format
@@ -292,13 +377,7 @@ def load_quantized(folder: str | os.PathLike, device: str | torch.device = "cpu"
     qc = config.pop("quantization_config", None)
     if not qc or qc.get("quant_method") not in QUANT_METHODS:
         raise CheckpointError(f"{folder}/config.json has no GPTQ quantization_config")
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{weights} is truncated or corrupt: {exc}") from None
+    tensors = _load_weights(folder)
 
     model_type = config.pop("model_type", None)
     if model_type is None:

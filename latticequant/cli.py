@@ -68,6 +68,20 @@ def config_from_args(config_cls, args: argparse.Namespace):
     return config_cls(**changes)
 
 
+def _add_offload_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the decoder blocks on disk and read one at a time (HF safetensors folders; "
+        "for models larger than memory)",
+    )
+    parser.add_argument(
+        "--offload-dir",
+        metavar="DIR",
+        help="where --offload writes quantized block weights (default: a temporary folder)",
+    )
+
+
 def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     """The full parser; the quantize command carries the flags of ``method_name``'s config."""
     from latticequant.methods import get_method, list_methods
@@ -123,6 +137,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         help="windows per forward pass (default: all, one pass per block)",
     )
     q.add_argument("--device", default="cpu", help="compute device for the blocks (cpu, cuda)")
+    _add_offload_flags(q)
     q.add_argument(
         "--no-eval",
         dest="evaluate",
@@ -140,6 +155,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", help="HF folder, .gguf file or checkpoint folder")
     e.add_argument("--text", help="text file or folder (default: the protocol's held-out 20%%)")
     e.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
+    _add_offload_flags(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     r = sub.add_parser(
@@ -202,7 +218,9 @@ def cmd_quantize(args) -> int:
     overrides = [Override(p, skip=True) for p in args.skip]
     overrides += [parse_override(o, method.config_cls) for o in args.override]
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(
+        args.model, args.offload or bool(args.offload_dir), args.offload_dir
+    )
     calib = _calibration(tokenizer, args)
     load_s = time.perf_counter() - t0
     ppl_before = ppl_after = None
@@ -258,7 +276,9 @@ def cmd_eval(args) -> int:
     from latticequant.models import load_model
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(
+        args.model, args.offload or bool(args.offload_dir), args.offload_dir
+    )
     ids = _eval_ids(tokenizer, args.text)
     ppl = perplexity(model, ids, args.seqlen)
     payload = {

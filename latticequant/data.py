@@ -155,7 +155,11 @@ def perplexity(
     """``exp`` of the mean next-token cross-entropy over non-overlapping ``seqlen`` windows.
 
     The tail that does not fill a window is dropped; each window predicts ``seqlen - 1`` tokens.
+    A model whose blocks are kept on disk (:mod:`latticequant.offload`) is run block by block,
+    each block read once, with the same result.
     """
+    from latticequant.offload import blockwise_logits, store_of
+
     if seqlen < 2:
         raise ValueError(f"seqlen must be at least 2, got {seqlen}")
     n_windows = len(ids) // seqlen
@@ -168,10 +172,20 @@ def perplexity(
     total = 0.0
     count = 0
     model.eval()
-    starts = range(0, n_windows, batch_size)
-    for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
+    if store_of(model) is not None:
+        outputs = blockwise_logits(model, windows, batch_size, device, progress)
+    else:
+
+        def whole_forward():
+            starts = range(0, n_windows, batch_size)
+            bar = tqdm(starts, desc="perplexity", unit="batch", disable=not progress, leave=False)
+            for start in bar:
+                batch = windows[start : start + batch_size].to(device)
+                yield batch, model(input_ids=batch, use_cache=False).logits
+
+        outputs = whole_forward()
+    for batch, logits in outputs:
+        batch = batch.to(logits.device)
         ce = nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
             batch[:, 1:].reshape(-1),

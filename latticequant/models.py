@@ -259,15 +259,35 @@ def _load_folder(path: str):
     return model.eval(), tokenizer
 
 
-def load_model(source: str | None = None):
+def load_model(
+    source: str | None = None,
+    offload: bool = False,
+    offload_dir: str | os.PathLike | None = None,
+):
     """``(model, tokenizer)`` in float32 on the CPU from a HF folder, a GGUF file, or the default.
 
     A folder holding a latticequant/GPTQ checkpoint is loaded with its quantized layers.
+    ``offload`` keeps the decoder blocks of a HF folder on disk, read one at a time
+    (:mod:`latticequant.offload`; quantized weights go to ``offload_dir``, a temporary folder
+    by default): for models larger than memory.
     """
+    if source is not None and not os.path.exists(source):
+        raise ModelLoadError(f"model path {source} does not exist")
+    if offload:
+        from latticequant.checkpoint import is_quantized_checkpoint
+        from latticequant.offload import OffloadError, load_offloaded
+
+        if source is None or os.path.isfile(source):
+            raise OffloadError(
+                "disk offload needs a Hugging Face model folder with safetensors weights; "
+                f"{'the default model' if source is None else source} is a GGUF file, read "
+                "whole (run without --offload)"
+            )
+        if not is_quantized_checkpoint(source):
+            return load_offloaded(source, offload_dir)
+        log.info("%s is a quantized checkpoint: loaded whole", source)
     if source is None:
         return _load_gguf(default_model_path())
-    if not os.path.exists(source):
-        raise ModelLoadError(f"model path {source} does not exist")
     if os.path.isfile(source):
         if not source.endswith(".gguf"):
             raise ModelLoadError(f"{source} is a file but not a .gguf model; give a folder or GGUF")

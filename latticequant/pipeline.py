@@ -180,13 +180,25 @@ def config_to_dict(config) -> dict:
 
 @dataclass
 class QuantizedLayer:
-    """What the checkpoint needs of one quantized layer."""
+    """What the checkpoint needs of one quantized layer.
+
+    ``tensors`` may be emptied once they are on disk (models kept on disk block by block);
+    ``shapes`` still describes them.
+    """
 
     name: str
     format: str
     tensors: dict[str, torch.Tensor]
     stats: dict
     config: dict
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.shapes:
+            self.shapes = {k: list(t.shape) for k, t in self.tensors.items()}
+
+    def without_tensors(self) -> QuantizedLayer:
+        return dataclasses.replace(self, tensors={}, shapes=dict(self.shapes))
 
 
 class _Stop(Exception):
@@ -428,6 +440,11 @@ def _atomic_write_json(obj, path: Path) -> None:
 
 
 def _fingerprint(model, method: Method, config, overrides, calib_ids, attention_mask, extra):
+    from latticequant.offload import store_of
+
+    store = store_of(model)
+    if store is not None:  # blocks on disk: their files' headers stand for their values
+        extra = {**extra, "block_files": store.fingerprint()}
     h = hashlib.sha256()
     h.update(
         json.dumps(
@@ -439,6 +456,7 @@ def _fingerprint(model, method: Method, config, overrides, calib_ids, attention_
                 "model": {
                     k: [list(v.shape), float(v.detach().double().sum())]
                     for k, v in model.state_dict().items()
+                    if v.device.type != "meta"
                 },
                 "model_config": getattr(getattr(model, "config", None), "to_json_string", str)(),
                 "extra": extra,
@@ -465,7 +483,10 @@ class _State:
             self.folder / f"block_{index:04d}.json",
         )
 
-    def save_block(self, index, layers: dict[str, QuantizedLayer], Qs, hidden) -> None:
+    def save_block(
+        self, index, layers: dict[str, QuantizedLayer], Qs, hidden, source: float | None = None
+    ) -> None:
+        """``source``: checksum of the block's weights as read from disk (blocks kept there)."""
         tensors, entries = {}, {}
         for name, layer in layers.items():
             for key, t in layer.tensors.items():
@@ -479,7 +500,7 @@ class _State:
             }
         tpath, jpath = self.block_paths(index)
         _atomic_save_tensors(tensors, tpath)
-        _atomic_write_json(entries, jpath)
+        _atomic_write_json({"layers": entries, "source": source}, jpath)
         # Written last: it names the block it feeds, so it marks everything before as done.
         _atomic_save_tensors(
             {f"hidden.{i}": h.cpu() for i, h in enumerate(hidden)},
@@ -499,6 +520,10 @@ class _State:
             return 0
         return nxt
 
+    def source_checksum(self, index: int) -> float | None:
+        with open(self.block_paths(index)[1]) as fh:
+            return json.load(fh)["source"]
+
     def load_hidden(self) -> list[torch.Tensor]:
         from safetensors.torch import load_file
 
@@ -511,7 +536,7 @@ class _State:
         tpath, jpath = self.block_paths(index)
         tensors = load_file(str(tpath))
         with open(jpath) as fh:
-            entries = json.load(fh)
+            entries = json.load(fh)["layers"]
         layers, Qs = {}, {}
         for name, e in entries.items():
             layers[name] = QuantizedLayer(
@@ -625,6 +650,9 @@ def quantize_model(
         raise ValueError(f"device {device} was asked for but CUDA is not available here")
     layout = describe_model(model)
     model.eval()
+    from latticequant.offload import store_of
+
+    store = store_of(model)  # blocks kept on disk: one in memory at a time
 
     state = final = work = None
     if out_dir is not None:
@@ -644,8 +672,20 @@ def quantize_model(
     layers: dict[str, QuantizedLayer] = {}
     for i in range(start):
         done, Qs = state.load_block(i)
+        if store is not None:
+            store.load(i)
+            if store.checksums[i] != state.source_checksum(i):
+                store.release(i)
+                raise ResumeMismatchError(
+                    f"the weights of block {i} on disk changed since it was quantized; delete "
+                    f"{work} or pass resume=False (--no-resume) to start over"
+                )
         for name, q in Qs.items():
             set_linear_weight(model.get_submodule(name), q)
+        if store is not None:
+            store.save_block(i, [f"{name}.weight" for name in Qs])
+            store.release(i)
+            done = {name: layer.without_tensors() for name, layer in done.items()}
         layers.update(done)
     if start:
         for b, h in zip(batches, state.load_hidden()):
@@ -664,6 +704,8 @@ def quantize_model(
                 cfg = resolve_config(f"{prefix}.{local}", config, overrides)
                 if cfg is not None:
                     configs[local] = cfg
+        if store is not None:
+            store.load(index)
         block.to(device)
         batches_dev = [
             _Batch(
@@ -702,11 +744,18 @@ def quantize_model(
                 config_to_dict(configs[local]),
             )
             Qs[name] = lq.Q
-        layers.update(block_layers)
         for b, h in zip(batches, outputs):
             b.hidden = h.to("cpu")
         if state is not None:
-            state.save_block(index, block_layers, Qs, [b.hidden for b in batches])
+            source = None if store is None else store.checksums[index]
+            state.save_block(index, block_layers, Qs, [b.hidden for b in batches], source)
+        if store is not None:
+            # The block's quantized weights go to disk; its codes are read back at save time.
+            store.save_block(index, [f"{name}.weight" for name in Qs])
+            store.release(index)
+            block_layers = {name: layer.without_tensors() for name, layer in block_layers.items()}
+            del Qs
+        layers.update(block_layers)
         if on_block_done is not None:
             on_block_done(index)
     bar.close()
@@ -725,6 +774,7 @@ def quantize_model(
             tokenizer=tokenizer,
             checkpoint_format=checkpoint_format,
             overrides=overrides,
+            block_tensors=None if store is None else (lambda i: state.load_block(i)[0]),
             run={
                 "quantize_time_s": elapsed,
                 "n_windows": n,
