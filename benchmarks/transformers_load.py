@@ -26,9 +26,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument(
+        "--backend",
+        default="gptq_torch",
+        help="GPTQModel kernel for transformers to use (default gptq_torch: 'auto' picks a CPU "
+        "kernel that needs in_features divisible by group_size, and 576 is not a multiple of 128)",
+    )
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
     from latticequant.checkpoint import load_quantized
     from latticequant.data import load_text, perplexity, split_ids, tokenize
@@ -36,8 +42,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     heldout = split_ids(tokenize(tokenizer, load_text(None)))[1]
     t0 = time.perf_counter()
+    with open(Path(args.checkpoint) / "quantize_config.json") as fh:
+        bits = json.load(fh)["bits"]
     theirs = AutoModelForCausalLM.from_pretrained(
-        args.checkpoint, device_map="cpu", dtype=torch.float32
+        args.checkpoint,
+        device_map="cpu",
+        dtype=torch.float32,
+        quantization_config=GPTQConfig(bits=bits, backend=args.backend),
     ).eval()
     load_theirs = time.perf_counter() - t0
     kinds = sorted({type(m).__name__ for m in theirs.modules() if hasattr(m, "qweight")})
@@ -51,6 +62,7 @@ def main() -> None:
         b = ours(input_ids=ids).logits.float()
     result = {
         "checkpoint": args.checkpoint,
+        "backend": args.backend,
         "transformers_layer_classes": kinds,
         "max_abs_logit_diff": float((a - b).abs().max()),
         "max_abs_logit": float(b.abs().max()),
