@@ -326,18 +326,32 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def read_weight_map(folder: Path, error: type[Exception] | None = None) -> dict[str, str] | None:
+    """Tensor name -> shard file from ``model.safetensors.index.json``; None without an index.
+
+    ``error``: the exception class to raise for an unreadable index (CheckpointError).
+    """
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise (error or CheckpointError)(f"{index} is not a safetensors index: {exc}") from None
+    return weight_map
+
+
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of ``model.safetensors`` or of the shards its index names."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            with open(index) as fh:
-                weight_map = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a safetensors index: {exc}") from None
+    weight_map = read_weight_map(folder)
+    if weight_map is not None:
         files = sorted(set(weight_map.values()))
     elif (folder / WEIGHTS_FILE).is_file():
         weight_map, files = None, [WEIGHTS_FILE]

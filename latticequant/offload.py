@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -73,17 +72,14 @@ def empty_parameters() -> Iterator[None]:
 
 def _weight_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a HF model folder (single file or sharded index)."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            with open(index) as fh:
-                weight_map = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise OffloadError(f"{index} is not a safetensors index: {exc}") from None
+    from latticequant.checkpoint import read_weight_map
+
+    weight_map = read_weight_map(folder, OffloadError)
+    if weight_map is not None:
         files = {name: folder / shard for name, shard in weight_map.items()}
         for path in set(files.values()):
             if not path.is_file():
-                raise OffloadError(f"{index} names {path.name}, which is missing")
+                raise OffloadError(f"{INDEX_FILE} of {folder} names {path.name}, which is missing")
         return files
     single = folder / SINGLE_FILE
     if single.is_file():
@@ -170,19 +166,24 @@ class BlockStore:
         """
         checksum = 0.0
         for name in self.param_names(index):
-            module, leaf = self._slot(name)
-            old = module._parameters[leaf]
-            t = self._read(name)
-            if tuple(t.shape) != tuple(old.shape):
-                raise OffloadError(
-                    f"tensor {name} has shape {list(t.shape)} on disk, the model expects "
-                    f"{list(old.shape)}"
-                )
-            module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+            t = self.fill(name)
             checksum += float(t.double().abs().sum()) + float(t.double().sum())
         self.checksums[index] = checksum
         self.loaded.add(index)
         return self.layout.blocks[index]
+
+    def fill(self, name: str) -> torch.Tensor:
+        """Read parameter ``name`` from its file into the model; returns the tensor read."""
+        module, leaf = self._slot(name)
+        old = module._parameters[leaf]
+        t = self._read(name)
+        if tuple(t.shape) != tuple(old.shape):
+            raise OffloadError(
+                f"tensor {name} has shape {list(t.shape)} on disk, the model expects "
+                f"{list(old.shape)}"
+            )
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        return t
 
     def release(self, index: int) -> None:
         """Send block ``index``'s parameters back to ``meta`` (its memory is freed)."""
@@ -286,21 +287,14 @@ def load_offloaded(folder: str | os.PathLike, store_folder: str | os.PathLike | 
 
     in_blocks = f"{layout.block_path}."
     tied = getattr(config, "tie_word_embeddings", False)
-    for name, param in list(model.named_parameters(remove_duplicate=False)):
+    for name, _ in list(model.named_parameters(remove_duplicate=False)):
         if name.startswith(in_blocks):
             continue
         if name not in sources:
             if tied and name.endswith("lm_head.weight"):
                 continue
             raise OffloadError(f"the weight files in {folder} hold no tensor for {name}")
-        module, leaf = store._slot(name)
-        t = store._read(name)
-        if tuple(t.shape) != tuple(param.shape):
-            raise OffloadError(
-                f"tensor {name} has shape {list(t.shape)} on disk, the model expects "
-                f"{list(param.shape)}"
-            )
-        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        store.fill(name)
     if tied:
         model.tie_weights()
     left = [

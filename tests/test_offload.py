@@ -42,6 +42,25 @@ class _Interrupt(Exception):
     pass
 
 
+def _run_offloaded(folder, calib_ids, out, on_block_done=None):
+    """Quantize the model in ``folder`` kept on disk; returns the model."""
+    model, _ = load_offloaded(folder)
+    quantize_model(
+        model, None, calib_ids, "gptq", _cfg(), out, progress=False, on_block_done=on_block_done
+    )
+    return model
+
+
+def _interrupted_run(folder, calib_ids, out, after_block: int) -> None:
+    def stop(index):
+        if index == after_block:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        _run_offloaded(folder, calib_ids, out, stop)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("shard", ["60KB", None])
 def test_blocks_stay_on_meta_and_logits_match(tmp_path, tie, shard):
@@ -105,44 +124,15 @@ def test_quantize_offloaded_equals_in_memory(tmp_path, calib_ids):
 
 def test_offloaded_resume(tmp_path, calib_ids):
     _save(tmp_path / "m")
-    model, _ = load_offloaded(tmp_path / "m")
-    quantize_model(model, None, calib_ids, "gptq", _cfg(), tmp_path / "full", progress=False)
-
-    def stop(index):
-        if index == 1:
-            raise _Interrupt
-
-    model, _ = load_offloaded(tmp_path / "m")
-    with pytest.raises(_Interrupt):
-        quantize_model(
-            model,
-            None,
-            calib_ids,
-            "gptq",
-            _cfg(),
-            tmp_path / "run",
-            progress=False,
-            on_block_done=stop,
-        )
-    assert not (tmp_path / "run").exists()
+    _run_offloaded(tmp_path / "m", calib_ids, tmp_path / "full")
+    _interrupted_run(tmp_path / "m", calib_ids, tmp_path / "run", after_block=1)
     done: list[int] = []
-    model, _ = load_offloaded(tmp_path / "m")
-    quantize_model(
-        model,
-        None,
-        calib_ids,
-        "gptq",
-        _cfg(),
-        tmp_path / "run",
-        progress=False,
-        on_block_done=done.append,
-    )
+    model = _run_offloaded(tmp_path / "m", calib_ids, tmp_path / "run", done.append)
     assert done == [2]
     a, b = _read_all(tmp_path / "full"), _read_all(tmp_path / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = id_stream(64, seed=5).view(2, 32)
-    again, _ = load_offloaded(tmp_path / "m")
-    quantize_model(again, None, calib_ids, "gptq", _cfg(), None, progress=False)
+    again = _run_offloaded(tmp_path / "m", calib_ids, None)
     assert torch.equal(
         torch.cat([lg for _, lg in blockwise_logits(model, ids, 2)]),
         torch.cat([lg for _, lg in blockwise_logits(again, ids, 2)]),
@@ -153,22 +143,7 @@ def test_changed_weights_of_a_finished_block_refuse_resume(tmp_path, calib_ids):
     from latticequant.pipeline import ResumeMismatchError
 
     full = _save(tmp_path / "m")
-
-    def stop(index):
-        raise _Interrupt
-
-    model, _ = load_offloaded(tmp_path / "m")
-    with pytest.raises(_Interrupt):
-        quantize_model(
-            model,
-            None,
-            calib_ids,
-            "gptq",
-            _cfg(),
-            tmp_path / "run",
-            progress=False,
-            on_block_done=stop,
-        )
+    _interrupted_run(tmp_path / "m", calib_ids, tmp_path / "run", after_block=0)
     with torch.no_grad():  # same names, shapes and file sizes: only the values differ
         full.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
     full.save_pretrained(tmp_path / "m", max_shard_size="60KB")
@@ -220,6 +195,9 @@ def test_sharded_checkpoint_with_missing_shard(tmp_path, calib_ids):
     quantize_model(model, None, calib_ids, "gptq", _cfg(), tmp_path / "q", progress=False)
     (tmp_path / "q" / "model-00003-of-00004.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00003-of-00004.safetensors"):
+        load_quantized(tmp_path / "q")
+    (tmp_path / "q" / "model.safetensors.index.json").write_text('{"weight_map": [')
+    with pytest.raises(CheckpointError, match="not a safetensors index"):
         load_quantized(tmp_path / "q")
 
 
