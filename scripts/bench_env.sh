@@ -60,6 +60,9 @@ EOF
 echo "bench_env.sh: installing ${#REQS[@]} requirements of gptqmodel with torch==$TORCH_VERSION pinned"
 "${PIP[@]}" install -c "$CONSTRAINTS" "torch==$TORCH_VERSION" "${REQS[@]}"
 
+echo "bench_env.sh: installing optimum (transformers reads GPTQ checkpoints through it)"
+"${PIP[@]}" install -c "$CONSTRAINTS" optimum
+
 echo "bench_env.sh: installing latticequant (editable)"
 "${PIP[@]}" install -c "$CONSTRAINTS" --no-deps -e "$ROOT"
 
