@@ -18,8 +18,32 @@ T = TypeVar("T")
 MAX_DAMP = 10.0
 
 
+GRAM_TILE = 384  # column tiles of at least this width when only the upper triangle is summed
+
+
+def _add_gram_upper(S: torch.Tensor, x: torch.Tensor) -> None:
+    """``S += x^T x`` on the diagonal tiles and the tiles above them only.
+
+    The Gram matrix is symmetric, so the tiles below the diagonal are never computed: with 4
+    tiles (d_in >= 1536) that is 10 products of 16, about a third less work, which is most
+    of the calibration pass's cost after the forward itself.
+    """
+    d = x.shape[1]
+    n_tiles = max(1, min(4, d // GRAM_TILE))
+    edges = [i * d // n_tiles for i in range(n_tiles + 1)]
+    for i in range(n_tiles):
+        a = slice(edges[i], edges[i + 1])
+        for j in range(i, n_tiles):
+            b = slice(edges[j], edges[j + 1])
+            S[a, b].addmm_(x[:, a].T, x[:, b])
+
+
 class HessianAccumulator:
-    """Running ``sum_t x_t x_t^T`` over tokens, counted in tokens, never holding X itself."""
+    """Running ``sum_t x_t x_t^T`` over tokens, counted in tokens, never holding X itself.
+
+    Only the upper triangle of the sum is kept up to date; :attr:`H` mirrors it, so H is
+    exactly symmetric.
+    """
 
     def __init__(
         self, d_in: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
@@ -45,7 +69,7 @@ class HessianAccumulator:
         if x.shape[0] == 0:
             return
         x = x.to(device=self.sum.device, dtype=self.sum.dtype)
-        self.sum.addmm_(x.T, x)
+        _add_gram_upper(self.sum, x)
         self.n_tokens += x.shape[0]
 
     @property
@@ -53,7 +77,8 @@ class HessianAccumulator:
         """The mean Hessian ``X^T X / n`` in the accumulator's dtype."""
         if self.n_tokens == 0:
             raise ValueError("no tokens were accumulated into this Hessian")
-        return self.sum / self.n_tokens
+        upper = torch.triu(self.sum)
+        return (upper + torch.triu(upper, 1).T) / self.n_tokens
 
 
 def check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:

@@ -66,3 +66,16 @@ def test_damping_is_raised_until_the_factor_succeeds():
     L, damp = with_damping(H, 0.0, factor)
     assert damp > 0 and len(tried) >= 2
     torch.testing.assert_close(L @ L.T, H + damp * (2 / 3) * torch.eye(3, dtype=H.dtype))
+
+
+@pytest.mark.parametrize("d_in", [5, 400, 800, 1600])
+def test_tiled_upper_sum_mirrors_to_the_full_gram_matrix(d_in):
+    # 1, 1, 2 and 4 column tiles: only tiles on and above the diagonal are ever summed.
+    g = torch.Generator().manual_seed(d_in)
+    x = torch.randn(700, d_in, generator=g, dtype=torch.float64)
+    acc = HessianAccumulator(d_in, dtype=torch.float64)
+    acc.add(x[:300])
+    acc.add(x[300:])
+    H = acc.H
+    assert torch.equal(H, H.T)
+    torch.testing.assert_close(H, x.T @ x / 700, rtol=1e-12, atol=1e-12)
