@@ -148,7 +148,7 @@ def perplexity(
     model: nn.Module,
     ids: torch.Tensor,
     seqlen: int = 512,
-    batch_size: int = 4,
+    batch_size: int = 2,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> float:
