@@ -174,6 +174,13 @@ def _method_name(argv: list[str]) -> str:
     return known.method
 
 
+def _load(args):
+    """The model of ``args.model``; ``--offload-dir`` alone also asks for offloading."""
+    from latticequant.models import load_model
+
+    return load_model(args.model, args.offload or bool(args.offload_dir), args.offload_dir)
+
+
 def _eval_ids(tokenizer, text_source: str | None):
     from latticequant.data import load_text, split_ids, tokenize
 
@@ -201,7 +208,6 @@ def _emit(args, payload: dict, lines: list[str]) -> None:
 def cmd_quantize(args) -> int:
     from latticequant.data import perplexity
     from latticequant.methods import get_method
-    from latticequant.models import load_model
     from latticequant.pipeline import (
         OutputExistsError,
         Override,
@@ -218,9 +224,7 @@ def cmd_quantize(args) -> int:
     overrides = [Override(p, skip=True) for p in args.skip]
     overrides += [parse_override(o, method.config_cls) for o in args.override]
     t0 = time.perf_counter()
-    model, tokenizer = load_model(
-        args.model, args.offload or bool(args.offload_dir), args.offload_dir
-    )
+    model, tokenizer = _load(args)
     calib = _calibration(tokenizer, args)
     load_s = time.perf_counter() - t0
     ppl_before = ppl_after = None
@@ -273,12 +277,9 @@ def cmd_quantize(args) -> int:
 
 def cmd_eval(args) -> int:
     from latticequant.data import perplexity
-    from latticequant.models import load_model
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(
-        args.model, args.offload or bool(args.offload_dir), args.offload_dir
-    )
+    model, tokenizer = _load(args)
     ids = _eval_ids(tokenizer, args.text)
     ppl = perplexity(model, ids, args.seqlen)
     payload = {

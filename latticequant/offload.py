@@ -207,7 +207,7 @@ class BlockStore:
     def save_block(self, index: int, names: list[str]) -> None:
         """Write the current values of ``names`` (parameters of loaded block ``index``) to the
         store's folder; from now on they are read from there."""
-        from safetensors.torch import save_file
+        from latticequant.pipeline import _atomic_save_tensors
 
         if index not in self.loaded:
             raise RuntimeError(f"block {index} is not in memory; load it before saving it")
@@ -216,9 +216,7 @@ class BlockStore:
             module, leaf = self._slot(name)
             tensors[name] = module._parameters[leaf].detach().cpu().contiguous()
         path = self.folder / f"block_{index:04d}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        _atomic_save_tensors(tensors, path)
         for name in names:
             self.sources[name] = (path, name)
 

@@ -255,22 +255,21 @@ def test_resume_after_interruption(tmp_path, calib_ids):
     assert log["run"]["blocks_resumed"] == 1
 
 
-def test_resume_with_other_settings_is_refused(tmp_path, calib_ids):
+def _interrupt_after_first_block(model, calib_ids, out) -> None:
+    """An RTN run into ``out`` stopped once its first block is done."""
+
     def stop(index):
         raise _Interrupt
 
-    out = tmp_path / "run"
     with pytest.raises(_Interrupt):
         quantize_model(
-            make_tiny_llama(),
-            None,
-            calib_ids,
-            "rtn",
-            _cfg(),
-            out,
-            progress=False,
-            on_block_done=stop,
+            model, None, calib_ids, "rtn", _cfg(), out, progress=False, on_block_done=stop
         )
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, calib_ids):
+    out = tmp_path / "run"
+    _interrupt_after_first_block(make_tiny_llama(), calib_ids, out)
     with pytest.raises(ResumeMismatchError, match="other settings"):
         quantize_model(make_tiny_llama(), None, calib_ids, "rtn", _cfg(bits=3), out, progress=False)
     stats = quantize_model(
@@ -280,21 +279,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, calib_ids):
 
 
 def test_resume_with_other_weights_is_refused(tmp_path, calib_ids):
-    def stop(index):
-        raise _Interrupt
-
     out = tmp_path / "run"
-    with pytest.raises(_Interrupt):
-        quantize_model(
-            make_tiny_llama(seed=0),
-            None,
-            calib_ids,
-            "rtn",
-            _cfg(),
-            out,
-            progress=False,
-            on_block_done=stop,
-        )
+    _interrupt_after_first_block(make_tiny_llama(seed=0), calib_ids, out)
     with pytest.raises(ResumeMismatchError):
         quantize_model(make_tiny_llama(seed=1), None, calib_ids, "rtn", _cfg(), out, progress=False)
     with pytest.raises(ResumeMismatchError):
