@@ -1,11 +1,11 @@
 """End to end on the protocol: RTN, GPTQ and Babai beside GPTQModel, perplexity and wall time.
 
-The protocol of BENCHMARK.md: SmolLM2-135M-Instruct, 64 calibration windows of 512 tokens drawn
+The protocol of docs/protocol.md: SmolLM2-135M-Instruct, 64 calibration windows of 512 tokens drawn
 with seed 0 from the first 80% of the ``pydoc_data`` text, perplexity on the held-out 20%.
 For each configuration (4-bit g128, 3-bit g128, 4-bit per channel; act-order) each tool
 quantizes the model from scratch on the same windows; the wall time covers the whole run
 (loading the float model, calibration passes, solves, writing the checkpoint), and perplexity
-is measured with the same function (``latticequant.data.perplexity``) on every model.
+is measured with the same function (``latticequant.pipeline.data.perplexity``) on every model.
 
 Every run happens in a child process of its own, so that no tool's imports (GPTQModel patches
 transformers and safetensors when imported), memory or threads leak into another's timing.
@@ -73,7 +73,7 @@ def prepare_inputs(work: Path, nsamples: int, seqlen: int, seed: int, cache) -> 
     if not path.is_file():
         from transformers import AutoTokenizer
 
-        from latticequant import data
+        from latticequant.pipeline import data
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         ids = data.tokenize(tokenizer, data.load_text(None))
@@ -104,7 +104,7 @@ def checkpoint_dir(work: Path, tool: str, config: str, sym: bool) -> Path:
 
 
 def _ppl(model, heldout: torch.Tensor, seqlen: int) -> float:
-    from latticequant.data import perplexity
+    from latticequant.pipeline.data import perplexity
 
     return perplexity(model, heldout, seqlen=seqlen, progress=False)
 
@@ -144,7 +144,7 @@ def run_job(job: dict) -> dict:
     }
 
     if tool == "float":
-        from latticequant.models import load_model
+        from latticequant.pipeline.models import load_model
 
         t0 = time.perf_counter()
         model, _ = load_model(job["model"])
@@ -189,8 +189,8 @@ def run_job(job: dict) -> dict:
         return row
 
     import latticequant as lq
-    from latticequant.models import load_model
     from latticequant.pipeline import quantize_model
+    from latticequant.pipeline.models import load_model
 
     cfg = lq.QuantConfig(
         bits=bits,
@@ -355,7 +355,7 @@ def markdown(results: dict) -> str:
         "`pydoc_data` text, perplexity on the held-out 20% "
         f"(windows of {proto.get('eval_seqlen', 512)}"
         + (f", first {proto['eval_tokens']} tokens only" if proto.get("eval_tokens") else "")
-        + "), as in BENCHMARK.md. Every run starts from the same float32 copy of the model. "
+        + "), as in `docs/protocol.md`. Every run starts from the same float32 copy of the model. "
         "Wall time: the whole run of each tool (loading that float model, calibration "
         "passes, solves, writing the checkpoint), each in a child process of its own. "
         "Perplexity: our models as quantized in memory (they carry exactly the stored, "

@@ -92,7 +92,7 @@ def copy_bandwidth(device) -> float:
 def make_layer(d_in, d_out, fmt, bits, rate, group_size, act_order, seed):
     """Random codes and grid in the checkpoint format; the module on the GPU, and its W."""
     from latticequant.formats import pack_csr, pack_gptq_parts
-    from latticequant.qlinear import QuantLinear, SSQRLinear
+    from latticequant.formats.qlinear import QuantLinear, SSQRLinear
 
     g = torch.Generator().manual_seed(seed)
     n_groups = 1 if group_size == -1 else -(-d_in // group_size)
@@ -119,7 +119,7 @@ def make_layer(d_in, d_out, fmt, bits, rate, group_size, act_order, seed):
 
 def run_tiles(module, xs: torch.Tensor, path: str, cfg: dict) -> torch.Tensor:
     """The dense kernel of ``module`` on already permuted inputs, with given tiles."""
-    from latticequant import kernels
+    from latticequant.formats import kernels
 
     return kernels.gptq_matmul(
         xs,
@@ -135,7 +135,7 @@ def run_tiles(module, xs: torch.Tensor, path: str, cfg: dict) -> torch.Tensor:
 
 
 def bench_layers(args, device, copy_bw) -> list[dict]:
-    from latticequant import kernels
+    from latticequant.formats import kernels
 
     rows = []
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -203,8 +203,8 @@ def quantize_linears_rtn(model, bits: int, group_size: int) -> int:
     """Replace the decoder linears by ``QuantLinear`` on an RTN grid; returns how many."""
     import latticequant as lq
     from latticequant.formats import FormatError, pack_gptq
-    from latticequant.models import describe_model, linear_weight
-    from latticequant.qlinear import QuantLinear
+    from latticequant.formats.qlinear import QuantLinear
+    from latticequant.pipeline.layout import describe_model, linear_weight
 
     cfg = lq.QuantConfig(bits=bits, group_size=group_size, sym=True)
     done = 0
@@ -249,7 +249,7 @@ def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int) -> float:
 def bench_e2e(args, device) -> dict:
     import copy
 
-    from latticequant.models import load_model
+    from latticequant.pipeline.models import load_model
 
     model, _ = load_model(args.model)
     ref = copy.deepcopy(model).to(device, torch.bfloat16).eval()

@@ -48,7 +48,7 @@ def _hf_folder() -> Path:
     folder = RUNS / "smollm2-hf"
     if (folder / "model.safetensors.index.json").exists():
         return folder
-    from latticequant.models import load_model
+    from latticequant.pipeline.models import load_model
 
     model, tokenizer = load_model(None)
     tmp = folder.with_name(folder.name + ".tmp")

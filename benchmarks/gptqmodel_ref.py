@@ -193,7 +193,7 @@ def protocol_model_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     folder = root / PROTOCOL_FOLDER_NAME
     if (folder / "config.json").is_file():
         return folder
-    from latticequant.models import load_model
+    from latticequant.pipeline.models import load_model
 
     root.mkdir(parents=True, exist_ok=True)
     log.info("writing the protocol model as a float32 folder to %s", folder)
@@ -248,7 +248,7 @@ def quantize_model(
 ) -> RefModelRun:
     """Quantize ``model_dir`` with GPTQModel on ``windows`` (token-id lists) and save it.
 
-    Settings follow BENCHMARK.md: GPTQModel's defaults (symmetric, its default damping 0.05,
+    Settings follow docs/protocol.md: GPTQModel's defaults (symmetric, its default damping 0.05,
     true-sequential, ``lm_head`` kept) with float32, batch size 1, on the CPU. ``desc_act=False``
     leaves its group-aware reordering on, as its default does.
     """

@@ -37,7 +37,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
     from latticequant.checkpoint import load_quantized
-    from latticequant.data import load_text, perplexity, split_ids, tokenize
+    from latticequant.pipeline.data import load_text, perplexity, split_ids, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     heldout = split_ids(tokenize(tokenizer, load_text(None)))[1]

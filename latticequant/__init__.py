@@ -1,24 +1,30 @@
 """latticequant: post-training weight quantization as a closest-vector problem.
 
 GPTQ, run back-to-front, is Babai's nearest plane algorithm on the lattice spanned by the
-layer's input Hessian. The core is pure functions on tensors; model walking, files and the
-command line live at the edge.
+layer's input Hessian. The package is layered, each layer importing only those below it:
+:mod:`latticequant.core` (pure functions on tensors), :mod:`latticequant.formats` (what a layer
+stores and the modules that run it), :mod:`latticequant.methods` (the registry of methods),
+:mod:`latticequant.pipeline` (models, text, the block loop, checkpoints), and the command line
+on top. This module re-exports the core's public API.
 """
 
-from latticequant.babai import babai_quantize
-from latticequant.config import QuantConfig
-from latticequant.gptq import gptq_quantize
-from latticequant.hessian import HessianAccumulator
-from latticequant.lattice import (
+from latticequant.core import (
+    HessianAccumulator,
+    QuantConfig,
+    QuantResult,
+    act_order,
     babai_cvp,
+    babai_quantize,
     cvp_enumerate,
     error_bound,
+    gptq_quantize,
+    ldl_diagonal,
     lll_reduce,
+    min_pivot_order,
     nearest_plane,
+    rtn_quantize,
 )
-from latticequant.order import act_order, ldl_diagonal, min_pivot_order
-from latticequant.result import QuantResult
-from latticequant.rtn import rtn_quantize
+from latticequant.version import __version__
 
 __all__ = [
     "QuantConfig",
@@ -35,5 +41,5 @@ __all__ = [
     "act_order",
     "min_pivot_order",
     "ldl_diagonal",
+    "__version__",
 ]
-__version__ = "0.1.0"

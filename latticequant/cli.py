@@ -7,12 +7,27 @@ newly registered method gets its flags (``--outlier-rate``, ``--target-bits``, .
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+
+import torch
+
+from latticequant.methods import get_method, list_methods, settable_fields
+from latticequant.pipeline.data import (
+    calibration_windows,
+    load_text,
+    perplexity,
+    split_ids,
+    tokenize,
+)
+from latticequant.pipeline.models import load_model
+from latticequant.pipeline.overrides import Override, parse_override, resolve_config
+from latticequant.pipeline.run import quantize_model
+from latticequant.pipeline.state import OutputExistsError
+from latticequant.report import format_table, load_report, plot_loss_vs_bound
 
 log = logging.getLogger("latticequant")
 
@@ -20,23 +35,11 @@ __all__ = ["main", "build_parser", "config_from_args"]
 
 # Flags whose spelling differs from the config field they set.
 FLAG_ALIASES = {"group_size": ["--group-size", "--groupsize"], "bits": ["--bits", "--wbits"]}
-SKIP_FIELDS = {"extra"}
-
-
-def _config_fields(config_cls) -> list[dataclasses.Field]:
-    """Fields that a flag can set: those whose default is a bool, int, float or str."""
-    out = []
-    for f in dataclasses.fields(config_cls):
-        if f.name in SKIP_FIELDS or f.default is dataclasses.MISSING:
-            continue
-        if isinstance(f.default, (bool, int, float, str)):
-            out.append(f)
-    return out
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
     group = parser.add_argument_group(f"{config_cls.__name__} fields")
-    for f in _config_fields(config_cls):
+    for f in settable_fields(config_cls):
         flags = FLAG_ALIASES.get(f.name, [f"--{f.name.replace('_', '-')}"])
         default = f.default
         helptext = f"(default: {default})"
@@ -62,10 +65,25 @@ def config_from_args(config_cls, args: argparse.Namespace):
     """The method's config with the defaults of its dataclass, changed by the flags given."""
     changes = {
         f.name: getattr(args, f"cfg_{f.name}")
-        for f in _config_fields(config_cls)
+        for f in settable_fields(config_cls)
         if getattr(args, f"cfg_{f.name}", None) is not None
     }
     return config_cls(**changes)
+
+
+def _positive(name: str, minimum: int = 1):
+    """An argparse type: an integer of at least ``minimum``, with a message naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _add_offload_flags(parser: argparse.ArgumentParser) -> None:
@@ -84,8 +102,6 @@ def _add_offload_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     """The full parser; the quantize command carries the flags of ``method_name``'s config."""
-    from latticequant.methods import get_method, list_methods
-
     parser = argparse.ArgumentParser(
         prog="latticequant",
         description="Post-training weight quantization of LLMs as a closest-vector problem.",
@@ -100,9 +116,15 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", help="HF folder or .gguf file (default: SmolLM2-135M)")
     q.add_argument("--method", default="gptq", help=f"one of {', '.join(list_methods())}")
     q.add_argument("--out", required=True, help="output checkpoint folder")
-    q.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
-    q.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the window draw (default 0)")
+    q.add_argument(
+        "--nsamples", type=_positive("--nsamples"), default=64, help="calibration windows (64)"
+    )
+    q.add_argument(
+        "--seqlen", type=_positive("--seqlen", 2), default=512, help="tokens per window (512)"
+    )
+    q.add_argument(
+        "--seed", type=_positive("--seed", 0), default=0, help="seed of the window draw (0)"
+    )
     q.add_argument(
         "--text",
         help="calibration text: file, folder, wikitext2 or c4 "
@@ -132,7 +154,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--batch-size",
-        type=int,
+        type=_positive("--batch-size"),
         default=None,
         help="windows per forward pass (default: all, one pass per block)",
     )
@@ -144,7 +166,12 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         action="store_false",
         help="skip the perplexity before and after",
     )
-    q.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window (default 512)")
+    q.add_argument(
+        "--eval-seqlen",
+        type=_positive("--eval-seqlen", 2),
+        default=512,
+        help="perplexity window (default 512)",
+    )
     q.add_argument(
         "--eval-text", help="perplexity text file or folder (default: the protocol's held-out 20%%)"
     )
@@ -154,7 +181,9 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     e = sub.add_parser("eval", parents=[common], help="perplexity of a float or quantized model")
     e.add_argument("model", nargs="?", help="HF folder, .gguf file or checkpoint folder")
     e.add_argument("--text", help="text file or folder (default: the protocol's held-out 20%%)")
-    e.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
+    e.add_argument(
+        "--seqlen", type=_positive("--seqlen", 2), default=512, help="window length (default 512)"
+    )
     _add_offload_flags(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -176,26 +205,64 @@ def _method_name(argv: list[str]) -> str:
 
 def _load(args):
     """The model of ``args.model``; ``--offload-dir`` alone also asks for offloading."""
-    from latticequant.models import load_model
-
     return load_model(args.model, args.offload or bool(args.offload_dir), args.offload_dir)
 
 
 def _eval_ids(tokenizer, text_source: str | None):
-    from latticequant.data import load_text, split_ids, tokenize
-
     if text_source is None:
         return split_ids(tokenize(tokenizer, load_text(None)))[1]
     return tokenize(tokenizer, load_text(text_source, split="validation"))
 
 
 def _calibration(tokenizer, args):
-    from latticequant.data import calibration_windows, load_text, split_ids, tokenize
-
     ids = tokenize(tokenizer, load_text(args.text, split="train"))
     if args.text is None:
         ids = split_ids(ids)[0]
     return calibration_windows(ids, args.nsamples, args.seqlen, args.seed)
+
+
+def _check_device(name: str) -> None:
+    """Refuse a device that cannot be used here, before the model is loaded."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
+
+
+def _max_positions(model) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_seqlen(model, flag: str, seqlen: int) -> None:
+    """Refuse windows longer than the model's positions (OPT and GPT-2 have learned ones)."""
+    limit = _max_positions(model)
+    if limit is not None and seqlen > limit:
+        raise ValueError(
+            f"{flag} {seqlen} is longer than the model's {limit} positions; use {flag} {limit} "
+            "or less"
+        )
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    """Refuse an output path that cannot be written, before any slow work."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputExistsError(f"--out {out} is a file, not a folder; choose another path")
+    if os.path.exists(out) and not overwrite:
+        raise OutputExistsError(
+            f"output folder {out} already exists; pass --overwrite to replace it"
+        )
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: the folder {parent} does not exist")
 
 
 def _emit(args, payload: dict, lines: list[str]) -> None:
@@ -206,25 +273,21 @@ def _emit(args, payload: dict, lines: list[str]) -> None:
 
 
 def cmd_quantize(args) -> int:
-    from latticequant.data import perplexity
-    from latticequant.methods import get_method
-    from latticequant.pipeline import (
-        OutputExistsError,
-        Override,
-        parse_override,
-        quantize_model,
-    )
-
     method = get_method(args.method)
     config = config_from_args(method.config_cls, args)
-    if os.path.exists(args.out) and not args.overwrite:  # refuse before any slow work
-        raise OutputExistsError(
-            f"output folder {args.out} already exists; pass --overwrite to replace it"
-        )
+    _check_out(args.out, args.overwrite)
+    _check_device(args.device)
     overrides = [Override(p, skip=True) for p in args.skip]
     overrides += [parse_override(o, method.config_cls) for o in args.override]
+    for ov in overrides:  # a bad value is refused now, not when the run reaches the layer
+        resolve_config(ov.pattern, config, [ov])
     t0 = time.perf_counter()
     model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files; calibration needs a tokenizer")
+    _check_seqlen(model, "--seqlen", args.seqlen)
+    if args.evaluate:
+        _check_seqlen(model, "--eval-seqlen", args.eval_seqlen)
     calib = _calibration(tokenizer, args)
     load_s = time.perf_counter() - t0
     ppl_before = ppl_after = None
@@ -234,7 +297,7 @@ def cmd_quantize(args) -> int:
         ppl_before = perplexity(model, heldout, args.eval_seqlen)
         log.info("perplexity before: %.4f", ppl_before)
     t1 = time.perf_counter()
-    stats = quantize_model(
+    summary = quantize_model(
         model,
         tokenizer,
         calib,
@@ -255,17 +318,23 @@ def cmd_quantize(args) -> int:
     payload = {
         "model": args.model or "SmolLM2-135M-Instruct (default)",
         "method": method.name,
-        "config": {f.name: getattr(config, f.name) for f in _config_fields(method.config_cls)},
+        "config": {f.name: getattr(config, f.name) for f in settable_fields(method.config_cls)},
         "out": args.out,
-        "n_layers": len(stats),
+        "n_layers": len(summary),
+        "n_skipped": len(summary.skipped),
+        "skipped": summary.skipped,
         "load_s": load_s,
         "quantize_s": quantize_s,
         "total_s": total_s,
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,
     }
+    skipped = ""
+    if summary.skipped:
+        reasons = sorted(set(summary.skipped.values()))
+        skipped = f", {len(summary.skipped)} left in float ({'; '.join(reasons)})"
     lines = [
-        f"quantized {len(stats)} layers with {method.name} in {quantize_s:.1f} s "
+        f"quantized {len(summary)} layers with {method.name}{skipped} in {quantize_s:.1f} s "
         f"(total {total_s:.1f} s); checkpoint: {args.out}"
     ]
     if args.evaluate:
@@ -276,10 +345,11 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from latticequant.data import perplexity
-
     t0 = time.perf_counter()
     model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files; perplexity needs a tokenizer")
+    _check_seqlen(model, "--seqlen", args.seqlen)
     ids = _eval_ids(tokenizer, args.text)
     ppl = perplexity(model, ids, args.seqlen)
     payload = {
@@ -295,8 +365,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from latticequant.report import format_table, load_report, plot_loss_vs_bound
-
     qlog, rows, total = load_report(args.dir)
     if args.plot:
         plot_loss_vs_bound(rows, args.plot, title=f"{args.dir} ({qlog.get('method')})")
@@ -334,11 +402,19 @@ def main(argv: list[str] | None = None) -> int:
         print("latticequant: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as exc:
-        if args.verbose:
-            log.exception("failed")
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"latticequant: error: {message}", file=sys.stderr)
-        return 1
+        return _fail(args, exc, str(exc))
+    except Exception as exc:  # anything else is still one line, never a traceback
+        return _fail(args, exc, f"{type(exc).__name__}: {exc} (rerun with -v for the traceback)")
+
+
+def _fail(args, exc: BaseException, text: str) -> int:
+    """Print one line for a failed command (the traceback too with ``-v``); exit status 1."""
+    if args.verbose:
+        log.error("failed", exc_info=exc)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    message = lines[0].strip() if lines else type(exc).__name__
+    print(f"latticequant: error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import math
 import os
 from pathlib import Path
 
-from latticequant.checkpoint import read_quant_log
+from latticequant.pipeline.checkpoint import read_quant_log
+from latticequant.pipeline.files import atomic_write
 
 __all__ = ["layer_rows", "summary", "format_table", "plot_loss_vs_bound", "load_report"]
 
@@ -130,10 +131,11 @@ def plot_loss_vs_bound(rows: list[dict], path: str | os.PathLike, title: str = "
     ax.set_title(title or "proxy loss and Babai bound per layer")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def load_report(folder: str | os.PathLike) -> tuple[dict, list[dict], dict]:

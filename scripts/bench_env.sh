@@ -5,7 +5,7 @@
 # package and its tests never need, so it lives in a venv of its own. The venv reuses the
 # system's torch (--system-site-packages) so that nothing multi-gigabyte is downloaded.
 #
-# GPTQModel 7.7.0 (the version behind the reference figures in BENCHMARK.md) declares
+# GPTQModel 7.7.0 (the version behind the reference figures in docs/protocol.md) declares
 # `torch>=2.14.1`, but runs on the CPU with torch 2.13.0. pip cannot override a dependency's
 # requirement, so GPTQModel is installed with --no-deps and its other requirements are installed
 # from its own metadata in one pip command that also pins torch==2.13.0 (pip then never touches

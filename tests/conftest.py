@@ -1,94 +1,16 @@
-"""Tiny randomly initialised causal LMs and a character tokenizer: pipeline tests in seconds."""
+"""Shared fixtures; ``tests/`` is put on the import path so that test modules in every folder
+can import the helpers ``tiny`` (tiny models, a character tokenizer) and ``cases`` (tensors)."""
 
 from __future__ import annotations
 
-import string
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
-VOCAB = 128
-HIDDEN = 64
-GROUP = 32
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def tiny_llama_config(**changes):
-    from transformers import LlamaConfig
-
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(changes)
-    return LlamaConfig(**kwargs)
-
-
-def make_tiny_llama(seed: int = 0, **changes):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**changes)).float().eval()
-    # Random init gives near-uniform attention; larger weights make layers actually interact.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.mul_(3.0)
-    return model
-
-
-def make_tiny_opt(seed: int = 0):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        word_embed_proj_dim=HIDDEN,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return OPTForCausalLM(cfg).float().eval()
-
-
-def make_char_tokenizer():
-    """A character-level fast tokenizer with fewer than VOCAB ids (printable ASCII)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"] + list(string.printable)
-    vocab = {c: i for i, c in enumerate(dict.fromkeys(chars))}
-    assert len(vocab) <= VOCAB
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-    )
-
-
-def id_stream(n: int = 4000, seed: int = 0) -> torch.Tensor:
-    """A token stream with some structure (a noisy periodic walk), no tokenizer needed."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.arange(n) * 7 % (VOCAB - 4) + 4
-    noise = torch.randint(0, 5, (n,), generator=g)
-    return ((base + noise - 4) % (VOCAB - 4) + 4).long()
+from tiny import id_stream, make_char_tokenizer, make_tiny_llama, make_tiny_opt  # noqa: E402
 
 
 @pytest.fixture
@@ -108,7 +30,7 @@ def char_tokenizer():
 
 @pytest.fixture
 def calib_ids():
-    from latticequant.data import calibration_windows
+    from latticequant.pipeline.data import calibration_windows
 
     return calibration_windows(id_stream(), nsamples=8, seqlen=32, seed=0)
 
@@ -124,7 +46,7 @@ def tiny_llama_dir(tmp_path):
 
 @pytest.fixture
 def sample_text_file(tmp_path):
-    from latticequant.data import protocol_text
+    from latticequant.pipeline.data import protocol_text
 
     path = tmp_path / "text.txt"
     path.write_text(protocol_text()[:20000])

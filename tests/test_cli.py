@@ -46,9 +46,9 @@ def _quantize_args(model_dir, text, out, *extra):
 
 @pytest.fixture(scope="module")
 def cli_files(tmp_path_factory):
-    from conftest import make_char_tokenizer, make_tiny_llama
+    from tiny import make_char_tokenizer, make_tiny_llama
 
-    from latticequant.data import protocol_text
+    from latticequant.pipeline.data import protocol_text
 
     root = tmp_path_factory.mktemp("cli")
     make_tiny_llama().save_pretrained(root / "model")

@@ -1,0 +1,154 @@
+"""Quantization as CVP, decoded by Babai's nearest plane (docs/theory.md §2-3).
+
+For one row the lattice basis is ``B = X diag(s)``; any factor of H gives the same problem, so
+take ``R = U diag(s)`` with ``U^T U = H_Q`` upper triangular in the basis order ``Q``. With
+``u = w / s + o`` nearest plane decodes, for ``i = d-1 .. 0``,
+
+    z_i = round(u_i - sum_{j>i} R_ij (z_j - u_j) / R_ii).
+
+Because ``s_j (z_j - u_j) = q_j - w_j``, this is rounding the projected target
+
+    w~_i = w_i + sum_{j>i} (U_ij / U_ii) (w_j - q_j)
+
+on row i's grid; ``U`` is shared by all rows, so every row is decoded at once. This module does
+not use GPTQ's inverse-Hessian update: it is the second, independent derivation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from latticequant.core.config import QuantConfig
+from latticequant.core.grid import fit_rows, group_index, n_groups, static_grid
+from latticequant.core.hessian import cholesky_upper, prepare, with_damping
+from latticequant.core.order import check_permutation, resolve_order_or_none
+from latticequant.core.result import QuantResult, assemble
+
+
+def babai_factor(
+    H: torch.Tensor, cfg: QuantConfig
+) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """Basis order ``Q`` and upper factor ``U`` of ``H_Q``, damping raised as needed."""
+
+    def factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        Q = resolve_order_or_none(cfg.order, Hd, "babai")
+        if Q is None:
+            return None
+        U = cholesky_upper(Hd[Q][:, Q])
+        return None if U is None else (Q, U)
+
+    return with_damping(H, cfg.damp, factor)
+
+
+def babai_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: QuantConfig,
+    *,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> QuantResult:
+    """Quantize W (d_out, d_in) by nearest plane on the lattice of H, every row at once.
+
+    ``cfg.order`` is the basis order ``Q``; decoding runs from ``Q[-1]`` to ``Q[0]``. The decode
+    is blocked: targets of a block of ``block_size`` basis vectors receive the contribution of
+    all vectors decoded before the block in one product, and each other within the block.
+    With ``static_groups=False`` a group's grid is fitted on its error-updated weights when the
+    decode reaches it, groups following decode positions as GPTQ's do.
+    """
+    t0 = time.perf_counter()
+    if isinstance(cfg.order, torch.Tensor):
+        check_permutation(cfg.order, H.shape[0] if H.dim() == 2 else -1)
+    W0 = W
+    W, H64 = prepare(W, H)
+    d_out, d = W.shape
+    (Q, U64), damp = babai_factor(H64, cfg)
+    maxq, g = cfg.maxq, cfg.group_size
+    refit = g != -1 and not cfg.static_groups and scales is None
+
+    if refit:
+        # decode position t = d-1-i of basis index i; groups are runs of g positions
+        g_idx = torch.empty(d, dtype=torch.long, device=W.device)
+        g_idx[Q] = (d - 1 - torch.arange(d, device=W.device)) // g
+        S = torch.empty(d_out, n_groups(d, g), dtype=W.dtype, device=W.device)
+        Z = torch.empty_like(S)
+    else:
+        g_idx = group_index(d, g).to(W.device)
+        S, Z = static_grid(W, cfg, scales, zeros)
+
+    # basis vectors become rows: every per-vector read and write below is contiguous
+    U = U64.to(W.dtype)
+    Un = U / torch.diagonal(U)[:, None]  # Un[k, j] = U_kj / U_kk
+    if not refit:
+        S_t, Z_t = S[:, g_idx[Q]].T.contiguous(), Z[:, g_idx[Q]].T.contiguous()
+    x = W[:, Q].T.contiguous()
+    E = torch.zeros_like(x)  # residuals w_j - q_j of decoded vectors
+    codes_t = torch.empty_like(x)
+    targets_t = torch.empty_like(x)
+    clipped = 0
+    s = z = None
+    for b in range(d, 0, -cfg.block_size):
+        a = max(0, b - cfg.block_size)
+        # projections of the block's targets against every vector decoded before the block
+        T = x[a:b] + Un[a:b, b:] @ E[b:] if b < d else x[a:b]
+        for i in range(b - 1, a - 1, -1):
+            if refit:
+                if (d - 1 - i) % g == 0:
+                    s, z = _refit(x, E, Un, T, a, b, i, max(0, i - g + 1), cfg)
+                    S[:, (d - 1 - i) // g], Z[:, (d - 1 - i) // g] = s, z
+            else:
+                s, z = S_t[i], Z_t[i]
+            t = T[i - a] + Un[i, i + 1 : b] @ E[i + 1 : b] if i + 1 < b else T[i - a]
+            targets_t[i] = t
+            code = torch.round(t / s + z)
+            if cfg.clip:
+                clipped += int(((code < 0) | (code > maxq)).sum())
+                code.clamp_(0, maxq)
+            codes_t[i] = code
+            E[i] = x[i] - s * (code - z)
+
+    codes_q, targets_q = codes_t.T, targets_t.T
+    codes = torch.empty_like(codes_q)
+    codes[:, Q] = codes_q
+    targets = torch.empty_like(targets_q)
+    targets[:, Q] = targets_q
+    D = torch.empty(d, dtype=torch.float64, device=W.device)
+    D[Q] = torch.diagonal(U64) ** 2
+    return assemble(
+        W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=Q, D=D,
+        clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=targets, t0=t0,
+        projected=(W, damp * float(torch.diagonal(H64).mean())),
+    )  # fmt: skip
+
+
+def _refit(
+    x: torch.Tensor,
+    E: torch.Tensor,
+    Un: torch.Tensor,
+    T: torch.Tensor,
+    a: int,
+    b: int,
+    i: int,
+    lo: int,
+    cfg: QuantConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of the group of basis indices ``[lo, i]``, fitted on its error-updated weights.
+
+    Those are the real-valued continuation that is optimal given every vector decoded so far
+    (indices above ``i``): back-substitution through the group's own triangle,
+    ``w_G + Un_GG^-1 Un_{G,>i} e_{>i}``, which is GPTQ's OBS-updated weight. For the part of
+    the group inside the current block ``[a, b)``, T already holds the vectors decoded before it.
+    """
+    start = max(lo, a)
+    parts = []
+    if lo < a:
+        parts.append(Un[lo:a, i + 1 :] @ E[i + 1 :])
+    inside = T[start - a : i - a + 1] - x[start : i + 1]
+    if i + 1 < b:
+        inside = inside + Un[start : i + 1, i + 1 : b] @ E[i + 1 : b]
+    parts.append(inside)
+    V = torch.cat(parts) if len(parts) > 1 else parts[0]
+    Y = torch.linalg.solve_triangular(Un[lo : i + 1, lo : i + 1], V, upper=True)
+    return fit_rows((x[lo : i + 1] + Y).T, cfg)

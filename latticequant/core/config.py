@@ -1,0 +1,103 @@
+"""Configuration of the lattice core: one validated dataclass, shared by GPTQ, Babai and RTN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+ORDER_NAMES = ("natural", "reverse", "act", "min-pivot")
+SCALE_METHODS = ("minmax", "mse")
+
+Order = str | torch.Tensor
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one weight matrix is put on a grid and decoded.
+
+    bits: code width b, codes live in ``{0 .. 2^b - 1}`` when clipped (2..8).
+    group_size: input columns sharing one scale; -1 means one scale per output row.
+      When it does not divide d_in the last group is shorter (``g_idx = j // group_size``).
+    sym: symmetric grid (offset fixed at ``2^(b-1)``) or asymmetric (offset fitted).
+    order: processing order. For ``gptq_quantize`` it is GPTQ's processing order; for
+      ``babai_quantize`` the basis order, decoded from the last vector to the first.
+      ``"natural"`` and ``"reverse"`` are literal permutations in each convention;
+      ``"act"`` and ``"min-pivot"`` name heuristics that each function applies in its own
+      convention, so ``gptq_quantize(cfg)`` and ``babai_quantize(cfg)`` decode in the same
+      sequence for them. A LongTensor is taken literally.
+    clip: clamp codes to the b-bit grid; ``False`` lets codes leave it (the bound then holds).
+    scale_method: ``"minmax"`` or ``"mse"`` (shrink the range to minimise ``|w - q|^2.4``).
+    static_groups: fit every grid on the original weights before any update (the paper's
+      setting); ``False`` refits each group when the loop reaches it, on the error-updated
+      weights (the reference GPTQ's behaviour, needed for checkpoints made that way).
+    damp: relative damping ``lambda = damp * mean(diag H)``, raised step by step if the
+      Cholesky factorisation fails; the value used is recorded in the result.
+    block_size: columns per lazy-batch block (speed only, never the result).
+    min_zero: smallest offset an asymmetric grid may take. The GPTQ v1 file format stores
+      ``offset - 1`` and cannot hold 0 for every reader, so the grid methods ask for 1 when
+      they write v1; the scale of such a group is refitted (``latticequant.core.grid``).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    order: Order = "natural"
+    clip: bool = True
+    scale_method: str = "minmax"
+    static_groups: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    mse_grid: int = 100
+    mse_maxshrink: float = 0.8
+    mse_norm: float = 2.4
+    min_zero: int = field(default=0, metadata={"internal": True})
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or not (
+            self.group_size == -1 or self.group_size > 0
+        ):
+            raise ValueError(
+                f"group_size must be -1 (per output channel) or a positive integer, "
+                f"got {self.group_size!r}"
+            )
+        if isinstance(self.order, str):
+            if self.order not in ORDER_NAMES:
+                raise ValueError(
+                    f"order must be one of {ORDER_NAMES} or a LongTensor permutation, "
+                    f"got {self.order!r}"
+                )
+        elif isinstance(self.order, torch.Tensor):
+            if self.order.dim() != 1 or self.order.is_floating_point() or self.order.is_complex():
+                raise ValueError("order must be a 1-D integer tensor (a permutation of d_in)")
+        else:
+            raise ValueError(f"order must be a string or a LongTensor, got {type(self.order)}")
+        if self.scale_method not in SCALE_METHODS:
+            raise ValueError(
+                f"scale_method must be one of {SCALE_METHODS}, got {self.scale_method!r}"
+            )
+        if not (isinstance(self.damp, (int, float)) and self.damp >= 0 and self.damp == self.damp):
+            raise ValueError(f"damp must be a non-negative number, got {self.damp!r}")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if (
+            isinstance(self.min_zero, bool)
+            or not isinstance(self.min_zero, int)
+            or not 0 <= self.min_zero < self.maxq
+        ):
+            raise ValueError(
+                f"min_zero must be an integer from 0 to {self.maxq - 1}, got {self.min_zero!r}"
+            )
+        if not 0 < self.mse_maxshrink < 1 or self.mse_grid < 1:
+            raise ValueError("mse_maxshrink must lie in (0, 1) and mse_grid be positive")
+
+    @property
+    def maxq(self) -> int:
+        """Largest code on the clipped grid, ``2^b - 1``."""
+        return (1 << self.bits) - 1
+
+    def replace(self, **changes) -> QuantConfig:
+        return replace(self, **changes)

@@ -1,0 +1,186 @@
+"""GPTQ in its blocked lazy-batch form, for any processing order (docs/theory.md §4).
+
+Column ``P[p]`` is quantized at step ``p``; the error is spread over the columns not yet
+quantized by the OBS update ``dw_F = -e_j [H_F^-1]_{F,j} / [H_F^-1]_{jj}``. With the upper
+Cholesky factor ``U`` of ``H_P^-1`` (``H_P^-1 = U^T U``) the update for step p is the row
+``U[p, p:]`` scaled by ``(w - q) / U_pp``. Blocks of ``block_size`` columns apply the update
+inside the block at once per column and to the rest of the matrix once per block.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from latticequant.core.config import QuantConfig
+from latticequant.core.grid import fit_rows, group_index, n_groups, static_grid
+from latticequant.core.hessian import cholesky_lower, prepare, with_damping
+from latticequant.core.order import check_permutation, resolve_order_or_none
+from latticequant.core.result import QuantResult, assemble
+
+
+def gptq_factor(
+    H: torch.Tensor, cfg: QuantConfig
+) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """Processing order ``P`` and upper factor ``U`` of ``H_P^-1``, damping raised as needed."""
+
+    def factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        P = resolve_order_or_none(cfg.order, Hd, "gptq")
+        if P is None:
+            return None
+        # U^T U = H_P^-1 without forming the inverse: with J the reversal and J H_P J = L L^T,
+        # H_P = (J L J)(J L J)^T, so U = (J L J)^-1 = J L^-1 J.
+        L = cholesky_lower(Hd[P][:, P].flip(0, 1))
+        if L is None:
+            return None
+        eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+        return (P, U) if torch.isfinite(U).all() else None
+
+    return with_damping(H, cfg.damp, factor)
+
+
+@dataclass
+class Decoded:
+    """Codes of a GPTQ decode in the original column order, and the grid it used."""
+
+    codes: torch.Tensor
+    targets: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    clipped: int
+    outliers: torch.Tensor | None
+
+
+def gptq_decode(
+    W: torch.Tensor,
+    P: torch.Tensor,
+    U: torch.Tensor,
+    cfg: QuantConfig,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    outlier_dtype: torch.dtype | None = None,
+) -> Decoded:
+    """The blocked GPTQ loop on a prepared problem: W, processing order P, ``U^T U = H_P^-1``.
+
+    ``scales``/``zeros`` give the static grid; None with ``static_groups=False`` refits each
+    group when the loop reaches it. With ``outlier_dtype`` a weight whose code would leave the
+    grid is kept as its error-updated value in that dtype (SSQR's outliers, docs/theory.md §7):
+    its code becomes the zero point and the error it passes on is that dtype's rounding error.
+    """
+    d_out, d_in = W.shape
+    maxq, g = cfg.maxq, cfg.group_size
+    refit = scales is None
+    if refit:
+        if g == -1 or cfg.static_groups:
+            raise ValueError("gptq_decode needs a static grid unless groups are refitted")
+        g_idx = torch.empty(d_in, dtype=torch.long, device=W.device)
+        g_idx[P] = torch.arange(d_in, device=W.device) // g
+        S = torch.empty(d_out, n_groups(d_in, g), dtype=W.dtype, device=W.device)
+        Z = torch.empty_like(S)
+    else:
+        g_idx = group_index(d_in, g).to(W.device)
+        S, Z = scales, zeros
+        S_t, Z_t = S[:, g_idx[P]].T.contiguous(), Z[:, g_idx[P]].T.contiguous()
+
+    # columns become rows: every per-column read and write below is contiguous
+    U = U.to(W.dtype)
+    Wt = W[:, P].T.contiguous()
+    codes_t = torch.empty_like(Wt)
+    targets_t = torch.empty_like(Wt)
+    out_t = torch.zeros_like(Wt, dtype=torch.bool) if outlier_dtype is not None else None
+    clipped = 0
+    s = z = None
+    for i1 in range(0, d_in, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, d_in)
+        U1t = U[i1:i2, i1:i2].T.contiguous()
+        ErrT = torch.empty(i2 - i1, d_out, dtype=W.dtype, device=W.device)
+        for i in range(i2 - i1):
+            p = i1 + i
+            if refit:
+                if p % g == 0:
+                    s, z = _refit(Wt, ErrT, U, i1, i, min(p + g, d_in), cfg)
+                    S[:, p // g], Z[:, p // g] = s, z
+            else:
+                s, z = S_t[p], Z_t[p]
+            # the lazy batch: this column receives the updates of the block's earlier columns
+            w = Wt[p] - U1t[i, :i] @ ErrT[:i] if i else Wt[p]
+            targets_t[p] = w
+            code = torch.round(w / s + z)
+            if out_t is not None:
+                out = (code < 0) | (code > maxq)
+                out_t[p] = out
+                code = torch.where(out, z, code)
+                q = torch.where(out, w.to(outlier_dtype).to(w.dtype), s * (code - z))
+            else:
+                if cfg.clip:
+                    clipped += int(((code < 0) | (code > maxq)).sum())
+                    code.clamp_(0, maxq)
+                q = s * (code - z)
+            codes_t[p] = code
+            ErrT[i] = (w - q) / U1t[i, i]
+        if i2 < d_in:
+            Wt[i2:] -= U[i1:i2, i2:].T @ ErrT
+
+    inv = torch.argsort(P)
+    outliers = None if out_t is None else out_t[inv].T
+    return Decoded(codes_t[inv].T, targets_t[inv].T, S, Z, g_idx, clipped, outliers)
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: QuantConfig,
+    *,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> QuantResult:
+    """Quantize W (d_out, d_in) against the Hessian H (d_in, d_in) with GPTQ.
+
+    ``cfg.order`` is the processing order. ``scales``/``zeros`` (d_out, n_groups) pin a static
+    grid instead of fitting one. With ``static_groups=False`` and groups, each group's grid is
+    fitted when the loop reaches its first column, on the weights updated by every column
+    quantized before it (groups then follow processing positions, ``g_idx[P[p]] = p // g``).
+    """
+    t0 = time.perf_counter()
+    if isinstance(cfg.order, torch.Tensor):
+        check_permutation(cfg.order, H.shape[0] if H.dim() == 2 else -1)
+    W0 = W
+    W, H64 = prepare(W, H)
+    (P, U64), damp = gptq_factor(H64, cfg)
+    if cfg.group_size != -1 and not cfg.static_groups and scales is None:
+        S = Z = None
+    else:
+        S, Z = static_grid(W, cfg, scales, zeros)
+    dec = gptq_decode(W, P, U64, cfg, S, Z)
+    D = torch.empty(W.shape[1], dtype=torch.float64, device=W.device)
+    D[P] = 1.0 / torch.diagonal(U64) ** 2
+    return assemble(
+        W=W0, H=H, codes=dec.codes, scales=dec.scales, zeros=dec.zeros, g_idx=dec.g_idx,
+        order=P, D=D, clipped=dec.clipped, bits=cfg.bits, clip=cfg.clip, damp=damp,
+        targets=dec.targets, t0=t0, projected=(W, damp * float(torch.diagonal(H64).mean())),
+    )  # fmt: skip
+
+
+def _refit(
+    Wt: torch.Tensor,
+    ErrT: torch.Tensor,
+    U: torch.Tensor,
+    i1: int,
+    i: int,
+    end: int,
+    cfg: QuantConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of the group at positions ``[p, end)``, ``p = i1 + i``, on its updated weights.
+
+    The rows of ``Wt`` carry the updates of every block before this one; the block's own
+    columns before ``p`` are applied here, so the group sees every column quantized before it.
+    """
+    p = i1 + i
+    cols = Wt[p:end]
+    if i:
+        cols = cols - U[i1:p, p:end].T @ ErrT[:i]
+    return fit_rows(cols.T, cfg)

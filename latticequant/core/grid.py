@@ -1,0 +1,140 @@
+"""Quantization grids: per-row, per-group scales ``s`` and offsets ``o`` with ``q = s * (z - o)``.
+
+docs/theory.md §1, Eq. (3). A grid is fitted on a block of columns of W (one scale per row); a
+layer's grid is the concatenation over its groups, column ``j`` belonging to group
+``g_idx[j] = j // g``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latticequant.core.config import QuantConfig
+
+
+def n_groups(d_in: int, group_size: int) -> int:
+    """Number of groups; the last one is shorter when ``group_size`` does not divide ``d_in``."""
+    return 1 if group_size == -1 else -(-d_in // group_size)
+
+
+def group_index(d_in: int, group_size: int) -> torch.Tensor:
+    """``g_idx[j] = j // group_size`` (all zeros for per-channel grids)."""
+    if group_size == -1:
+        return torch.zeros(d_in, dtype=torch.long)
+    if group_size <= 0:
+        raise ValueError(f"group_size must be -1 or positive, got {group_size}")
+    return torch.arange(d_in) // group_size
+
+
+def _minmax(
+    xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset mapping ``[xmin, xmax]`` (which contains 0) onto ``{0 .. maxq}``.
+
+    An asymmetric offset that would round below ``min_zero`` is raised to it, and the scale
+    refitted so that ``[xmin, xmax]`` still lies on the grid: with offset ``m`` the grid spans
+    ``[-m s, (maxq - m) s]``, so ``s = max(xmax / (maxq - m), -xmin / m)``.
+    """
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    degenerate = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(degenerate, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale)
+        if min_zero > 0:
+            low = zero < min_zero
+            refit = torch.maximum(xmax / (maxq - min_zero), -xmin / min_zero)
+            scale = torch.where(low, refit, scale)
+            zero = torch.where(low, torch.full_like(zero, min_zero), zero)
+    return scale, zero
+
+
+def round_to_grid(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, clip: bool = True
+) -> torch.Tensor:
+    """Integer codes ``z = round(x / s + o)`` (clamped to ``{0 .. maxq}`` when ``clip``)."""
+    z = torch.round(x / scale + zero)
+    return z.clamp_(0, maxq) if clip else z
+
+
+def fit_rows(x: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One grid per row of ``x`` (d_out, k), by min-max or by shrinking the range (MSE).
+
+    The range always contains 0, so the offset of an asymmetric grid is a valid code (at least
+    ``cfg.min_zero``). The MSE
+    search shrinks ``[xmin, xmax]`` by ``p = 1, 1 - 1/grid, ...`` down to ``1 - maxshrink`` and
+    keeps, per row, the scale with the smallest ``sum |q - x|^norm`` (clipped codes).
+    """
+    maxq = cfg.maxq
+    xmin = x.min(dim=1).values.clamp(max=0)
+    xmax = x.max(dim=1).values.clamp(min=0)
+    scale, zero = _minmax(xmin, xmax, maxq, cfg.sym, cfg.min_zero)
+    if cfg.scale_method == "minmax":
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(cfg.mse_maxshrink * cfg.mse_grid)):
+        p = 1 - i / cfg.mse_grid
+        s1, z1 = _minmax(p * xmin, p * xmax, maxq, cfg.sym, cfg.min_zero)
+        q = s1[:, None] * (round_to_grid(x, s1[:, None], z1[:, None], maxq) - z1[:, None])
+        err = (q - x).abs_().pow_(cfg.mse_norm).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
+    return scale, zero
+
+
+def fit_grid(W: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static grid of the whole layer: ``(scales, zeros)``, each of shape (d_out, n_groups)."""
+    d_in = W.shape[1]
+    g = d_in if cfg.group_size == -1 else cfg.group_size
+    pieces = [fit_rows(W[:, a : a + g], cfg) for a in range(0, d_in, g)]
+    scales = torch.stack([s for s, _ in pieces], dim=1)
+    zeros = torch.stack([z for _, z in pieces], dim=1)
+    return scales, zeros
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
+) -> torch.Tensor:
+    """``Q = scales[:, g_idx] * (codes - zeros[:, g_idx])`` in the scales' dtype."""
+    return scales[:, g_idx] * (codes.to(scales.dtype) - zeros[:, g_idx])
+
+
+def static_grid(
+    W: torch.Tensor,
+    cfg: QuantConfig,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid fixed before any update: fitted on W, or pinned by the caller.
+
+    Pinned scales let a method choose the grid itself (one scale per matrix for HPTQ, a
+    common factor for SSQR). ``zeros`` may be omitted for a symmetric grid.
+    """
+    d_out, d_in = W.shape
+    shape = (d_out, n_groups(d_in, cfg.group_size))
+    if scales is None:
+        if zeros is not None:
+            raise ValueError("zeros were given without scales")
+        return fit_grid(W, cfg)
+    scales = torch.as_tensor(scales, dtype=W.dtype, device=W.device)
+    if scales.shape != shape:
+        raise ValueError(f"scales must have shape {shape}, got {tuple(scales.shape)}")
+    if not torch.isfinite(scales).all() or not (scales > 0).all():
+        raise ValueError("scales must be finite and positive")
+    if zeros is None:
+        if not cfg.sym:
+            raise ValueError("an asymmetric grid needs zeros along with scales")
+        zeros = torch.full(shape, float((cfg.maxq + 1) // 2), dtype=W.dtype, device=W.device)
+    zeros = torch.as_tensor(zeros, dtype=W.dtype, device=W.device)
+    if zeros.shape != shape:
+        raise ValueError(f"zeros must have shape {shape}, got {tuple(zeros.shape)}")
+    if not torch.equal(zeros, torch.round(zeros)):
+        raise ValueError("zeros must be integers")
+    return scales, zeros

@@ -1,0 +1,59 @@
+"""``quantize_config.json``: what GPTQModel writes and transformers' ``GPTQConfig`` reads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from latticequant.formats.packing import FormatError, check_bits, check_checkpoint_format
+from latticequant.version import __version__
+
+
+def quantize_config_dict(
+    *,
+    bits: int,
+    group_size: int,
+    desc_act: bool = False,
+    sym: bool = True,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    true_sequential: bool = True,
+    checkpoint_format: str = "gptq",
+    lm_head: bool = False,
+    meta: Mapping | None = None,
+) -> dict:
+    """The ``quantize_config.json`` dict (also ``config.json``'s ``quantization_config``).
+
+    Key names follow what GPTQModel writes and transformers' ``GPTQConfig`` reads:
+    ``checkpoint_format`` and its newer alias ``format``; the quantizer's own settings
+    (damping, static groups, method details) are repeated under ``meta``.
+    """
+    check_bits(bits)
+    check_checkpoint_format(checkpoint_format)
+    if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+        raise FormatError(f"group_size must be -1 or a positive integer, got {group_size!r}")
+    meta_out = {
+        "quantizer": [f"latticequant:{__version__}"],
+        "damp_percent": damp_percent,
+        "static_groups": bool(static_groups),
+        "true_sequential": bool(true_sequential),
+    }
+    meta_out.update(dict(meta or {}))
+    out = {
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": bool(desc_act),
+        "sym": bool(sym),
+        "lm_head": bool(lm_head),
+        "static_groups": bool(static_groups),
+        "true_sequential": bool(true_sequential),
+        "act_group_aware": False,
+        "quant_method": "gptq",
+        "checkpoint_format": checkpoint_format,
+        "format": checkpoint_format,
+        "pack_dtype": "int32",
+        "meta": meta_out,
+    }
+    # transformers refuses damp_percent outside (0, 1); the exact value stays in meta.
+    if 0 < damp_percent < 1:
+        out["damp_percent"] = damp_percent
+    return out

@@ -1,0 +1,140 @@
+"""The grid methods ``rtn``, ``gptq`` and ``babai``: the core's quantizers, stored as GPTQ.
+
+Each layer is solved in float64 (the layers are small enough that it costs little, and the two
+derivations, GPTQ and Babai, then round every weight the same way, ties included), packed in the
+GPTQ layout, and fed forward exactly as a loader reads it back (scales rounded to float16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from latticequant.core.babai import babai_quantize
+from latticequant.core.config import QuantConfig
+from latticequant.core.gptq import gptq_quantize
+from latticequant.core.result import QuantResult
+from latticequant.core.rtn import rtn_quantize
+from latticequant.formats.bits import effective_bits
+from latticequant.formats.gptq import pack_gptq
+from latticequant.formats.packing import SUPPORTED_BITS, pack_granularity
+from latticequant.methods.registry import (
+    LayerQuant,
+    Method,
+    UnsupportedConfigError,
+    register_method,
+)
+
+__all__ = [
+    "grid_layer_stats",
+    "stored_weight",
+    "check_gptq_layer",
+    "check_packable",
+    "CORE_QUANTIZERS",
+]
+
+CORE_QUANTIZERS: dict[str, Callable[..., QuantResult]] = {
+    "rtn": rtn_quantize,
+    "gptq": gptq_quantize,
+    "babai": babai_quantize,
+}
+
+UNCLIPPED_METHODS = "ssqr, hptq or hrtn"
+
+
+def check_gptq_layer(config: QuantConfig, d_out: int, d_in: int) -> None:
+    """Refuse what the GPTQ layout cannot store: other bit widths, unclipped codes, shapes that
+    do not pack. Each message names the setting and what to use instead."""
+    if config.bits not in SUPPORTED_BITS:
+        usable = ", ".join(str(b) for b in SUPPORTED_BITS)
+        raise UnsupportedConfigError(
+            f"bits={config.bits} (--bits {config.bits}) cannot be stored in the GPTQ format, "
+            f"which packs {usable} bits; use one of those"
+        )
+    if not config.clip:
+        raise UnsupportedConfigError(
+            "clip=False (--no-clip) leaves codes off the b-bit grid, which the GPTQ format "
+            f"cannot store; use a method whose format stores unclipped codes: {UNCLIPPED_METHODS}"
+        )
+    check_packable(config.bits, d_out, d_in)
+
+
+def check_packable(bits: int, d_out: int, d_in: int) -> None:
+    """Refuse a layer whose dimensions do not fill whole words at ``bits`` bits."""
+    g = pack_granularity(bits)
+    for what, n in (("d_in", d_in), ("d_out", d_out)):
+        if n % g:
+            raise UnsupportedConfigError(
+                f"{what}={n} is not a multiple of {g}, which {bits}-bit GPTQ packing needs; "
+                f"skip this layer (--skip) or use another --bits"
+            )
+
+
+def grid_layer_stats(result: QuantResult, rtn_loss: float) -> dict[str, float]:
+    """The common log entries of a grid quantizer's :class:`~latticequant.QuantResult`."""
+    return {
+        "loss": float(result.loss.sum()),
+        "rtn_loss": float(rtn_loss),
+        "bound": float(result.bound.sum()),
+        "clipped": int(result.clipped),
+        "clipped_frac": int(result.clipped) / max(1, result.codes.numel()),
+        "overflow": int(result.overflow),
+        "damp": float(result.damp),
+        "time_s": float(result.time_s),
+    }
+
+
+def stored_weight(
+    result: QuantResult, scale_dtype: torch.dtype, dtype: torch.dtype
+) -> torch.Tensor:
+    """``Q`` as a loader reads it back: the scales rounded to their stored dtype."""
+    scales = result.scales.to(scale_dtype).to(dtype)
+    g = result.g_idx
+    return scales[:, g] * (result.codes.to(dtype) - result.zeros.to(dtype)[:, g])
+
+
+def _rtn_baseline(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, result: QuantResult):
+    """RTN's loss on the method's own static grid (or its own fit when grids are refitted)."""
+    baseline = config.replace(order="natural")  # the order changes only RTN's bound
+    if config.static_groups:
+        return rtn_quantize(W, H, baseline, scales=result.scales, zeros=result.zeros).proxy_loss
+    return rtn_quantize(W, H, baseline).proxy_loss
+
+
+def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig], LayerQuant]:
+    core = CORE_QUANTIZERS[name]
+
+    def quantize(W: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> LayerQuant:
+        checkpoint_format = config.extra.get("checkpoint_format", "gptq")
+        if checkpoint_format == "gptq" and not config.sym:
+            config = config.replace(min_zero=max(config.min_zero, 1))  # v1 stores offset - 1
+        W64, H64 = W.to(torch.float64), H.to(torch.float64)
+        result = core(W64, H64, config)
+        base = result.proxy_loss if name == "rtn" else _rtn_baseline(W64, H64, config, result)
+        tensors = pack_gptq(result, checkpoint_format=checkpoint_format)
+        Q = stored_weight(result, tensors["scales"].dtype, W.dtype)
+        stats = grid_layer_stats(result, base)
+        stats["bits_per_weight"] = effective_bits(tensors, W.numel())
+        return LayerQuant(Q=Q, tensors=tensors, stats=stats)
+
+    quantize.__name__ = f"{name}_layer"
+    quantize.__doc__ = f"One layer by ``latticequant.{name}_quantize``, GPTQ format."
+    return quantize
+
+
+for _name, _description in {
+    "rtn": "round to nearest on the grid (baseline, no Hessian)",
+    "gptq": "GPTQ: column by column with OBS error feedback",
+    "babai": "Babai's nearest plane on the Hessian lattice (back-to-front GPTQ)",
+}.items():
+    register_method(
+        Method(
+            name=_name,
+            config_cls=QuantConfig,
+            quantize=_grid_method(_name),
+            format="gptq",
+            description=_description,
+            check=check_gptq_layer,
+        )
+    )

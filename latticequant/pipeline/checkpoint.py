@@ -1,0 +1,491 @@
+"""Checkpoint folders in the GPTQ layout, and a loader that runs them on the CPU.
+
+A folder holds ``model.safetensors`` (each quantized layer as ``<module>.qweight/.qzeros/
+.scales/.g_idx`` or its format's keys, every other tensor as is, a tied ``lm_head`` stored once),
+``config.json`` with ``quantization_config``, ``quantize_config.json``, the tokenizer files and
+``quant_log.json`` (per-layer statistics). Our own ``latticequant`` section of the quantization
+config lists each quantized module with its format, bits and tensor shapes, so the loader can
+check a checkpoint completely before using it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from latticequant.formats import (
+    GPTQ_KEYS,
+    SUPPORTED_BITS,
+    FormatError,
+    build_module,
+    get_format,
+    is_permuted,
+    quantize_config_dict,
+)
+from latticequant.methods.registry import config_to_dict
+from latticequant.pipeline.files import (
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    read_weight_map,
+    save_tensors,
+    write_json,
+)
+from latticequant.pipeline.layout import describe_model, linear_weight
+from latticequant.pipeline.offload import store_of
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "QuantizedLayer",
+    "save_quantized",
+    "load_quantized",
+    "is_quantized_checkpoint",
+    "read_quant_log",
+    "WEIGHTS_FILE",
+    "LOG_FILE",
+]
+
+LOG_FILE = "quant_log.json"
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+OWN_QUANT_METHOD = "latticequant"  # quant_method of checkpoints with non-GPTQ layers
+QUANT_METHODS = ("gptq", OWN_QUANT_METHOD)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, truncated, or does not match its config."""
+
+
+@dataclass
+class QuantizedLayer:
+    """What the checkpoint needs of one quantized layer.
+
+    ``tensors`` may be emptied once they are on disk (models kept on disk block by block);
+    ``shapes`` still describes them. ``desc_act`` says whether the stored ``g_idx`` is permuted
+    (read off the tensors themselves, never guessed from the order's name).
+    """
+
+    name: str
+    format: str
+    tensors: dict[str, torch.Tensor]
+    stats: dict
+    config: dict
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    desc_act: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.shapes:
+            self.shapes = {k: list(t.shape) for k, t in self.tensors.items()}
+        if self.desc_act is None:
+            g_idx = self.tensors.get("g_idx")
+            group_size = self.config.get("group_size", -1)
+            self.desc_act = g_idx is not None and is_permuted(g_idx, int(group_size))
+
+    def without_tensors(self) -> QuantizedLayer:
+        return dataclasses.replace(self, tensors={}, shapes=dict(self.shapes))
+
+
+def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Names whose tensor shares storage with an earlier name (tied embeddings): alias -> kept."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+def _dynamic_overrides(modules: dict, skipped: list[str], base: dict) -> dict:
+    """GPTQModel's ``dynamic`` rules: ``-:`` skips a module, ``+:`` gives it other settings.
+
+    ``desc_act`` needs no rule: the base value is true whenever any module's ``g_idx`` is
+    permuted, and a reader that honours ``g_idx`` reads every module right.
+    """
+    dynamic: dict[str, dict] = {}
+    for name in skipped:
+        dynamic[f"-:^{name.replace('.', '[.]')}$"] = {}
+    for name, m in modules.items():
+        diff = {k: m[k] for k in ("bits", "group_size", "sym") if m.get(k) != base[k]}
+        if diff:
+            dynamic[f"+:^{name.replace('.', '[.]')}$"] = diff
+    return dynamic
+
+
+def _write_weights(folder: Path, shards: Iterable[dict], n_shards: int = 1) -> None:
+    """``model.safetensors``, or one file per shard and their index, each written durably.
+
+    The index is written last: a folder with an index has all its shards.
+    """
+    if n_shards == 1:
+        (tensors,) = list(shards)
+        save_tensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        total += save_tensors(tensors, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    write_json(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+        folder / INDEX_FILE,
+    )
+
+
+def save_quantized(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    layers: Mapping,
+    *,
+    method,
+    config,
+    tokenizer=None,
+    checkpoint_format: str = "gptq",
+    overrides=(),
+    skipped: Mapping[str, str] | None = None,
+    run: dict | None = None,
+    block_tensors: Callable[[int], Mapping] | None = None,
+) -> None:
+    """Write the checkpoint of ``model`` whose quantized layers are ``layers`` into ``folder``.
+
+    ``layers`` maps module names to :class:`QuantizedLayer`; every other linear layer of the
+    blocks must be in ``skipped`` (name -> why), so that no layer is written in float by
+    accident. The folder must exist; each file is written under a temporary name, fsynced and
+    renamed.
+
+    A model whose blocks are kept on disk (:mod:`latticequant.pipeline.offload`) is written one
+    block per shard, with ``model.safetensors.index.json``: each block is read back from the store,
+    and its quantized layers' tensors from ``block_tensors(index)`` (the same mapping as
+    ``layers``, for that block), so only one block is ever in memory.
+    """
+    folder = Path(folder)
+    layout = describe_model(model)
+    store = store_of(model)
+    if store is not None and block_tensors is None:
+        raise ValueError("a model kept on disk needs block_tensors to write its quantized layers")
+    state = model.state_dict()
+    for name in layers:
+        if f"{name}.weight" not in state:
+            raise CheckpointError(f"quantized layer {name} has no weight in the model")
+    in_blocks = f"{layout.block_path}."
+    if store is not None:  # the blocks are on ``meta``; they are written shard by shard below
+        state = {k: v for k, v in state.items() if not k.startswith(in_blocks)}
+    aliases = _tied_aliases(state)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if name in aliases:
+            continue
+        tensors[name] = t
+    modules = {}
+    for name, layer in layers.items():
+        tensors.pop(f"{name}.weight", None)
+        d_out, d_in = linear_weight(model.get_submodule(name)).shape
+        for key, t in layer.tensors.items():
+            tensors[f"{name}.{key}"] = t
+        modules[name] = {
+            "format": layer.format,
+            "bits": layer.config.get("bits"),
+            "group_size": layer.config.get("group_size"),
+            "sym": layer.config.get("sym"),
+            "desc_act": bool(layer.desc_act),
+            "in_features": int(d_in),
+            "out_features": int(d_out),
+            "keys": {k: list(v) for k, v in layer.shapes.items()},
+        }
+    not_quantized = [n for n in layout.linear_names() if n not in layers]
+    reasons = dict(skipped or {})
+    unexplained = [n for n in not_quantized if n not in reasons]
+    if unexplained:
+        raise CheckpointError(
+            f"layer {unexplained[0]} is neither quantized nor skipped on request "
+            f"({len(unexplained)} such layers): refusing to write it in float"
+        )
+
+    cfg = config_to_dict(config)
+    base = {
+        "bits": cfg.get("bits"),
+        "group_size": cfg.get("group_size", -1),
+        "sym": bool(cfg.get("sym", True)),
+        "desc_act": any(m["desc_act"] for m in modules.values()),
+    }
+    section = {
+        "method": method.name,
+        "format": method.format,
+        "config": cfg,
+        "overrides": [
+            {"pattern": o.pattern, "skip": o.skip, "changes": dict(o.changes)} for o in overrides
+        ],
+        "tied": aliases,
+        "modules": modules,
+    }
+    if base["bits"] in SUPPORTED_BITS:
+        qconfig = quantize_config_dict(
+            bits=base["bits"],
+            group_size=base["group_size"],
+            desc_act=base["desc_act"],
+            sym=base["sym"],
+            static_groups=bool(cfg.get("static_groups", False)),
+            damp_percent=float(cfg.get("damp", 0.01)),
+            true_sequential=True,
+            checkpoint_format=checkpoint_format,
+            meta={"method": method.name},
+        )
+    else:  # a method without a fixed code width (Huffman-coded codes)
+        qconfig = {
+            "bits": None,
+            "group_size": base["group_size"],
+            "desc_act": base["desc_act"],
+            "true_sequential": True,
+            "checkpoint_format": checkpoint_format,
+        }
+    # Other tools read GPTQ layers only; a checkpoint with other formats must not pass for one.
+    formats_used = {m["format"] for m in modules.values()}
+    qconfig["quant_method"] = "gptq" if formats_used <= {"gptq"} else OWN_QUANT_METHOD
+    dynamic = _dynamic_overrides(modules, not_quantized, base)
+    if dynamic:
+        qconfig["dynamic"] = dynamic
+    qconfig["latticequant"] = section
+
+    if store is None:
+        _write_weights(folder, [tensors])
+    else:
+
+        def shards():
+            yield tensors
+            for index in range(len(store)):
+                prefix = layout.block_name(index)
+                quantized = block_tensors(index)
+                with store.block(index) as block:
+                    shard = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+                for name, layer in quantized.items():
+                    del shard[f"{name}.weight"]
+                    for key, t in layer.tensors.items():
+                        shard[f"{name}.{key}"] = t
+                yield shard
+
+        _write_weights(folder, shards(), n_shards=1 + len(store))
+
+    model_config = model.config.to_dict() if hasattr(model, "config") else {}
+    model_config["quantization_config"] = qconfig
+    write_json(model_config, folder / "config.json")
+    write_json(qconfig, folder / QUANTIZE_CONFIG_FILE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    stats = [layers[n].stats for n in layout.linear_names() if n in layers]
+    write_json(
+        {
+            "method": method.name,
+            "config": cfg,
+            "checkpoint_format": checkpoint_format,
+            "run": run or {},
+            "skipped": {n: reasons[n] for n in not_quantized},
+            "layers": stats,
+        },
+        folder / LOG_FILE,
+    )
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object (got a {type(config).__name__})")
+    return config
+
+
+def _read_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+
+def is_quantized_checkpoint(folder: str | os.PathLike) -> bool:
+    """True for a folder whose config.json carries a GPTQ or latticequant quantization config."""
+    folder = Path(folder)
+    try:
+        config = _read_config(folder)
+    except CheckpointError:
+        return False
+    qc = config.get("quantization_config") or {}
+    return isinstance(qc, dict) and qc.get("quant_method") in QUANT_METHODS
+
+
+def read_quant_log(folder: str | os.PathLike) -> dict:
+    """The per-layer statistics a quantization run wrote next to its checkpoint."""
+    path = Path(folder) / LOG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {LOG_FILE}: not a latticequant checkpoint")
+    qlog = _read_json(path)
+    if not isinstance(qlog, dict):
+        raise CheckpointError(f"{path} is not a JSON object (got a {type(qlog).__name__})")
+    layers = qlog.get("layers", [])
+    if not isinstance(layers, list):
+        raise CheckpointError(f"{path}: 'layers' must be a list of layer entries")
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise CheckpointError(f"{path}: layer entry {i} is not an object with a 'name'")
+    return qlog
+
+
+def _module_table(qc: dict, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Quantized modules from our section, or inferred from ``.qweight`` keys (other tools)."""
+    section = qc.get("latticequant")
+    if section and "modules" in section:
+        return section["modules"]
+    modules = {}
+    for key in tensors:
+        if key.endswith(".qweight"):
+            name = key[: -len(".qweight")]
+            modules[name] = {
+                "format": "gptq",
+                "bits": qc.get("bits"),
+                "keys": {
+                    k: list(tensors[f"{name}.{k}"].shape)
+                    for k in GPTQ_KEYS
+                    if f"{name}.{k}" in tensors
+                },
+            }
+    return modules
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model.safetensors`` or of the shards its index names."""
+    index = folder / INDEX_FILE
+    weight_map = read_weight_map(folder, CheckpointError)
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
+    elif (folder / WEIGHTS_FILE).is_file():
+        weight_map, files = None, [WEIGHTS_FILE]
+    else:
+        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE} (nor {INDEX_FILE})")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{index} names {name}, which is missing")
+        try:
+            tensors.update(load_file(str(path)))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from None
+    if weight_map is not None:
+        absent = sorted(k for k, f in weight_map.items() if k not in tensors)
+        if absent:
+            raise CheckpointError(
+                f"{index} lists tensor {absent[0]} in {weight_map[absent[0]]}, which lacks it"
+            )
+    return tensors
+
+
+def load_quantized(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """A model ready for inference from a checkpoint folder, its quantized layers as modules.
+
+    Every expected tensor is checked for presence and shape before anything is used; a
+    truncated or mismatched checkpoint raises :class:`CheckpointError` naming the tensor.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = _read_config(folder)
+    qc = config.pop("quantization_config", None)
+    if not qc or qc.get("quant_method") not in QUANT_METHODS:
+        raise CheckpointError(f"{folder}/config.json has no GPTQ quantization_config")
+    tensors = _load_weights(folder)
+
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError(f"{folder}/config.json names no model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **config)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot build a model from {folder}/config.json: {exc}") from None
+
+    modules = _module_table(qc, tensors)
+    checkpoint_format = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    expected = model.state_dict()
+    tied = set((qc.get("latticequant") or {}).get("tied", {}))
+    if not tied and getattr(hf_config, "tie_word_embeddings", False):
+        tied = set(_tied_aliases(expected))
+
+    for name, entry in modules.items():
+        try:
+            fmt = get_format(entry.get("format", "gptq"))
+        except FormatError as exc:
+            raise CheckpointError(f"module {name}: {exc}") from None
+        for key in fmt.keys:
+            full = f"{name}.{key}"
+            if full not in tensors:
+                raise CheckpointError(f"checkpoint is missing tensor {full}")
+            want = entry.get("keys", {}).get(key)
+            if want is not None and list(tensors[full].shape) != list(want):
+                raise CheckpointError(
+                    f"tensor {full} has shape {list(tensors[full].shape)}, expected {want}"
+                )
+        if f"{name}.weight" not in expected:
+            raise CheckpointError(f"model built from config.json has no linear layer {name}")
+        want_shape = tuple(linear_weight(model.get_submodule(name)).shape)
+        have_shape = (entry.get("out_features"), entry.get("in_features"))
+        if None not in have_shape and tuple(have_shape) != want_shape:
+            raise CheckpointError(
+                f"layer {name} is stored with shape {list(have_shape)} (out, in), config.json "
+                f"gives {list(want_shape)}: checkpoint does not match config.json"
+            )
+
+    float_state = {}
+    quantized_params = {f"{n}.weight" for n in modules} | {f"{n}.bias" for n in modules}
+    for key, t in expected.items():
+        if key in quantized_params or key in tied:
+            continue
+        if key not in tensors:
+            raise CheckpointError(f"checkpoint is missing tensor {key}")
+        if tuple(tensors[key].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"tensor {key} has shape {list(tensors[key].shape)}, the model expects "
+                f"{list(t.shape)} (checkpoint does not match config.json)"
+            )
+        float_state[key] = tensors[key]
+    model.load_state_dict(float_state, strict=False)
+    if tied:
+        model.tie_weights()
+
+    for name, entry in modules.items():
+        original = model.get_submodule(name)
+        fmt = get_format(entry.get("format", "gptq"))
+        layer_tensors = {k: tensors[f"{name}.{k}"] for k in fmt.keys}
+        bias = tensors.get(f"{name}.bias")
+        if bias is None and getattr(original, "bias", None) is not None:
+            raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
+        meta = {"bits": entry.get("bits", qc.get("bits")), "checkpoint_format": checkpoint_format}
+        for k in ("in_features", "out_features"):
+            if k in entry:
+                meta[k] = entry[k]
+        try:
+            module = build_module(entry.get("format", "gptq"), layer_tensors, meta, bias)
+        except FormatError as exc:
+            raise CheckpointError(f"module {name}: {exc}") from None
+        _set_module(model, name, module)
+    return model.to(device).eval()

@@ -1,0 +1,196 @@
+"""Text for calibration and evaluation, and perplexity, exactly as the measurement protocol says.
+
+Default text: CPython's ``pydoc_data.topics`` joined in sorted key order, tokenized once, the
+first 80% of tokens for calibration and the last 20% held out. Calibration windows are drawn with
+``random.Random(seed)``; perplexity uses non-overlapping windows with the tail dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from latticequant.pipeline.offload import blockwise_logits, store_of
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TextError",
+    "protocol_text",
+    "load_text",
+    "tokenize",
+    "split_ids",
+    "calibration_windows",
+    "perplexity",
+    "HF_DATASETS",
+]
+
+CALIBRATION_FRACTION = 0.8
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+HF_DATASETS = ("wikitext2", "c4")
+
+
+class TextError(ValueError):
+    """Text that is missing, empty, or too short for what was asked of it."""
+
+
+def protocol_text() -> str:
+    """The protocol's default text: every ``pydoc_data.topics`` entry, sorted, blank-line joined."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _hf_dataset_text(name: str, split: str) -> str:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise TextError(
+            f"text {name!r} needs the Hugging Face 'datasets' package (pip install datasets) "
+            "and a reachable hub; use a local text file instead"
+        ) from exc
+    try:
+        if name == "wikitext2":
+            data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            return "\n\n".join(data["text"])
+        shard = (
+            "en/c4-train.00000-of-01024.json.gz"
+            if split == "train"
+            else ("en/c4-validation.00000-of-00008.json.gz")
+        )
+        data = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
+        return "\n\n".join(data["text"][:5000])
+    except Exception as exc:  # offline, hub refused, dataset renamed: all mean "not reachable"
+        raise TextError(
+            f"cannot fetch {name!r} from the Hugging Face hub ({type(exc).__name__}); it is "
+            "probably not reachable from here: use the default text or a local text file"
+        ) from exc
+
+
+def load_text(source: str | None = None, split: str = "train") -> str:
+    """The default protocol text, a local file, a folder of text files, or wikitext2/c4."""
+    if source is None:
+        text = protocol_text()
+    elif source in HF_DATASETS:
+        text = _hf_dataset_text(source, split)
+    elif os.path.isdir(source):
+        files = sorted(
+            os.path.join(root, f)
+            for root, _, names in os.walk(source)
+            for f in names
+            if f.endswith(TEXT_SUFFIXES)
+        )
+        if not files:
+            raise TextError(f"folder {source} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+        parts = []
+        for path in files:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                parts.append(fh.read())
+        text = "\n\n".join(parts)
+    elif os.path.isfile(source):
+        with open(source, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    else:
+        raise TextError(
+            f"text source {source!r} is neither a file, a folder, nor one of {HF_DATASETS}"
+        )
+    if not text.strip():
+        raise TextError(f"text from {source or 'pydoc_data'} is empty")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of the whole text, tokenized once, as a 1-D LongTensor."""
+    if tokenizer is None:
+        raise TextError("this model has no tokenizer; it cannot read text")
+    if not text.strip():
+        raise TextError("cannot tokenize empty text")
+    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_ids(ids: torch.Tensor, fraction: float = CALIBRATION_FRACTION):
+    """``(calibration, held_out)``: the first ``fraction`` of the tokens, then the rest."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    cut = int(len(ids) * fraction)
+    return ids[:cut], ids[cut:]
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0):
+    """``nsamples`` windows of ``seqlen`` tokens drawn uniformly, as ``(nsamples, seqlen)``.
+
+    ``i = rng.randint(0, len(ids) - seqlen - 1)`` with ``rng = random.Random(seed)``.
+    """
+    if nsamples <= 0 or seqlen <= 0:
+        raise ValueError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be 1-D token ids, got shape {tuple(ids.shape)}")
+    if len(ids) < seqlen + 1:
+        raise TextError(
+            f"calibration text is too short: {len(ids)} tokens, need at least {seqlen + 1} "
+            f"for windows of {seqlen}"
+        )
+    rng = random.Random(seed)
+    windows = []
+    for _ in range(nsamples):
+        i = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(ids[i : i + seqlen])
+    return torch.stack(windows)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int = 512,
+    batch_size: int = 2,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> float:
+    """``exp`` of the mean next-token cross-entropy over non-overlapping ``seqlen`` windows.
+
+    The tail that does not fill a window is dropped; each window predicts ``seqlen - 1`` tokens.
+    A model whose blocks are kept on disk (:mod:`latticequant.pipeline.offload`) is run block
+    by block, each block read once, with the same result.
+    """
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    n_windows = len(ids) // seqlen
+    if n_windows == 0:
+        raise TextError(
+            f"evaluation text is too short: {len(ids)} tokens, need at least {seqlen} "
+            "for one window"
+        )
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+    total = 0.0
+    count = 0
+    model.eval()
+    if store_of(model) is not None:
+        outputs = blockwise_logits(model, windows, batch_size, device, progress)
+    else:
+
+        def whole_forward():
+            starts = range(0, n_windows, batch_size)
+            bar = tqdm(starts, desc="perplexity", unit="batch", disable=not progress, leave=False)
+            for start in bar:
+                batch = windows[start : start + batch_size].to(device)
+                yield batch, model(input_ids=batch, use_cache=False).logits
+
+        outputs = whole_forward()
+    for batch, logits in outputs:
+        batch = batch.to(logits.device)
+        ce = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            batch[:, 1:].reshape(-1),
+            reduction="sum",
+        )
+        total += float(ce.double())
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)

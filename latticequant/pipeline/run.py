@@ -1,0 +1,350 @@
+"""Quantize a causal LM block by block, feeding each block the outputs of the quantized ones.
+
+:func:`quantize_model` is a composition of named steps: resolve the method and its config,
+plan every linear layer (its config, or why it is skipped; the method refuses what its format
+cannot store, before any forward pass), open the output folder (or resume an unfinished run),
+capture the first block's inputs, quantize the blocks in turn (:mod:`latticequant.pipeline.blocks`),
+and write the checkpoint (:mod:`latticequant.pipeline.checkpoint`), renamed into place only when
+complete (:mod:`latticequant.pipeline.state`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from latticequant.methods import Method, UnsupportedConfigError, config_to_dict, get_method
+from latticequant.pipeline.blocks import (
+    BlockQuantizer,
+    HessianBank,
+    quantize_block_batched,
+    quantize_block_lazy,
+)
+from latticequant.pipeline.checkpoint import QuantizedLayer, save_quantized
+from latticequant.pipeline.forward import BlockInputs, capture_first_block_inputs
+from latticequant.pipeline.layout import (
+    ModelLayout,
+    describe_model,
+    linear_weight,
+    set_linear_weight,
+)
+from latticequant.pipeline.offload import BlockStore, store_of
+from latticequant.pipeline.overrides import Override, resolve_config, skip_reason
+from latticequant.pipeline.state import (
+    ResumeMismatchError,
+    RunState,
+    fingerprint,
+    finish_output,
+    prepare_output,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LayerPlan", "QuantizeSummary", "plan_layers", "quantize_model"]
+
+
+@dataclass
+class LayerPlan:
+    """What the run does with every linear layer of the model's blocks.
+
+    configs: block index -> local layer name -> its config (the layers to quantize).
+    skipped: full layer name -> why it stays in float (only what the user asked for).
+    """
+
+    configs: dict[int, dict[str, object]]
+    skipped: dict[str, str]
+
+    @property
+    def n_quantized(self) -> int:
+        return sum(len(c) for c in self.configs.values())
+
+    def names(self, layout: ModelLayout) -> list[str]:
+        """Full names of the layers to quantize, in the layout's order."""
+        return [
+            f"{layout.block_name(i)}.{local}"
+            for i, block in self.configs.items()
+            for local in block
+        ]
+
+
+@dataclass
+class QuantizeSummary:
+    """What a run did: one stats dict per quantized layer (in order), the layers skipped and
+    why, and the time spent. Iterating over it, indexing it and ``len`` go over ``layers``."""
+
+    layers: list[dict]
+    skipped: dict[str, str] = field(default_factory=dict)
+    time_s: float = 0.0
+    blocks_resumed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.layers)
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+
+def _resolve_method(method: str | Method, config, checkpoint_format: str):
+    """The registered method and a config of its class, carrying the checkpoint format."""
+    if isinstance(method, str):
+        method = get_method(method)
+    if config is None:
+        config = method.config_cls()
+    if not isinstance(config, method.config_cls):
+        raise ValueError(
+            f"method {method.name!r} needs a {method.config_cls.__name__}, got "
+            f"{type(config).__name__}"
+        )
+    if isinstance(getattr(config, "extra", None), dict):
+        config = dataclasses.replace(
+            config, extra={**config.extra, "checkpoint_format": checkpoint_format}
+        )
+    return method, config
+
+
+def _check_run_inputs(calib_ids, attention_mask, batch_size, device) -> tuple[int, torch.device]:
+    """Validate the calibration tensors and the device; returns ``(batch_size, device)``."""
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.numel() == 0:
+        raise ValueError("calib_ids must be a non-empty (n_windows, seqlen) tensor of token ids")
+    if attention_mask is not None and attention_mask.shape != calib_ids.shape:
+        raise ValueError("attention_mask must have the shape of calib_ids")
+    batch_size = calib_ids.shape[0] if batch_size is None else int(batch_size)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but CUDA is not available here")
+    return batch_size, device
+
+
+def plan_layers(
+    layout: ModelLayout, method: Method, config, overrides: Sequence[Override]
+) -> LayerPlan:
+    """Every linear layer's config after the overrides, each checked by the method.
+
+    Raises :class:`~latticequant.methods.UnsupportedConfigError` naming the first layer the
+    method's format cannot store (so nothing slow has run yet), and ``ValueError`` when the
+    skip patterns leave nothing to quantize.
+    """
+    configs: dict[int, dict[str, object]] = {}
+    skipped: dict[str, str] = {}
+    for index in range(len(layout.blocks)):
+        block = layout.blocks[index]
+        configs[index] = {}
+        for subset in layout.subsets:
+            for local in subset:
+                name = f"{layout.block_name(index)}.{local}"
+                cfg = resolve_config(name, config, overrides)
+                if cfg is None:
+                    skipped[name] = skip_reason(name, overrides) or "skipped"
+                    continue
+                d_out, d_in = linear_weight(block.get_submodule(local)).shape
+                try:
+                    method.check(cfg, int(d_out), int(d_in))
+                except UnsupportedConfigError as exc:
+                    raise UnsupportedConfigError(
+                        f"{name} ({method.name}, {d_out}x{d_in}): {exc}"
+                    ) from None
+                configs[index][local] = cfg
+    plan = LayerPlan(configs, skipped)
+    if plan.n_quantized == 0:
+        raise ValueError(
+            f"no layer left to quantize: the skip patterns match all {len(skipped)} linear layers"
+        )
+    return plan
+
+
+def _resume(
+    model: nn.Module,
+    state: RunState,
+    store: BlockStore | None,
+    batches: list[BlockInputs],
+    work: Path,
+) -> tuple[dict[str, QuantizedLayer], int]:
+    """Put the finished blocks' quantized weights back and the next block's inputs in place."""
+    start = state.next_block()
+    layers: dict[str, QuantizedLayer] = {}
+    for i in range(start):
+        done, Qs = state.load_block(i)
+        if store is not None:
+            store.load(i)
+            if store.checksums[i] != state.source_checksum(i):
+                store.release(i)
+                raise ResumeMismatchError(
+                    f"the weights of block {i} on disk changed since it was quantized; delete "
+                    f"{work} or pass resume=False (--no-resume) to start over"
+                )
+        for name, q in Qs.items():
+            set_linear_weight(model.get_submodule(name), q)
+        if store is not None:
+            store.save_block(i, [f"{name}.weight" for name in Qs])
+            store.release(i)
+            done = {name: layer.without_tensors() for name, layer in done.items()}
+        layers.update(done)
+    if start:
+        for b, h in zip(batches, state.load_hidden()):
+            b.hidden = h
+        log.info("resumed after %d finished blocks", start)
+    return layers, start
+
+
+def _quantize_block(
+    layout: ModelLayout,
+    index: int,
+    method: Method,
+    configs: dict[str, object],
+    batches: list[BlockInputs],
+    device: torch.device,
+    hessian_dtype: torch.dtype,
+) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
+    """Quantize block ``index`` in place on ``device``; its outputs become ``batches``' inputs."""
+    block = layout.blocks[index]
+    prefix = layout.block_name(index)
+    block.to(device)
+    on_device = [b.to(device) for b in batches]
+    bq = BlockQuantizer(method, configs, hessian_dtype, device)
+    bank = HessianBank(hessian_dtype, device)
+    if len(on_device) == 1:
+        outputs = quantize_block_lazy(block, on_device[0], bq, bank)
+    else:
+        outputs = quantize_block_batched(block, on_device, layout.subsets, bq, bank)
+    block.to("cpu")
+    layers, Qs = {}, {}
+    for local, lq in bq.results.items():
+        name = f"{prefix}.{local}"
+        W = linear_weight(block.get_submodule(local))
+        entry = {"name": name, "block": index, "method": method.name, "shape": list(W.shape)}
+        layers[name] = QuantizedLayer(
+            name,
+            method.format,
+            {k: v.cpu() for k, v in lq.tensors.items()},
+            {**entry, **lq.stats},
+            config_to_dict(configs[local]),
+        )
+        Qs[name] = lq.Q
+    for b, h in zip(batches, outputs):
+        b.hidden = h.to("cpu")
+    return layers, Qs
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    tokenizer,
+    calib_ids: torch.Tensor,
+    method: str | Method = "gptq",
+    config=None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    overrides: Iterable[Override] = (),
+    resume: bool = True,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    checkpoint_format: str = "gptq",
+    hessian_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    on_block_done: Callable[[int], None] | None = None,
+) -> QuantizeSummary:
+    """Quantize ``model``'s decoder blocks in place; write a checkpoint to ``out_dir`` if given.
+
+    calib_ids: ``(n_windows, seqlen)`` token ids; ``attention_mask`` marks real tokens (padding
+    never enters a Hessian). ``config`` is an instance of the method's config class (its
+    defaults when None). ``overrides`` skip modules or change their config by name pattern.
+    ``batch_size`` windows per forward (all at once by default: one pass per block).
+    Returns a :class:`QuantizeSummary` (a sequence of one stats dict per quantized layer).
+    Every layer not skipped by an override is quantized, or the run fails naming it.
+    """
+    method, config = _resolve_method(method, config, checkpoint_format)
+    overrides = list(overrides)
+    batch_size, device = _check_run_inputs(calib_ids, attention_mask, batch_size, device)
+    layout = describe_model(model)
+    model.eval()
+    plan = plan_layers(layout, method, config, overrides)
+    store = store_of(model)  # blocks kept on disk: one in memory at a time
+
+    state = final = work = None
+    if out_dir is not None:
+        run_fingerprint = fingerprint(
+            model,
+            method,
+            config,
+            overrides,
+            calib_ids,
+            attention_mask,
+            {"checkpoint_format": checkpoint_format, "batch_size": batch_size},
+        )
+        final, work, state = prepare_output(out_dir, overwrite, resume, run_fingerprint)
+
+    batches = capture_first_block_inputs(model, layout, calib_ids, attention_mask, batch_size)
+    layers, start = ({}, 0) if state is None else _resume(model, state, store, batches, work)
+
+    t_start = time.perf_counter()
+    bar = tqdm(
+        range(start, len(layout.blocks)),
+        desc=f"quantize ({method.name})",
+        unit="block",
+        disable=not progress,
+    )
+    for index in bar:
+        if store is not None:
+            store.load(index)
+        block_layers, Qs = _quantize_block(
+            layout, index, method, plan.configs[index], batches, device, hessian_dtype
+        )
+        if state is not None:
+            source = None if store is None else store.checksums[index]
+            state.save_block(index, block_layers, Qs, [b.hidden for b in batches], source)
+        if store is not None:  # quantized weights go to disk; codes are read back at save time
+            store.save_block(index, [f"{name}.weight" for name in Qs])
+            store.release(index)
+            block_layers = {name: layer.without_tensors() for name, layer in block_layers.items()}
+        layers.update(block_layers)
+        if on_block_done is not None:
+            on_block_done(index)
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+
+    missing = [name for name in plan.names(layout) if name not in layers]
+    if missing:
+        raise RuntimeError(f"{len(missing)} layers were not quantized, the first {missing[0]}")
+    summary = QuantizeSummary(
+        [layers[name].stats for name in plan.names(layout)], plan.skipped, elapsed, start
+    )
+    if out_dir is not None:
+        save_quantized(
+            model,
+            work,
+            layers,
+            method=method,
+            config=config,
+            tokenizer=tokenizer,
+            checkpoint_format=checkpoint_format,
+            overrides=overrides,
+            skipped=plan.skipped,
+            block_tensors=None if store is None else (lambda i: state.load_block(i)[0]),
+            run={
+                "quantize_time_s": elapsed,
+                "n_windows": calib_ids.shape[0],
+                "seqlen": calib_ids.shape[1],
+                "blocks_resumed": start,
+            },
+        )
+        finish_output(final, work)
+    return summary

@@ -1,0 +1,216 @@
+"""Checkpoint folders: save, load with the CPU loader, and clear errors for broken ones."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import GROUP, make_char_tokenizer, make_tiny_llama
+
+import latticequant as lq
+from latticequant.checkpoint import CheckpointError, is_quantized_checkpoint, load_quantized
+from latticequant.formats import unpack_gptq
+from latticequant.pipeline import Override, quantize_model
+
+
+def _quantize(out, calib_ids, **kw):
+    model = make_tiny_llama()
+    cfg = lq.QuantConfig(bits=4, group_size=GROUP, order="act", sym=True)
+    stats = quantize_model(
+        model, make_char_tokenizer(), calib_ids, "gptq", cfg, out, progress=False, **kw
+    )
+    return model, stats
+
+
+@pytest.fixture
+def saved(tmp_path, calib_ids):
+    out = tmp_path / "ckpt"
+    model, stats = _quantize(out, calib_ids)
+    return out, model, stats
+
+
+def test_round_trip_logits_equal_in_memory_model(saved, calib_ids):
+    out, model, _ = saved
+    loaded = load_quantized(out)
+    ref = model(calib_ids[:3]).logits
+    got = loaded(calib_ids[:3]).logits
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert not isinstance(layer, torch.nn.Linear)  # the format's dequantizing module
+
+
+def test_folder_contents_and_configs(saved):
+    out, model, stats = saved
+    names = sorted(p.name for p in out.iterdir())
+    for required in ("config.json", "model.safetensors", "quantize_config.json", "quant_log.json"):
+        assert required in names
+    assert "tokenizer.json" in names
+    assert not any(n.startswith(".") for n in names)  # no temporary files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    tensors = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" not in tensors  # tied to the embeddings, stored once
+    assert "model.embed_tokens.weight" in tensors
+    for s in stats:
+        for key in ("qweight", "qzeros", "scales", "g_idx"):
+            assert f"{s['name']}.{key}" in tensors
+        assert f"{s['name']}.weight" not in tensors
+    qc = json.loads((out / "quantize_config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"] == qc
+    # act-order with static groups stores the natural g_idx: nothing for a reader to permute
+    assert qc["bits"] == 4 and qc["group_size"] == GROUP and qc["desc_act"] is False
+    assert qc["sym"] is True and qc["quant_method"] == "gptq"
+    assert qc["checkpoint_format"] == "gptq" and qc["true_sequential"] is True
+    assert qc["latticequant"]["method"] == "gptq"
+    assert qc["latticequant"]["config"]["order"] == "act"
+    log = json.loads((out / "quant_log.json").read_text())
+    assert [e["name"] for e in log["layers"]] == [s["name"] for s in stats]
+
+
+def test_stored_codes_reproduce_the_in_memory_weights(saved):
+    out, model, stats = saved
+    tensors = load_file(str(out / "model.safetensors"))
+    for s in stats:
+        layer = {k: tensors[f"{s['name']}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        codes, scales, zeros, g_idx = unpack_gptq(layer, 4)
+        W = scales.double()[:, g_idx] * (codes.double() - zeros.double()[:, g_idx])
+        assert torch.allclose(W.float(), model.get_submodule(s["name"]).weight, atol=1e-6)
+
+
+def test_gptq_v2_and_overrides_round_trip(tmp_path, calib_ids):
+    out = tmp_path / "v2"
+    overrides = [
+        Override("layers\\.1\\.mlp\\.down_proj", skip=True),
+        Override("o_proj", changes={"bits": 8}),
+    ]
+    model, stats = _quantize(out, calib_ids, checkpoint_format="gptq_v2", overrides=overrides)
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["checkpoint_format"] == "gptq_v2"
+    assert "-:^model[.]layers[.]1[.]mlp[.]down_proj$" in qc["dynamic"]
+    assert qc["dynamic"]["+:^model[.]layers[.]0[.]self_attn[.]o_proj$"] == {"bits": 8}
+    tensors = load_file(str(out / "model.safetensors"))
+    assert "model.layers.1.mlp.down_proj.weight" in tensors
+    loaded = load_quantized(out)
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, torch.nn.Linear)
+    assert torch.allclose(loaded(calib_ids[:2]).logits, model(calib_ids[:2]).logits, atol=1e-5)
+
+
+def test_truncated_checkpoint_is_refused(saved):
+    out = saved[0]
+    path = out / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_quantized(out)
+
+
+def test_missing_tensor_is_named(saved):
+    out = saved[0]
+    tensors = load_file(str(out / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.qzeros"]
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.qzeros"):
+        load_quantized(out)
+
+
+def test_float_tensor_missing_or_mismatched(saved):
+    out = saved[0]
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["model.norm.weight"] = torch.ones(3)
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight has shape \[3\]"):
+        load_quantized(out)
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing tensor model.norm.weight"):
+        load_quantized(out)
+
+
+def test_config_that_does_not_match_the_tensors(saved):
+    out = saved[0]
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_quantized(out)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_quantized(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_quantized(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_quantized(tmp_path / "empty")
+    assert not is_quantized_checkpoint(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(CheckpointError, match="no GPTQ quantization_config"):
+        load_quantized(tmp_path / "empty")
+
+
+def test_gpt2_conv1d_round_trip(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128)).eval()
+    calib = torch.randint(0, 128, (4, 32))
+    stats = quantize_model(
+        model,
+        None,
+        calib,
+        "gptq",
+        lq.QuantConfig(bits=4, group_size=GROUP),
+        tmp_path / "g",
+        progress=False,
+    )
+    assert len(stats) == 8
+    loaded = load_quantized(tmp_path / "g")
+    assert torch.allclose(loaded(calib).logits, model(calib).logits, atol=1e-4)
+
+
+def honouring_reader(folder) -> dict[str, torch.Tensor]:
+    """A reader that follows ``desc_act`` as loaders that skip ``g_idx`` do: with
+    ``desc_act: false`` it takes the natural ``g_idx = j // group_size``. Dense weights by name."""
+    qc = json.loads((folder / "quantize_config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    weights = {}
+    for key in tensors:
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        parts = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        codes, scales, zeros, g_idx = unpack_gptq(parts, qc["bits"], qc["checkpoint_format"])
+        if not qc["desc_act"]:
+            g_idx = torch.arange(codes.shape[1]) // qc["group_size"]
+        weights[name] = scales.double()[:, g_idx] * (codes - zeros[:, g_idx]).double()
+    return weights
+
+
+@pytest.mark.parametrize(
+    "order,static_groups,permuted",
+    [
+        ("act", True, False),
+        ("act", False, True),
+        ("min-pivot", False, True),
+        ("reverse", False, True),
+        ("natural", False, False),
+    ],
+)
+def test_desc_act_is_read_off_g_idx(tmp_path, calib_ids, order, static_groups, permuted):
+    model = make_tiny_llama()
+    cfg = lq.QuantConfig(bits=4, group_size=GROUP, order=order, static_groups=static_groups)
+    out = tmp_path / "ckpt"
+    quantize_model(model, None, calib_ids, "gptq", cfg, out, progress=False)
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["desc_act"] is permuted
+    # a reader that honours the flag reads exactly the weights the model runs with
+    for name, W in honouring_reader(out).items():
+        ref = model.get_submodule(name).weight.double()
+        assert torch.allclose(W, ref, atol=1e-6), name
