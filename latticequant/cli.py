@@ -23,9 +23,10 @@ from latticequant.pipeline.data import (
     split_ids,
     tokenize,
 )
+from latticequant.pipeline.layout import describe_model
 from latticequant.pipeline.models import load_model
 from latticequant.pipeline.overrides import Override, parse_override, resolve_config
-from latticequant.pipeline.run import quantize_model
+from latticequant.pipeline.run import plan_layers, quantize_model
 from latticequant.pipeline.state import OutputExistsError
 from latticequant.report import format_table, load_report, plot_loss_vs_bound
 
@@ -71,6 +72,17 @@ def config_from_args(config_cls, args: argparse.Namespace):
     return config_cls(**changes)
 
 
+class UsageError(Exception):
+    """A command line that does not parse; main prints it as one line and exits with 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``see --help``) instead of usage plus error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
 def _positive(name: str, minimum: int = 1):
     """An argparse type: an integer of at least ``minimum``, with a message naming the flag."""
 
@@ -102,11 +114,11 @@ def _add_offload_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     """The full parser; the quantize command carries the flags of ``method_name``'s config."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="latticequant",
         description="Post-training weight quantization of LLMs as a closest-vector problem.",
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -197,7 +209,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
 
 
 def _method_name(argv: list[str]) -> str:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--method", default="gptq")
     known, _ = pre.parse_known_args(argv)
     return known.method
@@ -277,10 +289,17 @@ def cmd_quantize(args) -> int:
     config = config_from_args(method.config_cls, args)
     _check_out(args.out, args.overwrite)
     _check_device(args.device)
+    method.check(config)  # what the format cannot store is refused before the model loads
     overrides = [Override(p, skip=True) for p in args.skip]
-    overrides += [parse_override(o, method.config_cls) for o in args.override]
-    for ov in overrides:  # a bad value is refused now, not when the run reaches the layer
-        resolve_config(ov.pattern, config, [ov])
+    for text in args.override:  # so is a bad override, not when the run reaches the layer
+        ov = parse_override(text, method.config_cls)
+        try:
+            changed = resolve_config(ov.pattern, config, [ov])
+            if changed is not None:
+                method.check(changed)
+        except ValueError as exc:
+            raise ValueError(f"--override {text!r}: {exc}") from None
+        overrides.append(ov)
     t0 = time.perf_counter()
     model, tokenizer = _load(args)
     if tokenizer is None:
@@ -288,6 +307,7 @@ def cmd_quantize(args) -> int:
     _check_seqlen(model, "--seqlen", args.seqlen)
     if args.evaluate:
         _check_seqlen(model, "--eval-seqlen", args.eval_seqlen)
+    plan_layers(describe_model(model), method, config, overrides)  # refuse before any slow work
     calib = _calibration(tokenizer, args)
     load_s = time.perf_counter() - t0
     ppl_before = ppl_after = None
@@ -388,31 +408,51 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser(_method_name(argv) if argv[:1] == ["quantize"] else "gptq")
-    except ValueError as exc:
+        args = parser.parse_args(argv)
+    except (ValueError, UsageError) as exc:
         print(f"latticequant: error: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
     )
+    _quiet_transformers(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("latticequant: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as exc:
-        return _fail(args, exc, str(exc))
+        return _fail(args, exc)
     except Exception as exc:  # anything else is still one line, never a traceback
-        return _fail(args, exc, f"{type(exc).__name__}: {exc} (rerun with -v for the traceback)")
+        return _fail(args, exc, unexpected=True)
 
 
-def _fail(args, exc: BaseException, text: str) -> int:
-    """Print one line for a failed command (the traceback too with ``-v``); exit status 1."""
+def _quiet_transformers(verbose: bool) -> None:
+    """Our own progress bars and one-line errors only: transformers' loading bars and notices
+    are shown with ``-v``."""
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
+def _fail(args, exc: BaseException, unexpected: bool = False) -> int:
+    """Print one line for a failed command (the traceback too with ``-v``); exit status 1.
+
+    An exception the library does not raise on purpose is named by its type, with a hint.
+    """
     if args.verbose:
         log.error("failed", exc_info=exc)
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    message = lines[0].strip() if lines else type(exc).__name__
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    message = lines[0] if lines else type(exc).__name__
+    if unexpected:
+        message = f"{type(exc).__name__}: {message} (rerun with -v for the traceback)"
     print(f"latticequant: error: {message}", file=sys.stderr)
     return 1
 

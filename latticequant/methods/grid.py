@@ -43,9 +43,9 @@ CORE_QUANTIZERS: dict[str, Callable[..., QuantResult]] = {
 UNCLIPPED_METHODS = "ssqr, hptq or hrtn"
 
 
-def check_gptq_layer(config: QuantConfig, d_out: int, d_in: int) -> None:
+def check_gptq_layer(config: QuantConfig, d_out: int | None = None, d_in: int | None = None):
     """Refuse what the GPTQ layout cannot store: other bit widths, unclipped codes, shapes that
-    do not pack. Each message names the setting and what to use instead."""
+    do not pack (when a shape is given). Each message names the setting and what to use."""
     if config.bits not in SUPPORTED_BITS:
         usable = ", ".join(str(b) for b in SUPPORTED_BITS)
         raise UnsupportedConfigError(
@@ -60,11 +60,11 @@ def check_gptq_layer(config: QuantConfig, d_out: int, d_in: int) -> None:
     check_packable(config.bits, d_out, d_in)
 
 
-def check_packable(bits: int, d_out: int, d_in: int) -> None:
+def check_packable(bits: int, d_out: int | None = None, d_in: int | None = None) -> None:
     """Refuse a layer whose dimensions do not fill whole words at ``bits`` bits."""
     g = pack_granularity(bits)
     for what, n in (("d_in", d_in), ("d_out", d_out)):
-        if n % g:
+        if n is not None and n % g:
             raise UnsupportedConfigError(
                 f"{what}={n} is not a multiple of {g}, which {bits}-bit GPTQ packing needs; "
                 f"skip this layer (--skip) or use another --bits"

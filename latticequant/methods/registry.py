@@ -47,7 +47,7 @@ class UnsupportedConfigError(ValueError):
     """A config (or a layer's shape) that the method's format cannot store; says what to use."""
 
 
-def _accept_all(config, d_out: int, d_in: int) -> None:
+def _accept_all(config, d_out: int | None = None, d_in: int | None = None) -> None:
     return None
 
 
@@ -55,10 +55,11 @@ def _accept_all(config, d_out: int, d_in: int) -> None:
 class Method:
     """A registered method: its name, its config dataclass, the layer function, its format.
 
-    check: raises :class:`UnsupportedConfigError` when a layer of shape ``(d_out, d_in)`` with
-    ``config`` cannot be stored in the method's format; the pipeline calls it for every layer
-    before any forward pass, so an impossible combination is refused up front, never turned
-    into a layer left in float.
+    check: ``check(config, d_out=None, d_in=None)`` raises :class:`UnsupportedConfigError` when
+    ``config`` (for a layer of shape ``(d_out, d_in)``, when given) cannot be stored in the
+    method's format. The command line calls it on the config before loading the model, the
+    pipeline for every layer before any forward pass, so an impossible combination is refused
+    up front, never turned into a layer left in float.
     """
 
     name: str
@@ -66,7 +67,7 @@ class Method:
     quantize: Callable[[torch.Tensor, torch.Tensor, object], LayerQuant]
     format: str
     description: str = ""
-    check: Callable[[object, int, int], None] = _accept_all
+    check: Callable[..., None] = _accept_all
 
 
 class UnknownMethodError(ValueError):

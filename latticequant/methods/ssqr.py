@@ -351,6 +351,6 @@ register_method(
         quantize=ssqr_layer,
         format="ssqr",
         description="b-bit groups + float16 CSR outliers, nothing clipped (SSQR)",
-        check=lambda config, d_out, d_in: check_packable(config.bits, d_out, d_in),
+        check=lambda config, d_out=None, d_in=None: check_packable(config.bits, d_out, d_in),
     )
 )

@@ -73,6 +73,15 @@ def _hf_dataset_text(name: str, split: str) -> str:
         ) from exc
 
 
+def _read_text_file(path: str) -> str:
+    """A UTF-8 text file (undecodable bytes replaced); a binary file is refused."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if b"\0" in data[: 1 << 20]:
+        raise TextError(f"{path} is not a text file (it holds binary data); give a UTF-8 text file")
+    return data.decode("utf-8", errors="replace")
+
+
 def load_text(source: str | None = None, split: str = "train") -> str:
     """The default protocol text, a local file, a folder of text files, or wikitext2/c4."""
     if source is None:
@@ -88,14 +97,9 @@ def load_text(source: str | None = None, split: str = "train") -> str:
         )
         if not files:
             raise TextError(f"folder {source} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-        parts = []
-        for path in files:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                parts.append(fh.read())
-        text = "\n\n".join(parts)
+        text = "\n\n".join(_read_text_file(path) for path in files)
     elif os.path.isfile(source):
-        with open(source, encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
+        text = _read_text_file(source)
     else:
         raise TextError(
             f"text source {source!r} is neither a file, a folder, nor one of {HF_DATASETS}"

@@ -130,13 +130,15 @@ def default_model_path() -> str:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved in a model folder, or None (with a warning) when it has none."""
+    """The tokenizer saved in a model folder, or None when it has none (the caller decides
+    whether that is an error: calibration and perplexity need one, loading a model does not)."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # a folder without tokenizer files is still a usable model
-        log.warning("no tokenizer in %s (%s)", path, exc)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.info("no tokenizer in %s (%s)", path, first)
         return None
 
 

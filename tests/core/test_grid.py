@@ -28,14 +28,36 @@ def test_minmax_grid_covers_each_row_and_codes_fit(bits, sym):
     assert torch.equal(Z, Z.round()) and (Z >= 0).all() and (Z <= cfg.maxq).all()
     if sym:
         assert torch.all(Z == 2 ** (bits - 1))
-    g = group_index(50, 16)
+    # min-max written out per group: the range widened to contain 0, mapped onto 0..maxq
+    for k, a in enumerate(range(0, 50, 16)):
+        block = W[:, a : a + 16]
+        lo, hi = block.min(1).values.clamp(max=0), block.max(1).values.clamp(min=0)
+        if sym:
+            # the reference GPTQ's rule: a row with a negative weight gets [-m, m] with
+            # m = max |w|; a row without one keeps [0, max w] (so half of it is clipped)
+            m = torch.maximum(-lo, hi)
+            s_ref = torch.where(lo < 0, 2 * m, hi) / cfg.maxq
+            torch.testing.assert_close(S[:, k], s_ref, rtol=1e-14, atol=0)
+        else:
+            s_ref = (hi - lo) / cfg.maxq
+            torch.testing.assert_close(S[:, k], s_ref, rtol=1e-14, atol=0)
+            assert torch.equal(Z[:, k], torch.round(-lo / s_ref))
+    g = torch.arange(50) // 16
     r = lq.rtn_quantize(W, torch.eye(50, dtype=W.dtype), cfg)
     assert r.codes.min() >= 0 and r.codes.max() <= cfg.maxq
-    # min-max never clips an asymmetric grid: RTN error at most half a step everywhere
-    if not sym:
+    # min-max never clips an asymmetric grid: RTN error at most half a step everywhere; a
+    # symmetric grid only on the groups of a row that hold a negative weight
+    covered = torch.ones_like(W, dtype=torch.bool)
+    if sym:
+        has_negative = torch.stack([(W[:, a : a + 16] < 0).any(1) for a in range(0, 50, 16)], 1)
+        covered = has_negative[:, g]
+        assert covered.float().mean() > 0.9
+    else:
         assert r.clipped == 0
-        assert ((W - r.Q).abs() <= S[:, g] / 2 + 1e-12).all()
-    torch.testing.assert_close(r.Q, dequantize(r.codes, S, Z, g))
+    assert ((W - r.Q).abs()[covered] <= S[:, g][covered] / 2 + 1e-12).all()
+    # the grid formula written out, not the package's dequantize
+    torch.testing.assert_close(r.Q, S[:, g] * (r.codes.double() - Z[:, g]), rtol=0, atol=0)
+    torch.testing.assert_close(dequantize(r.codes, S, Z, g), r.Q, rtol=0, atol=0)
 
 
 def test_mse_scale_is_the_best_on_its_search_grid():
@@ -68,3 +90,32 @@ def test_all_zero_row_gets_a_valid_grid():
     W = torch.zeros(2, 8, dtype=torch.float64)
     r = lq.rtn_quantize(W, torch.eye(8, dtype=W.dtype), lq.QuantConfig(bits=4, group_size=4))
     assert torch.all(r.Q == 0) and torch.isfinite(r.scales).all()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("scale_method", ["minmax", "mse"])
+def test_min_zero_keeps_offsets_at_one_and_still_covers_the_range(bits, scale_method):
+    W = weights(40, 64, seed=bits)
+    W[:10, :16] = W[:10, :16].abs()  # groups without a negative weight: offset 0 by min-max
+    W[10:20, 16:32] = W[10:20, 16:32].abs() - 0.1 * W[10:20, 16:32].abs().max()  # a tiny one
+    base = lq.QuantConfig(bits=bits, group_size=16, scale_method=scale_method)
+    S0, Z0 = fit_grid(W, base)
+    assert int(Z0.min()) == 0  # the case exists without the constraint
+    S, Z = fit_grid(W, base.replace(min_zero=1))
+    assert int(Z.min()) >= 1 and int(Z.max()) <= base.maxq
+    kept = Z0 >= 1  # groups that already had an offset of at least one are untouched
+    assert torch.equal(S[kept], S0[kept]) and torch.equal(Z[kept], Z0[kept])
+    if scale_method == "minmax":
+        # float64 by hand: every weight of a refitted group lies on [-s, (maxq - 1) s]
+        for k in range(4):
+            block = W[:, 16 * k : 16 * (k + 1)]
+            lo, hi = block.min(1).values.clamp(max=0), block.max(1).values.clamp(min=0)
+            refit = ~kept[:, k]
+            s_ref = torch.maximum(hi / (base.maxq - 1), -lo)
+            torch.testing.assert_close(S[refit, k], s_ref[refit], rtol=1e-14, atol=0)
+            assert torch.all(Z[refit, k] == 1)
+            lo_grid, hi_grid = -S[:, k] * Z[:, k], S[:, k] * (base.maxq - Z[:, k])
+            assert torch.all(lo[refit] >= lo_grid[refit] - 1e-12)
+            assert torch.all(hi[refit] <= hi_grid[refit] + 1e-12)
+    with pytest.raises(ValueError, match="min_zero"):
+        lq.QuantConfig(bits=bits, min_zero=1 << bits)

@@ -214,3 +214,53 @@ def test_desc_act_is_read_off_g_idx(tmp_path, calib_ids, order, static_groups, p
     for name, W in honouring_reader(out).items():
         ref = model.get_submodule(name).weight.double()
         assert torch.allclose(W, ref, atol=1e-6), name
+
+
+def original_convention_reader(folder) -> dict[str, torch.Tensor]:
+    """A v1 reader written from the original convention: zero point = field + 1, field by
+    field of the little-endian bit stream (as AutoGPTQ-style kernels and vLLM read it)."""
+    qc = json.loads((folder / "quantize_config.json").read_text())
+    bits, tensors = qc["bits"], load_file(str(folder / "model.safetensors"))
+    mask, weights = (1 << bits) - 1, {}
+    for key in tensors:
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        qweight, qzeros = tensors[key], tensors[f"{name}.qzeros"]
+        scales, g_idx = tensors[f"{name}.scales"].double(), tensors[f"{name}.g_idx"].long()
+
+        def fields(words, n):  # one packed line: n fields of `bits` bits
+            stream = sum((int(w) % (1 << 32)) << (32 * i) for i, w in enumerate(words))
+            return [(stream >> (k * bits)) & mask for k in range(n)]
+
+        d_in, d_out = g_idx.numel(), scales.shape[1]
+        codes = torch.tensor([fields(qweight[:, j].tolist(), d_in) for j in range(d_out)])
+        zeros = torch.tensor([fields(row.tolist(), d_out) for row in qzeros]) + 1  # (G, d_out)
+        weights[name] = scales.t()[:, g_idx] * (codes - zeros.t()[:, g_idx]).double()
+    return weights
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_v1_asymmetric_checkpoint_reads_the_same_by_the_original_convention(
+    tmp_path, calib_ids, bits
+):
+    model = make_tiny_llama()
+    with torch.no_grad():  # groups without negative weights: min-max would give offset 0
+        for block in model.model.layers:
+            block.mlp.up_proj.weight[:, :GROUP].abs_()
+            block.self_attn.o_proj.weight[:8].abs_()
+    cfg = lq.QuantConfig(bits=bits, group_size=GROUP, sym=False)
+    out = tmp_path / "ckpt"
+    quantize_model(model, None, calib_ids, "rtn", cfg, out, progress=False)
+    weights = original_convention_reader(out)
+    assert len(weights) == 14
+    for name, W in weights.items():
+        torch.testing.assert_close(W, model.get_submodule(name).weight.double(), rtol=0, atol=1e-6)
+    zeros = unpack_gptq(
+        {
+            k: load_file(str(out / "model.safetensors"))[f"model.layers.0.mlp.up_proj.{k}"]
+            for k in ("qweight", "qzeros", "scales", "g_idx")
+        },
+        bits,
+    )[2]
+    assert int(zeros.min()) >= 1

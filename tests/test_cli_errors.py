@@ -1,0 +1,239 @@
+"""Bad input to every command: a non-zero exit, one line on stderr naming the problem, no
+traceback, and nothing left where the output would have gone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_char_tokenizer, make_tiny_llama, make_tiny_opt
+
+from latticequant import cli
+from latticequant.pipeline.data import protocol_text
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Every input the corpus needs, made once."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    make_tiny_llama().save_pretrained(root / "model")
+    make_char_tokenizer().save_pretrained(root / "model")
+    make_tiny_opt().save_pretrained(root / "opt")
+    make_char_tokenizer().save_pretrained(root / "opt")
+    (root / "text.txt").write_text(protocol_text()[:6000])
+    (root / "empty.txt").write_text("   \n")
+    (root / "short.txt").write_text("too short")
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (root / "weights.bin").write_bytes(b"0" * 64)
+    (root / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    (root / "a-file").write_text("not a folder")
+    (root / "exists").mkdir()
+    (root / "exists" / "keep.txt").write_text("kept")
+    for name, text in {
+        "config-list": "[1, 2]",
+        "config-garbage": "{garbage",
+        "config-bert": json.dumps({"model_type": "bert", "hidden_size": 8}),
+    }.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(text)
+    bin_only = root / "bin-only"  # weights as a pickle only, which offloading cannot map
+    make_tiny_llama().save_pretrained(bin_only)
+    for f in bin_only.glob("*.safetensors"):
+        f.unlink()
+    torch.save(make_tiny_llama().state_dict(), bin_only / "pytorch_model.bin")
+    make_char_tokenizer().save_pretrained(bin_only)
+    for name, text in {
+        "log-list": "[1]",
+        "log-noname": json.dumps({"layers": [{"loss": 1.0}]}),
+        "log-garbage": "{",
+        "log-layers-dict": json.dumps({"layers": {"a": 1}}),
+    }.items():
+        (root / name).mkdir()
+        (root / name / "quant_log.json").write_text(text)
+    args = _quantize(root, root / "ckpt", "--no-eval")
+    assert cli.main(args) == 0
+    shutil.copytree(root / "ckpt", root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return root
+
+
+def _quantize(root: Path, out: Path, *extra: str, model: str = "model") -> list[str]:
+    return [
+        "quantize",
+        str(root / model),
+        "--group-size",
+        "32",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--text",
+        str(root / "text.txt"),
+        "--eval-text",
+        str(root / "text.txt"),
+        "--eval-seqlen",
+        "64",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+# (id, argv builder, what the one line must say). ``q(...)`` is a quantize run into OUT.
+def q(*extra, model="model"):
+    def argv(root, out):
+        return _quantize(root, out, *(a.replace("ROOT", str(root)) for a in extra), model=model)
+
+    return argv
+
+
+def raw(*argv):
+    return lambda root, out: [a.replace("ROOT", str(root)).replace("OUT", str(out)) for a in argv]
+
+
+CORPUS = [
+    ("missing model", raw("quantize", "ROOT/nope", "--out", "OUT"), "does not exist"),
+    ("model is not gguf", q(model="weights.bin"), "not a .gguf"),
+    ("corrupt gguf", q(model="broken.gguf"), "cannot read GGUF"),
+    ("config.json a list", q(model="config-list"), "config-list"),
+    ("config.json garbage", q(model="config-garbage"), "cannot load model"),
+    ("wrong architecture", q(model="config-bert"), "cannot load model"),
+    ("offload without safetensors", q("--offload", model="bin-only"), "safetensors"),
+    ("out exists", raw("quantize", "ROOT/model", "--out", "ROOT/exists"), "--overwrite"),
+    ("out is a file", raw("quantize", "ROOT/model", "--out", "ROOT/a-file"), "is a file"),
+    ("out parent missing", raw("quantize", "ROOT/model", "--out", "ROOT/no/where"), "no"),
+    ("bits not a number", q("--bits", "x"), "invalid int value: 'x'"),
+    ("bits out of range", q("--bits", "9"), "bits must be an integer from 2 to 8"),
+    ("bits 5", q("--bits", "5"), "bits=5 (--bits 5) cannot be stored in the GPTQ format"),
+    ("bits 6", q("--bits", "6"), "bits=6 (--bits 6) cannot be stored"),
+    ("bits 7", q("--bits", "7"), "bits=7 (--bits 7) cannot be stored"),
+    ("no-clip with gptq", q("--no-clip"), "--no-clip"),
+    ("no-clip with rtn", q("--method", "rtn", "--no-clip"), "ssqr, hptq or hrtn"),
+    ("group size zero", q("--group-size", "0"), "group_size"),
+    ("negative damping", q("--damp", "-1"), "damp must be a non-negative number"),
+    ("unknown order", q("--order", "sideways"), "order must be one of"),
+    ("unknown method", q("--method", "nope"), "unknown quantization method 'nope'"),
+    ("nsamples zero", q("--nsamples", "0"), "--nsamples must be at least 1"),
+    ("seqlen one", q("--seqlen", "1"), "--seqlen must be at least 2"),
+    ("negative seed", q("--seed", "-1"), "--seed must be at least 0"),
+    ("batch size zero", q("--batch-size", "0"), "--batch-size must be at least 1"),
+    ("seqlen past positions", q("--seqlen", "4096"), "longer than the model's 256 positions"),
+    ("opt seqlen past positions", q("--seqlen", "4096", model="opt"), "positions"),
+    ("eval seqlen past positions", q("--eval-seqlen", "1000"), "--eval-seqlen 1000"),
+    ("unknown checkpoint format", q("--checkpoint-format", "gptq_v3"), "invalid choice"),
+    ("override unknown field", q("--override", "q_proj:extra=foo"), "unknown field 'extra'"),
+    ("override without pattern", q("--override", "bits=3"), "PATTERN"),
+    ("override wrong type", q("--override", "q_proj:bits=foo"), "bits expects an integer"),
+    ("override out of range", q("--override", "q_proj:bits=9"), "bits must be an integer"),
+    ("override bits 5", q("--override", "down_proj:bits=5"), "cannot be stored"),
+    ("override bad regex", q("--override", "[:bits=3"), "not a regex"),
+    ("skip bad regex", q("--skip", "["), "not a regex"),
+    ("skip everything", q("--skip", "."), "no layer left to quantize"),
+    (
+        "text missing",
+        q("--text", "ROOT/none.txt"),
+        "neither a file",
+    ),
+    (
+        "text empty",
+        q("--text", "ROOT/empty.txt"),
+        "empty",
+    ),
+    (
+        "text too short",
+        q("--text", "ROOT/short.txt"),
+        "too short",
+    ),
+    (
+        "text binary",
+        q("--text", "ROOT/binary.txt"),
+        "not a text file",
+    ),
+    ("unknown device", q("--device", "toaster"), "--device"),
+    ("cuda without a gpu", q("--device", "cuda:0"), "CUDA is not available"),
+    ("eval missing", raw("eval", "ROOT/nope"), "does not exist"),
+    ("eval config list", raw("eval", "ROOT/config-list"), "config-list"),
+    ("eval truncated", raw("eval", "ROOT/truncated"), "truncated or corrupt"),
+    ("eval seqlen zero", raw("eval", "ROOT/model", "--seqlen", "0"), "at least 2"),
+    (
+        "eval text missing",
+        raw("eval", "ROOT/model", "--text", "ROOT/none.txt", "--seqlen", "64"),
+        "neither",
+    ),
+    ("eval seqlen past positions", raw("eval", "ROOT/model", "--seqlen", "999"), "positions"),
+    ("report not a checkpoint", raw("report", "ROOT/exists"), "quant_log.json"),
+    ("report log a list", raw("report", "ROOT/log-list"), "not a JSON object"),
+    ("report log without name", raw("report", "ROOT/log-noname"), "with a 'name'"),
+    ("report log garbage", raw("report", "ROOT/log-garbage"), "not valid JSON"),
+    ("report layers not a list", raw("report", "ROOT/log-layers-dict"), "must be a list"),
+    ("report plot nowhere", raw("report", "ROOT/ckpt", "--plot", "ROOT/no/where.png"), "where"),
+    ("no command", raw(), "required"),
+    ("unknown command", raw("squash"), "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("make_argv,expected", [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
+def test_bad_input_is_one_line_and_leaves_nothing(files, tmp_path, capsys, make_argv, expected):
+    out = tmp_path / "out"
+    before = sorted(p.relative_to(files) for p in files.rglob("*"))
+    rc = cli.main(make_argv(files, out))
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert rc != 0
+    assert "Traceback" not in captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("latticequant: error: ")
+    assert expected in lines[0], lines[0]
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    assert sorted(p.relative_to(files) for p in files.rglob("*")) == before  # nothing written
+    assert (files / "exists" / "keep.txt").read_text() == "kept"
+
+
+def test_the_corpus_is_large_and_covers_every_command():
+    assert len(CORPUS) >= 25
+    commands = {make_argv(Path("R"), Path("O"))[:1][0] for _, make_argv, _ in CORPUS[:-2]}
+    assert commands == {"quantize", "eval", "report"}
+
+
+def test_config_errors_are_refused_before_the_model_loads(files, tmp_path, monkeypatch, capsys):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    for extra in (("--bits", "5"), ("--no-clip",), ("--override", "down_proj:bits=6")):
+        assert cli.main(_quantize(files, tmp_path / "o", *extra)) == 1
+        assert (
+            r"cannot be stored\|cannot store" and "latticequant: error:" in capsys.readouterr().err
+        )
+
+
+def test_a_library_runtime_error_is_one_line(files, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x64 and 32x64)\n  more")
+
+    monkeypatch.setattr(cli, "quantize_model", broken)
+    assert cli.main(_quantize(files, tmp_path / "o", "--no-eval")) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("latticequant: error: RuntimeError: mat1 and mat2 shapes")
+    assert "-v" in lines[0]
+
+
+def test_summary_counts_quantized_and_skipped_layers(files, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = _quantize(files, out, "--no-eval", "--skip", "down_proj", "--json")
+    assert cli.main(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["n_layers"] == 12 and payload["n_skipped"] == 2
+    assert set(payload["skipped"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert all("down_proj" in why for why in payload["skipped"].values())
+    log = json.loads((out / "quant_log.json").read_text())
+    assert log["skipped"] == payload["skipped"]
+    shutil.rmtree(out)
+    assert cli.main(_quantize(files, out, "--no-eval", "--skip", "down_proj")) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("quantized 12 layers with gptq, 2 left in float (skipped by pattern")
