@@ -242,6 +242,41 @@ def _quantize_block(
     return layers, Qs
 
 
+def _keep_block(
+    index: int,
+    layers: dict[str, QuantizedLayer],
+    Qs: dict[str, torch.Tensor],
+    batches: list[BlockInputs],
+    state: RunState | None,
+    store: BlockStore | None,
+) -> dict[str, QuantizedLayer]:
+    """Record a finished block: its state on disk (so a rerun resumes after it) and, for a
+    model kept on disk, its quantized weights in the store (codes are read back at save time)."""
+    if state is not None:
+        source = None if store is None else store.checksums[index]
+        state.save_block(index, layers, Qs, [b.hidden for b in batches], source)
+    if store is not None:
+        store.save_block(index, [f"{name}.weight" for name in Qs])
+        store.release(index)
+        layers = {name: layer.without_tensors() for name, layer in layers.items()}
+    return layers
+
+
+def _summarize(
+    layout: ModelLayout,
+    plan: LayerPlan,
+    layers: dict[str, QuantizedLayer],
+    time_s: float,
+    resumed: int,
+) -> QuantizeSummary:
+    """The run's summary; a planned layer without a result is an error, never a float layer."""
+    names = plan.names(layout)
+    missing = [name for name in names if name not in layers]
+    if missing:
+        raise RuntimeError(f"{len(missing)} layers were not quantized, the first {missing[0]}")
+    return QuantizeSummary([layers[name].stats for name in names], plan.skipped, time_s, resumed)
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -279,7 +314,7 @@ def quantize_model(
     plan = plan_layers(layout, method, config, overrides)
     store = store_of(model)  # blocks kept on disk: one in memory at a time
 
-    state = final = work = None
+    output = None
     if out_dir is not None:
         run_fingerprint = fingerprint(
             model,
@@ -290,44 +325,27 @@ def quantize_model(
             attention_mask,
             {"checkpoint_format": checkpoint_format, "batch_size": batch_size},
         )
-        final, work, state = prepare_output(out_dir, overwrite, resume, run_fingerprint)
+        output = prepare_output(out_dir, overwrite, resume, run_fingerprint)
+    state = None if output is None else output[2]
 
     batches = capture_first_block_inputs(model, layout, calib_ids, attention_mask, batch_size)
-    layers, start = ({}, 0) if state is None else _resume(model, state, store, batches, work)
+    layers, start = ({}, 0) if state is None else _resume(model, state, store, batches, output[1])
 
     t_start = time.perf_counter()
-    bar = tqdm(
-        range(start, len(layout.blocks)),
-        desc=f"quantize ({method.name})",
-        unit="block",
-        disable=not progress,
-    )
-    for index in bar:
+    blocks = range(start, len(layout.blocks))
+    for index in tqdm(blocks, desc=f"quantize ({method.name})", unit="block", disable=not progress):
         if store is not None:
             store.load(index)
         block_layers, Qs = _quantize_block(
             layout, index, method, plan.configs[index], batches, device, hessian_dtype
         )
-        if state is not None:
-            source = None if store is None else store.checksums[index]
-            state.save_block(index, block_layers, Qs, [b.hidden for b in batches], source)
-        if store is not None:  # quantized weights go to disk; codes are read back at save time
-            store.save_block(index, [f"{name}.weight" for name in Qs])
-            store.release(index)
-            block_layers = {name: layer.without_tensors() for name, layer in block_layers.items()}
-        layers.update(block_layers)
+        layers.update(_keep_block(index, block_layers, Qs, batches, state, store))
         if on_block_done is not None:
             on_block_done(index)
-    bar.close()
-    elapsed = time.perf_counter() - t_start
+    summary = _summarize(layout, plan, layers, time.perf_counter() - t_start, start)
 
-    missing = [name for name in plan.names(layout) if name not in layers]
-    if missing:
-        raise RuntimeError(f"{len(missing)} layers were not quantized, the first {missing[0]}")
-    summary = QuantizeSummary(
-        [layers[name].stats for name in plan.names(layout)], plan.skipped, elapsed, start
-    )
-    if out_dir is not None:
+    if output is not None:
+        final, work, state = output
         save_quantized(
             model,
             work,
@@ -340,7 +358,7 @@ def quantize_model(
             skipped=plan.skipped,
             block_tensors=None if store is None else (lambda i: state.load_block(i)[0]),
             run={
-                "quantize_time_s": elapsed,
+                "quantize_time_s": summary.time_s,
                 "n_windows": calib_ids.shape[0],
                 "seqlen": calib_ids.shape[1],
                 "blocks_resumed": start,
