@@ -7,6 +7,13 @@ import itertools
 import pytest
 import torch
 from cases import correlated_hessian, ill_conditioned_hessian, weights
+from core_reference import (
+    check_result,
+    damped_hessian,
+    dequantized,
+    direct_loss,
+    schur_ldl_diagonal,
+)
 
 import latticequant as lq
 
@@ -28,6 +35,7 @@ def test_gptq_with_order_P_equals_babai_with_P_flipped(bits, sym, hessian):
     )
     W = weights(d_out, d_in, seed=bits) * (3.0 if hessian == "ill-conditioned" else 1.0)
     cases = itertools.product([-1, 8, 16], _orders(d_in), [True, False], [6, 37, 128])
+    clipped_cases = 0
     for k, (group_size, order, clip, block) in enumerate(cases):
         if k % 3:  # a third of the cross product, every value of every axis still covered
             continue
@@ -37,10 +45,28 @@ def test_gptq_with_order_P_equals_babai_with_P_flipped(bits, sym, hessian):
         rg = lq.gptq_quantize(W, H, cfg)
         rb = lq.babai_quantize(W, H, cfg.replace(order=rg.order.flip(0), block_size=block + 1))
         where = f"group {group_size}, order {order}, clip {clip}, block {block}"
+        if isinstance(order, torch.Tensor):
+            assert torch.equal(rg.order, order), where
+        elif order in ("natural", "reverse"):
+            natural = torch.arange(d_in)
+            assert torch.equal(rg.order, natural if order == "natural" else natural.flip(0))
         assert torch.equal(rg.codes, rb.codes), where
         torch.testing.assert_close(rg.loss, rb.loss, rtol=1e-9, atol=0, msg=where)
         torch.testing.assert_close(rg.D, rb.D, rtol=1e-9, atol=0, msg=where)
         assert rg.clipped == rb.clipped and rg.overflow == rb.overflow
+        # both against float64 references that share no code with the package: the literal
+        # Schur loop on the damped H in basis order, the quadratic form on the undamped H
+        assert rg.damp == rb.damp == cfg.damp, where  # H is positive definite: never raised
+        basis = rg.order.flip(0)
+        D = schur_ldl_diagonal(damped_hessian(H, cfg.damp), basis)
+        check_result(W, H, rg, basis, D=D, where=f"gptq, {where}")
+        check_result(W, H, rb, rb.order, D=D, where=f"babai, {where}")
+        if clip:
+            clipped_cases += rg.clipped > 0
+        else:
+            assert rg.clipped == 0, where
+    # clip=False covers the bound on every row; these cover the clipped branch
+    assert clipped_cases > 0
 
 
 @pytest.mark.parametrize("order", ["act", "min-pivot"])
@@ -53,6 +79,8 @@ def test_named_heuristics_decode_in_the_same_sequence(order, static_groups):
     assert torch.equal(rb.order, rg.order.flip(0))
     assert torch.equal(rg.codes, rb.codes)
     torch.testing.assert_close(rg.targets, rb.targets, rtol=0, atol=1e-10)
+    D = check_result(W, H, rg, rg.order.flip(0))
+    check_result(W, H, rb, rb.order, D=D)
 
 
 def test_babai_equals_textbook_nearest_plane_row_by_row():
@@ -87,10 +115,12 @@ def test_bound_holds_on_every_row_without_clipping(seed):
         for f in (lq.gptq_quantize, lq.babai_quantize):
             r = f(W, H, cfg)
             assert r.clipped == 0
-            assert (r.loss <= r.bound * (1 + 1e-9)).all()
-            # the loss is the sum of D-weighted rounding errors of the projected targets
+            basis = r.order.flip(0) if f is lq.gptq_quantize else r.order
+            # direct loss <= independent bound on every row, inside check_result
+            check_result(W, H, r, basis, where=f"{f.__name__}, {bits} bits, {order}")
+            # every code is the nearest grid point of its projected target
             s = r.scales[:, r.g_idx]
-            q_err = (r.targets - r.Q) / s
+            q_err = (r.targets - dequantized(r)) / s
             assert q_err.abs().max() <= 0.5 + 1e-9
 
 
@@ -111,16 +141,21 @@ def test_exact_cvp_below_babai_below_bound_on_tiny_lattices(seed):
     W = weights(3, d_in, seed=seed)
     cfg = lq.QuantConfig(bits=3, group_size=-1, order="act", clip=False, damp=0.0)
     r = lq.babai_quantize(W, H, cfg)
+    assert r.damp == 0.0
+    D = check_result(W, H, r, r.order)
     U = torch.linalg.cholesky(H[r.order][:, r.order]).mT
+    torch.testing.assert_close(torch.diagonal(U) ** 2, D[r.order], rtol=1e-9, atol=0)
     for row in range(3):
         s = r.scales[row, 0]
         u = W[row, r.order] / s + r.zeros[row, 0]
         R = U * s
         z_opt = lq.cvp_enumerate(R, u)
         opt = float(((R @ (z_opt - u)) ** 2).sum())
-        babai = float(r.loss[row])
+        z_babai = r.codes[row, r.order].double()
+        babai = float(((R @ (z_babai - u)) ** 2).sum())
+        bound = 0.25 * float((D * s * s).sum())
         assert opt <= babai * (1 + 1e-9) + 1e-12
-        assert babai <= float(r.bound[row]) * (1 + 1e-9)
+        assert babai <= bound * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -132,7 +167,9 @@ def test_reported_loss_equals_the_direct_quadratic_form(quantize, dtype):
     W = weights(8, 40, seed=21).to(dtype)
     for clip in (True, False):
         r = quantize(W, H, lq.QuantConfig(bits=3, group_size=16, order="act", clip=clip))
-        E = (W - r.Q).double()
-        direct = torch.einsum("ri,ij,rj->r", E, H.double(), E)
+        direct = direct_loss(W, H, dequantized(r))
         tol = 1e-9 if dtype == torch.float64 else 1e-4
         torch.testing.assert_close(r.loss.double(), direct, rtol=tol, atol=tol * direct.max())
+        assert torch.all(r.Q[:, 3] == 0)
+        basis = r.order.flip(0) if quantize is lq.gptq_quantize else r.order
+        check_result(W, H, r, basis, where=f"clip {clip}")

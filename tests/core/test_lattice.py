@@ -42,8 +42,9 @@ def test_nearest_plane_residual_in_the_fundamental_box(seed):
     assert gs.abs().max() <= 0.5 + 1e-12
     # hence the distance is at most the bound with unit scales
     dist = ((R @ (z - u).T) ** 2).sum(0)
-    bound = lq.error_bound(torch.diagonal(R) ** 2, torch.ones(n, dtype=torch.float64))
+    bound = 0.25 * float((torch.diagonal(R) ** 2).sum())
     assert (dist <= bound + 1e-12).all()
+    assert (dist > 0).all()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -72,14 +73,35 @@ def test_enumeration_respects_a_box():
     assert abs(float(((R @ (z - u)) ** 2).sum()) - best) <= 1e-9 * max(best, 1)
 
 
-def test_babai_cvp_general_basis_equals_triangular_decode():
-    B = _basis(6, 1, m=9)
-    y = torch.randn(9, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 4
+def _textbook_nearest_plane(B: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Babai's nearest plane on the columns of B as in the textbook, with no triangular factor:
+    classical Gram-Schmidt, then for k = n-1 .. 0 round the coefficient of the residual on b*_k
+    and subtract that multiple of b_k."""
+    n = B.shape[1]
+    Bs = B.clone()
+    for k in range(n):
+        for j in range(k):
+            Bs[:, k] -= (B[:, k] @ Bs[:, j]) / (Bs[:, j] @ Bs[:, j]) * Bs[:, j]
+    r, z = y.clone(), [0] * n
+    for k in range(n - 1, -1, -1):
+        z[k] = round(float((r @ Bs[:, k]) / (Bs[:, k] @ Bs[:, k])))
+        r = r - z[k] * B[:, k]
+    return torch.tensor(z, dtype=torch.long)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_babai_cvp_general_basis_equals_textbook_nearest_plane(seed):
+    B = _basis(6, seed + 1, m=9)
+    y = torch.randn(9, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64) * 4
     z = lq.babai_cvp(B, y)
-    # same lattice through the Cholesky factor of the Gram matrix: a rotation of QR's R
+    assert torch.equal(z, _textbook_nearest_plane(B, y))
+    # and the triangular decode through the Cholesky factor of the Gram matrix agrees
     R = torch.linalg.cholesky(B.T @ B).mT
     u = torch.linalg.lstsq(B, y[:, None]).solution[:, 0]
     assert torch.equal(z, lq.nearest_plane(R, u).long())
+    # with LLL: the textbook decode on the reduced basis, mapped back by T
+    A, T = lq.lll_reduce(B)
+    assert torch.equal(lq.babai_cvp(B, y, lll=True), T @ _textbook_nearest_plane(A, y))
 
 
 @pytest.mark.parametrize("seed", range(4))

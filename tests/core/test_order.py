@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import correlated_hessian, ill_conditioned_hessian
+from core_reference import schur_ldl_diagonal
 
 import latticequant as lq
 from latticequant.core.order import resolve_order
@@ -41,11 +42,16 @@ def test_min_pivot_trace_no_larger_than_act_order(seed):
     d = 64
     H = correlated_hessian(d, seed=seed) if seed % 2 else ill_conditioned_hessian(d, seed=seed)
     Hd = H + 0.01 * torch.diagonal(H).mean() * torch.eye(d, dtype=H.dtype)
-    D_act = lq.ldl_diagonal(Hd, resolve_order("act", Hd, "babai"))
-    D_min = lq.ldl_diagonal(Hd, resolve_order("min-pivot", Hd, "babai"))
+    Q_act, Q_min = resolve_order("act", Hd, "babai"), resolve_order("min-pivot", Hd, "babai")
+    D_act, D_min = lq.ldl_diagonal(Hd, Q_act), lq.ldl_diagonal(Hd, Q_min)
+    torch.testing.assert_close(D_act, schur_ldl_diagonal(Hd, Q_act), rtol=1e-9, atol=0)
+    torch.testing.assert_close(D_min, schur_ldl_diagonal(Hd, Q_min), rtol=1e-9, atol=0)
     assert D_min.sum() <= D_act.sum() * (1 + 1e-12)
-    # the product of D is det(H) in every order
-    torch.testing.assert_close(D_min.log().sum(), D_act.log().sum(), rtol=1e-9, atol=1e-9)
+    # the product of D is det(H) in every order: against LU's log-determinant
+    sign, logdet = torch.linalg.slogdet(Hd)
+    assert sign == 1
+    torch.testing.assert_close(D_min.log().sum(), logdet, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(D_act.log().sum(), logdet, rtol=1e-9, atol=1e-9)
 
 
 def test_act_order_is_descending_diagonal():
@@ -71,3 +77,8 @@ def test_ldl_diagonal_in_gptq_terms():
     U = torch.linalg.cholesky(torch.linalg.inv(H[P][:, P])).mT
     D = lq.ldl_diagonal(H, P.flip(0))
     torch.testing.assert_close(D[P], 1 / torch.diagonal(U) ** 2, rtol=1e-9, atol=0)
+    # the Schur loop in basis order P.flip(0): GPTQ's first column is eliminated last
+    torch.testing.assert_close(D, schur_ldl_diagonal(H, P.flip(0)), rtol=1e-9, atol=0)
+    # the first column GPTQ quantizes conditions on all others: 1 / [H^-1]_jj
+    j = int(P[0])
+    torch.testing.assert_close(D[j], 1 / torch.linalg.inv(H)[j, j], rtol=1e-9, atol=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from cases import correlated_hessian, weights
+from core_reference import check_result, direct_loss
 
 import latticequant as lq
 
@@ -13,11 +14,16 @@ def test_rtn_is_elementwise_rounding():
     H = correlated_hessian(40, seed=2)
     cfg = lq.QuantConfig(bits=3, group_size=16)
     r = lq.rtn_quantize(W, H, cfg)
-    s, z = r.scales[:, r.g_idx], r.zeros[:, r.g_idx]
-    ref = torch.clamp(torch.round(W / s + z), 0, 7)
+    groups = torch.arange(40) // 16  # written out, not the package's group_index
+    assert torch.equal(r.g_idx, groups)
+    s, z = r.scales[:, groups], r.zeros[:, groups]
+    raw = torch.round(W / s + z)
+    ref = torch.clamp(raw, 0, 7)
     assert torch.equal(r.codes.double(), ref)
-    E = W - r.Q
-    torch.testing.assert_close(r.loss, torch.einsum("ri,ij,rj->r", E, H, E))
+    assert r.clipped == int(((raw < 0) | (raw > 7)).sum())
+    Qref = s * (ref - z)
+    torch.testing.assert_close(r.Q, Qref, rtol=0, atol=0)
+    torch.testing.assert_close(r.loss, direct_loss(W, H, Qref), rtol=1e-12, atol=0)
 
 
 def test_rtn_and_gptq_share_the_static_grid():
@@ -26,4 +32,7 @@ def test_rtn_and_gptq_share_the_static_grid():
     cfg = lq.QuantConfig(bits=4, group_size=8, order="act")
     r, g = lq.rtn_quantize(W, H, cfg), lq.gptq_quantize(W, H, cfg)
     assert torch.equal(r.scales, g.scales) and torch.equal(r.zeros, g.zeros)
-    torch.testing.assert_close(r.bound, g.bound)
+    assert torch.equal(r.order, g.order)
+    # RTN's bound is the Babai bound of GPTQ's decode sequence: both against the Schur loop
+    D = check_result(W, H, g, g.order.flip(0))
+    check_result(W, H, r, r.order.flip(0), D=D, decoded=False)
