@@ -107,8 +107,9 @@ def pack_gptq(
 ) -> dict[str, torch.Tensor]:
     """Pack a ``QuantResult`` into the GPTQ tensors ``qweight/qzeros/scales/g_idx``.
 
-    Raises ``FormatError`` when a dimension does not fit the packing (the pipeline then keeps
-    the layer in float) or when codes leave the b-bit grid (unclipped results).
+    Raises ``FormatError`` when a dimension does not fit the packing, when codes leave the
+    b-bit grid (unclipped results) or when a v1 zero point is 0; the methods refuse all of
+    these before a run starts (``Method.check``), so none reaches here from the pipeline.
     """
     return pack_gptq_parts(
         result.codes,

@@ -170,7 +170,7 @@ def check_divisible(n: int, bits: int, what: str) -> None:
     if n % g:
         raise FormatError(
             f"{what} = {n} is not a multiple of {g}, which {bits}-bit GPTQ packing requires; "
-            f"leave this layer unquantized or use another format"
+            "skip the layer (--skip) or use another bit width"
         )
 
 
