@@ -18,10 +18,12 @@ from latticequant.core import (
     cvp_enumerate,
     error_bound,
     gptq_quantize,
+    kbest_quantize,
     ldl_diagonal,
     lll_reduce,
     min_pivot_order,
     nearest_plane,
+    refine,
     rtn_quantize,
 )
 from latticequant.version import __version__
@@ -33,6 +35,8 @@ __all__ = [
     "gptq_quantize",
     "babai_quantize",
     "rtn_quantize",
+    "kbest_quantize",
+    "refine",
     "nearest_plane",
     "babai_cvp",
     "lll_reduce",

@@ -37,11 +37,15 @@ __all__ = ["main", "build_parser", "config_from_args"]
 
 # Flags whose spelling differs from the config field they set.
 FLAG_ALIASES = {"group_size": ["--group-size", "--groupsize"], "bits": ["--bits", "--wbits"]}
+# Config fields set by a flag the command already has (``--seed`` seeds the windows too).
+SHARED_FLAGS = {"seed": "seed"}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
     group = parser.add_argument_group(f"{config_cls.__name__} fields")
     for f in settable_fields(config_cls):
+        if f.name in SHARED_FLAGS:
+            continue
         flags = FLAG_ALIASES.get(f.name, [f"--{f.name.replace('_', '-')}"])
         default = f.default
         helptext = f"(default: {default})"
@@ -70,6 +74,9 @@ def config_from_args(config_cls, args: argparse.Namespace):
         for f in settable_fields(config_cls)
         if getattr(args, f"cfg_{f.name}", None) is not None
     }
+    for name, flag in SHARED_FLAGS.items():
+        if name in {f.name for f in settable_fields(config_cls)} and hasattr(args, flag):
+            changes[name] = getattr(args, flag)
     return config_cls(**changes)
 
 

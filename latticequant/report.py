@@ -15,13 +15,20 @@ COLUMNS = (
     ("name", "layer", "{}"),
     ("loss", "loss", "{:.4g}"),
     ("rel_rtn", "/rtn", "{:.3f}"),
+    ("rel_gptq", "/gptq", "{:.3f}"),
     ("bound", "bound", "{:.4g}"),
+    ("rel_bound", "/bound", "{:.3f}"),
     ("clipped", "clipped", "{:d}"),
     ("clipped_pct", "clip%", "{:.2f}"),
     ("damp", "damp", "{:.3g}"),
     ("time_s", "time s", "{:.2f}"),
     ("bits_per_weight", "bits", "{:.3f}"),
 )
+REFINE_COLUMNS = (
+    ("refine_cd_pct", "cd-%", "{:.2f}"),
+    ("refine_scales_pct", "scales-%", "{:.2f}"),
+)
+"""Shown when a run refined its layers: the share of the loss each step removed."""
 
 
 def _ratio(a, b) -> float:
@@ -42,7 +49,13 @@ def layer_rows(log: dict) -> list[dict]:
                 "name": entry["name"],
                 "loss": float(entry.get("loss", float("nan"))),
                 "rel_rtn": _ratio(entry.get("loss"), entry.get("rtn_loss")),
+                "rel_gptq": _ratio(entry.get("loss"), entry.get("gptq_loss")),
                 "bound": float(entry.get("bound", float("nan"))),
+                "rel_bound": _ratio(entry.get("loss"), entry.get("bound")),
+                "refine_cd_pct": 100
+                * _ratio(entry.get("refine_cd_removed"), entry.get("loss_before_refine")),
+                "refine_scales_pct": 100
+                * _ratio(entry.get("refine_scales_removed"), entry.get("loss_before_refine")),
                 "clipped": clipped,
                 "clipped_pct": 100.0 * clipped / n_weights if n_weights else float("nan"),
                 "damp": float(entry.get("damp", float("nan"))),
@@ -58,6 +71,7 @@ def summary(log: dict, rows: list[dict]) -> dict:
     layers = log.get("layers", [])
     total_loss = sum(e.get("loss", 0.0) for e in layers)
     total_rtn = sum(e.get("rtn_loss", 0.0) for e in layers) if layers else 0.0
+    total_gptq = sum(e.get("gptq_loss", float("nan")) for e in layers) if layers else 0.0
     weights = [(e.get("shape") or [0, 0]) for e in layers]
     n = sum(a * b for a, b in weights)
     bits = sum(e.get("bits_per_weight", 0.0) * a * b for e, (a, b) in zip(layers, weights))
@@ -67,6 +81,7 @@ def summary(log: dict, rows: list[dict]) -> dict:
         "skipped": len(log.get("skipped", [])),
         "loss": total_loss,
         "rel_rtn": _ratio(total_loss, total_rtn) if total_rtn else float("nan"),
+        "rel_gptq": _ratio(total_loss, total_gptq) if total_gptq else float("nan"),
         "clipped": sum(r["clipped"] for r in rows),
         "bits_per_weight": bits / n if n else float("nan"),
         "layer_time_s": sum(r["time_s"] for r in rows if not math.isnan(r["time_s"])),
@@ -76,11 +91,16 @@ def summary(log: dict, rows: list[dict]) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table, one line per layer, columns aligned."""
-    header = [title for _, title, _ in COLUMNS]
+    columns = COLUMNS
+    if any(not math.isnan(r.get("refine_cd_pct", math.nan)) for r in rows) or any(
+        not math.isnan(r.get("refine_scales_pct", math.nan)) for r in rows
+    ):
+        columns = COLUMNS + REFINE_COLUMNS
+    header = [title for _, title, _ in columns]
     body = []
     for row in rows:
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             value = row[key]
             cells.append(
                 "nan" if isinstance(value, float) and math.isnan(value) else fmt.format(value)

@@ -221,3 +221,26 @@ def test_help_lists_method_config_flags(capsys):
         "--override",
     ):
         assert flag in text
+
+
+def test_kbest_with_refinement_from_the_command_line(
+    tiny_llama_dir, sample_text_file, tmp_path, capsys
+):
+    out = tmp_path / "k"
+    args = _quantize_args(tiny_llama_dir, sample_text_file, out, "--no-eval", "--json")
+    args[args.index("gptq")] = "kbest"
+    args += ["--beam", "2", "--klein-paths", "2", "--seed", "1", "--refine", "cd,scales"]
+    args += ["--refine-sweeps", "2", "--refine-rounds", "2"]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["method"] == "kbest" and payload["n_layers"] == 14
+    assert payload["config"]["beam"] == 2 and payload["config"]["seed"] == 1
+    assert payload["config"]["refine"] == "cd,scales"
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 4  # a plain GPTQ checkpoint
+    model = load_quantized(out)
+    assert not isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert main(["report", str(out), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert all(r["rel_gptq"] < 1.0 for r in rows)  # refined below GPTQ on every layer
+    assert all(r["refine_cd_pct"] >= 0 and r["refine_scales_pct"] >= 0 for r in rows)

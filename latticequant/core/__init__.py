@@ -7,6 +7,7 @@ from latticequant.core.babai import babai_quantize
 from latticequant.core.config import QuantConfig
 from latticequant.core.gptq import gptq_quantize
 from latticequant.core.hessian import HessianAccumulator
+from latticequant.core.kbest import kbest_quantize
 from latticequant.core.lattice import (
     babai_cvp,
     cvp_enumerate,
@@ -15,6 +16,7 @@ from latticequant.core.lattice import (
     nearest_plane,
 )
 from latticequant.core.order import act_order, ldl_diagonal, min_pivot_order
+from latticequant.core.refine import refine
 from latticequant.core.result import QuantResult
 from latticequant.core.rtn import rtn_quantize
 
@@ -25,6 +27,8 @@ __all__ = [
     "gptq_quantize",
     "babai_quantize",
     "rtn_quantize",
+    "kbest_quantize",
+    "refine",
     "nearest_plane",
     "babai_cvp",
     "lll_reduce",

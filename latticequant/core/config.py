@@ -8,6 +8,7 @@ import torch
 
 ORDER_NAMES = ("natural", "reverse", "act", "min-pivot")
 SCALE_METHODS = ("minmax", "mse")
+REFINE_STEPS = ("cd", "scales")
 
 Order = str | torch.Tensor
 
@@ -34,6 +35,11 @@ class QuantConfig:
     damp: relative damping ``lambda = damp * mean(diag H)``, raised step by step if the
       Cholesky factorisation fails; the value used is recorded in the result.
     block_size: columns per lazy-batch block (speed only, never the result).
+    refine: refinement after the decode, comma-separated steps of ``REFINE_STEPS`` ("cd":
+      coordinate descent on the codes, "scales": least-squares scales and offsets with the
+      codes fixed), "" for none; the methods apply it (:func:`latticequant.core.refine.refine`).
+    refine_sweeps: coordinate-descent sweeps per round (fewer when a sweep moves nothing).
+    refine_rounds: rounds of the steps, alternated until the loss stops falling.
     min_zero: smallest offset an asymmetric grid may take. The GPTQ v1 file format stores
       ``offset - 1`` and cannot hold 0 for every reader, so the grid methods ask for 1 when
       they write v1; the scale of such a group is refitted (``latticequant.core.grid``).
@@ -51,6 +57,9 @@ class QuantConfig:
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
     mse_norm: float = 2.4
+    refine: str = ""
+    refine_sweeps: int = 1
+    refine_rounds: int = 1
     min_zero: int = field(default=0, metadata={"internal": True})
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -83,6 +92,17 @@ class QuantConfig:
             raise ValueError(f"damp must be a non-negative number, got {self.damp!r}")
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.refine, str) or (
+            self.refine and any(p not in REFINE_STEPS for p in self.refine.split(","))
+        ):
+            raise ValueError(
+                f"refine must be comma-separated steps of {REFINE_STEPS} (or empty), "
+                f"got {self.refine!r}"
+            )
+        for name in ("refine_sweeps", "refine_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if (
             isinstance(self.min_zero, bool)
             or not isinstance(self.min_zero, int)
@@ -98,6 +118,11 @@ class QuantConfig:
     def maxq(self) -> int:
         """Largest code on the clipped grid, ``2^b - 1``."""
         return (1 << self.bits) - 1
+
+    @property
+    def refine_steps(self) -> tuple[str, ...]:
+        """The refinement steps in order (empty for none)."""
+        return tuple(self.refine.split(",")) if self.refine else ()
 
     def replace(self, **changes) -> QuantConfig:
         return replace(self, **changes)

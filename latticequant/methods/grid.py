@@ -8,12 +8,15 @@ GPTQ layout, and fed forward exactly as a loader reads it back (scales rounded t
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from latticequant.core.babai import babai_quantize
 from latticequant.core.config import QuantConfig
 from latticequant.core.gptq import gptq_quantize
+from latticequant.core.kbest import kbest_quantize
+from latticequant.core.refine import refine
 from latticequant.core.result import QuantResult
 from latticequant.core.rtn import rtn_quantize
 from latticequant.formats.bits import effective_bits
@@ -27,6 +30,7 @@ from latticequant.methods.registry import (
 )
 
 __all__ = [
+    "KBestConfig",
     "grid_layer_stats",
     "stored_weight",
     "check_gptq_layer",
@@ -34,10 +38,40 @@ __all__ = [
     "CORE_QUANTIZERS",
 ]
 
+
+@dataclass(frozen=True)
+class KBestConfig(QuantConfig):
+    """K-best decoding (:func:`~latticequant.kbest_quantize`) on the grid of a QuantConfig.
+
+    beam: candidates kept per row at every step (1: Babai's nearest plane).
+    klein_paths: randomised nearest-plane paths added to the candidates (0: none).
+    seed: seed of those paths (on the command line, the same ``--seed`` as the windows').
+    """
+
+    beam: int = 4
+    klein_paths: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.beam, bool) or not isinstance(self.beam, int) or self.beam < 1:
+            raise ValueError(f"beam must be a positive integer, got {self.beam!r}")
+        paths = self.klein_paths
+        if isinstance(paths, bool) or not isinstance(paths, int) or paths < 0:
+            raise ValueError(f"klein_paths must be a non-negative integer, got {paths!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+
+def _kbest(W: torch.Tensor, H: torch.Tensor, cfg: KBestConfig) -> QuantResult:
+    return kbest_quantize(W, H, cfg, beam=cfg.beam, klein_paths=cfg.klein_paths, seed=cfg.seed)
+
+
 CORE_QUANTIZERS: dict[str, Callable[..., QuantResult]] = {
     "rtn": rtn_quantize,
     "gptq": gptq_quantize,
     "babai": babai_quantize,
+    "kbest": _kbest,
 }
 
 UNCLIPPED_METHODS = "ssqr, hptq or hrtn"
@@ -58,6 +92,16 @@ def check_gptq_layer(config: QuantConfig, d_out: int | None = None, d_in: int | 
             f"cannot store; use a method whose format stores unclipped codes: {UNCLIPPED_METHODS}"
         )
     check_packable(config.bits, d_out, d_in)
+
+
+def check_kbest_layer(config: QuantConfig, d_out: int | None = None, d_in: int | None = None):
+    """The GPTQ format's limits, and a grid fixed before the decode."""
+    check_gptq_layer(config, d_out, d_in)
+    if not config.static_groups and config.group_size != -1:
+        raise UnsupportedConfigError(
+            "kbest keeps several candidates per row, which a grid refitted along the decode "
+            "would split; use --static-groups (the default)"
+        )
 
 
 def check_packable(bits: int, d_out: int | None = None, d_in: int | None = None) -> None:
@@ -112,9 +156,26 @@ def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig
         W64, H64 = W.to(torch.float64), H.to(torch.float64)
         result = core(W64, H64, config)
         base = result.proxy_loss if name == "rtn" else _rtn_baseline(W64, H64, config, result)
+        extra: dict[str, float] = {}
+        if name != "gptq" or config.refine_steps:  # GPTQ's loss, to read this one against
+            extra["gptq_loss"] = gptq_quantize(W64, H64, config).proxy_loss
+        else:
+            extra["gptq_loss"] = result.proxy_loss
+        if config.refine_steps:
+            result, refined = refine(
+                W64,
+                H64,
+                result,
+                config,
+                steps=config.refine_steps,
+                sweeps=config.refine_sweeps,
+                rounds=config.refine_rounds,
+            )
+            extra.update(refined)
         tensors = pack_gptq(result, checkpoint_format=checkpoint_format)
         Q = stored_weight(result, tensors["scales"].dtype, W.dtype)
         stats = grid_layer_stats(result, base)
+        stats.update(extra)
         stats["bits_per_weight"] = effective_bits(tensors, W.numel())
         return LayerQuant(Q=Q, tensors=tensors, stats=stats)
 
@@ -123,18 +184,29 @@ def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig
     return quantize
 
 
-for _name, _description in {
-    "rtn": "round to nearest on the grid (baseline, no Hessian)",
-    "gptq": "GPTQ: column by column with OBS error feedback",
-    "babai": "Babai's nearest plane on the Hessian lattice (back-to-front GPTQ)",
-}.items():
+for _name, _description, _config, _check in (
+    ("rtn", "round to nearest on the grid (baseline, no Hessian)", QuantConfig, check_gptq_layer),
+    ("gptq", "GPTQ: column by column with OBS error feedback", QuantConfig, check_gptq_layer),
+    (
+        "babai",
+        "Babai's nearest plane on the Hessian lattice (back-to-front GPTQ)",
+        QuantConfig,
+        check_gptq_layer,
+    ),
+    (
+        "kbest",
+        "K-best list decoding on the Hessian lattice (Babai's point among the candidates)",
+        KBestConfig,
+        check_kbest_layer,
+    ),
+):
     register_method(
         Method(
             name=_name,
-            config_cls=QuantConfig,
+            config_cls=_config,
             quantize=_grid_method(_name),
             format="gptq",
             description=_description,
-            check=check_gptq_layer,
+            check=_check,
         )
     )

@@ -120,3 +120,23 @@ def test_gptq_v2_zeros_differ_by_one_from_v1():
     z2 = unpack_gptq(v2.tensors, 4, "gptq_v2")[2]
     assert torch.equal(z1, z2) and bool((z1 == 8).all())
     assert not torch.equal(v1.tensors["qzeros"], v2.tensors["qzeros"])
+
+
+def test_kbest_and_refine_layers_are_plain_gptq_and_match_the_core():
+    W, H = _problem(d_in=96)
+    cfg = get_method("kbest").config_cls(bits=3, group_size=32, order="act", beam=4, sym=True)
+    out = get_method("kbest").quantize(W, H, cfg)
+    core = lq.kbest_quantize(W, H, cfg, beam=4)
+    codes, _, _, _ = unpack_gptq(out.tensors, 3)
+    assert torch.equal(codes, core.codes)
+    assert out.stats["gptq_loss"] == pytest.approx(lq.gptq_quantize(W, H, cfg).proxy_loss)
+    babai = float(lq.babai_quantize(W, H, cfg).loss.sum())
+    assert out.stats["loss"] <= babai * (1 + 1e-9)  # Babai's point is among the candidates
+    refined = get_method("gptq").quantize(W, H, cfg.replace(refine="cd,scales", refine_sweeps=2))
+    assert refined.stats["refine_cd_removed"] >= 0 and refined.stats["refine_scales_removed"] >= 0
+    assert refined.stats["loss"] < refined.stats["gptq_loss"]
+    E = W - refined.Q
+    assert refined.stats["loss"] == pytest.approx(float(torch.trace(E @ H @ E.T)), rel=1e-6)
+    assert set(refined.tensors) == {"qweight", "qzeros", "scales", "g_idx"}
+    with pytest.raises(UnsupportedConfigError, match="--static-groups"):
+        get_method("kbest").check(cfg.replace(static_groups=False), 64, 96)
