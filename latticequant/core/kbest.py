@@ -34,7 +34,10 @@ from latticequant.core.hessian import prepare
 from latticequant.core.order import check_permutation
 from latticequant.core.result import QuantResult, assemble
 
-__all__ = ["kbest_quantize", "KLEIN_SIGMA"]
+__all__ = ["kbest_quantize", "KLEIN_SIGMA", "LIST_BLOCK"]
+
+LIST_BLOCK = 32
+"""Block of basis vectors when several candidates are decoded (speed only)."""
 
 KLEIN_SIGMA = 0.3
 """Spread of Klein's sampler in code units: a target on an integer leaves it with probability
@@ -115,11 +118,13 @@ def _beam_decode(
                 code = torch.where(flip.to(u.device), second, first)
                 parent = keep
                 cost = cost + Dq[i] * ((t - s * (code - z)).to(torch.float64) ** 2)
-            if K > 1 and generator is None:
-                index = parent.expand(b - a, rows, K)
-                E[a:b] = E[a:b].gather(2, index)
-                codes[a:b] = codes[a:b].gather(2, index)
-                T = T.gather(2, index)
+            if K > 1 and generator is None:  # only the block's decoded rows and its targets
+                if i + 1 < b:
+                    index = parent.expand(b - i - 1, rows, K)
+                    E[i + 1 : b] = E[i + 1 : b].gather(2, index)
+                    codes[i + 1 : b] = codes[i + 1 : b].gather(2, index)
+                if i > a:
+                    T[: i - a] = T[: i - a].gather(2, parent.expand(i - a, rows, K))
                 anc = anc.gather(1, parent)
                 clipped = clipped.gather(1, parent)
                 if cfg.clip:
@@ -178,12 +183,14 @@ def kbest_quantize(
     x = W[:, Q].T.contiguous()
 
     runs = [_beam_decode(x, Un, Dq, S_t, Z_t, cfg, 1)]  # Babai's point
+    # Several candidates: short blocks keep the per-step reordering of the block cheap.
+    narrow = cfg.replace(block_size=min(cfg.block_size, LIST_BLOCK))
     if beam > 1:
-        codes, _, clipped = _beam_decode(x, Un, Dq, S_t, Z_t, cfg, beam)
+        codes, _, clipped = _beam_decode(x, Un, Dq, S_t, Z_t, narrow, beam)
         runs.append((codes[..., :1], None, clipped[:, :1]))  # the best survivor
     if klein_paths:
         generator = torch.Generator().manual_seed(int(seed))
-        runs.append(_beam_decode(x, Un, Dq, S_t, Z_t, cfg, klein_paths, generator))
+        runs.append(_beam_decode(x, Un, Dq, S_t, Z_t, narrow, klein_paths, generator))
     codes_q = torch.cat([r[0] for r in runs], dim=2)  # (d, rows, candidates)
     clipped_c = torch.cat([r[2] for r in runs], dim=1)
     codes_all = torch.empty_like(codes_q)
