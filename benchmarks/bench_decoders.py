@@ -15,6 +15,7 @@ run of the same grid in the same invocation.
 
     python benchmarks/bench_decoders.py                  # all 18 runs (hours on a CPU)
     python benchmarks/bench_decoders.py --runs '3g128-*'
+    python benchmarks/bench_decoders.py --runs 3g128-gptq,3g128-kbest4-refine   # in that order
     python benchmarks/bench_decoders.py --smoke          # first block only, under runs/
 """
 
@@ -170,6 +171,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     runs = select(all_runs(), args.runs)
+    if args.runs:  # in the order asked for (exact names first, as listed)
+        wanted = [n.strip() for n in args.runs.split(",")]
+        runs.sort(key=lambda r: wanted.index(r.name) if r.name in wanted else len(wanted))
     if args.list:
         for r in runs:
             print(f"{r.name:22s} {r.method:6s} {r.config}")
