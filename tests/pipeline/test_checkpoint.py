@@ -264,3 +264,35 @@ def test_v1_asymmetric_checkpoint_reads_the_same_by_the_original_convention(
         bits,
     )[2]
     assert int(zeros.min()) >= 1
+
+
+def test_a_layer_neither_quantized_nor_skipped_is_never_written_in_float(tmp_path, calib_ids):
+    from latticequant.methods import get_method
+    from latticequant.pipeline.checkpoint import QuantizedLayer, save_quantized
+
+    model = make_tiny_llama()
+    cfg = lq.QuantConfig(bits=4, group_size=GROUP)
+    out = tmp_path / "ckpt"
+    quantize_model(model, None, calib_ids, "rtn", cfg, out, progress=False)
+    layers = {}  # the layers of a finished run, read back from its checkpoint
+    tensors = load_file(str(out / "model.safetensors"))
+    for name in json.loads((out / "quant_log.json").read_text())["layers"]:
+        key = name["name"]
+        layers[key] = QuantizedLayer(
+            key,
+            "gptq",
+            {k: tensors[f"{key}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")},
+            name,
+            {"bits": 4, "group_size": GROUP, "sym": False},
+        )
+    dropped = "model.layers.1.mlp.down_proj"
+    del layers[dropped]
+    (tmp_path / "w").mkdir()
+    with pytest.raises(CheckpointError, match=f"layer {dropped} is neither quantized nor skipped"):
+        save_quantized(model, tmp_path / "w", layers, method=get_method("rtn"), config=cfg)
+    save_quantized(
+        model, tmp_path / "w", layers, method=get_method("rtn"), config=cfg,
+        skipped={dropped: "skipped by pattern 'down'"},
+    )  # fmt: skip
+    log = json.loads((tmp_path / "w" / "quant_log.json").read_text())
+    assert log["skipped"] == {dropped: "skipped by pattern 'down'"}
