@@ -29,10 +29,10 @@ import torch
 
 from latticequant.core.babai import babai_factor
 from latticequant.core.config import QuantConfig
-from latticequant.core.grid import group_index, static_grid
+from latticequant.core.grid import dequantize, group_index, static_grid
 from latticequant.core.hessian import prepare
 from latticequant.core.order import check_permutation
-from latticequant.core.result import QuantResult, assemble
+from latticequant.core.result import QuantResult, assemble, row_losses
 
 __all__ = ["kbest_quantize", "KLEIN_SIGMA", "LIST_BLOCK"]
 
@@ -195,12 +195,11 @@ def kbest_quantize(
     clipped_c = torch.cat([r[2] for r in runs], dim=1)
     codes_all = torch.empty_like(codes_q)
     codes_all[Q] = codes_q
-    s, z = S[:, g_idx].to(torch.float64), Z[:, g_idx].to(torch.float64)
-    H0 = H.to(torch.float64)
-    losses = []
-    for c in range(codes_all.shape[2]):  # the undamped loss of every candidate, row by row
-        E = W0.to(torch.float64) - s * (codes_all[:, :, c].T.to(torch.float64) - z)
-        losses.append(((E @ H0) * E).sum(dim=1))
+    S64, Z64, W64, H0 = (t.to(torch.float64) for t in (S, Z, W0, H))
+    losses = [  # the undamped loss of every candidate, row by row
+        row_losses(W64, H0, dequantize(codes_all[:, :, c].T.to(torch.float64), S64, Z64, g_idx))
+        for c in range(codes_all.shape[2])
+    ]
     best = torch.stack(losses, dim=1).argmin(dim=1)  # ties keep the earliest: Babai's point
     rows = torch.arange(d_out, device=W.device)
     codes = codes_all[:, rows, best].T.contiguous()

@@ -25,15 +25,13 @@ import torch
 
 from latticequant.core.config import REFINE_STEPS, QuantConfig
 from latticequant.core.grid import dequantize
-from latticequant.core.result import QuantResult
+from latticequant.core.result import QuantResult, row_losses
 
-__all__ = ["refine", "REFINE_STEPS", "coordinate_descent", "refit_scales", "row_losses"]
+__all__ = ["refine", "REFINE_STEPS", "coordinate_descent", "refit_scales"]
 
 
-def row_losses(W: torch.Tensor, H: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """``(w - q)^T H (w - q)`` of every row, in float64."""
-    E = W.to(torch.float64) - Q.to(torch.float64)
-    return ((E @ H.to(torch.float64)) * E).sum(dim=1)
+def _losses(W: torch.Tensor, H: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    return row_losses(W.to(torch.float64), H.to(torch.float64), Q.to(torch.float64))
 
 
 def coordinate_descent(
@@ -162,8 +160,8 @@ def refit_scales(
     s_new = _solve(M, v, old_s).to(scale_dtype).to(torch.float64)
     good = (s_new > 0) & torch.isfinite(s_new)
     s_new = torch.where(good, s_new, old_s)
-    before = row_losses(W, H, dequantize(codes, old_s, old_z, g_idx))
-    after = row_losses(W, H, dequantize(codes, s_new, z_new, g_idx))
+    before = _losses(W, H, dequantize(codes, old_s, old_z, g_idx))
+    after = _losses(W, H, dequantize(codes, s_new, z_new, g_idx))
     better = (after < before)[:, None]
     return torch.where(better, s_new, old_s), torch.where(better, z_new, old_z)
 
@@ -199,7 +197,7 @@ def refine(
     g = result.g_idx
 
     def loss() -> float:
-        return float(row_losses(W64, H64, dequantize(codes, scales, zeros, g)).sum())
+        return float(_losses(W64, H64, dequantize(codes, scales, zeros, g)).sum())
 
     start = loss()
     removed = dict.fromkeys(steps, 0.0)
@@ -223,7 +221,7 @@ def refine(
         scales=scales.to(result.scales.dtype),
         zeros=zeros.to(result.zeros.dtype),
         Q=Q,
-        loss=row_losses(W64, H64, Q).to(result.loss.dtype),
+        loss=_losses(W64, H64, Q).to(result.loss.dtype),
         targets=None,
         time_s=result.time_s + time.perf_counter() - t0,
     )

@@ -48,6 +48,12 @@ class QuantResult:
         return float(self.loss.sum())
 
 
+def row_losses(W: torch.Tensor, H: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``(w - q)^T H (w - q)`` of every row, in the dtype of ``W - Q`` (docs/theory.md Eq. (4))."""
+    E = W - Q
+    return ((E @ H.to(E.dtype)) * E).sum(dim=1)
+
+
 def assemble(
     *,
     W: torch.Tensor,
@@ -76,8 +82,7 @@ def assemble(
     """
     Q = dequantize(codes, scales, zeros, g_idx).to(W.dtype)
     if projected is None:
-        E = W - Q
-        loss = ((E @ H.to(W.dtype)) * E).sum(dim=1)
+        loss = row_losses(W, H, Q)
     else:
         Wd, lam = projected
         r = (targets - Q).to(torch.float64)
