@@ -65,3 +65,10 @@ def make_result(d_out, d_in, bits, group_size=32, act_order=False, sym=False, se
         D=torch.ones(d_in),
         bits=bits,
     )
+
+
+def bit_fields(words, n: int, bits: int) -> list[int]:
+    """The ``n`` fields of ``bits`` bits in one packed line of int32 words, read from the
+    little-endian bit stream as one big integer: an independent reader of the GPTQ layout."""
+    stream = sum((int(w) % (1 << 32)) << (32 * i) for i, w in enumerate(words))
+    return [(stream >> (k * bits)) & ((1 << bits) - 1) for k in range(n)]

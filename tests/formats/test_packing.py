@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import BITS, make_result
+from cases import BITS, bit_fields, make_result
 
 import latticequant as lq
 from latticequant.formats import (
@@ -164,12 +164,7 @@ def test_v1_stores_zeros_minus_one_and_v2_as_is(bits):
 def original_convention_zeros(qzeros: torch.Tensor, bits: int, d_out: int) -> torch.Tensor:
     """A v1 reader written from the original convention, field by field: the bits of field k
     of each packed row (crossing words for 3 bits), plus one. (G, d_out) int64."""
-    words = (qzeros.long() % (1 << 32)).tolist()
-    out = []
-    for row in words:
-        stream = sum(w << (32 * i) for i, w in enumerate(row))  # one big little-endian integer
-        out.append([((stream >> (k * bits)) & ((1 << bits) - 1)) + 1 for k in range(d_out)])
-    return torch.tensor(out)
+    return torch.tensor([bit_fields(row, d_out, bits) for row in qzeros.tolist()]) + 1
 
 
 @pytest.mark.parametrize("bits", BITS)

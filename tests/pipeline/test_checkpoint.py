@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from cases import bit_fields
 from safetensors.torch import load_file, save_file
 from tiny import GROUP, make_char_tokenizer, make_tiny_llama
 
@@ -221,7 +222,7 @@ def original_convention_reader(folder) -> dict[str, torch.Tensor]:
     field of the little-endian bit stream (as AutoGPTQ-style kernels and vLLM read it)."""
     qc = json.loads((folder / "quantize_config.json").read_text())
     bits, tensors = qc["bits"], load_file(str(folder / "model.safetensors"))
-    mask, weights = (1 << bits) - 1, {}
+    weights = {}
     for key in tensors:
         if not key.endswith(".qweight"):
             continue
@@ -229,13 +230,11 @@ def original_convention_reader(folder) -> dict[str, torch.Tensor]:
         qweight, qzeros = tensors[key], tensors[f"{name}.qzeros"]
         scales, g_idx = tensors[f"{name}.scales"].double(), tensors[f"{name}.g_idx"].long()
 
-        def fields(words, n):  # one packed line: n fields of `bits` bits
-            stream = sum((int(w) % (1 << 32)) << (32 * i) for i, w in enumerate(words))
-            return [(stream >> (k * bits)) & mask for k in range(n)]
-
         d_in, d_out = g_idx.numel(), scales.shape[1]
-        codes = torch.tensor([fields(qweight[:, j].tolist(), d_in) for j in range(d_out)])
-        zeros = torch.tensor([fields(row.tolist(), d_out) for row in qzeros]) + 1  # (G, d_out)
+        codes = torch.tensor([bit_fields(qweight[:, j].tolist(), d_in, bits) for j in range(d_out)])
+        zeros = (
+            torch.tensor([bit_fields(row.tolist(), d_out, bits) for row in qzeros]) + 1
+        )  # (G, d_out)
         weights[name] = scales.t()[:, g_idx] * (codes - zeros.t()[:, g_idx]).double()
     return weights
 
