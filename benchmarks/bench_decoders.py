@@ -80,9 +80,10 @@ def second_text() -> str:
     return "\n\n".join((LICENSES / n).read_text() for n in SECOND_TEXT)
 
 
-def run_one(run: Run, model, float_state, tokenizer, windows, texts, args) -> dict:
+def quantize_run(run: Run, model, float_state, tokenizer, windows, args) -> tuple[list, float]:
+    """Quantize the float model with ``run``'s method and config; its layer stats and wall time."""
     from latticequant.methods import get_method
-    from latticequant.pipeline import Override, data, quantize_model
+    from latticequant.pipeline import Override, quantize_model
 
     model.load_state_dict(float_state)
     method = get_method(run.method)
@@ -97,7 +98,13 @@ def run_one(run: Run, model, float_state, tokenizer, windows, texts, args) -> di
         overrides=overrides,
         progress=not args.quiet,
     )
-    wall = time.perf_counter() - t0
+    return stats, time.perf_counter() - t0
+
+
+def run_one(run: Run, model, float_state, tokenizer, windows, texts, args) -> dict:
+    from latticequant.pipeline import data
+
+    stats, wall = quantize_run(run, model, float_state, tokenizer, windows, args)
     ppl = {
         name: data.perplexity(model, ids, seqlen=args.seqlen, progress=False)
         for name, ids in texts.items()
@@ -122,6 +129,15 @@ def run_one(run: Run, model, float_state, tokenizer, windows, texts, args) -> di
     }
 
 
+def reference_wall(results: dict, grid: str, invocation: str | None) -> float | None:
+    """GPTQ's wall time for ``grid`` measured in ``invocation``: its row, or a reference run."""
+    base = results["runs"].get(f"{grid}-gptq")
+    if base and base.get("invocation") == invocation:
+        return base["wall_s"]
+    ref = results.get("references", {}).get(f"{invocation}/{grid}")
+    return ref["wall_s"] if ref else None
+
+
 def write_table(results: dict, path: Path) -> None:
     env = results.get("env", {})
     lines = [
@@ -141,14 +157,10 @@ def write_table(results: dict, path: Path) -> None:
     ]
     runs = results["runs"]
     for grid in GRIDS:
-        base = runs.get(f"{grid}-gptq")
         for r in sorted((r for r in runs.values() if r["grid"] == grid), key=lambda r: r["name"]):
             method = r["method"] + (f" K={r['config']['beam']}" if "beam" in r["config"] else "")
-            ratio = (
-                f"{r['wall_s'] / base['wall_s']:.2f}"
-                if base and base.get("invocation") == r.get("invocation")
-                else "–"
-            )
+            base = reference_wall(results, grid, r.get("invocation"))
+            ratio = f"{r['wall_s'] / base:.2f}" if base else "–"
             lines.append(
                 f"| {r['name']} | {method} | {r['config'].get('refine') or '–'} "
                 f"| {r['loss_vs_gptq']:.3f} | {r['ppl_heldout']:.3f} | {r['ppl_second']:.3f} "
@@ -214,6 +226,16 @@ def main(argv=None) -> int:
             k: data.perplexity(model, ids, seqlen=args.seqlen, progress=False)
             for k, ids in texts.items()
         }
+    todo = [r for r in runs if args.redo or r.name not in results["runs"]]
+    for grid in dict.fromkeys(r.grid for r in todo):
+        if any(r.name == f"{grid}-gptq" for r in todo):
+            continue
+        # time ratios are only meaningful within one invocation: time GPTQ here too
+        log.info("%s: GPTQ reference run for the time ratio", grid)
+        ref = next(r for r in all_runs() if r.name == f"{grid}-gptq")
+        _, wall = quantize_run(ref, model, float_state, tokenizer, windows, args)
+        results.setdefault("references", {})[f"{invocation}/{grid}"] = {"wall_s": wall}
+        save_json(results, json_path)
     for run in runs:
         if run.name in results["runs"] and not args.redo:
             log.info("%s: done before, skipped (use --redo)", run.name)
