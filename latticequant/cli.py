@@ -24,6 +24,7 @@ from latticequant.pipeline.data import (
     split_ids,
     tokenize,
 )
+from latticequant.pipeline.distributed import RankFailedError, World
 from latticequant.pipeline.layout import describe_model
 from latticequant.pipeline.models import load_model
 from latticequant.pipeline.overrides import Override, parse_override, resolve_config
@@ -293,6 +294,7 @@ def _emit(args, payload: dict, lines: list[str]) -> None:
 
 
 def cmd_quantize(args) -> int:
+    """Quantize; under torchrun every rank runs this with the same arguments."""
     method = get_method(args.method)
     config = config_from_args(method.config_cls, args)
     _check_out(args.out, args.overwrite)
@@ -308,6 +310,15 @@ def cmd_quantize(args) -> int:
         except ValueError as exc:
             raise ValueError(f"--override {text!r}: {exc}") from None
         overrides.append(ov)
+    world = World.from_env(args.device)
+    with world.failing_together():
+        world.shard(args.nsamples)  # enough windows for every rank, before the model loads
+        code = _quantize(args, method, config, overrides, world)
+    world.close()
+    return code
+
+
+def _quantize(args, method, config, overrides, world: World) -> int:
     t0 = time.perf_counter()
     model, tokenizer = _load(args)
     if tokenizer is None:
@@ -322,7 +333,7 @@ def cmd_quantize(args) -> int:
     heldout = None
     if args.evaluate:
         heldout = _eval_ids(tokenizer, args.eval_text)
-        ppl_before = perplexity(model, heldout, args.eval_seqlen)
+        ppl_before = perplexity(model, heldout, args.eval_seqlen, world=world)
         log.info("perplexity before: %.4f", ppl_before)
     t1 = time.perf_counter()
     summary = quantize_model(
@@ -338,10 +349,11 @@ def cmd_quantize(args) -> int:
         device=args.device,
         batch_size=args.batch_size,
         checkpoint_format=args.checkpoint_format,
+        world=world,
     )
     quantize_s = time.perf_counter() - t1
     if args.evaluate:
-        ppl_after = perplexity(model, heldout, args.eval_seqlen)
+        ppl_after = perplexity(model, heldout, args.eval_seqlen, world=world)
     total_s = time.perf_counter() - t0
     payload = {
         "model": args.model or "SmolLM2-135M-Instruct (default)",
@@ -356,6 +368,7 @@ def cmd_quantize(args) -> int:
         "total_s": total_s,
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,
+        "timings": summary.timings,
     }
     skipped = ""
     if summary.skipped:
@@ -365,21 +378,38 @@ def cmd_quantize(args) -> int:
         f"quantized {len(summary)} layers with {method.name}{skipped} in {quantize_s:.1f} s "
         f"(total {total_s:.1f} s); checkpoint: {args.out}"
     ]
+    if world.distributed:
+        t = summary.timings
+        lines.append(
+            f"{world.size} ranks; rank 0: forwards {t['forward_s']:.1f} s, solves "
+            f"{t['solve_s']:.1f} s, exchanges "
+            f"{sum(v for k, v in t.items() if k not in ('forward_s', 'solve_s', 'ranks')):.1f} s"
+        )
     if args.evaluate:
         lines.append(f"perplexity before: {ppl_before:.4f}")
         lines.append(f"perplexity after:  {ppl_after:.4f}")
-    _emit(args, payload, lines)
+    if world.rank == 0:
+        _emit(args, payload, lines)
     return 0
 
 
 def cmd_eval(args) -> int:
+    """Perplexity; under torchrun the windows are shared out across the ranks."""
+    world = World.from_env("cpu")
+    with world.failing_together():
+        code = _evaluate(args, world)
+    world.close()
+    return code
+
+
+def _evaluate(args, world: World) -> int:
     t0 = time.perf_counter()
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; perplexity needs a tokenizer")
     _check_seqlen(model, "--seqlen", args.seqlen)
     ids = _eval_ids(tokenizer, args.text)
-    ppl = perplexity(model, ids, args.seqlen)
+    ppl = perplexity(model, ids, args.seqlen, world=world)
     payload = {
         "model": args.model or "SmolLM2-135M-Instruct (default)",
         "text": args.text,
@@ -388,7 +418,9 @@ def cmd_eval(args) -> int:
         "perplexity": ppl,
         "time_s": time.perf_counter() - t0,
     }
-    _emit(args, payload, [f"perplexity: {ppl:.4f} ({len(ids)} tokens, windows of {args.seqlen})"])
+    if world.rank == 0:
+        lines = [f"perplexity: {ppl:.4f} ({len(ids)} tokens, windows of {args.seqlen})"]
+        _emit(args, payload, lines)
     return 0
 
 
@@ -432,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("latticequant: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError) as exc:
+    except (ValueError, OSError, ImportError, RankFailedError) as exc:
         return _fail(args, exc)
     except Exception as exc:  # anything else is still one line, never a traceback
         return _fail(args, exc, unexpected=True)

@@ -9,6 +9,7 @@ factorisation fails, and the value actually used is returned so that it can be r
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -38,10 +39,32 @@ def _add_gram_upper(S: torch.Tensor, x: torch.Tensor) -> None:
             S[a, b].addmm_(x[:, a].T, x[:, b])
 
 
+@dataclass
+class GramNode:
+    """The Gram sum of the windows ``[start, start + size)``: one node of the summation tree.
+
+    ``size`` is a power of two and ``start`` a multiple of it, so every node is a subtree of
+    one fixed binary tree over the window indices.
+    """
+
+    start: int
+    size: int
+    n_tokens: int
+    S: torch.Tensor  # upper triangle of sum_t x_t x_t^T over the node's windows
+
+
 class HessianAccumulator:
     """Running ``sum_t x_t x_t^T`` over tokens, counted in tokens, never holding X itself.
 
-    Only the upper triangle of the sum is kept up to date; :attr:`H` mirrors it, so H is
+    Each calibration window is a leaf of a fixed binary tree over the window indices, and sums
+    are only ever added as that tree says (siblings into their parent; the remaining roots from
+    the right), whatever the order of arrival, the batching or the split across processes. So
+    the Hessian is the same float for float when the windows are shared out across ranks that
+    each sum their own and exchange the partial subtrees (:meth:`nodes`, :meth:`from_nodes`):
+    the reason a distributed run gives codes identical to one process. A pending subtree of
+    each size is kept, at most ``log2(windows) + 1`` matrices.
+
+    Only the upper triangle of each sum is kept up to date; :attr:`H` mirrors it, so H is
     exactly symmetric.
     """
 
@@ -52,33 +75,96 @@ class HessianAccumulator:
             raise ValueError(f"d_in must be positive, got {d_in}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulator dtype must be float32 or float64, got {dtype}")
-        self.d_in = d_in
-        self.sum = torch.zeros(d_in, d_in, dtype=dtype, device=device)
-        self.n_tokens = 0
+        self.d_in, self.dtype, self.device = d_in, dtype, torch.device(device)
+        self._stack: list[GramNode] = []
+        self._next_window = 0
 
-    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add activations ``x`` (..., d_in); ``mask`` (...) keeps only the tokens where True."""
+    @property
+    def n_tokens(self) -> int:
+        return sum(node.n_tokens for node in self._stack)
+
+    def add(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, first_window: int | None = None
+    ) -> None:
+        """Add activations ``x``: ``(windows, tokens, d_in)`` is one leaf per window, any other
+        shape ``(..., d_in)`` one leaf. ``mask`` (x's shape without the last axis) keeps only
+        the tokens where True. ``first_window``: the global index of x's first window (the
+        next one by default); windows must arrive in increasing order."""
         if x.shape[-1] != self.d_in:
             raise ValueError(f"activations have {x.shape[-1]} features, expected {self.d_in}")
-        x = x.reshape(-1, self.d_in)
-        if mask is not None:
-            mask = mask.reshape(-1).to(torch.bool)
-            if mask.numel() != x.shape[0]:
-                raise ValueError(f"mask has {mask.numel()} tokens, activations {x.shape[0]}")
-            x = x[mask.to(x.device)]
-        if x.shape[0] == 0:
-            return
-        x = x.to(device=self.sum.device, dtype=self.sum.dtype)
-        _add_gram_upper(self.sum, x)
-        self.n_tokens += x.shape[0]
+        if mask is not None and mask.numel() * self.d_in != x.numel():
+            raise ValueError(
+                f"mask has {mask.numel()} tokens, activations {x.numel() // self.d_in}"
+            )
+        windows = (
+            x.reshape(-1, x.shape[-2], self.d_in) if x.dim() == 3 else x.reshape(1, -1, self.d_in)
+        )
+        masks = None if mask is None else mask.reshape(windows.shape[:2]).to(torch.bool)
+        start = self._next_window if first_window is None else int(first_window)
+        if start < self._next_window:
+            raise ValueError(f"window {start} arrives after window {self._next_window - 1}")
+        for i in range(windows.shape[0]):
+            xw = windows[i]
+            if masks is not None:
+                xw = xw[masks[i].to(xw.device)]
+            S = torch.zeros(self.d_in, self.d_in, dtype=self.dtype, device=self.device)
+            if xw.shape[0]:
+                _add_gram_upper(S, xw.to(device=self.device, dtype=self.dtype))
+            self._push(GramNode(start + i, 1, int(xw.shape[0]), S))
+        self._next_window = start + windows.shape[0]
+
+    def _push(self, node: GramNode) -> None:
+        """Put a subtree on the stack and add up siblings, as the fixed tree says."""
+        self._stack.append(node)
+        while len(self._stack) >= 2:
+            left, right = self._stack[-2], self._stack[-1]
+            if not (
+                left.size == right.size
+                and left.start % (2 * left.size) == 0
+                and left.start + left.size == right.start
+            ):
+                break
+            left.S += right.S
+            self._stack[-2:] = [
+                GramNode(left.start, 2 * left.size, left.n_tokens + right.n_tokens, left.S)
+            ]
+
+    def nodes(self) -> list[GramNode]:
+        """The pending subtrees, to be combined with other ranks' by :meth:`from_nodes`."""
+        return list(self._stack)
+
+    @classmethod
+    def from_nodes(cls, parts: list[list[GramNode]], d_in: int, dtype, device="cpu"):
+        """The accumulator of all windows, from the subtrees of disjoint window ranges."""
+        acc = cls(d_in, dtype, device)
+        nodes = sorted((n for part in parts for n in part), key=lambda n: n.start)
+        for node in nodes:
+            if node.start < acc._next_window:
+                raise ValueError(f"window {node.start} is in two parts")
+            acc._push(
+                GramNode(node.start, node.size, node.n_tokens, node.S.to(device, dtype).clone())
+            )
+            acc._next_window = node.start + node.size
+        return acc
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """Upper triangle of ``sum_t x_t x_t^T``: the remaining subtrees added from the right."""
+        if not self._stack:
+            return torch.zeros(self.d_in, self.d_in, dtype=self.dtype, device=self.device)
+        total = self._stack[-1].S.clone()
+        for node in reversed(self._stack[:-1]):
+            total = node.S + total
+        return total
 
     @property
     def H(self) -> torch.Tensor:
         """The mean Hessian ``X^T X / n`` in the accumulator's dtype."""
-        if self.n_tokens == 0:
+        n = self.n_tokens
+        if n == 0:
             raise ValueError("no tokens were accumulated into this Hessian")
         upper = torch.triu(self.sum)
-        return (upper + torch.triu(upper, 1).T) / self.n_tokens
+        return (upper + torch.triu(upper, 1).T) / n
 
 
 def check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:

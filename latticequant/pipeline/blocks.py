@@ -18,6 +18,7 @@ from torch import nn
 
 from latticequant.core.hessian import HessianAccumulator
 from latticequant.methods.registry import LayerQuant, Method
+from latticequant.pipeline.distributed import World, assign_owners, solve_cost
 from latticequant.pipeline.forward import BlockInputs, StopForward, block_output
 from latticequant.pipeline.layout import linear_weight, set_linear_weight
 
@@ -40,7 +41,9 @@ class HessianBank:
     def new_batch(self) -> None:
         self._batch_inputs.clear()
 
-    def add(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def add(
+        self, name: str, x: torch.Tensor, mask: torch.Tensor | None, first_window: int = 0
+    ) -> None:
         for seen, leader in self._batch_inputs:
             if (
                 leader != name
@@ -57,24 +60,43 @@ class HessianBank:
         if mask is not None and mask.numel() * x.shape[-1] != x.numel():
             raise ValueError(f"cannot match the padding mask to the input of {name}")
         token_mask = None if mask is None else mask.reshape(x.shape[:-1])
-        self.acc[name].add(x.detach(), token_mask)
+        self.acc[name].add(x.detach(), token_mask, first_window)
 
     def get(self, name: str) -> HessianAccumulator:
         return self.acc[self.alias.get(name, name)]
 
+    def input_of(self, name: str) -> torch.Tensor | None:
+        """The tensor ``name`` (or the layer it shares an accumulator with) read in this batch."""
+        leader = self.alias.get(name, name)
+        return next((x for x, n in self._batch_inputs if n == leader), None)
+
 
 class BlockQuantizer:
-    """Quantizes the linear layers of one block with the configured method."""
+    """Quantizes the linear layers of one block with the configured method.
 
-    def __init__(self, method: Method, configs: dict[str, object], hessian_dtype, device):
+    Layers are quantized a group at a time (:meth:`quantize_group`); across ranks
+    (:class:`~latticequant.pipeline.distributed.World`), the group's Hessians are reduced first,
+    each layer is solved by the rank the balance assigns, and every rank receives every result.
+    ``timings`` adds up this rank's solve seconds.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        configs: dict[str, object],
+        hessian_dtype,
+        device,
+        world: World | None = None,
+    ):
         self.method = method
         self.configs = configs  # local name -> config; only the layers to quantize
         self.hessian_dtype, self.device = hessian_dtype, device
+        self.world = world if world is not None else World()
         self.results: dict[str, LayerQuant] = {}
+        self.solve_s = 0.0
 
-    def quantize(self, name: str, module: nn.Module, acc: HessianAccumulator) -> None:
-        """Quantize one layer on its Hessian and write ``Q`` into it; any failure is an error
-        naming the layer (a layer meant to be quantized never stays in float)."""
+    def _solve(self, name: str, module: nn.Module, acc: HessianAccumulator) -> LayerQuant:
+        """One layer's result on its Hessian; any failure is an error naming the layer."""
         W = linear_weight(module).detach()
         if W.dtype not in (torch.float32, torch.float64):
             W = W.float()
@@ -83,24 +105,79 @@ class BlockQuantizer:
             lq = self.method.quantize(W, acc.H, self.configs[name])
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
-        lq.stats.setdefault("time_s", time.perf_counter() - t0)
-        lq.stats["layer_time_s"] = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.solve_s += elapsed
+        lq.stats.setdefault("time_s", elapsed)
+        lq.stats["layer_time_s"] = elapsed
         lq.stats["n_tokens"] = acc.n_tokens
-        set_linear_weight(module, lq.Q)
-        self.results[name] = lq
+        lq.stats["rank"] = self.world.rank
+        return lq
+
+    def quantize_group(self, block: nn.Module, accs: dict[str, HessianAccumulator]) -> None:
+        """Quantize the layers of one group (``accs``: name -> its Hessian's accumulator) and
+        write each ``Q`` into its layer (a layer meant to be quantized never stays in float)."""
+        accs = {n: acc for n, acc in accs.items() if n not in self.results}
+        world = self.world
+        if not world.distributed:
+            for name, acc in accs.items():
+                lq = self._solve(name, block.get_submodule(name), acc)
+                set_linear_weight(block.get_submodule(name), lq.Q)
+                self.results[name] = lq
+            return
+        reduced: dict[int, HessianAccumulator] = {}
+        for acc in accs.values():  # layers that share an input share one reduction
+            if id(acc) not in reduced:
+                reduced[id(acc)] = world.reduce_hessian(acc)
+        costs = {name: solve_cost(*linear_weight(block.get_submodule(name)).shape) for name in accs}
+        owners = assign_owners(costs, world.size, world.loads)
+        mine, error = {}, None
+        for name, acc in accs.items():
+            if owners[name] != world.rank:
+                continue
+            try:
+                mine[name] = self._solve(name, block.get_submodule(name), reduced[id(acc)])
+            except ValueError as exc:
+                error = str(exc)
+                break
+        for part in world.all_gather(mine, "results", error):
+            for name, lq in part.items():
+                set_linear_weight(block.get_submodule(name), lq.Q)
+                self.results[name] = lq
 
 
-def quantize_block_lazy(block, batch: BlockInputs, bq: BlockQuantizer, bank: HessianBank):
-    """One pass: each layer is quantized by a pre-hook on the inputs it is about to use."""
+def _group_of(subsets, configs) -> dict[str, list[str]]:
+    """Layer name -> the layers of its group that are to be quantized."""
+    groups = {}
+    for subset in subsets:
+        names = [n for n in subset if n in configs]
+        for n in names:
+            groups[n] = names
+    for n in configs:  # a layer the description does not group is its own group
+        groups.setdefault(n, [n])
+    return groups
+
+
+def quantize_block_lazy(block, batch: BlockInputs, subsets, bq: BlockQuantizer, bank: HessianBank):
+    """One pass: when the first layer of a group is about to run, the whole group (whose
+    layers read the same input) is quantized on that input, then the forward goes on."""
     modules = {name: block.get_submodule(name) for name in bq.configs}
+    groups = _group_of(subsets, bq.configs)
     handles = []
 
     def make_hook(name):
         def hook(module, args):
-            if name in bq.results:
+            if name in bq.results:  # quantized with its group: it must read the group's input
+                seen = bank.input_of(groups[name][0])
+                x = args[0]
+                if seen is None or not (x is seen or torch.equal(x, seen)):
+                    raise RuntimeError(
+                        f"{name} does not read the same input as {groups[name][0]}, the first "
+                        "layer of its group in the architecture's description"
+                    )
                 return None
-            bank.add(name, args[0], batch.mask)
-            bq.quantize(name, module, bank.get(name))
+            bank.add(name, args[0], batch.mask, batch.first_window)
+            acc = bank.get(name)
+            bq.quantize_group(block, {n: acc for n in groups[name]})
             return None
 
         return hook
@@ -134,7 +211,7 @@ def quantize_block_batched(
 
         def make_hook(name, pending=pending, current=current):
             def hook(module, args):
-                bank.add(name, args[0], current["mask"])
+                bank.add(name, args[0], current["mask"], current["first_window"])
                 pending.discard(name)
                 if not pending:
                     raise StopForward
@@ -149,6 +226,7 @@ def quantize_block_batched(
                 pending.clear()
                 pending.update(names)
                 current["mask"] = batch.mask
+                current["first_window"] = batch.first_window
                 bank.new_batch()
                 try:
                     block(batch.hidden, *batch.args, **batch.kwargs)
@@ -159,6 +237,5 @@ def quantize_block_batched(
         finally:
             for h in handles:
                 h.remove()
-        for name in names:
-            bq.quantize(name, block.get_submodule(name), bank.get(name))
+        bq.quantize_group(block, {name: bank.get(name) for name in names})
     return [block_output(block(b.hidden, *b.args, **b.kwargs)) for b in batches]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from latticequant.pipeline.distributed import World
 from latticequant.pipeline.offload import blockwise_logits, store_of
 
 log = logging.getLogger(__name__)
@@ -157,13 +158,16 @@ def perplexity(
     batch_size: int = 2,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    world: World | None = None,
 ) -> float:
     """``exp`` of the mean next-token cross-entropy over non-overlapping ``seqlen`` windows.
 
     The tail that does not fill a window is dropped; each window predicts ``seqlen - 1`` tokens.
     A model whose blocks are kept on disk (:mod:`latticequant.pipeline.offload`) is run block
-    by block, each block read once, with the same result.
+    by block, each block read once, with the same result. Across ranks (``world``) each rank
+    runs its share of the windows and every rank returns the same figure.
     """
+    world = World() if world is None else world
     if seqlen < 2:
         raise ValueError(f"seqlen must be at least 2, got {seqlen}")
     n_windows = len(ids) // seqlen
@@ -173,10 +177,16 @@ def perplexity(
             "for one window"
         )
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+    r, size = world.rank, world.size
+    windows = windows[r * n_windows // size : (r + 1) * n_windows // size]
+    n_windows = windows.shape[0]
+    progress = progress and r == 0
     total = 0.0
     count = 0
     model.eval()
-    if store_of(model) is not None:
+    if n_windows == 0:
+        outputs = iter(())
+    elif store_of(model) is not None:
         outputs = blockwise_logits(model, windows, batch_size, device, progress)
     else:
 
@@ -197,4 +207,5 @@ def perplexity(
         )
         total += float(ce.double())
         count += batch[:, 1:].numel()
-    return math.exp(total / count)
+    parts = world.all_gather((total, count), "perplexity")
+    return math.exp(sum(t for t, _ in parts) / sum(c for _, c in parts))

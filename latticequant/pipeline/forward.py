@@ -44,6 +44,7 @@ class BlockInputs:
     args: tuple
     kwargs: dict
     mask: torch.Tensor | None  # (batch, seqlen) bool: tokens that enter the Hessians
+    first_window: int = 0  # index of the batch's first window among all calibration windows
 
     def to(self, device) -> BlockInputs:
         mask = None if self.mask is None else self.mask.to(device)
@@ -52,6 +53,7 @@ class BlockInputs:
             to_device(self.args, device),
             to_device(self.kwargs, device),
             mask,
+            self.first_window,
         )
 
     def run(self, block: nn.Module) -> torch.Tensor:
@@ -71,8 +73,12 @@ def capture_first_block_inputs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     batch_size: int,
+    first_window: int = 0,
 ) -> list[BlockInputs]:
-    """Run the model up to its first block for each batch and keep what that block receives."""
+    """Run the model up to its first block for each batch and keep what that block receives.
+
+    ``first_window``: the global index of ``input_ids``' first window (a rank's share starts
+    there), which places each window in the Hessians' summation tree."""
     batches = []
     first = layout.blocks[0]
     seen: dict = {}
@@ -100,7 +106,9 @@ def capture_first_block_inputs(
                 hidden = kwargs.pop("hidden_states")
             kwargs["use_cache"] = False
             token_mask = None if mask is None else mask.to(torch.bool)
-            batches.append(BlockInputs(hidden.detach(), args, kwargs, token_mask))
+            batches.append(
+                BlockInputs(hidden.detach(), args, kwargs, token_mask, first_window + start)
+            )
     finally:
         handle.remove()
     return batches

@@ -30,6 +30,7 @@ from latticequant.pipeline.blocks import (
     quantize_block_lazy,
 )
 from latticequant.pipeline.checkpoint import QuantizedLayer, save_quantized
+from latticequant.pipeline.distributed import World, shard_range
 from latticequant.pipeline.forward import BlockInputs, capture_first_block_inputs
 from latticequant.pipeline.layout import (
     ModelLayout,
@@ -85,6 +86,7 @@ class QuantizeSummary:
     skipped: dict[str, str] = field(default_factory=dict)
     time_s: float = 0.0
     blocks_resumed: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -171,23 +173,35 @@ def plan_layers(
 
 def _resume(
     model: nn.Module,
-    state: RunState,
+    state: RunState | None,
     store: BlockStore | None,
     batches: list[BlockInputs],
-    work: Path,
+    work: Path | None,
+    world: World,
 ) -> tuple[dict[str, QuantizedLayer], int]:
-    """Put the finished blocks' quantized weights back and the next block's inputs in place."""
-    start = state.next_block()
+    """Put the finished blocks' quantized weights back and the next block's inputs in place.
+
+    Only rank 0 holds the run state; it sends every other rank the finished blocks' weights
+    and the inputs of their own windows, so any number of ranks resumes any run.
+    """
+    start = world.broadcast(0 if state is None else state.next_block(), "resume")
     layers: dict[str, QuantizedLayer] = {}
     for i in range(start):
-        done, Qs = state.load_block(i)
+        done, Qs, source = ({}, None, None) if state is None else (*state.load_block(i), None)
+        if state is not None:
+            source = state.source_checksum(i)
+        light = {name: layer.without_tensors() for name, layer in done.items()}
+        Qs, source, light = world.broadcast((Qs, source, light), "resume")
+        if world.rank != 0:
+            done = light
         if store is not None:
             store.load(i)
-            if store.checksums[i] != state.source_checksum(i):
+            if store.checksums[i] != source:
                 store.release(i)
                 raise ResumeMismatchError(
                     f"the weights of block {i} on disk changed since it was quantized; delete "
-                    f"{work} or pass resume=False (--no-resume) to start over"
+                    f"{work or 'the unfinished output'} or pass resume=False (--no-resume) to "
+                    "start over"
                 )
         for name, q in Qs.items():
             set_linear_weight(model.get_submodule(name), q)
@@ -197,8 +211,10 @@ def _resume(
             done = {name: layer.without_tensors() for name, layer in done.items()}
         layers.update(done)
     if start:
-        for b, h in zip(batches, state.load_hidden()):
-            b.hidden = h
+        hidden = None if state is None else torch.cat(state.load_hidden())
+        hidden = world.broadcast(hidden, "resume")
+        for b in batches:
+            b.hidden = hidden[b.first_window : b.first_window + b.hidden.shape[0]].clone()
         log.info("resumed after %d finished blocks", start)
     return layers, start
 
@@ -211,16 +227,19 @@ def _quantize_block(
     batches: list[BlockInputs],
     device: torch.device,
     hessian_dtype: torch.dtype,
-) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
-    """Quantize block ``index`` in place on ``device``; its outputs become ``batches``' inputs."""
+    world: World,
+) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], float]:
+    """Quantize block ``index`` in place on ``device``; its outputs become ``batches``' inputs.
+
+    Returns the block's layers, their dequantized weights and this rank's solve seconds."""
     block = layout.blocks[index]
     prefix = layout.block_name(index)
     block.to(device)
     on_device = [b.to(device) for b in batches]
-    bq = BlockQuantizer(method, configs, hessian_dtype, device)
+    bq = BlockQuantizer(method, configs, hessian_dtype, device, world)
     bank = HessianBank(hessian_dtype, device)
     if len(on_device) == 1:
-        outputs = quantize_block_lazy(block, on_device[0], bq, bank)
+        outputs = quantize_block_lazy(block, on_device[0], layout.subsets, bq, bank)
     else:
         outputs = quantize_block_batched(block, on_device, layout.subsets, bq, bank)
     block.to("cpu")
@@ -239,7 +258,7 @@ def _quantize_block(
         Qs[name] = lq.Q
     for b, h in zip(batches, outputs):
         b.hidden = h.to("cpu")
-    return layers, Qs
+    return layers, Qs, bq.solve_s
 
 
 def _keep_block(
@@ -249,15 +268,24 @@ def _keep_block(
     batches: list[BlockInputs],
     state: RunState | None,
     store: BlockStore | None,
+    world: World,
+    saving: bool,
+    n_windows: int,
 ) -> dict[str, QuantizedLayer]:
-    """Record a finished block: its state on disk (so a rerun resumes after it) and, for a
-    model kept on disk, its quantized weights in the store (codes are read back at save time)."""
-    if state is not None:
-        source = None if store is None else store.checksums[index]
-        state.save_block(index, layers, Qs, [b.hidden for b in batches], source)
+    """Record a finished block: its state on disk (so a rerun resumes after it; rank 0 gathers
+    every rank's block outputs for it) and, for a model kept on disk, its quantized weights in
+    the store (codes are read back at save time)."""
+    if saving:
+        mine = torch.cat([b.hidden for b in batches])
+        rows = [len(shard_range(n_windows, r, world.size)) for r in range(world.size)]
+        hidden = world.gather_rows(mine, rows, "gather")
+        if state is not None:
+            source = None if store is None else store.checksums[index]
+            state.save_block(index, layers, Qs, [hidden], source)
     if store is not None:
         store.save_block(index, [f"{name}.weight" for name in Qs])
         store.release(index)
+    if store is not None or world.rank != 0:  # only rank 0 writes the checkpoint
         layers = {name: layer.without_tensors() for name, layer in layers.items()}
     return layers
 
@@ -268,13 +296,16 @@ def _summarize(
     layers: dict[str, QuantizedLayer],
     time_s: float,
     resumed: int,
+    timings: dict[str, float] | None = None,
 ) -> QuantizeSummary:
     """The run's summary; a planned layer without a result is an error, never a float layer."""
     names = plan.names(layout)
     missing = [name for name in names if name not in layers]
     if missing:
         raise RuntimeError(f"{len(missing)} layers were not quantized, the first {missing[0]}")
-    return QuantizeSummary([layers[name].stats for name in names], plan.skipped, time_s, resumed)
+    return QuantizeSummary(
+        [layers[name].stats for name in names], plan.skipped, time_s, resumed, timings or {}
+    )
 
 
 @torch.no_grad()
@@ -296,6 +327,7 @@ def quantize_model(
     hessian_dtype: torch.dtype = torch.float32,
     progress: bool = True,
     on_block_done: Callable[[int], None] | None = None,
+    world: World | None = None,
 ) -> QuantizeSummary:
     """Quantize ``model``'s decoder blocks in place; write a checkpoint to ``out_dir`` if given.
 
@@ -303,19 +335,35 @@ def quantize_model(
     never enters a Hessian). ``config`` is an instance of the method's config class (its
     defaults when None). ``overrides`` skip modules or change their config by name pattern.
     ``batch_size`` windows per forward (all at once by default: one pass per block).
+    ``world``: the ranks sharing the run (:mod:`latticequant.pipeline.distributed`); every rank
+    passes the same arguments, runs its share of the windows and ends with the same quantized
+    model, identical to one process's; rank 0 writes ``out_dir``.
     Returns a :class:`QuantizeSummary` (a sequence of one stats dict per quantized layer).
     Every layer not skipped by an override is quantized, or the run fails naming it.
     """
+    world = World() if world is None else world
+    with world.failing_together():  # the other ranks stop with this rank's line
+        return _quantize_model(
+            model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite,
+            device, attention_mask, batch_size, checkpoint_format, hessian_dtype, progress,
+            on_block_done, world,
+        )  # fmt: skip
+
+
+def _quantize_model(
+    model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite, device,
+    attention_mask, batch_size, checkpoint_format, hessian_dtype, progress, on_block_done, world,
+) -> QuantizeSummary:  # fmt: skip
     method, config = _resolve_method(method, config, checkpoint_format)
     overrides = list(overrides)
-    batch_size, device = _check_run_inputs(calib_ids, attention_mask, batch_size, device)
+    _check_run_inputs(calib_ids, attention_mask, batch_size, device)
     layout = describe_model(model)
     model.eval()
     plan = plan_layers(layout, method, config, overrides)
     store = store_of(model)  # blocks kept on disk: one in memory at a time
 
     output = None
-    if out_dir is not None:
+    if out_dir is not None and world.rank == 0:
         run_fingerprint = fingerprint(
             model,
             method,
@@ -328,41 +376,84 @@ def quantize_model(
         output = prepare_output(out_dir, overwrite, resume, run_fingerprint)
     state = None if output is None else output[2]
 
-    batches = capture_first_block_inputs(model, layout, calib_ids, attention_mask, batch_size)
-    layers, start = ({}, 0) if state is None else _resume(model, state, store, batches, output[1])
+    share = world.shard(calib_ids.shape[0])
+    ids = calib_ids[share.start : share.stop]
+    mask = None if attention_mask is None else attention_mask[share.start : share.stop]
+    batch_size, device = _check_run_inputs(ids, mask, batch_size, device)
+    batches = capture_first_block_inputs(model, layout, ids, mask, batch_size, share.start)
+    work = None if output is None else output[1]
+    layers, start = _resume(model, state, store, batches, work, world)
 
     t_start = time.perf_counter()
+    comm_before = dict(world.timings)
+    solve_s = 0.0
     blocks = range(start, len(layout.blocks))
-    for index in tqdm(blocks, desc=f"quantize ({method.name})", unit="block", disable=not progress):
+    bar = tqdm(
+        blocks,
+        desc=f"quantize ({method.name})",
+        unit="block",
+        disable=not progress or world.rank != 0,
+    )
+    for index in bar:
         if store is not None:
             store.load(index)
-        block_layers, Qs = _quantize_block(
-            layout, index, method, plan.configs[index], batches, device, hessian_dtype
+        block_layers, Qs, block_solve_s = _quantize_block(
+            layout, index, method, plan.configs[index], batches, device, hessian_dtype, world
         )
-        layers.update(_keep_block(index, block_layers, Qs, batches, state, store))
+        solve_s += block_solve_s
+        layers.update(
+            _keep_block(
+                index,
+                block_layers,
+                Qs,
+                batches,
+                state,
+                store,
+                world,
+                out_dir is not None,
+                calib_ids.shape[0],
+            )
+        )
         if on_block_done is not None:
             on_block_done(index)
-    summary = _summarize(layout, plan, layers, time.perf_counter() - t_start, start)
+    time_s = time.perf_counter() - t_start
+    comm = {k: t - comm_before.get(k, 0.0) for k, t in world.timings.items()}
+    timings = {
+        "forward_s": time_s - solve_s - sum(comm.values()),
+        "solve_s": solve_s,
+        **{f"{kind}_s": t for kind, t in comm.items()},
+        "ranks": world.size,
+    }
+    summary = _summarize(layout, plan, layers, time_s, start, timings)
 
+    error = None
     if output is not None:
         final, work, state = output
-        save_quantized(
-            model,
-            work,
-            layers,
-            method=method,
-            config=config,
-            tokenizer=tokenizer,
-            checkpoint_format=checkpoint_format,
-            overrides=overrides,
-            skipped=plan.skipped,
-            block_tensors=None if store is None else (lambda i: state.load_block(i)[0]),
-            run={
-                "quantize_time_s": summary.time_s,
-                "n_windows": calib_ids.shape[0],
-                "seqlen": calib_ids.shape[1],
-                "blocks_resumed": start,
-            },
-        )
-        finish_output(final, work)
+        try:
+            save_quantized(
+                model,
+                work,
+                layers,
+                method=method,
+                config=config,
+                tokenizer=tokenizer,
+                checkpoint_format=checkpoint_format,
+                overrides=overrides,
+                skipped=plan.skipped,
+                block_tensors=None if store is None else (lambda i: state.load_block(i)[0]),
+                run={
+                    "quantize_time_s": summary.time_s,
+                    "n_windows": calib_ids.shape[0],
+                    "seqlen": calib_ids.shape[1],
+                    "blocks_resumed": start,
+                    "ranks": world.size,
+                },
+            )
+            finish_output(final, work)
+        except (OSError, ValueError) as exc:
+            if not world.distributed:
+                raise
+            error = str(exc).splitlines()[0]
+    if out_dir is not None:
+        world.barrier(error)  # every rank learns whether rank 0's checkpoint is written
     return summary

@@ -79,3 +79,58 @@ def test_tiled_upper_sum_mirrors_to_the_full_gram_matrix(d_in):
     H = acc.H
     assert torch.equal(H, H.T)
     torch.testing.assert_close(H, x.T @ x / 700, rtol=1e-12, atol=1e-12)
+
+
+def _windows(n: int, seed: int) -> torch.Tensor:
+    """Activations whose magnitudes differ by orders, so that any change in the order of the
+    additions shows in the last bits."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** torch.randint(-3, 4, (n, 1, 1), generator=g).float()
+    return torch.randn(n, 7, 6, generator=g) * scale
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13])
+def test_hessian_is_the_same_float_for_any_split_of_the_windows(n):
+    """Shares of the windows summed apart and combined give exactly the one-process sum."""
+    X = _windows(n, n)
+    whole = HessianAccumulator(6)
+    whole.add(X)
+    g = torch.Generator().manual_seed(100 + n)
+    for _ in range(20):
+        cuts = sorted(set(torch.randint(0, n + 1, (3,), generator=g).tolist()) | {0, n})
+        parts = []
+        for a, b in zip(cuts, cuts[1:]):
+            acc = HessianAccumulator(6)
+            for i in range(a, b):  # one window at a time: batching changes nothing either
+                acc.add(X[i : i + 1], first_window=i)
+            parts.append(acc.nodes())
+        merged = HessianAccumulator.from_nodes(parts[::-1], 6, torch.float32)
+        assert torch.equal(merged.sum, whole.sum) and merged.n_tokens == whole.n_tokens
+    ref = X.reshape(-1, 6).double()
+    torch.testing.assert_close(whole.H.double(), ref.T @ ref / ref.shape[0], rtol=1e-5, atol=1e-3)
+
+
+def test_a_plain_running_sum_would_differ():
+    """The data above do expose the order of the additions: summing the windows left to right
+    gives other bits than the tree, so the test above can fail."""
+    X = _windows(13, 13)
+    tree = HessianAccumulator(6)
+    tree.add(X)
+    running = torch.zeros(6, 6)
+    for i in range(13):  # the very same leaves, added in another order
+        leaf = HessianAccumulator(6)
+        leaf.add(X[i : i + 1])
+        running += leaf.sum
+    assert not torch.equal(tree.sum, running)
+    torch.testing.assert_close(tree.sum, running, rtol=1e-5, atol=1e-2)
+
+
+def test_windows_out_of_order_or_twice_are_refused():
+    acc = HessianAccumulator(6)
+    acc.add(_windows(2, 0), first_window=3)
+    with pytest.raises(ValueError, match="arrives after"):
+        acc.add(_windows(1, 1), first_window=4)
+    other = HessianAccumulator(6)
+    other.add(_windows(1, 2), first_window=4)
+    with pytest.raises(ValueError, match="two parts"):
+        HessianAccumulator.from_nodes([acc.nodes(), other.nodes()], 6, torch.float32)

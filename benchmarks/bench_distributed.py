@@ -1,0 +1,250 @@
+"""One rank with 2 threads against 2 ranks with 1 thread each, on the protocol, and a model of
+how the time scales with ranks.
+
+The protocol of docs/protocol.md (SmolLM2-135M-Instruct, 64 x 512 calibration tokens, GPTQ
+4-bit g128 asymmetric act-order, no perplexity) is run as
+
+    1x2  latticequant quantize ...                      (OMP_NUM_THREADS=2)
+    2x1  torchrun --nproc-per-node 2 -m latticequant quantize ...   (OMP_NUM_THREADS=1)
+    1x1  latticequant quantize ...                      (OMP_NUM_THREADS=1, with --runs)
+
+Each run's wall time is split (on rank 0) into forwards (with the Hessian accumulation),
+solves, and the exchanges: Hessian reduction, results, gathering block outputs for the run
+state. The checkpoints are compared tensor by tensor. From the measured parts (forward seconds
+per token and per block parameter, solve seconds per unit of ``d_in^3 / 3 + d_out d_in^2``,
+bytes exchanged per block) the script projects the time per block of Llama-3-8B and 70B
+shapes on 1 to 8 ranks. Results go to docs/bench_distributed.json and .md.
+
+    python benchmarks/bench_distributed.py                 # 1x2 and 2x1 (about 8 minutes)
+    python benchmarks/bench_distributed.py --runs 1x2,2x1,1x1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from latticequant.pipeline.distributed import assign_owners, solve_cost  # noqa: E402
+
+DOCS = ROOT / "docs"
+ARGS = [
+    "--method", "gptq", "--bits", "4", "--group-size", "128", "--no-sym", "--order", "act",
+    "--no-eval", "--json",
+]  # fmt: skip
+RUNS = {"1x2": (1, 2), "2x1": (2, 1), "1x1": (1, 1)}
+
+# decoder-block shapes: hidden, intermediate, heads, kv heads, blocks
+SHAPES = {
+    "SmolLM2-135M": (576, 1536, 9, 3, 30),
+    "Llama-3-8B": (4096, 14336, 32, 8, 32),
+    "Llama-3-70B": (8192, 28672, 64, 8, 80),
+}
+
+
+def block_layers(hidden, inter, heads, kv, _blocks) -> list[list[tuple[int, int]]]:
+    """(d_out, d_in) of a Llama block's linear layers, group by group."""
+    kv_dim = hidden // heads * kv
+    return [
+        [(hidden, hidden), (kv_dim, hidden), (kv_dim, hidden)],
+        [(hidden, hidden)],
+        [(inter, hidden), (inter, hidden)],
+        [(hidden, inter)],
+    ]
+
+
+def run(name: str, out: Path, nsamples: int, seqlen: int) -> dict:
+    ranks, threads = RUNS[name]
+    args = [*ARGS, "--nsamples", str(nsamples), "--seqlen", str(seqlen)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "latticequant", "quantize", *args, "--out", str(out)]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={ranks}", "-m", "latticequant", "quantize", *args,
+               "--out", str(out)]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    payload = json.loads(proc.stdout)
+    layers = json.loads((out / "quant_log.json").read_text())["layers"]
+    return {
+        "ranks": ranks,
+        "threads": threads,
+        "process_wall_s": wall,
+        "quantize_s": payload["quantize_s"],
+        "load_s": payload["load_s"],
+        "timings": payload["timings"],
+        "layers": [
+            {"shape": x["shape"], "time_s": x["layer_time_s"], "rank": x.get("rank", 0)}
+            for x in layers
+        ],
+    }
+
+
+def same_tensors(a: Path, b: Path) -> tuple[int, int]:
+    from safetensors.torch import load_file
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    import torch
+
+    return sum(torch.equal(ta[k], tb[k]) for k in ta), len(ta)
+
+
+def fit(result: dict, tokens: int) -> dict:
+    """The parts of the time model, from one single-rank run."""
+    hidden, inter, heads, kv, blocks = SHAPES["SmolLM2-135M"]
+    params = sum(o * i for g in block_layers(hidden, inter, heads, kv, blocks) for o, i in g)
+    t = result["timings"]
+    work = sum(solve_cost(*x["shape"]) for x in result["layers"])
+    return {
+        "forward_s_per_token_param": t["forward_s"] / (tokens * params * blocks),
+        "solve_s_per_unit": sum(x["time_s"] for x in result["layers"]) / work,
+    }
+
+
+def project(parts: dict, tokens: int, bandwidth: float) -> dict:
+    """Seconds per block for each shape and number of ranks: forwards shared out, each group's
+    solves balanced (the group's slowest rank counts), and the bytes exchanged at
+    ``bandwidth`` bytes/s (float32 Hessian subtrees to every rank, results to every rank)."""
+    table = {}
+    for model, shape in SHAPES.items():
+        groups = block_layers(*shape)
+        params = sum(o * i for g in groups for o, i in g)
+        row = {}
+        for n in (1, 2, 4, 8):
+            forward = parts["forward_s_per_token_param"] * tokens * params / n
+            solve, loads = 0.0, [0.0] * n
+            for g in groups:
+                costs = {f"l{j}": solve_cost(o, i) for j, (o, i) in enumerate(g)}
+                owners = assign_owners(costs, n, loads)
+                per_rank = [sum(c for k, c in costs.items() if owners[k] == r) for r in range(n)]
+                solve += parts["solve_s_per_unit"] * max(per_rank)
+            hessian_bytes = sum(g[0][1] ** 2 * 4 for g in groups) * n
+            result_bytes = sum(o * i * (4 + 0.5) for g in groups for o, i in g)
+            comm = 0.0 if n == 1 else (hessian_bytes + result_bytes) / bandwidth
+            row[n] = {"forward_s": forward, "solve_s": solve, "comm_s": comm}
+        table[model] = {"blocks": shape[4], "per_block": row}
+    return table
+
+
+def write_table(results: dict, path: Path) -> None:
+    env = results["env"]
+    runs = results["runs"]
+    lines = [
+        "# Scale-out: one model across ranks with torch.distributed",
+        "",
+        f"Protocol run (SmolLM2-135M-Instruct, {env['tokens']} tokens, GPTQ 4-bit g128 asymmetric, "
+        f"act-order, no perplexity) on {env['machine']} with {env['cpus']} CPUs, torch "
+        f"{env['torch']}, gloo. Generated by `python benchmarks/bench_distributed.py`. Seconds "
+        "on rank 0; `exchanges` are the Hessian reduction, the results and the gathering of "
+        "block outputs for the run state, waiting for the slower rank included.",
+        "",
+        "| ranks x threads | process wall s | quantize s | forwards s | solves s "
+        "| Hessian reduce s | results s | state gather s | vs 1x2 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = runs.get("1x2", {}).get("quantize_s")
+    for name, r in runs.items():
+        t = r["timings"]
+        ratio = f"{r['quantize_s'] / base:.2f}" if base else "–"
+        lines.append(
+            f"| {name} | {r['process_wall_s']:.0f} | {r['quantize_s']:.1f} | "
+            f"{t['forward_s']:.1f} | {t['solve_s']:.1f} | {t.get('reduce_s', 0):.1f} | "
+            f"{t.get('results_s', 0):.1f} | {t.get('gather_s', 0):.1f} | {ratio} |"
+        )
+    lines += ["", "Checkpoints compared tensor by tensor:", ""]
+    for pair, (same, total) in results["identical"].items():
+        lines.append(f"- {pair}: {same} of {total} tensors identical")
+    parts = results["model"]["parts"]
+    lines += [
+        "",
+        "## Time model",
+        "",
+        f"Fitted on the 1x1 (or 1x2) run: forwards "
+        f"{parts['forward_s_per_token_param'] * 1e12:.3f} s per 10^12 token-parameters, solves "
+        f"{parts['solve_s_per_unit'] * 1e12:.3f} s per 10^12 units of "
+        "`d_in^3/3 + d_out d_in^2`. Per block and rank count, the same tokens, exchanges at "
+        f"{results['model']['bandwidth'] / 1e9:.1f} GB/s:",
+        "",
+        "| model | ranks | forwards s/block | solves s/block | exchanges s/block | whole model h |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, m in results["model"]["projection"].items():
+        for n, row in m["per_block"].items():
+            total = sum(row.values()) * m["blocks"] / 3600
+            lines.append(
+                f"| {model} | {n} | {row['forward_s']:.1f} | {row['solve_s']:.1f} | "
+                f"{row['comm_s']:.2f} | {total:.2f} |"
+            )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="1x2,2x1", help="comma-separated of 1x2, 2x1, 1x1")
+    p.add_argument("--bandwidth", type=float, default=1e9, help="bytes/s for the projection")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--out", type=Path, default=DOCS)
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.runs.split(",")]
+    bad = [n for n in names if n not in RUNS]
+    if bad:
+        raise SystemExit(f"unknown run {bad[0]!r}; use {', '.join(RUNS)}")
+    import torch
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_distributed_"))
+    results = {
+        "env": {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "tokens": f"{args.nsamples} x {args.seqlen}",
+        },
+        "runs": {},
+        "identical": {},
+    }
+    try:
+        for name in names:
+            print(f"{name} ...", flush=True)
+            results["runs"][name] = run(name, tmp / name, args.nsamples, args.seqlen)
+            print(f"{name}: quantize {results['runs'][name]['quantize_s']:.1f} s", flush=True)
+        for a, b in zip(names, names[1:]):
+            results["identical"][f"{a} vs {b}"] = same_tensors(tmp / a, tmp / b)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    single = results["runs"].get("1x1") or results["runs"].get("1x2")
+    tokens = args.nsamples * args.seqlen
+    parts = fit(single, tokens)
+    results["model"] = {
+        "parts": parts,
+        "bandwidth": args.bandwidth,
+        "projection": project(parts, tokens, args.bandwidth),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_distributed.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_table(results, args.out / "bench_distributed.md")
+    print((args.out / "bench_distributed.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
