@@ -25,6 +25,7 @@ from latticequant.pipeline.data import (
     tokenize,
 )
 from latticequant.pipeline.distributed import RankFailedError, World
+from latticequant.pipeline.generate import GenerationConfig, generate, weight_memory
 from latticequant.pipeline.layout import describe_model
 from latticequant.pipeline.models import load_model
 from latticequant.pipeline.overrides import Override, parse_override, resolve_config
@@ -102,6 +103,21 @@ def _positive(name: str, minimum: int = 1):
             raise argparse.ArgumentTypeError(f"{name} expects an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _nonnegative_float(name: str):
+    """An argparse type: a finite float >= 0, with a one-line error naming the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects a number, got {text!r}") from None
+        if not (value >= 0 and value != float("inf")):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text}")
         return value
 
     return parse
@@ -207,6 +223,36 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     )
     _add_offload_flags(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    g = sub.add_parser(
+        "generate", parents=[common], help="generate text from a float model or a checkpoint"
+    )
+    g.add_argument("model", nargs="?", help="HF folder, .gguf file or checkpoint folder")
+    g.add_argument("--prompt", required=True, help="the prompt (a user turn of the chat template)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=_positive("--max-new-tokens"),
+        default=64,
+        help="tokens to generate at most (64)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=_nonnegative_float("--temperature"),
+        default=0.0,
+        help="0 for greedy decoding (default), above 0 to sample",
+    )
+    g.add_argument(
+        "--top-p", type=_nonnegative_float("--top-p"), default=1.0, help="nucleus sampling (1.0)"
+    )
+    g.add_argument("--seed", type=_positive("--seed", 0), default=0, help="sampling seed (0)")
+    g.add_argument(
+        "--no-chat-template",
+        dest="chat",
+        action="store_false",
+        help="feed the prompt as is, even when the tokenizer has a chat template",
+    )
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
 
     r = sub.add_parser(
         "report", parents=[common], help="per-layer table of a checkpoint's quantization log"
@@ -424,6 +470,39 @@ def _evaluate(args, world: World) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """Generate from a float model or a checkpoint; the speed and the weight memory with it."""
+    config = GenerationConfig(
+        args.max_new_tokens, args.temperature, args.top_p, args.seed, args.chat
+    )
+    _check_device(args.device)
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files; generation needs a tokenizer")
+    model.to(args.device)
+    result = generate(model, tokenizer, args.prompt, config, args.device)
+    memory = weight_memory(model)
+    payload = {
+        "model": args.model or "SmolLM2-135M-Instruct (default)",
+        "prompt": args.prompt,
+        **result.to_dict(),
+        "weight_bytes": memory["stored"],
+        "weight_cache_bytes": memory["cache"],
+    }
+    mib = 1 << 20
+    lines = [
+        result.text,
+        "",
+        f"{result.new_tokens} tokens"
+        + (" (stopped at end of sequence)" if result.stopped_at_eos else "")
+        + f"; prefill {result.prompt_tokens} tokens in {result.prefill_s:.2f} s, decode "
+        f"{result.decode_tokens_per_s:.1f} tokens/s; weights {memory['stored'] / mib:.1f} MiB"
+        + (f" + {memory['cache'] / mib:.1f} MiB dense cache" if memory["cache"] else ""),
+    ]
+    _emit(args, payload, lines)
+    return 0
+
+
 def cmd_report(args) -> int:
     qlog, rows, total = load_report(args.dir)
     if args.plot:
@@ -440,7 +519,12 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "report": cmd_report}
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -244,3 +244,30 @@ def test_kbest_with_refinement_from_the_command_line(
     rows = json.loads(capsys.readouterr().out)["layers"]
     assert all(r["rel_gptq"] < 1.0 for r in rows)  # refined below GPTQ on every layer
     assert all(r["refine_cd_pct"] >= 0 and r["refine_scales_pct"] >= 0 for r in rows)
+
+
+def test_generate_from_a_checkpoint(quantized, capsys):
+    out, _ = quantized
+    argv = ["generate", str(out), "--prompt", "def f", "--max-new-tokens", "8", "--json"]
+    assert main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["new_tokens"] == len(payload["token_ids"]) <= 8
+    assert payload["prompt_tokens"] == 5 and payload["weight_bytes"] > 0
+    assert main(["generate", str(out), "--prompt", "def f", "--max-new-tokens", "4"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, rc, words",
+    [
+        (["--temperature", "-1"], 2, "--temperature must be a finite number >= 0"),
+        (["--top-p", "2"], 1, "top_p must be in (0, 1]"),
+        (["--max-new-tokens", "0"], 2, "--max-new-tokens must be at least 1"),
+        (["--device", "tpu"], 1, "--device 'tpu' is not a device"),
+    ],
+)
+def test_generate_bad_input(quantized, capsys, extra, rc, words):
+    out, _ = quantized
+    assert main(["generate", str(out), "--prompt", "x", *extra]) == rc
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]

@@ -178,6 +178,12 @@ class QuantLinear(nn.Module):
     def caches_weight(self) -> bool:
         return self.cache_weight is not False
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the dense weight kept between calls (0 when none is kept)."""
+        c = self._cached
+        return 0 if c is None else c.numel() * c.element_size()
+
     def _weight_t_for(self, dtype: torch.dtype) -> torch.Tensor:
         if self.caches_weight and self._cached is not None and self._cached.dtype == dtype:
             return self._cached
