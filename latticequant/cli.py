@@ -16,6 +16,7 @@ import time
 import torch
 
 from latticequant.formats import CHECKPOINT_FORMATS
+from latticequant.formats.qlinear import KERNELS
 from latticequant.methods import get_method, list_methods, settable_fields
 from latticequant.pipeline.data import (
     calibration_windows,
@@ -222,6 +223,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         "--seqlen", type=_positive("--seqlen", 2), default=512, help="window length (default 512)"
     )
     _add_offload_flags(e)
+    _add_cache_flag(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     g = sub.add_parser(
@@ -252,6 +254,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         help="feed the prompt as is, even when the tokenizer has a chat template",
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    _add_cache_flag(g)
     g.add_argument("--json", action="store_true", help="print one JSON object")
 
     r = sub.add_parser(
@@ -271,8 +274,28 @@ def _method_name(argv: list[str]) -> str:
 
 
 def _load(args):
-    """The model of ``args.model``; ``--offload-dir`` alone also asks for offloading."""
-    return load_model(args.model, args.offload or bool(args.offload_dir), args.offload_dir)
+    """The model of ``args.model``; ``--offload-dir`` alone also asks for offloading. A
+    checkpoint keeps its packed codes resident unless ``--dense-cache`` asks for speed."""
+    cache = True if getattr(args, "dense_cache", False) else False
+    offload = getattr(args, "offload", False) or bool(getattr(args, "offload_dir", None))
+    return load_model(args.model, offload, getattr(args, "offload_dir", None), cache)
+
+
+def _add_cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dense-cache",
+        action="store_true",
+        help="keep a dense float copy of each quantized weight (faster on the CPU, no memory "
+        "saved); by default only the packed codes stay resident",
+    )
+
+
+def _kernels(model) -> tuple[list[str], str]:
+    """The kernels the quantized layers ran, and one line saying so."""
+    ran = sorted({k for m in model.modules() if (k := getattr(m, "last_kernel", None))})
+    if not ran:
+        return [], "kernels: none (a float model)"
+    return ran, "kernels: " + "; ".join(f"{k} ({KERNELS.get(k, k)})" for k in ran)
 
 
 def _eval_ids(tokenizer, text_source: str | None):
@@ -463,9 +486,11 @@ def _evaluate(args, world: World) -> int:
         "tokens": len(ids),
         "perplexity": ppl,
         "time_s": time.perf_counter() - t0,
+        "kernels": _kernels(model)[0],
     }
     if world.rank == 0:
         lines = [f"perplexity: {ppl:.4f} ({len(ids)} tokens, windows of {args.seqlen})"]
+        lines.append(_kernels(model)[1])
         _emit(args, payload, lines)
     return 0
 
@@ -476,7 +501,7 @@ def cmd_generate(args) -> int:
         args.max_new_tokens, args.temperature, args.top_p, args.seed, args.chat
     )
     _check_device(args.device)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; generation needs a tokenizer")
     model.to(args.device)
@@ -488,6 +513,7 @@ def cmd_generate(args) -> int:
         **result.to_dict(),
         "weight_bytes": memory["stored"],
         "weight_cache_bytes": memory["cache"],
+        "kernels": _kernels(model)[0],
     }
     mib = 1 << 20
     lines = [
@@ -498,6 +524,7 @@ def cmd_generate(args) -> int:
         + f"; prefill {result.prompt_tokens} tokens in {result.prefill_s:.2f} s, decode "
         f"{result.decode_tokens_per_s:.1f} tokens/s; weights {memory['stored'] / mib:.1f} MiB"
         + (f" + {memory['cache'] / mib:.1f} MiB dense cache" if memory["cache"] else ""),
+        _kernels(model)[1],
     ]
     _emit(args, payload, lines)
     return 0

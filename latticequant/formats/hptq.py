@@ -108,6 +108,8 @@ class HuffmanLinear(nn.Module):
     ) -> HuffmanLinear:
         return cls(tensors, bias=bias, dtype=dtype)
 
+    last_kernel = "torch-decoded"  # see formats.qlinear.KERNELS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)

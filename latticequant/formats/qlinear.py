@@ -21,6 +21,15 @@ from latticequant.formats.packing import FormatError, pack_codes, unpack_codes
 from latticequant.formats.ssqr import validate_csr
 
 BACKENDS = ("auto", "torch", "triton")
+TILE_ROWS = 512  # input rows dequantized at a time by the packed CPU path (a multiple of 32)
+
+# what ran, as reported by ``latticequant eval`` and ``generate`` (QuantLinear.last_kernel)
+KERNELS = {
+    "triton": "Triton kernel on the packed codes",
+    "torch-packed": f"torch, packed codes dequantized {TILE_ROWS} input rows at a time",
+    "torch-dense": "torch, dense weight cached from the packed codes",
+    "torch-decoded": "torch, HPTQ stream decoded to a dense weight at load",
+}
 
 
 def uniform_group_size(g_sorted: torch.Tensor, n_groups: int) -> int:
@@ -79,6 +88,7 @@ class QuantLinear(nn.Module):
         self.backend = backend
         self.cache_weight = cache_weight
         self._cached: torch.Tensor | None = None
+        self.last_kernel: str | None = None  # a key of KERNELS, set by each forward
 
         codes, scales, zeros, g_idx = unpack_gptq(tensors, bits, checkpoint_format)
         contiguous = bool((g_idx[1:] >= g_idx[:-1]).all()) if g_idx.numel() > 1 else True
@@ -195,9 +205,29 @@ class QuantLinear(nn.Module):
     def _dense_weight_t(self, dtype: torch.dtype) -> torch.Tensor:
         return self.dequantize_weight_t(dtype)
 
+    def _packed_matmul(self, xc: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T`` from the packed codes, dequantizing ``TILE_ROWS`` input rows at a time:
+        only the codes, scales and zeros stay resident, and a tile of the weight transiently."""
+        xs = xc[:, self.perm] if self.perm.numel() else xc  # the groups' sorted order
+        y = torch.zeros(xc.shape[0], self.out_features, dtype=xc.dtype, device=xc.device)
+        scales, zeros = self.scales.to(xc.dtype), self.zeros.to(xc.dtype)
+        words_per_tile = TILE_ROWS * self.bits // 32
+        for r0 in range(0, self.in_features, TILE_ROWS):
+            rows = min(TILE_ROWS, self.in_features - r0)
+            w0 = r0 * self.bits // 32
+            codes = unpack_codes(self.qweight[w0 : w0 + words_per_tile], self.bits, rows, dim=0)
+            g = self.g_idx[r0 : r0 + rows].to(torch.int64)
+            y.addmm_(xs[:, r0 : r0 + rows], scales[g] * (codes.to(xc.dtype) - zeros[g]))
+        return y
+
     def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
         compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
-        return x2.to(compute) @ self._weight_t_for(compute)
+        xc = x2.to(compute)
+        if self.caches_weight:
+            self.last_kernel = "torch-dense"
+            return xc @ self._weight_t_for(compute)
+        self.last_kernel = "torch-packed"
+        return self._packed_matmul(xc)
 
     # -- kernel path -------------------------------------------------------------------------
 
@@ -217,6 +247,7 @@ class QuantLinear(nn.Module):
         )
 
     def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        self.last_kernel = "triton"
         return self._kernel_dense(x2, x2.dtype if x2.dtype != torch.float64 else torch.float32)
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
@@ -283,19 +314,22 @@ class SSQRLinear(QuantLinear):
         return super().dequantize_weight_t(dtype) + self.outliers(dtype).to_dense().t()
 
     def _dense_weight_t(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.caches_weight:  # fold the outliers into the cached weight once
-            return self.dequantize_weight_t(dtype)
-        return QuantLinear.dequantize_weight_t(self, dtype)
+        return self.dequantize_weight_t(dtype)  # the outliers folded into the cached weight
 
     def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
         compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
         xc = x2.to(compute)
-        y = xc @ self._weight_t_for(compute)
-        if not self.caches_weight and self.n_outliers:
+        if self.caches_weight:
+            self.last_kernel = "torch-dense"
+            return xc @ self._weight_t_for(compute)
+        self.last_kernel = "torch-packed"
+        y = self._packed_matmul(xc)
+        if self.n_outliers:
             y = y + torch.sparse.mm(self.outliers(compute), xc.t()).t()
         return y
 
     def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        self.last_kernel = "triton"
         y = self._kernel_dense(x2, x2.dtype if x2.dtype != torch.float64 else torch.float32)
         if self.n_outliers:
             xk = x2 if x2.dtype != torch.float64 else x2.float()

@@ -400,8 +400,16 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_quantized(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_quantized(
+    folder: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    cache_weight: bool | None = None,
+) -> nn.Module:
     """A model ready for inference from a checkpoint folder, its quantized layers as modules.
+
+    ``cache_weight``: False keeps only the packed codes resident on the CPU path (each call
+    dequantizes a tile at a time), True keeps a dense copy for speed, None (default) caches on
+    the CPU path (see :class:`~latticequant.formats.qlinear.QuantLinear`).
 
     Every expected tensor is checked for presence and shape before anything is used; a
     truncated or mismatched checkpoint raises :class:`CheckpointError` naming the tensor.
@@ -479,7 +487,11 @@ def load_quantized(folder: str | os.PathLike, device: str | torch.device = "cpu"
         bias = tensors.get(f"{name}.bias")
         if bias is None and getattr(original, "bias", None) is not None:
             raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
-        meta = {"bits": entry.get("bits", qc.get("bits")), "checkpoint_format": checkpoint_format}
+        meta = {
+            "bits": entry.get("bits", qc.get("bits")),
+            "checkpoint_format": checkpoint_format,
+            "cache_weight": cache_weight,
+        }
         for k in ("in_features", "out_features"):
             if k in entry:
                 meta[k] = entry[k]

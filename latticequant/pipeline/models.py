@@ -196,13 +196,15 @@ def load_model(
     source: str | None = None,
     offload: bool = False,
     offload_dir: str | os.PathLike | None = None,
+    cache_weight: bool | None = None,
 ):
     """``(model, tokenizer)`` in float32 on the CPU from a HF folder, a GGUF file, or the default.
 
     A folder holding a latticequant/GPTQ checkpoint is loaded with its quantized layers.
     ``offload`` keeps the decoder blocks of a HF folder on disk, read one at a time
     (:mod:`latticequant.pipeline.offload`; quantized weights go to ``offload_dir``, a temporary
-    folder by default): for models larger than memory.
+    folder by default): for models larger than memory. ``cache_weight`` is passed to
+    :func:`~latticequant.pipeline.checkpoint.load_quantized` for a checkpoint.
     """
     if source is not None and not os.path.exists(source):
         raise ModelLoadError(f"model path {source} does not exist")
@@ -223,5 +225,5 @@ def load_model(
             raise ModelLoadError(f"{source} is a file but not a .gguf model; give a folder or GGUF")
         return _load_gguf(source)
     if is_quantized_checkpoint(source):
-        return load_quantized(source), load_tokenizer(source)
+        return load_quantized(source, cache_weight=cache_weight), load_tokenizer(source)
     return _load_folder(source)
