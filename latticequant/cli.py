@@ -18,12 +18,15 @@ import torch
 from latticequant.formats import CHECKPOINT_FORMATS
 from latticequant.formats.qlinear import KERNELS
 from latticequant.methods import get_method, list_methods, settable_fields
+from latticequant.pipeline.checkpoint import is_quantized_checkpoint, read_quant_log
 from latticequant.pipeline.data import (
+    BOS_POLICIES,
     calibration_windows,
     load_text,
     perplexity,
     split_ids,
     tokenize,
+    window_bos,
 )
 from latticequant.pipeline.distributed import RankFailedError, World
 from latticequant.pipeline.generate import GenerationConfig, generate, weight_memory
@@ -213,6 +216,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     q.add_argument(
         "--eval-text", help="perplexity text file or folder (default: the protocol's held-out 20%%)"
     )
+    _add_bos_flag(q, "auto")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(q, get_method(method_name).config_cls)
 
@@ -224,6 +228,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     )
     _add_offload_flags(e)
     _add_cache_flag(e)
+    _add_bos_flag(e, None)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     g = sub.add_parser(
@@ -298,17 +303,39 @@ def _kernels(model) -> tuple[list[str], str]:
     return ran, "kernels: " + "; ".join(f"{k} ({KERNELS.get(k, k)})" for k in ran)
 
 
-def _eval_ids(tokenizer, text_source: str | None):
+def _eval_ids(tokenizer, text_source: str | None, bos: int | None = None):
+    special = bos is None  # windows with their own BOS read a stream without one
     if text_source is None:
-        return split_ids(tokenize(tokenizer, load_text(None)))[1]
-    return tokenize(tokenizer, load_text(text_source, split="validation"))
+        return split_ids(tokenize(tokenizer, load_text(None), special))[1]
+    return tokenize(tokenizer, load_text(text_source, split="validation"), special)
 
 
-def _calibration(tokenizer, args):
-    ids = tokenize(tokenizer, load_text(args.text, split="train"))
+def _calibration(tokenizer, args, bos: int | None = None):
+    ids = tokenize(tokenizer, load_text(args.text, split="train"), bos is None)
     if args.text is None:
         ids = split_ids(ids)[0]
-    return calibration_windows(ids, args.nsamples, args.seqlen, args.seed)
+    return calibration_windows(ids, args.nsamples, args.seqlen, args.seed, bos)
+
+
+def _add_bos_flag(parser: argparse.ArgumentParser, default: str | None) -> None:
+    saved = "; default: as the checkpoint was calibrated, else auto" if default is None else ""
+    parser.add_argument(
+        "--bos",
+        choices=BOS_POLICIES,
+        default=default,
+        help="start every window with the tokenizer's BOS: auto (when the tokenizer adds one "
+        f"to a text), always, never{saved}",
+    )
+
+
+def _checkpoint_bos(model_path: str | None) -> str | None:
+    """The ``--bos`` a checkpoint was calibrated with (None for a float model or an older one)."""
+    if model_path is None or not is_quantized_checkpoint(model_path):
+        return None
+    try:
+        return (read_quant_log(model_path).get("run") or {}).get("bos")
+    except (OSError, ValueError):
+        return None
 
 
 def _check_device(name: str) -> None:
@@ -396,13 +423,14 @@ def _quantize(args, method, config, overrides, world: World) -> int:
     if args.evaluate:
         _check_seqlen(model, "--eval-seqlen", args.eval_seqlen)
     plan_layers(describe_model(model), method, config, overrides)  # refuse before any slow work
-    calib = _calibration(tokenizer, args)
+    bos = window_bos(tokenizer, args.bos)
+    calib = _calibration(tokenizer, args, bos)
     load_s = time.perf_counter() - t0
     ppl_before = ppl_after = None
     heldout = None
     if args.evaluate:
-        heldout = _eval_ids(tokenizer, args.eval_text)
-        ppl_before = perplexity(model, heldout, args.eval_seqlen, world=world)
+        heldout = _eval_ids(tokenizer, args.eval_text, bos)
+        ppl_before = perplexity(model, heldout, args.eval_seqlen, world=world, bos=bos)
         log.info("perplexity before: %.4f", ppl_before)
     t1 = time.perf_counter()
     summary = quantize_model(
@@ -419,10 +447,11 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         batch_size=args.batch_size,
         checkpoint_format=args.checkpoint_format,
         world=world,
+        run_info={"bos": "never" if bos is None else "always", "bos_token_id": bos},
     )
     quantize_s = time.perf_counter() - t1
     if args.evaluate:
-        ppl_after = perplexity(model, heldout, args.eval_seqlen, world=world)
+        ppl_after = perplexity(model, heldout, args.eval_seqlen, world=world, bos=bos)
     total_s = time.perf_counter() - t0
     payload = {
         "model": args.model or "SmolLM2-135M-Instruct (default)",
@@ -477,12 +506,15 @@ def _evaluate(args, world: World) -> int:
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; perplexity needs a tokenizer")
     _check_seqlen(model, "--seqlen", args.seqlen)
-    ids = _eval_ids(tokenizer, args.text)
-    ppl = perplexity(model, ids, args.seqlen, world=world)
+    policy = args.bos or _checkpoint_bos(args.model) or "auto"
+    bos = window_bos(tokenizer, policy)
+    ids = _eval_ids(tokenizer, args.text, bos)
+    ppl = perplexity(model, ids, args.seqlen, world=world, bos=bos)
     payload = {
         "model": args.model or "SmolLM2-135M-Instruct (default)",
         "text": args.text,
         "seqlen": args.seqlen,
+        "bos": bos,
         "tokens": len(ids),
         "perplexity": ppl,
         "time_s": time.perf_counter() - t0,

@@ -271,3 +271,27 @@ def test_generate_bad_input(quantized, capsys, extra, rc, words):
     assert main(["generate", str(out), "--prompt", "x", *extra]) == rc
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]
+
+
+def test_bos_per_window_is_recorded_and_used_again_by_eval(cli_files, tmp_path, capsys):
+    """A tokenizer that adds a BOS gets one per window (auto); eval of the checkpoint uses it
+    again without being told, so its perplexity is the quantize run's 'after'."""
+    from tiny import make_char_tokenizer
+
+    model_dir = tmp_path / "bos_model"
+    shutil.copytree(cli_files / "model", model_dir)
+    make_char_tokenizer(add_bos=True).save_pretrained(model_dir)
+    out = tmp_path / "q"
+    text = cli_files / "text.txt"
+    assert main(_quantize_args(model_dir, text, out, "--json")) == 0
+    after = json.loads(capsys.readouterr().out)["ppl_after"]
+    run = json.loads((out / "quant_log.json").read_text())["run"]
+    assert run["bos"] == "always" and run["bos_token_id"] == 1
+    args = ["eval", str(out), "--text", str(text), "--seqlen", "64", "--json"]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["bos"] == 1 and payload["perplexity"] == pytest.approx(after, rel=1e-9)
+    assert main([*args, "--bos", "never"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] != pytest.approx(after, rel=1e-6)
+    assert main([*args, "--bos", "sometimes"]) == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -63,9 +63,10 @@ def make_tiny_opt(seed: int = 0):
     return OPTForCausalLM(cfg).float().eval()
 
 
-def make_char_tokenizer():
-    """A character-level fast tokenizer with fewer than VOCAB ids (printable ASCII)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+def make_char_tokenizer(add_bos: bool = False):
+    """A character-level fast tokenizer with fewer than VOCAB ids (printable ASCII); with
+    ``add_bos`` it starts every text with ``[BOS]``, as Llama-3's does."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     chars = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"] + list(string.printable)
@@ -73,6 +74,10 @@ def make_char_tokenizer():
     assert len(vocab) <= VOCAB
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="[UNK]",

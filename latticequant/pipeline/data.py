@@ -29,8 +29,12 @@ __all__ = [
     "split_ids",
     "calibration_windows",
     "perplexity",
+    "window_bos",
+    "BOS_POLICIES",
     "HF_DATASETS",
 ]
+
+BOS_POLICIES = ("auto", "always", "never")
 
 CALIBRATION_FRACTION = 0.8
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -110,14 +114,36 @@ def load_text(source: str | None = None, split: str = "train") -> str:
     return text
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of the whole text, tokenized once, as a 1-D LongTensor."""
+def tokenize(tokenizer, text: str, special_tokens: bool = True) -> torch.Tensor:
+    """Token ids of the whole text, tokenized once, as a 1-D LongTensor.
+
+    ``special_tokens=False`` leaves out what the tokenizer adds around a text (a BOS), for a
+    stream whose windows get their own BOS (:func:`window_bos`)."""
     if tokenizer is None:
         raise TextError("this model has no tokenizer; it cannot read text")
     if not text.strip():
         raise TextError("cannot tokenize empty text")
-    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    ids = tokenizer(text, return_attention_mask=False, add_special_tokens=special_tokens)
+    return torch.tensor(ids["input_ids"], dtype=torch.long)
+
+
+def window_bos(tokenizer, policy: str = "auto") -> int | None:
+    """The token every window starts with, or None: ``auto`` is the tokenizer's BOS when the
+    tokenizer adds one to a text (families trained always to see it), ``always`` its BOS
+    whatever it does, ``never`` none (windows are plain slices of the stream)."""
+    if policy not in BOS_POLICIES:
+        raise ValueError(f"--bos must be one of {', '.join(BOS_POLICIES)}, got {policy!r}")
+    if policy == "never" or tokenizer is None:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if policy == "always":
+        if bos is None:
+            raise ValueError("--bos always: this tokenizer has no BOS token; use --bos never")
+        return int(bos)
+    if bos is None:
+        return None
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if probe and probe[0] == bos else None
 
 
 def split_ids(ids: torch.Tensor, fraction: float = CALIBRATION_FRACTION):
@@ -128,10 +154,13 @@ def split_ids(ids: torch.Tensor, fraction: float = CALIBRATION_FRACTION):
     return ids[:cut], ids[cut:]
 
 
-def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0):
+def calibration_windows(
+    ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0, bos: int | None = None
+):
     """``nsamples`` windows of ``seqlen`` tokens drawn uniformly, as ``(nsamples, seqlen)``.
 
-    ``i = rng.randint(0, len(ids) - seqlen - 1)`` with ``rng = random.Random(seed)``.
+    ``i = rng.randint(0, len(ids) - seqlen - 1)`` with ``rng = random.Random(seed)``. With a
+    ``bos`` token, each window is that token followed by ``seqlen - 1`` tokens from ``i``.
     """
     if nsamples <= 0 or seqlen <= 0:
         raise ValueError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
@@ -146,7 +175,10 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     windows = []
     for _ in range(nsamples):
         i = rng.randint(0, len(ids) - seqlen - 1)
-        windows.append(ids[i : i + seqlen])
+        if bos is None:
+            windows.append(ids[i : i + seqlen])
+        else:
+            windows.append(torch.cat([torch.tensor([bos]), ids[i : i + seqlen - 1]]))
     return torch.stack(windows)
 
 
@@ -159,24 +191,29 @@ def perplexity(
     device: str | torch.device = "cpu",
     progress: bool = True,
     world: World | None = None,
+    bos: int | None = None,
 ) -> float:
     """``exp`` of the mean next-token cross-entropy over non-overlapping ``seqlen`` windows.
 
     The tail that does not fill a window is dropped; each window predicts ``seqlen - 1`` tokens.
     A model whose blocks are kept on disk (:mod:`latticequant.pipeline.offload`) is run block
     by block, each block read once, with the same result. Across ranks (``world``) each rank
-    runs its share of the windows and every rank returns the same figure.
+    runs its share of the windows and every rank returns the same figure. With a ``bos`` token
+    each window is that token and the next ``seqlen - 1`` tokens of the text (the same
+    ``seqlen - 1`` predictions per window).
     """
     world = World() if world is None else world
     if seqlen < 2:
         raise ValueError(f"seqlen must be at least 2, got {seqlen}")
-    n_windows = len(ids) // seqlen
+    span = seqlen if bos is None else seqlen - 1  # text tokens per window
+    n_windows = len(ids) // span
     if n_windows == 0:
         raise TextError(
-            f"evaluation text is too short: {len(ids)} tokens, need at least {seqlen} "
-            "for one window"
+            f"evaluation text is too short: {len(ids)} tokens, need at least {span} for one window"
         )
-    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+    windows = ids[: n_windows * span].view(n_windows, span)
+    if bos is not None:
+        windows = torch.cat([torch.full((n_windows, 1), bos, dtype=windows.dtype), windows], 1)
     r, size = world.rank, world.size
     windows = windows[r * n_windows // size : (r + 1) * n_windows // size]
     n_windows = windows.shape[0]

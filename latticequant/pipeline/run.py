@@ -328,6 +328,7 @@ def quantize_model(
     progress: bool = True,
     on_block_done: Callable[[int], None] | None = None,
     world: World | None = None,
+    run_info: dict | None = None,
 ) -> QuantizeSummary:
     """Quantize ``model``'s decoder blocks in place; write a checkpoint to ``out_dir`` if given.
 
@@ -346,13 +347,14 @@ def quantize_model(
         return _quantize_model(
             model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite,
             device, attention_mask, batch_size, checkpoint_format, hessian_dtype, progress,
-            on_block_done, world,
+            on_block_done, world, run_info or {},
         )  # fmt: skip
 
 
 def _quantize_model(
     model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite, device,
     attention_mask, batch_size, checkpoint_format, hessian_dtype, progress, on_block_done, world,
+    run_info,
 ) -> QuantizeSummary:  # fmt: skip
     method, config = _resolve_method(method, config, checkpoint_format)
     overrides = list(overrides)
@@ -442,6 +444,7 @@ def _quantize_model(
                 skipped=plan.skipped,
                 block_tensors=None if store is None else (lambda i: state.load_block(i)[0]),
                 run={
+                    **run_info,
                     "quantize_time_s": summary.time_s,
                     "n_windows": calib_ids.shape[0],
                     "seqlen": calib_ids.shape[1],

@@ -134,3 +134,46 @@ def test_perplexity_matches_a_token_by_token_reference(tiny_llama):
     # The tail does not matter; a different window length does.
     assert perplexity(tiny_llama, ids[:192], seqlen=64, progress=False) == pytest.approx(got)
     assert perplexity(tiny_llama, ids, seqlen=32, progress=False) != pytest.approx(got)
+
+
+def test_bos_policies():
+    from tiny import make_char_tokenizer
+
+    from latticequant.pipeline.data import window_bos
+
+    plain, adds = make_char_tokenizer(), make_char_tokenizer(add_bos=True)
+    assert window_bos(plain, "auto") is None and window_bos(adds, "auto") == 1
+    assert window_bos(plain, "always") == 1 and window_bos(adds, "never") is None
+    with pytest.raises(ValueError, match="--bos must be one of"):
+        window_bos(plain, "sometimes")
+    plain.bos_token = None
+    with pytest.raises(ValueError, match="no BOS token; use --bos never"):
+        window_bos(plain, "always")
+
+
+def test_windows_with_a_bos_keep_their_length():
+    from latticequant.pipeline.data import calibration_windows
+
+    ids = id_stream(3000, seed=5)
+    plain = calibration_windows(ids, 6, 40, seed=2)
+    with_bos = calibration_windows(ids, 6, 40, seed=2, bos=1)
+    assert with_bos.shape == plain.shape == (6, 40)
+    assert (with_bos[:, 0] == 1).all()
+    assert torch.equal(with_bos[:, 1:], plain[:, :-1])  # the same draws, shifted by the BOS
+
+
+@torch.no_grad()
+def test_perplexity_with_a_bos_per_window_against_a_direct_loop():
+    from tiny import make_tiny_llama
+
+    model = make_tiny_llama()
+    ids = id_stream(1000, seed=6)
+    seqlen, nll, count = 64, 0.0, 0
+    for start in range(0, len(ids) - (seqlen - 1) + 1, seqlen - 1):
+        window = torch.cat([torch.tensor([1]), ids[start : start + seqlen - 1]])[None]
+        logp = torch.log_softmax(model(window).logits[0].double(), -1)
+        nll -= logp[:-1].gather(1, window[0, 1:, None]).sum().item()
+        count += seqlen - 1
+    ours = perplexity(model, ids, seqlen, progress=False, bos=1)
+    assert ours == pytest.approx(math.exp(nll / count), rel=1e-6)
+    assert ours != pytest.approx(perplexity(model, ids, seqlen, progress=False), rel=1e-6)
