@@ -31,7 +31,7 @@ from latticequant.pipeline.data import (
 from latticequant.pipeline.distributed import RankFailedError, World
 from latticequant.pipeline.generate import GenerationConfig, generate, weight_memory
 from latticequant.pipeline.layout import describe_model
-from latticequant.pipeline.models import load_model
+from latticequant.pipeline.models import DTYPE_CHOICES, load_model
 from latticequant.pipeline.overrides import Override, parse_override, resolve_config
 from latticequant.pipeline.run import plan_layers, quantize_model
 from latticequant.pipeline.state import OutputExistsError
@@ -153,6 +153,13 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     hub.add_argument(
         "--revision", help="branch, tag or commit of a hub id (MODEL given as org/name)"
     )
+    hub.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="dtype the model lives and runs in (auto: a HF folder's own, float32 for GGUF "
+        "files and checkpoints)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser(
@@ -208,6 +215,12 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         help="windows per forward pass (default: all, one pass per block)",
     )
     q.add_argument("--device", default="cpu", help="compute device for the blocks (cpu, cuda)")
+    q.add_argument(
+        "--hessian-dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="dtype the Hessians accumulate in (float32; the solves run in float64 on the CPU)",
+    )
     _add_offload_flags(q)
     q.add_argument(
         "--no-eval",
@@ -293,7 +306,8 @@ def _load(args):
     checkpoint keeps its packed codes resident unless ``--dense-cache`` asks for speed."""
     cache = True if getattr(args, "dense_cache", False) else False
     offload = getattr(args, "offload", False) or bool(getattr(args, "offload_dir", None))
-    return load_model(args.model, offload, getattr(args, "offload_dir", None), cache, args.revision)
+    offload_dir = getattr(args, "offload_dir", None)
+    return load_model(args.model, offload, offload_dir, cache, args.revision, args.dtype)
 
 
 def _add_cache_flag(parser: argparse.ArgumentParser) -> None:
@@ -456,6 +470,7 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         device=args.device,
         batch_size=args.batch_size,
         checkpoint_format=args.checkpoint_format,
+        hessian_dtype=getattr(torch, args.hessian_dtype),
         world=world,
         run_info={"bos": "never" if bos is None else "always", "bos_token_id": bos},
     )
@@ -474,6 +489,7 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         "load_s": load_s,
         "quantize_s": quantize_s,
         "total_s": total_s,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,
         "timings": summary.timings,

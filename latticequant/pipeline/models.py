@@ -10,6 +10,7 @@ GGUF file is kept in a cache folder (``$LATTICEQUANT_CACHE``, else
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -178,7 +179,35 @@ def _load_gguf(path: str):
     return model.eval(), tokenizer
 
 
-def _load_folder(path: str):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def folder_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The dtype a HF folder's config.json names (``dtype`` or ``torch_dtype``), else float32."""
+    try:
+        with open(os.path.join(path, "config.json")) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def _dtype_of(name: str | torch.dtype, source: str | None) -> torch.dtype:
+    """``auto``: a float folder's own dtype; GGUF files and checkpoints are float32 as read."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPE_CHOICES:
+        raise ModelLoadError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
+    if name != "auto":
+        return DTYPES[name]
+    if source is None or os.path.isfile(source) or is_quantized_checkpoint(source):
+        return torch.float32
+    return folder_dtype(source)
+
+
+def _load_folder(path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -187,7 +216,7 @@ def _load_folder(path: str):
             return _load_gguf(os.path.join(path, ggufs[0]))
         raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as exc:  # transformers raises many types for corrupt folders
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model from {path}: {first_line}") from exc
@@ -258,6 +287,7 @@ def load_model(
     offload_dir: str | os.PathLike | None = None,
     cache_weight: bool | None = None,
     revision: str | None = None,
+    dtype: str | torch.dtype = "float32",
 ):
     """``(model, tokenizer)`` in float32 on the CPU from a HF folder, a GGUF file, or the default.
 
@@ -266,9 +296,17 @@ def load_model(
     (:mod:`latticequant.pipeline.offload`; quantized weights go to ``offload_dir``, a temporary
     folder by default): for models larger than memory. ``cache_weight`` is passed to
     :func:`~latticequant.pipeline.checkpoint.load_quantized` for a checkpoint. A ``source``
-    that is no local path is a hub id (:func:`resolve_source`, ``revision``).
+    that is no local path is a hub id (:func:`resolve_source`, ``revision``). ``dtype``: the
+    dtype the model lives and runs in (``auto``: a float folder's own; a GGUF file or a
+    checkpoint is read in float32 and then cast; quantized layers keep their stored grid).
     """
     source = resolve_source(source, revision)
+    dtype = _dtype_of(dtype, source)
+    model, tokenizer = _load(source, offload, offload_dir, cache_weight, dtype)
+    return (model if model.dtype == dtype else model.to(dtype)), tokenizer
+
+
+def _load(source, offload, offload_dir, cache_weight, dtype):
     if offload:
         if source is None or os.path.isfile(source):
             raise OffloadError(
@@ -277,7 +315,7 @@ def load_model(
                 "whole (run without --offload)"
             )
         if not is_quantized_checkpoint(source):
-            return load_offloaded(source, offload_dir), load_tokenizer(source)
+            return load_offloaded(source, offload_dir, dtype), load_tokenizer(source)
         log.info("%s is a quantized checkpoint: loaded whole", source)
     if source is None:
         return _load_gguf(default_model_path())
@@ -287,4 +325,4 @@ def load_model(
         return _load_gguf(source)
     if is_quantized_checkpoint(source):
         return load_quantized(source, cache_weight=cache_weight), load_tokenizer(source)
-    return _load_folder(source)
+    return _load_folder(source, dtype)

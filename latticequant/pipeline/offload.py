@@ -244,11 +244,15 @@ def store_of(model: nn.Module) -> BlockStore | None:
     return getattr(model, STORE_ATTRIBUTE, None)
 
 
-def load_offloaded(folder: str | os.PathLike, store_folder: str | os.PathLike | None = None):
+def load_offloaded(
+    folder: str | os.PathLike,
+    store_folder: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+):
     """The model of a HF folder with its decoder blocks left on disk (its tokenizer is
     :func:`latticequant.pipeline.models.load_tokenizer`'s).
 
-    Everything but the blocks (embeddings, final norm, head) is read into memory in float32;
+    Everything but the blocks (embeddings, final norm, head) is read into memory in ``dtype``;
     the blocks are read one at a time by the model's :class:`BlockStore` (see :func:`store_of`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -262,7 +266,7 @@ def load_offloaded(folder: str | os.PathLike, store_folder: str | os.PathLike | 
     try:
         config = AutoConfig.from_pretrained(str(folder))
         with empty_parameters():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as exc:  # transformers raises many types for a bad config
         raise OffloadError(f"cannot build a model from {folder}/config.json: {exc}") from exc
     layout = describe_model(model)
@@ -274,7 +278,7 @@ def load_offloaded(folder: str | os.PathLike, store_folder: str | os.PathLike | 
             if key in files:
                 sources[name] = (files[key], key)
                 break
-    store = BlockStore(model, sources, store_folder)
+    store = BlockStore(model, sources, store_folder, dtype)
 
     in_blocks = f"{layout.block_path}."
     tied = getattr(config, "tie_word_embeddings", False)
