@@ -31,6 +31,7 @@ from latticequant.pipeline.data import (
 from latticequant.pipeline.distributed import RankFailedError, World
 from latticequant.pipeline.generate import GenerationConfig, generate, weight_memory
 from latticequant.pipeline.layout import describe_model
+from latticequant.pipeline.memory import check_run_memory
 from latticequant.pipeline.models import DTYPE_CHOICES, load_model
 from latticequant.pipeline.overrides import Override, parse_override, resolve_config
 from latticequant.pipeline.run import plan_layers, quantize_model
@@ -446,7 +447,18 @@ def _quantize(args, method, config, overrides, world: World) -> int:
     _check_seqlen(model, "--seqlen", args.seqlen)
     if args.evaluate:
         _check_seqlen(model, "--eval-seqlen", args.eval_seqlen)
-    plan_layers(describe_model(model), method, config, overrides)  # refuse before any slow work
+    layout = describe_model(model)
+    plan_layers(layout, method, config, overrides)  # refuse before any slow work
+    check_run_memory(
+        model,
+        layout,
+        args.nsamples,
+        args.seqlen,
+        args.batch_size,
+        torch.device(args.device),
+        getattr(torch, args.hessian_dtype),
+        world.size,
+    )
     bos = window_bos(tokenizer, args.bos)
     calib = _calibration(tokenizer, args, bos)
     load_s = time.perf_counter() - t0

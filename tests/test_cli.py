@@ -295,3 +295,15 @@ def test_bos_per_window_is_recorded_and_used_again_by_eval(cli_files, tmp_path, 
     assert json.loads(capsys.readouterr().out)["perplexity"] != pytest.approx(after, rel=1e-6)
     assert main([*args, "--bos", "sometimes"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_run_too_big_for_the_machine_is_refused_before_any_forward(
+    tiny_llama_dir, sample_text_file, tmp_path, capsys
+):
+    out = tmp_path / "big"
+    argv = ["quantize", str(tiny_llama_dir), "--nsamples", "200000", "--seqlen", "256"]
+    argv += ["--text", str(sample_text_file), "--no-eval", "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GiB is free; lower --nsamples" in err[0]
+    assert not out.exists() and not (tmp_path / "big.partial").exists()

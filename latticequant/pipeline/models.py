@@ -190,6 +190,8 @@ def folder_dtype(path: str | os.PathLike) -> torch.dtype:
             config = json.load(fh)
     except (OSError, ValueError):
         return torch.float32
+    if not isinstance(config, dict):  # the loader says what is wrong with it
+        return torch.float32
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
 

@@ -38,6 +38,7 @@ from latticequant.pipeline.layout import (
     linear_weight,
     set_linear_weight,
 )
+from latticequant.pipeline.memory import check_run_memory
 from latticequant.pipeline.offload import BlockStore, store_of
 from latticequant.pipeline.overrides import Override, resolve_config, skip_reason
 from latticequant.pipeline.state import (
@@ -363,6 +364,16 @@ def _quantize_model(
     model.eval()
     plan = plan_layers(layout, method, config, overrides)
     store = store_of(model)  # blocks kept on disk: one in memory at a time
+    check_run_memory(
+        model,
+        layout,
+        calib_ids.shape[0],
+        calib_ids.shape[1],
+        batch_size,
+        torch.device(device),
+        hessian_dtype,
+        world.size,
+    )
 
     output = None
     if out_dir is not None and world.rank == 0:

@@ -1,0 +1,148 @@
+"""What one block's quantization needs in memory, estimated before the first forward.
+
+A run holds, at its peak: the calibration hidden states of every window (the block's inputs and
+its outputs), the largest activation of one forward batch (the MLP's intermediate, the attention
+scores), the block's weights with a float32 copy of each quantized weight, and the Hessians of
+the layer group being solved (the pending subtrees of the summation tree) with the float64
+copies the solve makes. When that exceeds what the machine has, the run is refused with the
+flag to change, instead of being killed an hour later.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from latticequant.pipeline.layout import ModelLayout, linear_weight
+
+__all__ = [
+    "BlockMemory",
+    "InsufficientMemoryError",
+    "estimate_block_memory",
+    "available_memory",
+    "check_memory",
+    "check_run_memory",
+]
+
+GIB = 1 << 30
+
+
+class InsufficientMemoryError(ValueError):
+    """A run that would not fit in the memory of its device."""
+
+
+@dataclass(frozen=True)
+class BlockMemory:
+    """Bytes by kind; ``total`` is what the run needs at its peak beyond the loaded model."""
+
+    hidden: int
+    activations: int
+    weights: int
+    hessians: int
+
+    @property
+    def total(self) -> int:
+        return self.hidden + self.activations + self.weights + self.hessians
+
+
+def estimate_block_memory(
+    layout: ModelLayout,
+    n_windows: int,
+    seqlen: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    hessian_dtype: torch.dtype = torch.float32,
+    config=None,
+) -> BlockMemory:
+    """The peak bytes of quantizing the largest block of ``layout`` on ``n_windows`` windows of
+    ``seqlen`` tokens, run ``batch_size`` windows at a time in ``dtype``."""
+    act = torch.finfo(dtype).bits // 8
+    block = max(layout.blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
+    shapes = []
+    for subset in layout.subsets:
+        for name in subset:
+            try:
+                shapes.append(tuple(linear_weight(block.get_submodule(name)).shape))
+            except AttributeError:
+                continue
+    if not shapes:
+        return BlockMemory(0, 0, 0, 0)
+    hidden_size = int(getattr(config, "hidden_size", 0) or shapes[0][1])  # the first group's input
+    widest = max(d_out for d_out, _ in shapes)
+    tokens = n_windows * seqlen
+    batch_tokens = min(batch_size, n_windows) * seqlen
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    hidden = 2 * tokens * hidden_size * act  # inputs and outputs of the block
+    scores = min(batch_size, n_windows) * heads * seqlen * seqlen * act
+    activations = 3 * batch_tokens * widest * act + scores
+    params = sum(p.numel() * p.element_size() for p in block.parameters())
+    weights = params + sum(o * i * 4 for o, i in shapes)
+    depth = int(math.log2(max(n_windows, 1))) + 1  # pending subtrees of the summation tree
+    h_bytes = torch.finfo(hessian_dtype).bits // 8
+    d_max = max(d_in for _, d_in in shapes)
+    hessians = d_max * d_max * (h_bytes * depth + 8 * 3)
+    return BlockMemory(hidden, activations, weights, hessians)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for the run on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:
+            return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(need: BlockMemory, device: torch.device, available: int | None = None) -> None:
+    """Refuse, in one line naming the flags to change, a run that cannot fit."""
+    have = available_memory(device) if available is None else available
+    if have is None or need.total <= have:
+        return
+    raise InsufficientMemoryError(
+        f"quantizing one block needs about {need.total / GIB:.1f} GiB on {device} (hidden "
+        f"states {need.hidden / GIB:.1f}, activations {need.activations / GIB:.1f}, weights "
+        f"{need.weights / GIB:.1f}, Hessians {need.hessians / GIB:.1f}) but "
+        f"{have / GIB:.1f} GiB is free; lower --nsamples or --batch-size, keep the blocks on "
+        "disk with --offload, or use another --device"
+    )
+
+
+def check_run_memory(
+    model,
+    layout: ModelLayout,
+    n_windows: int,
+    seqlen: int,
+    batch_size: int | None,
+    device: torch.device,
+    hessian_dtype: torch.dtype = torch.float32,
+    ranks: int = 1,
+) -> BlockMemory:
+    """Estimate one block's needs for this rank's share of the windows and refuse what cannot
+    fit (:class:`InsufficientMemoryError`); returns the estimate."""
+    share = -(-n_windows // max(ranks, 1))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    need = estimate_block_memory(
+        layout,
+        share,
+        seqlen,
+        share if batch_size is None else batch_size,
+        dtype,
+        hessian_dtype,
+        getattr(model, "config", None),
+    )
+    check_memory(need, torch.device(device))
+    return need

@@ -1,0 +1,39 @@
+"""The memory estimate that refuses a run before its first forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import make_tiny_llama
+
+from latticequant.pipeline.layout import describe_model
+from latticequant.pipeline.memory import (
+    InsufficientMemoryError,
+    check_memory,
+    estimate_block_memory,
+)
+
+
+def test_the_estimate_follows_windows_batches_and_dtype():
+    model = make_tiny_llama()
+    layout = describe_model(model)
+    a = estimate_block_memory(layout, 64, 128, 64, torch.float32, config=model.config)
+    b = estimate_block_memory(layout, 128, 128, 64, torch.float32, config=model.config)
+    c = estimate_block_memory(layout, 64, 128, 8, torch.float32, config=model.config)
+    d = estimate_block_memory(layout, 64, 128, 64, torch.bfloat16, config=model.config)
+    assert b.hidden == 2 * a.hidden and b.activations == a.activations
+    assert c.activations * 8 == a.activations and c.hidden == a.hidden
+    assert d.hidden * 2 == a.hidden
+    # hidden states of the block's inputs and outputs: 2 x tokens x hidden size x 4 bytes
+    assert a.hidden == 2 * 64 * 128 * model.config.hidden_size * 4
+
+
+def test_a_run_that_cannot_fit_is_refused_naming_the_flags():
+    model = make_tiny_llama()
+    need = estimate_block_memory(describe_model(model), 64, 128, 64, torch.float32)
+    check_memory(need, torch.device("cpu"), available=need.total)
+    with pytest.raises(InsufficientMemoryError) as info:
+        check_memory(need, torch.device("cpu"), available=need.total // 2)
+    message = str(info.value)
+    assert "--nsamples" in message and "--offload" in message and "--device" in message
+    assert "\n" not in message
