@@ -113,6 +113,19 @@ def _positive(name: str, minimum: int = 1):
     return parse
 
 
+def _block_range(text: str) -> tuple[int, int]:
+    """``--blocks START:END``: the blocks START <= i < END."""
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--blocks expects START:END (two integers, e.g. 0:2), got {text!r}"
+        ) from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks needs 0 <= START < END, got {text}")
+    return start, end
+
+
 def _nonnegative_float(name: str):
     """An argparse type: a finite float >= 0, with a one-line error naming the flag."""
 
@@ -216,6 +229,13 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         help="windows per forward pass (default: all, one pass per block)",
     )
     q.add_argument("--device", default="cpu", help="compute device for the blocks (cpu, cuda)")
+    q.add_argument(
+        "--blocks",
+        type=_block_range,
+        metavar="START:END",
+        help="quantize only the blocks START <= i < END (the others stay in float; the run stops "
+        "after END)",
+    )
     q.add_argument(
         "--hessian-dtype",
         choices=("float32", "float64"),
@@ -448,7 +468,7 @@ def _quantize(args, method, config, overrides, world: World) -> int:
     if args.evaluate:
         _check_seqlen(model, "--eval-seqlen", args.eval_seqlen)
     layout = describe_model(model)
-    plan_layers(layout, method, config, overrides)  # refuse before any slow work
+    plan_layers(layout, method, config, overrides, args.blocks)  # refuse before any slow work
     check_run_memory(
         model,
         layout,
@@ -484,6 +504,7 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         checkpoint_format=args.checkpoint_format,
         hessian_dtype=getattr(torch, args.hessian_dtype),
         world=world,
+        blocks=args.blocks,
         run_info={"bos": "never" if bos is None else "always", "bos_token_id": bos},
     )
     quantize_s = time.perf_counter() - t1

@@ -136,22 +136,39 @@ def _check_run_inputs(calib_ids, attention_mask, batch_size, device) -> tuple[in
 
 
 def plan_layers(
-    layout: ModelLayout, method: Method, config, overrides: Sequence[Override]
+    layout: ModelLayout,
+    method: Method,
+    config,
+    overrides: Sequence[Override],
+    blocks: tuple[int, int] | None = None,
 ) -> LayerPlan:
     """Every linear layer's config after the overrides, each checked by the method.
+
+    ``blocks``: ``(start, end)``, only the blocks ``start <= i < end`` are quantized; the
+    layers of the others are skipped, saying so.
 
     Raises :class:`~latticequant.methods.UnsupportedConfigError` naming the first layer the
     method's format cannot store (so nothing slow has run yet), and ``ValueError`` when the
     skip patterns leave nothing to quantize.
     """
+    n = len(layout.blocks)
+    if blocks is not None and not 0 <= blocks[0] < blocks[1] <= n:
+        raise ValueError(
+            f"--blocks {blocks[0]}:{blocks[1]} is not a range of this model's {n} blocks "
+            f"(START:END with 0 <= START < END <= {n})"
+        )
     configs: dict[int, dict[str, object]] = {}
     skipped: dict[str, str] = {}
-    for index in range(len(layout.blocks)):
+    for index in range(n):
         block = layout.blocks[index]
         configs[index] = {}
+        outside = blocks is not None and not blocks[0] <= index < blocks[1]
         for subset in layout.subsets:
             for local in subset:
                 name = f"{layout.block_name(index)}.{local}"
+                if outside:
+                    skipped[name] = f"outside --blocks {blocks[0]}:{blocks[1]}"
+                    continue
                 cfg = resolve_config(name, config, overrides)
                 if cfg is None:
                     skipped[name] = skip_reason(name, overrides) or "skipped"
@@ -330,6 +347,7 @@ def quantize_model(
     on_block_done: Callable[[int], None] | None = None,
     world: World | None = None,
     run_info: dict | None = None,
+    blocks: tuple[int, int] | None = None,
 ) -> QuantizeSummary:
     """Quantize ``model``'s decoder blocks in place; write a checkpoint to ``out_dir`` if given.
 
@@ -348,21 +366,22 @@ def quantize_model(
         return _quantize_model(
             model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite,
             device, attention_mask, batch_size, checkpoint_format, hessian_dtype, progress,
-            on_block_done, world, run_info or {},
+            on_block_done, world, run_info or {}, blocks,
         )  # fmt: skip
 
 
 def _quantize_model(
     model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite, device,
     attention_mask, batch_size, checkpoint_format, hessian_dtype, progress, on_block_done, world,
-    run_info,
+    run_info, blocks,
 ) -> QuantizeSummary:  # fmt: skip
     method, config = _resolve_method(method, config, checkpoint_format)
     overrides = list(overrides)
     _check_run_inputs(calib_ids, attention_mask, batch_size, device)
     layout = describe_model(model)
     model.eval()
-    plan = plan_layers(layout, method, config, overrides)
+    plan = plan_layers(layout, method, config, overrides, blocks)
+    last = max(i for i, c in plan.configs.items() if c)  # no block after it needs running
     store = store_of(model)  # blocks kept on disk: one in memory at a time
     check_run_memory(
         model,
@@ -384,7 +403,11 @@ def _quantize_model(
             overrides,
             calib_ids,
             attention_mask,
-            {"checkpoint_format": checkpoint_format, "batch_size": batch_size},
+            {
+                "checkpoint_format": checkpoint_format,
+                "batch_size": batch_size,
+                **({"blocks": list(blocks)} if blocks else {}),
+            },
         )
         output = prepare_output(out_dir, overwrite, resume, run_fingerprint)
     state = None if output is None else output[2]
@@ -400,9 +423,8 @@ def _quantize_model(
     t_start = time.perf_counter()
     comm_before = dict(world.timings)
     solve_s = 0.0
-    blocks = range(start, len(layout.blocks))
     bar = tqdm(
-        blocks,
+        range(start, last + 1),
         desc=f"quantize ({method.name})",
         unit="block",
         disable=not progress or world.rank != 0,
@@ -453,7 +475,9 @@ def _quantize_model(
                 checkpoint_format=checkpoint_format,
                 overrides=overrides,
                 skipped=plan.skipped,
-                block_tensors=None if store is None else (lambda i: state.load_block(i)[0]),
+                block_tensors=None
+                if store is None
+                else (lambda i: state.load_block(i)[0] if i <= last else {}),
                 run={
                     **run_info,
                     "quantize_time_s": summary.time_s,

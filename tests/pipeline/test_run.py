@@ -317,3 +317,37 @@ def test_bad_inputs(calib_ids):
             quantize_model(model, None, calib_ids, "rtn", None, None, device="cuda")
     with pytest.raises(ValueError, match="unsupported model"):
         quantize_model(torch.nn.Sequential(torch.nn.ReLU()), None, calib_ids, "rtn", None, None)
+
+
+def test_a_block_range_quantizes_only_those_blocks_and_stops_after_them(tmp_path):
+    """--blocks 0:1 on three blocks: block 0 gets the codes of a whole run (it sees the same
+    inputs), blocks 1 and 2 stay float and are listed as skipped, and block 2 never runs."""
+    from latticequant.checkpoint import load_quantized
+
+    from tiny import id_stream
+
+    ids = id_stream(4 * 32, seed=9).view(4, 32)
+    full = make_tiny_llama(num_hidden_layers=3)
+    quantize_model(full, None, ids, "gptq", _cfg(), progress=False)
+    part = make_tiny_llama(num_hidden_layers=3)
+    original = {k: v.clone() for k, v in part.state_dict().items()}
+    calls = []
+    part.model.layers[2].register_forward_pre_hook(lambda m, a: calls.append(1))
+    summary = quantize_model(
+        part, None, ids, "gptq", _cfg(), tmp_path / "q", blocks=(0, 1), progress=False
+    )
+    assert not calls and len(summary) == 7 and len(summary.skipped) == 14
+    assert set(summary.skipped.values()) == {"outside --blocks 0:1"}
+    for k, v in part.state_dict().items():
+        if k.startswith("model.layers.0.") and k.endswith("proj.weight"):
+            assert torch.equal(v, full.state_dict()[k])
+        elif k.startswith(("model.layers.1.", "model.layers.2.")):
+            assert torch.equal(v, original[k])
+    loaded = load_quantized(tmp_path / "q")
+    assert torch.equal(
+        loaded.model.layers[2].mlp.down_proj.weight, original["model.layers.2.mlp.down_proj.weight"]
+    )
+    with pytest.raises(ValueError, match="not a range of this model's 3 blocks"):
+        quantize_model(
+            make_tiny_llama(num_hidden_layers=3), None, ids, "gptq", _cfg(), blocks=(1, 4)
+        )
