@@ -322,9 +322,9 @@ def test_bad_inputs(calib_ids):
 def test_a_block_range_quantizes_only_those_blocks_and_stops_after_them(tmp_path):
     """--blocks 0:1 on three blocks: block 0 gets the codes of a whole run (it sees the same
     inputs), blocks 1 and 2 stay float and are listed as skipped, and block 2 never runs."""
-    from latticequant.checkpoint import load_quantized
-
     from tiny import id_stream
+
+    from latticequant.checkpoint import load_quantized
 
     ids = id_stream(4 * 32, seed=9).view(4, 32)
     full = make_tiny_llama(num_hidden_layers=3)
