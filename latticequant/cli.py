@@ -33,6 +33,7 @@ from latticequant.pipeline.generate import GenerationConfig, generate, weight_me
 from latticequant.pipeline.layout import describe_model
 from latticequant.pipeline.memory import check_run_memory
 from latticequant.pipeline.models import DTYPE_CHOICES, load_model
+from latticequant.pipeline.offload import store_of
 from latticequant.pipeline.overrides import Override, parse_override, resolve_config
 from latticequant.pipeline.run import plan_layers, quantize_model
 from latticequant.pipeline.state import OutputExistsError
@@ -270,6 +271,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     e.add_argument(
         "--seqlen", type=_positive("--seqlen", 2), default=512, help="window length (default 512)"
     )
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     _add_offload_flags(e)
     _add_cache_flag(e)
     _add_bos_flag(e, None)
@@ -561,6 +563,7 @@ def cmd_eval(args) -> int:
 
 def _evaluate(args, world: World) -> int:
     t0 = time.perf_counter()
+    _check_device(args.device)
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; perplexity needs a tokenizer")
@@ -568,7 +571,9 @@ def _evaluate(args, world: World) -> int:
     policy = args.bos or _checkpoint_bos(args.model) or "auto"
     bos = window_bos(tokenizer, policy)
     ids = _eval_ids(tokenizer, args.text, bos)
-    ppl = perplexity(model, ids, args.seqlen, world=world, bos=bos)
+    if store_of(model) is None:  # blocks kept on disk go to the device one at a time
+        model.to(args.device)
+    ppl = perplexity(model, ids, args.seqlen, device=args.device, world=world, bos=bos)
     payload = {
         "model": args.model or "SmolLM2-135M-Instruct (default)",
         "text": args.text,
