@@ -138,6 +138,12 @@ def reference_wall(results: dict, grid: str, invocation: str | None) -> float | 
     return ref["wall_s"] if ref else None
 
 
+def active_wall(run: dict) -> float:
+    """Wall seconds of a run less any time its process was stopped (``paused_s``: the process
+    was suspended while another measurement needed the machine)."""
+    return run["wall_s"] - run.get("paused_s", 0.0)
+
+
 def write_table(results: dict, path: Path) -> None:
     env = results.get("env", {})
     lines = [
@@ -149,7 +155,8 @@ def write_table(results: dict, path: Path) -> None:
         f"held-out {results.get('float_ppl', {}).get('heldout', float('nan')):.3f}, second text "
         f"{results.get('float_ppl', {}).get('second', float('nan')):.3f}. Loss: summed "
         "`tr((W-Q) H (W-Q)^T)` over all 210 layers, relative to GPTQ's on the same Hessians; "
-        "time relative to the GPTQ run of the same grid and invocation (`run`).",
+        "time relative to the GPTQ run of the same grid and invocation (`run`); wall seconds "
+        "leave out any time the process was suspended (`paused_s` in the JSON).",
         "",
         "| run | method | refine | loss / GPTQ | ppl held-out | ppl second text | wall s "
         "| x GPTQ time | run |",
@@ -160,11 +167,11 @@ def write_table(results: dict, path: Path) -> None:
         for r in sorted((r for r in runs.values() if r["grid"] == grid), key=lambda r: r["name"]):
             method = r["method"] + (f" K={r['config']['beam']}" if "beam" in r["config"] else "")
             base = reference_wall(results, grid, r.get("invocation"))
-            ratio = f"{r['wall_s'] / base:.2f}" if base else "–"
+            ratio = f"{active_wall(r) / base:.2f}" if base else "–"
             lines.append(
                 f"| {r['name']} | {method} | {r['config'].get('refine') or '–'} "
                 f"| {r['loss_vs_gptq']:.3f} | {r['ppl_heldout']:.3f} | {r['ppl_second']:.3f} "
-                f"| {r['wall_s']:.0f} | {ratio} | {r.get('invocation', '')} |"
+                f"| {active_wall(r):.0f} | {ratio} | {r.get('invocation', '')} |"
             )
     path.write_text("\n".join(lines) + "\n")
 
@@ -180,6 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=DOCS)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--table", action="store_true", help="only rewrite the table from the JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     runs = select(all_runs(), args.runs)
@@ -199,6 +207,9 @@ def main(argv=None) -> int:
             args.out = ROOT / "runs" / "bench_decoders_smoke"
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{stem}.json"
+    if args.table:
+        write_table(load_results(json_path), args.out / f"{stem}.md")
+        return 0
 
     from latticequant.pipeline import data
     from latticequant.pipeline.models import load_model
