@@ -164,11 +164,16 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     )
     common = Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    hub = Parser(add_help=False)
-    hub.add_argument(
+    loading = Parser(add_help=False)
+    loading.add_argument(
         "--revision", help="branch, tag or commit of a hub id (MODEL given as org/name)"
     )
-    hub.add_argument(
+    loading.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs: cpu, cuda or cuda:N (quantize: one block at a time)",
+    )
+    loading.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         default="auto",
@@ -179,7 +184,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "quantize",
-        parents=[common, hub],
+        parents=[common, loading],
         help="quantize a model block by block and save a checkpoint",
     )
     q.add_argument(
@@ -229,7 +234,6 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         default=None,
         help="windows per forward pass (default: all, one pass per block)",
     )
-    q.add_argument("--device", default="cpu", help="compute device for the blocks (cpu, cuda)")
     q.add_argument(
         "--blocks",
         type=_block_range,
@@ -264,21 +268,22 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     _add_config_flags(q, get_method(method_name).config_cls)
 
     e = sub.add_parser(
-        "eval", parents=[common, hub], help="perplexity of a float or quantized model"
+        "eval", parents=[common, loading], help="perplexity of a float or quantized model"
     )
     e.add_argument("model", nargs="?", help="HF folder, .gguf file, checkpoint or hub id")
     e.add_argument("--text", help="text file or folder (default: the protocol's held-out 20%%)")
     e.add_argument(
         "--seqlen", type=_positive("--seqlen", 2), default=512, help="window length (default 512)"
     )
-    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     _add_offload_flags(e)
     _add_cache_flag(e)
     _add_bos_flag(e, None)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     g = sub.add_parser(
-        "generate", parents=[common, hub], help="generate text from a float model or a checkpoint"
+        "generate",
+        parents=[common, loading],
+        help="generate text from a float model or a checkpoint",
     )
     g.add_argument("model", nargs="?", help="HF folder, .gguf file, checkpoint or hub id")
     g.add_argument("--prompt", required=True, help="the prompt (a user turn of the chat template)")
@@ -304,7 +309,6 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         action="store_false",
         help="feed the prompt as is, even when the tokenizer has a chat template",
     )
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     _add_cache_flag(g)
     g.add_argument("--json", action="store_true", help="print one JSON object")
 
