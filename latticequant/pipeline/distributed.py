@@ -254,25 +254,6 @@ class World:
         self.timings[kind] += time.perf_counter() - t0
         return self._unwrap(items)
 
-    def gather(self, obj, kind: str, dst: int = 0) -> list | None:
-        """Every rank's ``obj`` in rank order on rank ``dst`` (None elsewhere)."""
-        if not self.distributed:
-            return [obj]
-        import torch.distributed as dist
-
-        t0 = time.perf_counter()
-        buf = self._bytes(obj)
-        lengths = self._lengths(buf)
-        padded = torch.zeros(max(lengths), dtype=torch.uint8, device=self.device)
-        padded[: buf.numel()] = buf
-        bufs = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == dst else None
-        self._wait(dist.gather(padded, bufs, dst=dst, async_op=True))
-        out = None
-        if self.rank == dst:
-            out = [pickle.loads(b[:n].cpu().numpy().tobytes()) for b, n in zip(bufs, lengths)]
-        self.timings[kind] += time.perf_counter() - t0
-        return out
-
     def gather_rows(self, t: torch.Tensor, rows: Sequence[int], kind: str) -> torch.Tensor | None:
         """Every rank's ``t`` (``rows[r]`` rows on rank r, the rest of the shape and the dtype
         alike) concatenated in rank order on rank 0, None elsewhere: a plain tensor
