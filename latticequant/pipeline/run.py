@@ -205,8 +205,9 @@ def _resume(
     start = world.broadcast(0 if state is None else state.next_block(), "resume")
     layers: dict[str, QuantizedLayer] = {}
     for i in range(start):
-        done, Qs, source = ({}, None, None) if state is None else (*state.load_block(i), None)
+        done, Qs, source = {}, None, None  # what rank 0 reads and sends
         if state is not None:
+            done, Qs = state.load_block(i)
             source = state.source_checksum(i)
         light = {name: layer.without_tensors() for name, layer in done.items()}
         Qs, source, light = world.broadcast((Qs, source, light), "resume")
