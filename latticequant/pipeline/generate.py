@@ -140,7 +140,7 @@ def generate(
         )
     eos = tokenizer.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-    gen = torch.Generator().manual_seed(int(cfg.seed))
+    gen = torch.Generator(device=ids.device).manual_seed(int(cfg.seed))
     model.eval()
 
     t0 = time.perf_counter()
