@@ -58,6 +58,17 @@ def files(tmp_path_factory) -> Path:
     shutil.copytree(root / "ckpt", root / "truncated")
     weights = root / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    # an HPTQ checkpoint whose chunk offsets were tampered with (one offset one bit late)
+    args = _quantize(root, root / "hptq-offsets", "--no-eval", "--method", "hptq")
+    args[2:4] = []  # HPTQ has no groups
+    assert cli.main(args) == 0
+    from safetensors.torch import load_file, save_file
+
+    weights = root / "hptq-offsets" / "model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in sorted(tensors) if k.endswith("hptq_offsets"))
+    tensors[key][2] += 1
+    save_file(tensors, weights, metadata={"format": "pt"})
     return root
 
 
@@ -159,6 +170,12 @@ CORPUS = [
     ("eval config list", raw("eval", "ROOT/config-list"), "config-list"),
     ("eval truncated", raw("eval", "ROOT/truncated"), "truncated or corrupt"),
     ("eval seqlen zero", raw("eval", "ROOT/model", "--seqlen", "0"), "at least 2"),
+    ("eval hptq offsets", raw("eval", "ROOT/hptq-offsets"), "the stream or its offsets"),
+    (
+        "hptq chunk rows zero",
+        raw("quantize", "ROOT/model", "--method", "hptq", "--chunk-rows", "0", "--out", "OUT"),
+        "chunk_rows",
+    ),
     (
         "eval text missing",
         raw("eval", "ROOT/model", "--text", "ROOT/none.txt", "--seqlen", "64"),

@@ -17,6 +17,7 @@ from latticequant.formats.gptq import (
     validate_gptq,
 )
 from latticequant.formats.hptq import (
+    HPTQ_CHUNK_KEYS,
     HPTQ_KEYS,
     HuffmanLinear,
     decode_hptq,
@@ -60,6 +61,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "FormatError",
     "HuffmanLinear",
+    "HPTQ_CHUNK_KEYS",
     "ModuleFormat",
     "QuantLinear",
     "SSQRLinear",

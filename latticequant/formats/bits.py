@@ -36,6 +36,8 @@ KEY_KINDS = {
     "hptq_table": "huffman table",
     "hptq_scale": "scales",
     "hptq_shape": "shape",
+    "hptq_chunk_rows": "shape",
+    "hptq_offsets": "huffman offsets",
 }
 """What each stored key is, for reports that group the bits by kind."""
 

@@ -33,6 +33,9 @@ __all__ = [
     "symbol_counts",
     "encode",
     "decode",
+    "decode_chunks",
+    "chunk_starts",
+    "symbol_lengths",
     "entropy_bits",
     "MAX_LENGTH",
 ]
@@ -432,6 +435,120 @@ def decode(stream, table: HuffmanTable, n_symbols: int) -> np.ndarray:
     codes = window[starts] >> (L - lens).astype(np.uint64)
     index = offset[lens] + codes.astype(np.int64) - first[lens]
     return table.symbols[index]
+
+
+def _canonical(table: HuffmanTable) -> tuple[np.ndarray, np.ndarray]:
+    """Decoding constants of a canonical code with longest length ``L``.
+
+    ``limits[k-1]``: one past the largest ``L``-bit window that starts with a code of length at
+    most ``k``, so a window's code length is ``searchsorted(limits, window, "right") + 1``
+    (``L + 1``: no code matches). ``base[k]``: the table index of the first code of length
+    ``k`` minus that code's value, so a code's index is ``base[k] + code``.
+    """
+    L = table.max_length
+    per_length = np.bincount(table.lengths, minlength=L + 1)
+    limits = np.zeros(L, dtype=np.uint64)
+    base = np.zeros(L + 2, dtype=np.int64)
+    code, index = 0, 0
+    for k in range(1, L + 1):
+        base[k] = index - code
+        limits[k - 1] = (code + int(per_length[k])) << (L - k)
+        code = (code + int(per_length[k])) << 1
+        index += int(per_length[k])
+    base[L + 1] = table.n_symbols  # no code: reads the padding symbol
+    return limits, base
+
+
+LUT_BITS = 12
+"""Bits of the first-level table of :func:`decode_chunks` (codes longer take a slow path)."""
+
+
+def _first_level(table: HuffmanTable, limits: np.ndarray, base: np.ndarray, k: int):
+    """Length (0 when longer than ``k``) and symbol of the code at the top of every k-bit window."""
+    L = table.max_length
+    window = np.arange(1 << k, dtype=np.uint64) << np.uint64(L - k)
+    length = np.searchsorted(limits, window, side="right") + 1
+    short = length <= k
+    length = np.where(short, length, 0)
+    k_eff = np.where(short, length, 1)
+    index = base[k_eff] + (window >> (L - k_eff).astype(np.uint64)).astype(np.int64)
+    symbol = np.where(short, table.symbols[np.where(short, index, 0)], 0)
+    return length.astype(np.int64), symbol
+
+
+def symbol_lengths(values, table: HuffmanTable) -> np.ndarray:
+    """Code length of every value (int64, same shape): where each one's code ends in a stream."""
+    v = _as_int_array(values)
+    return table.lengths[table._positions(v.reshape(-1))].reshape(v.shape)
+
+
+def chunk_starts(values: np.ndarray, table: HuffmanTable, chunk: int) -> np.ndarray:
+    """Bit offset at which every chunk of ``chunk`` consecutive values starts in ``encode``'s
+    stream of ``values`` (flattened): the table that makes the chunks decodable on their own."""
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise HuffmanError(f"chunk must be a positive integer, got {chunk!r}")
+    lens = symbol_lengths(values, table).reshape(-1)
+    ends = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lens)])
+    return ends[np.arange(0, lens.size, int(chunk))]
+
+
+def decode_chunks(
+    stream, table: HuffmanTable, starts, length: int, lut_bits: int = LUT_BITS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``length`` symbols from each bit offset of ``starts``, all chunks in lockstep.
+
+    One step decodes one symbol of every chunk: a ``lut_bits`` window at each chunk's position
+    looks its code up in a first-level table; the few longer codes go through the canonical
+    thresholds. Work is vectorised over chunks, so the Python loop runs ``length`` times
+    whatever the number of chunks. Returns ``(symbols (n_chunks, length), ends)`` (``symbols`` a
+    transposed view), ``ends`` the bit position after each chunk's last code, which the caller
+    checks against the next chunk's start. A bit pattern that is no code raises
+    ``HuffmanError``; reading past the stream gives an end beyond it.
+    """
+    data = np.frombuffer(_as_bytes(stream), dtype=np.uint8)
+    start = np.array(starts, dtype=np.int64).reshape(-1)
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+        raise HuffmanError(f"length must be a non-negative integer, got {length!r}")
+    out = np.empty((int(length), start.size), dtype=np.int64)
+    if start.size == 0 or length == 0:
+        return out.T, start
+    if data.size == 0:
+        raise HuffmanError("empty Huffman stream for a non-empty tensor")
+    if (start < 0).any():
+        raise HuffmanError("Huffman chunk offsets must not be negative")
+    L = table.max_length
+    limits, base = _canonical(table)
+    k = min(int(lut_bits), L)
+    lut_len, lut_sym = _first_level(table, limits, base, k)
+    lut_len = lut_len.astype(np.uint64)
+    symbols = np.append(table.symbols, 0)
+    # the 64-bit big-endian word at every byte offset, then one of zeros read past the end
+    padded = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
+    words = np.lib.stride_tricks.sliding_window_view(padded, 8)[: data.size + 1]
+    words = np.ascontiguousarray(words).view(">u8").reshape(-1).astype(np.uint64)
+    last, seven, three = np.uint64(data.size), np.uint64(7), np.uint64(3)
+    top_k, top_l = np.uint64(64 - k), np.uint64(64 - L)
+    p = np.minimum(start, 8 * data.size).astype(np.uint64)
+    bad = False
+    for j in range(int(length)):
+        word = words[np.minimum(p >> three, last)] << (p & seven)
+        w = word >> top_k
+        n = lut_len[w]
+        out[j] = lut_sym[w]
+        slow = np.flatnonzero(n == 0)
+        if slow.size:  # codes longer than the first-level table
+            v = word[slow] >> top_l
+            ln = np.searchsorted(limits, v, side="right") + 1
+            bad = bad or bool((ln > L).any())
+            ln = np.minimum(ln, L)
+            index = base[ln] + (v >> (L - ln).astype(np.uint64)).astype(np.int64)
+            out[j, slow] = symbols[np.minimum(index, table.n_symbols)]
+            n[slow] = ln
+        p += n
+    if bad:
+        raise HuffmanError("Huffman stream holds a bit pattern that is no code of the table")
+    ends = p.astype(np.int64) + (start - np.minimum(start, 8 * data.size))
+    return out.T, ends
 
 
 def _as_bytes(data) -> bytes:

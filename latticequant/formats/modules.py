@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from latticequant.formats.gptq import GPTQ_KEYS
-from latticequant.formats.hptq import HPTQ_KEYS, build_hptq_module
+from latticequant.formats.hptq import HPTQ_CHUNK_KEYS, HPTQ_KEYS, build_hptq_module
 from latticequant.formats.packing import FormatError, check_bits, check_checkpoint_format
 from latticequant.formats.qlinear import QuantLinear, SSQRLinear
 from latticequant.formats.ssqr import SSQR_KEYS
@@ -33,6 +33,7 @@ class ModuleFormat:
     name: str
     keys: tuple[str, ...]
     build: Builder
+    optional_keys: tuple[str, ...] = ()  # read when present (for example an added index)
 
 
 _FORMATS: dict[str, ModuleFormat] = {}
@@ -99,7 +100,7 @@ def _build_ssqr(tensors, meta, bias=None) -> nn.Module:
 
 register_format(ModuleFormat("gptq", GPTQ_KEYS, _build_gptq))
 register_format(ModuleFormat("ssqr", SSQR_KEYS, _build_ssqr))
-register_format(ModuleFormat("hptq", HPTQ_KEYS, build_hptq_module))
+register_format(ModuleFormat("hptq", HPTQ_KEYS, build_hptq_module, HPTQ_CHUNK_KEYS))
 
 
 def build_module(

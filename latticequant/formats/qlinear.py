@@ -17,6 +17,7 @@ from torch import nn
 
 from latticequant.formats import kernels
 from latticequant.formats.gptq import pack_gptq_parts, unpack_gptq, validate_gptq
+from latticequant.formats.hptq import TILE_ROWS as HPTQ_TILE_ROWS
 from latticequant.formats.packing import FormatError, pack_codes, unpack_codes
 from latticequant.formats.ssqr import validate_csr
 
@@ -28,7 +29,11 @@ KERNELS = {
     "triton": "Triton kernel on the packed codes",
     "torch-packed": f"torch, packed codes dequantized {TILE_ROWS} input rows at a time",
     "torch-dense": "torch, dense weight cached from the packed codes",
-    "torch-decoded": "torch, HPTQ stream decoded to a dense weight at load",
+    "torch-decoded": "torch, HPTQ stream decoded to a dense weight kept between calls",
+    "torch-huffman": (
+        f"torch, HPTQ stream decoded {HPTQ_TILE_ROWS} output rows at a time in every call"
+    ),
+    "triton-huffman": "Triton kernel decoding the HPTQ stream's chunks on chip",
 }
 
 

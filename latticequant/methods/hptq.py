@@ -3,9 +3,10 @@
 ``Q = s * Z`` with a single float16 scale ``s`` per weight matrix and integer codes ``Z`` that
 are never clipped (so the Babai bound ``s^2/4 * tr(D)`` holds for GPTQ's codes). The codes are
 stored as a canonical Huffman bitstream (:mod:`latticequant.formats.huffman`), row-major, with
-its table, in the layout of :mod:`latticequant.formats.hptq`.
+its table and the bit offset of every chunk of ``chunk_rows`` rows (what lets the runtime decode
+the stream tile by tile), in the layout of :mod:`latticequant.formats.hptq`.
 ``s`` is found by a safeguarded secant search on ``log2 s`` so that the stored size per weight,
-the bitstream, the table, the scale and the shape all counted, lands in
+the bitstream, the table, the chunk offsets, the scale and the shape all counted, lands in
 ``[target - tol, target]``. HPTQ rounds with GPTQ's error feedback, HRTN (the baseline) rounds
 to nearest.
 """
@@ -27,6 +28,7 @@ from latticequant.core.rtn import rtn_quantize
 from latticequant.core.search import OutOfReach, meet_target
 from latticequant.formats import huffman
 from latticequant.formats.bits import effective_bits
+from latticequant.formats.hptq import chunk_index
 from latticequant.methods.registry import LayerQuant, Method, register_method
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 ROUNDINGS = ("gptq", "rtn")
-_HEADER_BITS = 16 + 64  # the float16 scale and the int32 shape
+_HEADER_BITS = 16 + 64 + 32  # the float16 scale, the int32 shape and the int32 chunk rows
 _MAX_CODE = 1 << 20  # codes beyond +-2^20 are refused: the search would only chase noise
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24
@@ -67,6 +69,8 @@ class HPTQConfig:
     max_iter: search steps at most; then the closest size not above the target is kept.
     rounding: "gptq" (HPTQ, error feedback in ``order``) or "rtn" (HRTN).
     max_code_length: longest Huffman code in bits (length-limited when needed).
+    chunk_rows: output rows per independently decodable chunk of the stream; each chunk stores
+        a 32-bit offset (counted in the bits), and more chunks decode faster in parallel.
     """
 
     target_bits: float = 3.125
@@ -77,6 +81,7 @@ class HPTQConfig:
     max_iter: int = 40
     rounding: str = "gptq"
     max_code_length: int = huffman.MAX_LENGTH
+    chunk_rows: int = 1
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +99,9 @@ class HPTQConfig:
         m = self.max_code_length
         if not isinstance(m, int) or not 8 <= m <= 32:
             raise ValueError(f"max_code_length must be an integer from 8 to 32, got {m!r}")
+        c = self.chunk_rows
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"chunk_rows must be a positive integer, got {c!r}")
         self.grid_config()  # validates damp, block_size and order tensors
 
     def grid_config(self) -> QuantConfig:
@@ -140,18 +148,21 @@ class HPTQResult:
     bits_per_weight: float
     iterations: int
     time_s: float = 0.0
+    chunk_rows: int = 1  # rows per chunk of the stored chunk index
 
     @property
     def clipped(self) -> int:
         return 0
 
 
-def _stored_bits(codes: torch.Tensor, max_code_length: int) -> tuple[int, huffman.HuffmanTable]:
-    """Exact stored size of codes in bits (stream in whole bytes, table, scale, shape)."""
+def _stored_bits(codes: torch.Tensor, cfg: HPTQConfig) -> tuple[int, huffman.HuffmanTable]:
+    """Exact stored size of codes in bits (stream in whole bytes, table, chunk offsets, scale,
+    shape)."""
     symbols, counts = huffman.symbol_counts(codes)
-    table = huffman.table_from_counts(symbols, counts, max_code_length)
+    table = huffman.table_from_counts(symbols, counts, cfg.max_code_length)
     payload = table.encoded_bits(symbols, counts)
-    return 8 * math.ceil(payload / 8) + table.size_bits + _HEADER_BITS, table
+    offsets = 32 * -(-codes.shape[0] // min(cfg.chunk_rows, codes.shape[0]))
+    return 8 * math.ceil(payload / 8) + table.size_bits + offsets + _HEADER_BITS, table
 
 
 def _fp16(x: float) -> float:
@@ -177,7 +188,7 @@ class _Search:
             r = self.core(self.W, self.H, self.grid, scales=scales, zeros=zeros)
             if isinstance(self.grid.order, str) and self.grid.order != "natural":
                 self.grid = self.grid.replace(order=r.order)  # resolve the order only once
-            bits, table = _stored_bits(r.codes, self.cfg.max_code_length)
+            bits, table = _stored_bits(r.codes, self.cfg)
             self.cache[s] = (bits / self.n, (s, r, table))
             logger.debug("HPTQ scale %.6g: %.5f bits per weight", s, bits / self.n)
         return self.cache[s]
@@ -246,6 +257,7 @@ def hptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: HPTQConfig) -> HPTQResu
         bits_per_weight=bpw,
         iterations=evals,
         time_s=time.perf_counter() - t0,
+        chunk_rows=min(cfg.chunk_rows, W.shape[0]),
     )
 
 
@@ -257,6 +269,7 @@ def hptq_tensors(result: HPTQResult) -> dict[str, torch.Tensor]:
         "hptq_table": result.table.to_tensor(),
         "hptq_scale": torch.tensor([result.scale], dtype=torch.float16),
         "hptq_shape": torch.tensor([d_out, d_in], dtype=torch.int32),
+        **chunk_index(result.codes, result.table, result.chunk_rows),
     }
 
 

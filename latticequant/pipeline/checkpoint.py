@@ -484,6 +484,9 @@ def load_quantized(
         original = model.get_submodule(name)
         fmt = get_format(entry.get("format", "gptq"))
         layer_tensors = {k: tensors[f"{name}.{k}"] for k in fmt.keys}
+        layer_tensors.update(
+            {k: tensors[f"{name}.{k}"] for k in fmt.optional_keys if f"{name}.{k}" in tensors}
+        )
         bias = tensors.get(f"{name}.bias")
         if bias is None and getattr(original, "bias", None) is not None:
             raise CheckpointError(f"checkpoint is missing tensor {name}.bias")

@@ -36,6 +36,7 @@ from latticequant.formats import (  # noqa: E402
     pack_gptq,
     pack_ssqr,
 )
+from latticequant.formats.hptq import HuffmanLinear, chunk_index  # noqa: E402
 from latticequant.formats.qlinear import QuantLinear, SSQRLinear  # noqa: E402
 
 
@@ -244,6 +245,56 @@ def test_csr_kernel_alone_against_dense(request, child_run):
     assert _close(out, ref)
 
 
+def _hptq_tensors(d_out, d_in, chunk_rows, heavy, seed=0):
+    import numpy as np
+
+    from latticequant.formats import huffman
+
+    g = np.random.default_rng(seed)
+    if heavy:  # Fibonacci counts: the most skewed code, its longest codes near 20 bits
+        fib = [1, 1]
+        while sum(fib) + fib[-1] + fib[-2] <= d_out * d_in:
+            fib.append(fib[-1] + fib[-2])
+        values = np.repeat(np.arange(len(fib)) * 7 - 40, fib)
+        values = np.concatenate([values, np.zeros(d_out * d_in - values.size, dtype=np.int64)])
+        codes = g.permutation(values).reshape(d_out, d_in).astype(np.int64)
+    else:
+        codes = np.round(g.standard_normal((d_out, d_in)) * 3).astype(np.int64)
+    table = huffman.build_table(codes.reshape(-1), max_length=32)
+    stream, _ = huffman.encode(codes.reshape(-1), table)
+    t = {
+        "hptq_stream": torch.from_numpy(stream),
+        "hptq_table": table.to_tensor(),
+        "hptq_scale": torch.tensor([0.0123], dtype=torch.float16),
+        "hptq_shape": torch.tensor([d_out, d_in], dtype=torch.int32),
+        **chunk_index(torch.from_numpy(codes), table, chunk_rows),
+    }
+    W = t["hptq_scale"].double() * torch.from_numpy(codes).double()
+    return t, W, table.max_length
+
+
+@pytest.mark.parametrize(
+    "d_out,d_in,chunk_rows,heavy", [(40, 37, 1, False), (50, 64, 3, True), (17, 48, 6, True)]
+)
+def test_hptq_kernel_decodes_like_the_cpu_path(d_out, d_in, chunk_rows, heavy, request, child_run):
+    if not run_here(request, child_run):
+        return
+    t, W, L = _hptq_tensors(d_out, d_in, chunk_rows, heavy, seed=d_out)
+    assert not heavy or L > 10  # the heavy cases hold long codes
+    bias = torch.randn(d_out, generator=torch.Generator().manual_seed(2))
+    kernel = HuffmanLinear(t, bias=bias, backend="triton", cache_weight=False)
+    cpu = HuffmanLinear(t, bias=bias, backend="torch", cache_weight=False)
+    for batch in (1, 20):
+        x = _x(batch, d_in, seed=batch)
+        y = kernel(x)
+        assert kernel.last_kernel == "triton-huffman" and y.shape == (batch, d_out)
+        assert _close(y, x.double() @ W.T + bias.double())
+        assert _close(y, cpu(x).double()) and cpu.last_kernel == "torch-huffman"
+    xh = _x(3, d_in, seed=9, dtype=torch.float16)
+    assert kernel(xh).dtype == torch.float16
+    assert _close(kernel(xh), xh.double() @ W.T + bias.double(), tol=2e-3)
+
+
 def test_kernel_input_validation(request, child_run):
     if not run_here(request, child_run):
         return
@@ -255,6 +306,12 @@ def test_kernel_input_validation(request, child_run):
         kernels.gptq_matmul(_x(2, 64), m.qweight, m.scales, m.zeros, m.g_idx, 5)
     with pytest.raises(ValueError, match="GEMV"):
         kernels.gptq_matmul(_x(9, 64), m.qweight, m.scales, m.zeros, m.g_idx, 4, path="gemv")
+    h = HuffmanLinear(_hptq_tensors(8, 16, 1, False)[0], cache_weight=False)
+    consts = (h.code_limits, h.code_base, h.code_symbols, 0.1, 8, 1)
+    with pytest.raises(ValueError, match="offsets"):
+        kernels.hptq_matmul(_x(2, 16), h.hptq_stream, h.hptq_offsets[:-1], *consts)
+    with pytest.raises(ValueError, match="int32"):
+        kernels.hptq_matmul(_x(2, 16), h.hptq_stream, h.hptq_offsets.long(), *consts)
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch, request, child_run):
@@ -280,6 +337,9 @@ def _compile_cases():
     csr = {"x_ptr": "*bf16", "rowptr_ptr": "*i32", "col_ptr": "*i16", "val_ptr": "*fp16"}
     csr.update({"out_ptr": "*bf16", **_SIG_GEMM})
     tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+    hptq = {"x_ptr": "*bf16", "stream_ptr": "*u8", "offsets_ptr": "*i32", "limits_ptr": "*i64"}
+    hptq.update({"base_ptr": "*i64", "symbols_ptr": "*fp32", "out_ptr": "*bf16", **_SIG_GEMM})
+    hptq.update({"N_BYTES": "i32", "N_CHUNKS": "i32", "CHUNK_ROWS": "i32", "scale": "fp32"})
     return [
         ("gptq_gemm_kernel", gemm, dict(BITS=3, GROUP_SIZE=128, **gemm_c, **tiles)),
         (
@@ -314,6 +374,7 @@ def _compile_cases():
             ),
         ),
         ("csr_add_kernel", csr, dict(BLOCK_M=1, BLOCK_NNZ=32)),
+        ("hptq_matmul_kernel", hptq, dict(L=24, L_POW2=32, BLOCK_M=16, BLOCK_C=32, BLOCK_K=32)),
     ]
 
 
@@ -324,7 +385,8 @@ def compile_for_sm90(case: int) -> int:
 
     name, sig, consts = _compile_cases()[case]
     sig = {**sig, **dict.fromkeys(consts, _CONST)}
-    source = ASTSource(fn=getattr(kernels._kernels(), name), signature=sig, constexprs=consts)
+    module = kernels._kernels("triton_hptq" if name.startswith("hptq") else "triton_gptq")
+    source = ASTSource(fn=getattr(module, name), signature=sig, constexprs=consts)
     return len(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"])
 
 

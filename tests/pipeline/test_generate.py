@@ -9,6 +9,7 @@ from tiny import make_char_tokenizer, make_tiny_llama
 import latticequant as lq
 from latticequant.checkpoint import load_quantized
 from latticequant.formats.qlinear import QuantLinear
+from latticequant.methods.hptq import HPTQConfig
 from latticequant.pipeline import quantize_model
 from latticequant.pipeline.data import protocol_text
 from latticequant.pipeline.generate import GenerationConfig, generate, weight_memory
@@ -48,6 +49,23 @@ def test_dense_cache_and_packed_weights_generate_the_same_tokens(checkpoint):
     a, b = generate(dense, tok, PROMPT, cfg), generate(packed, tok, PROMPT, cfg)
     assert a.token_ids == b.token_ids
     assert weight_memory(dense)["cache"] > 0 and weight_memory(packed)["cache"] == 0
+
+
+def test_hptq_compressed_and_dense_generate_the_same_tokens(tmp_path):
+    tok = make_char_tokenizer()
+    model = make_tiny_llama()
+    ids = torch.tensor(tok(protocol_text()[:4000])["input_ids"])
+    out = tmp_path / "hptq"
+    cfg = HPTQConfig(target_bits=3.125, tol=0.05)
+    quantize_model(model, tok, ids[: 4 * 64].view(4, 64), "hptq", cfg, out, progress=False)
+    gen = GenerationConfig(max_new_tokens=24, chat=False)
+    dense = load_quantized(out, cache_weight=True)
+    compressed = load_quantized(out, cache_weight=False)
+    a, b = generate(dense, tok, PROMPT, gen), generate(compressed, tok, PROMPT, gen)
+    assert a.token_ids == b.token_ids
+    kernels = {getattr(m, "last_kernel", None) for m in compressed.modules()} - {None}
+    assert kernels == {"torch-huffman"}
+    assert weight_memory(compressed)["cache"] == 0 < weight_memory(dense)["cache"]
 
 
 def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy():

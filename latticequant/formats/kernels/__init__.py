@@ -1,5 +1,6 @@
 """Inference kernels for packed weights: Triton on CUDA (or the Triton CPU interpreter).
 
+``hptq_matmul`` multiplies by an HPTQ layer, decoding its Huffman chunks inside the kernel.
 ``gptq_matmul`` computes ``x @ W^T`` for a GPTQ-packed ``W`` whose input rows are in sorted group
 order (``latticequant.formats.qlinear.QuantLinear`` prepares that once at load), choosing the
 split-K GEMV kernel for batches of 1 to 8 rows and the tiled GEMM kernel above. ``csr_matmul_add``
@@ -20,7 +21,7 @@ from latticequant.formats.packing import SUPPORTED_BITS
 
 GEMV_MAX_BATCH = 8
 
-_module: ModuleType | None = None
+_modules: dict[str, ModuleType] = {}
 
 
 class KernelUnavailable(RuntimeError):
@@ -44,16 +45,17 @@ def triton_importable() -> bool:
     return True
 
 
-def _kernels() -> ModuleType:
-    """The kernel module, (re)built so that it matches the current interpreter setting."""
-    global _module
+def _kernels(name: str = "triton_gptq") -> ModuleType:
+    """A kernel module, (re)built so that it matches the current interpreter setting."""
     if not triton_importable():
         raise KernelUnavailable("triton is not installed (pip install triton)")
-    if _module is None:
-        _module = importlib.import_module("latticequant.formats.kernels.triton_gptq")
-    if _module.INTERPRET != interpret_mode():
-        _module = importlib.reload(_module)
-    return _module
+    module = _modules.get(name)
+    if module is None:
+        module = importlib.import_module(f"latticequant.formats.kernels.{name}")
+    if module.INTERPRET != interpret_mode():
+        module = importlib.reload(module)
+    _modules[name] = module
+    return module
 
 
 def kernels_usable(device: torch.device) -> bool:
@@ -263,5 +265,70 @@ def csr_matmul_add(
         BLOCK_M=block_m,
         BLOCK_NNZ=block_nnz,
         num_warps=1,
+    )
+    return out
+
+
+def hptq_matmul(
+    x: torch.Tensor,
+    stream: torch.Tensor,
+    offsets: torch.Tensor,
+    limits: torch.Tensor,
+    base: torch.Tensor,
+    symbols: torch.Tensor,
+    scale: float,
+    n_out: int,
+    chunk_rows: int,
+    out_dtype: torch.dtype | None = None,
+    block_sizes: dict | None = None,
+) -> torch.Tensor:
+    """``x (M, K) @ W^T`` with ``W (n_out, K) = scale * codes`` stored as an HPTQ stream.
+
+    stream uint8; offsets int32, the start bit of each chunk of ``chunk_rows`` rows; limits,
+    base and symbols the canonical decoding constants of the table
+    (:func:`latticequant.formats.huffman._canonical`, symbols as float32 with one padding entry).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if stream.dtype != torch.uint8 or offsets.dtype != torch.int32:
+        raise ValueError("stream must be uint8 and offsets int32")
+    n_chunks = _cdiv(n_out, chunk_rows)
+    if offsets.shape != (n_chunks,):
+        raise ValueError(f"offsets must have shape ({n_chunks},)")
+    L = limits.numel()
+    if not 1 <= L <= 33:
+        raise ValueError(f"codes of 1 to 33 bits are supported, the table's longest is {L}")
+    _check_device(x, stream, offsets, limits, base, symbols)
+    kern = _kernels("triton_hptq")
+    M, K = x.shape
+    blocks = dict(block_sizes or {})
+    block_m = blocks.get("BLOCK_M", 16 if M <= 16 else (32 if M <= 32 else 64))
+    block_c = blocks.get("BLOCK_C", 32 if n_chunks >= 32 else 16)
+    block_k = blocks.get("BLOCK_K", 32 if K >= 32 else 16)
+    out = torch.empty(M, n_out, device=x.device, dtype=out_dtype or x.dtype)
+    grid = (_cdiv(n_chunks, block_c), _cdiv(M, block_m))
+    kern.hptq_matmul_kernel[grid](
+        x.contiguous(),
+        stream.contiguous(),
+        offsets.contiguous(),
+        limits.to(torch.int64).contiguous(),
+        base.to(torch.int64).contiguous(),
+        symbols.to(torch.float32).contiguous(),
+        out,
+        M,
+        n_out,
+        K,
+        stream.numel(),
+        n_chunks,
+        chunk_rows,
+        float(scale),
+        L=L,
+        L_POW2=max(2, 1 << max(L - 1, 1).bit_length()),
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        BLOCK_K=block_k,
+        num_warps=blocks.get("num_warps", 4),
     )
     return out
