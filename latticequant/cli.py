@@ -29,6 +29,11 @@ from latticequant.pipeline.data import (
     window_bos,
 )
 from latticequant.pipeline.distributed import RankFailedError, World
+from latticequant.pipeline.experts import (
+    EXPERT_FALLBACKS,
+    ExpertPolicy,
+    unfuse_experts,
+)
 from latticequant.pipeline.generate import GenerationConfig, generate, weight_memory
 from latticequant.pipeline.layout import describe_model
 from latticequant.pipeline.memory import check_run_memory
@@ -247,6 +252,21 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         default="float32",
         help="dtype the Hessians accumulate in (float32; the solves run in float64 on the CPU)",
     )
+    q.add_argument(
+        "--min-expert-tokens",
+        type=_positive("--min-expert-tokens", 0),
+        default=ExpertPolicy.min_tokens,
+        help="mixture-of-experts: routed calibration tokens an expert needs for its own Hessian "
+        f"(default {ExpertPolicy.min_tokens}); one with fewer follows --expert-fallback",
+    )
+    q.add_argument(
+        "--expert-fallback",
+        choices=EXPERT_FALLBACKS,
+        default=ExpertPolicy.fallback,
+        help="what such an expert is quantized on: the Hessian of all the block's tokens "
+        "(all-tokens, the default), none (rtn: round to nearest) or nothing (float: kept in "
+        "float, said in the log and the report)",
+    )
     _add_offload_flags(q)
     q.add_argument(
         "--no-eval",
@@ -447,6 +467,7 @@ def cmd_quantize(args) -> int:
     _check_out(args.out, args.overwrite)
     _check_device(args.device)
     method.check(config)  # what the format cannot store is refused before the model loads
+    args.experts = ExpertPolicy(args.min_expert_tokens, args.expert_fallback)
     overrides = [Override(p, skip=True) for p in args.skip]
     for text in args.override:  # so is a bad override, not when the run reaches the layer
         ov = parse_override(text, method.config_cls)
@@ -473,6 +494,7 @@ def _quantize(args, method, config, overrides, world: World) -> int:
     _check_seqlen(model, "--seqlen", args.seqlen)
     if args.evaluate:
         _check_seqlen(model, "--eval-seqlen", args.eval_seqlen)
+    unfuse_experts(model)
     layout = describe_model(model)
     plan_layers(layout, method, config, overrides, args.blocks)  # refuse before any slow work
     check_run_memory(
@@ -512,6 +534,7 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         world=world,
         blocks=args.blocks,
         run_info={"bos": "never" if bos is None else "always", "bos_token_id": bos},
+        experts=args.experts,
     )
     quantize_s = time.perf_counter() - t1
     if args.evaluate:
@@ -535,8 +558,14 @@ def _quantize(args, method, config, overrides, world: World) -> int:
     }
     skipped = ""
     if summary.skipped:
-        reasons = sorted(set(summary.skipped.values()))
+        reasons = sorted({r.split(" (")[0] for r in summary.skipped.values()})
         skipped = f", {len(summary.skipped)} left in float ({'; '.join(reasons)})"
+    fell_back = [s["expert_fallback"] for s in summary if s.get("expert_fallback")]
+    if fell_back:
+        skipped += (
+            f", {len(fell_back)} expert layers with fewer than {args.experts.min_tokens} routed "
+            f"tokens quantized on {args.experts.fallback}"
+        )
     lines = [
         f"quantized {len(summary)} layers with {method.name}{skipped} in {quantize_s:.1f} s "
         f"(total {total_s:.1f} s); checkpoint: {args.out}"
@@ -640,6 +669,12 @@ def cmd_report(args) -> int:
         f"loss {total['loss']:.4g} = {total['rel_rtn']:.3f} x RTN, {total['clipped']} clipped "
         f"codes, {total['bits_per_weight']:.3f} bits per weight"
     )
+    if total["expert_layers"]:
+        fb = total["expert_fallbacks"]
+        lines.append(
+            f"{total['expert_layers']} expert layers; fell back for too few routed tokens: "
+            + (", ".join(f"{n} on {k}" for k, n in sorted(fb.items())) if fb else "none")
+        )
     if args.plot:
         lines.append(f"plot: {args.plot}")
     _emit(args, {"summary": total, "layers": rows, "plot": args.plot}, lines)

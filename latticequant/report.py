@@ -29,6 +29,12 @@ REFINE_COLUMNS = (
     ("refine_scales_pct", "scales-%", "{:.2f}"),
 )
 """Shown when a run refined its layers: the share of the loss each step removed."""
+EXPERT_COLUMNS = (
+    ("expert_tokens", "tokens", "{:d}"),
+    ("expert_fallback", "fallback", "{}"),
+)
+"""Shown for mixture-of-experts models: the tokens routed to each expert layer, and the
+fallback (``--expert-fallback``) an expert with too few of them was quantized on."""
 
 
 def _ratio(a, b) -> float:
@@ -61,6 +67,9 @@ def layer_rows(log: dict) -> list[dict]:
                 "damp": float(entry.get("damp", float("nan"))),
                 "time_s": float(entry.get("time_s", float("nan"))),
                 "bits_per_weight": float(entry.get("bits_per_weight", float("nan"))),
+                "expert_tokens": entry.get("expert_tokens"),
+                "expert_fallback": entry.get("expert_fallback")
+                or ("-" if "expert_tokens" in entry else None),
             }
         )
     return rows
@@ -75,6 +84,15 @@ def summary(log: dict, rows: list[dict]) -> dict:
     weights = [(e.get("shape") or [0, 0]) for e in layers]
     n = sum(a * b for a, b in weights)
     bits = sum(e.get("bits_per_weight", 0.0) * a * b for e, (a, b) in zip(layers, weights))
+    fallbacks: dict[str, int] = {}
+    for e in layers:
+        if e.get("expert_fallback"):
+            fallbacks[e["expert_fallback"]] = fallbacks.get(e["expert_fallback"], 0) + 1
+    skipped = log.get("skipped") or {}
+    reasons = skipped.values() if isinstance(skipped, dict) else []
+    kept = [r for r in reasons if str(r).startswith("expert fallback")]
+    if kept:
+        fallbacks["float"] = len(kept)
     return {
         "method": log.get("method"),
         "n_layers": len(rows),
@@ -86,6 +104,8 @@ def summary(log: dict, rows: list[dict]) -> dict:
         "bits_per_weight": bits / n if n else float("nan"),
         "layer_time_s": sum(r["time_s"] for r in rows if not math.isnan(r["time_s"])),
         "quantize_time_s": (log.get("run") or {}).get("quantize_time_s"),
+        "expert_layers": sum(1 for e in layers if "expert_tokens" in e) + len(kept),
+        "expert_fallbacks": fallbacks,
     }
 
 
@@ -96,12 +116,17 @@ def format_table(rows: list[dict]) -> str:
         not math.isnan(r.get("refine_scales_pct", math.nan)) for r in rows
     ):
         columns = COLUMNS + REFINE_COLUMNS
+    if any(r.get("expert_tokens") is not None for r in rows):
+        columns = columns + EXPERT_COLUMNS
     header = [title for _, title, _ in columns]
     body = []
     for row in rows:
         cells = []
         for key, _, fmt in columns:
             value = row[key]
+            if value is None:
+                cells.append("-")
+                continue
             cells.append(
                 "nan" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
             )

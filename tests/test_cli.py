@@ -307,3 +307,35 @@ def test_a_run_too_big_for_the_machine_is_refused_before_any_forward(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "GiB is free; lower --nsamples" in err[0]
     assert not out.exists() and not (tmp_path / "big.partial").exists()
+
+
+def test_a_mixture_of_experts_folder_from_the_command_line(cli_files, tmp_path, capsys):
+    from tiny import make_char_tokenizer, make_tiny_moe
+
+    folder = tmp_path / "moe"
+    make_tiny_moe("qwen3_moe").save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    out = tmp_path / "q"
+    args = _quantize_args(folder, cli_files / "text.txt", out, "--group-size", "16", "--json")
+    args += ["--min-expert-tokens", "24", "--expert-fallback", "rtn"]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    # block 0: 4 attention + 6 experts x 3; block 1: 4 attention + a dense MLP of 3
+    assert payload["n_layers"] == 4 + 18 + 4 + 3 and payload["n_skipped"] == 0
+    assert payload["ppl_after"] < 1.5 * payload["ppl_before"]
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fallback" in text.splitlines()[0]
+    fell = [ln for ln in text.splitlines() if ln.startswith("18 expert layers")]
+    assert fell and ("on rtn" in fell[0] or fell[0].endswith("none"))
+    log = json.loads((out / "quant_log.json").read_text())
+    experts = [e for e in log["layers"] if ".experts." in e["name"]]
+    assert all(e["expert_fallback"] in (None, "rtn") for e in experts)
+    assert any(e["expert_fallback"] == "rtn" for e in experts) == any(
+        e["expert_tokens"] < 24 for e in experts
+    )
+    assert main(["eval", str(out), "--text", str(cli_files / "text.txt"), "--seqlen", "64"]) == 0
+    assert f"{payload['ppl_after']:.4f}" in capsys.readouterr().out
+    offload = _quantize_args(folder, cli_files / "text.txt", tmp_path / "o", "--offload")
+    assert main(offload) != 0
+    assert "drop --offload" in capsys.readouterr().err

@@ -93,3 +93,57 @@ def id_stream(n: int = 4000, seed: int = 0) -> torch.Tensor:
     base = torch.arange(n) * 7 % (VOCAB - 4) + 4
     noise = torch.randint(0, 5, (n,), generator=g)
     return ((base + noise - 4) % (VOCAB - 4) + 4).long()
+
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def make_tiny_moe(family: str, seed: int = 0, experts: int = 6, **changes):
+    """A tiny random mixture-of-experts model as the installed transformers builds it (fused
+    expert tensors in transformers 5). Qwen3-MoE gets one dense block (``mlp_only_layers``),
+    Qwen2-MoE its shared expert."""
+    import transformers
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family == "mixtral":
+        cfg = transformers.MixtralConfig(num_local_experts=experts, intermediate_size=48, **common)
+    elif family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(
+            num_experts=experts,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            intermediate_size=96,
+            decoder_sparse_step=1,
+            **common,
+        )
+    elif family == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(
+            num_experts=experts,
+            moe_intermediate_size=32,
+            intermediate_size=96,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            **common,
+        )
+    else:
+        raise ValueError(f"no tiny {family}")
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name:
+                p.mul_(3.0)
+    return model

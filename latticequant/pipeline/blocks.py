@@ -7,11 +7,18 @@ already went through the quantized layers before it (true-sequential quantizatio
 form), and the same single pass yields the block's output. When the windows come in several
 batches, each group of layers of the architecture's description is captured by a pass that stops
 as soon as the group has run, then quantized, and one last pass gives the block's output.
+
+Blocks of routed experts (:mod:`latticequant.pipeline.experts`) always take the second way: which
+experts run depends on the tokens, so ranks would not meet in the same hooks, and an expert that
+gets no token never runs at all. Each expert layer's input is placed back in its windows
+(:func:`~latticequant.pipeline.experts.routed_input`); an expert with too few tokens follows the
+run's :class:`~latticequant.pipeline.experts.ExpertPolicy`, decided on the count over all ranks.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,6 +26,13 @@ from torch import nn
 from latticequant.core.hessian import HessianAccumulator
 from latticequant.methods.registry import LayerQuant, Method
 from latticequant.pipeline.distributed import World, assign_owners, solve_cost
+from latticequant.pipeline.experts import (
+    ExpertPolicy,
+    RoutedExperts,
+    expert_of,
+    experts_of,
+    routed_input,
+)
 from latticequant.pipeline.forward import BlockInputs, StopForward, block_output
 from latticequant.pipeline.layout import linear_weight, set_linear_weight
 
@@ -42,19 +56,28 @@ class HessianBank:
         self._batch_inputs.clear()
 
     def add(
-        self, name: str, x: torch.Tensor, mask: torch.Tensor | None, first_window: int = 0
+        self,
+        name: str,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        first_window: int = 0,
+        source: torch.Tensor | None = None,
     ) -> None:
+        """``source``: the tensor the layer really read, when ``x`` is built from it (an
+        expert's routed tokens placed in their windows); layers that read the same source
+        share one accumulator."""
+        source = x if source is None else source
         for seen, leader in self._batch_inputs:
             if (
                 leader != name
-                and seen.data_ptr() == x.data_ptr()
-                and seen.shape == x.shape
-                and seen.stride() == x.stride()
-                and seen.dtype == x.dtype
+                and seen.data_ptr() == source.data_ptr()
+                and seen.shape == source.shape
+                and seen.stride() == source.stride()
+                and seen.dtype == source.dtype
             ):
                 self.alias[name] = leader
                 return
-        self._batch_inputs.append((x, name))
+        self._batch_inputs.append((source, name))
         if name not in self.acc:
             self.acc[name] = HessianAccumulator(x.shape[-1], dtype=self.dtype, device=self.device)
         if mask is not None and mask.numel() * x.shape[-1] != x.numel():
@@ -64,6 +87,13 @@ class HessianBank:
 
     def get(self, name: str) -> HessianAccumulator:
         return self.acc[self.alias.get(name, name)]
+
+    def get_or_empty(self, name: str, d_in: int) -> HessianAccumulator:
+        """The layer's accumulator; an empty one for an expert no token was routed to."""
+        key = self.alias.get(name, name)
+        if key not in self.acc:
+            self.acc[key] = HessianAccumulator(d_in, dtype=self.dtype, device=self.device)
+        return self.acc[key]
 
     def input_of(self, name: str) -> torch.Tensor | None:
         """The tensor ``name`` (or the layer it shares an accumulator with) read in this batch."""
@@ -77,7 +107,8 @@ class BlockQuantizer:
     Layers are quantized a group at a time (:meth:`quantize_group`); across ranks
     (:class:`~latticequant.pipeline.distributed.World`), the group's Hessians are reduced first,
     each layer is solved by the rank the balance assigns, and every rank receives every result.
-    ``timings`` adds up this rank's solve seconds.
+    ``solve_s`` adds up this rank's solve seconds. ``floats``: expert layers kept in float by
+    the ``float`` fallback, with their stats.
     """
 
     def __init__(
@@ -87,12 +118,15 @@ class BlockQuantizer:
         hessian_dtype,
         device,
         world: World | None = None,
+        experts: ExpertPolicy | None = None,
     ):
         self.method = method
         self.configs = configs  # local name -> config; only the layers to quantize
         self.hessian_dtype, self.device = hessian_dtype, device
         self.world = world if world is not None else World()
+        self.experts = experts if experts is not None else ExpertPolicy()
         self.results: dict[str, LayerQuant] = {}
+        self.floats: dict[str, dict] = {}
         self.solve_s = 0.0
 
     def _solve(self, name: str, module: nn.Module, acc: HessianAccumulator) -> LayerQuant:
@@ -113,29 +147,41 @@ class BlockQuantizer:
         lq.stats["rank"] = self.world.rank
         return lq
 
-    def quantize_group(self, block: nn.Module, accs: dict[str, HessianAccumulator]) -> None:
+    def quantize_group(
+        self,
+        block: nn.Module,
+        accs: dict[str, HessianAccumulator],
+        all_tokens: Callable[[list[str]], dict[str, HessianAccumulator]] | None = None,
+    ) -> None:
         """Quantize the layers of one group (``accs``: name -> its Hessian's accumulator) and
-        write each ``Q`` into its layer (a layer meant to be quantized never stays in float)."""
+        write each ``Q`` into its layer (a layer meant to be quantized never stays in float,
+        unless it is an expert the ``float`` fallback keeps so, which ``floats`` records).
+        ``all_tokens(names)``: this rank's all-token accumulators of expert layers, for the
+        ``all-tokens`` fallback."""
         accs = {n: acc for n, acc in accs.items() if n not in self.results}
         world = self.world
-        if not world.distributed:
-            for name, acc in accs.items():
-                lq = self._solve(name, block.get_submodule(name), acc)
-                set_linear_weight(block.get_submodule(name), lq.Q)
-                self.results[name] = lq
-            return
         reduced: dict[int, HessianAccumulator] = {}
         for acc in accs.values():  # layers that share an input share one reduction
             if id(acc) not in reduced:
-                reduced[id(acc)] = world.reduce_hessian(acc)
+                reduced[id(acc)] = world.reduce_hessian(acc) if world.distributed else acc
+        solve_on, extra = self._expert_fallbacks(block, accs, reduced, all_tokens)
+        accs = {n: a for n, a in accs.items() if n not in self.floats}
+        if not world.distributed:
+            for name in accs:
+                lq = self._solve(name, block.get_submodule(name), solve_on[name])
+                lq.stats.update(extra.get(name, {}))
+                set_linear_weight(block.get_submodule(name), lq.Q)
+                self.results[name] = lq
+            return
         costs = {name: solve_cost(*linear_weight(block.get_submodule(name)).shape) for name in accs}
         owners = assign_owners(costs, world.size, world.loads)
         mine, error = {}, None
-        for name, acc in accs.items():
+        for name in accs:
             if owners[name] != world.rank:
                 continue
             try:
-                mine[name] = self._solve(name, block.get_submodule(name), reduced[id(acc)])
+                mine[name] = self._solve(name, block.get_submodule(name), solve_on[name])
+                mine[name].stats.update(extra.get(name, {}))
             except ValueError as exc:
                 error = str(exc)
                 break
@@ -143,6 +189,48 @@ class BlockQuantizer:
             for name, lq in part.items():
                 set_linear_weight(block.get_submodule(name), lq.Q)
                 self.results[name] = lq
+
+    def _expert_fallbacks(self, block, accs, reduced, all_tokens):
+        """The Hessian each layer is solved on, and the stats of expert layers: their routed
+        token count over all ranks and the fallback it called for. Every rank takes the same
+        decisions (the counts are global), so collectives stay in step."""
+        solve_on = {n: reduced[id(acc)] for n, acc in accs.items()}
+        extra: dict[str, dict] = {}
+        policy = self.experts
+        short = []
+        for name in accs:
+            if expert_of(block, name) is None:
+                continue
+            n = int(solve_on[name].n_tokens)
+            extra[name] = {"expert_tokens": n, "expert_fallback": None}
+            if policy.falls_back(n):
+                extra[name]["expert_fallback"] = policy.fallback
+                short.append(name)
+        if not short:
+            return solve_on, extra
+        if policy.fallback == "all-tokens":
+            if all_tokens is None:
+                raise RuntimeError("the all-tokens fallback needs the block's inputs")
+            local = all_tokens(short)
+            for name in short:
+                acc = local[name]
+                solve_on[name] = self.world.reduce_hessian(acc) if self.world.distributed else acc
+        elif policy.fallback == "rtn":
+            for name in short:
+                d_in = linear_weight(block.get_submodule(name)).shape[1]
+                eye = torch.eye(d_in, dtype=self.hessian_dtype, device=self.device)
+                solve_on[name] = _FixedHessian(eye, 0)
+        else:  # float: recorded, left as it is
+            for name in short:
+                self.floats[name] = extra[name]
+        return solve_on, extra
+
+
+class _FixedHessian:
+    """A Hessian given outright (the identity of the ``rtn`` fallback)."""
+
+    def __init__(self, H: torch.Tensor, n_tokens: int) -> None:
+        self.H, self.n_tokens = H, n_tokens
 
 
 def _group_of(subsets, configs) -> dict[str, list[str]]:
@@ -200,20 +288,29 @@ def quantize_block_batched(
     block, batches: list[BlockInputs], subsets, bq: BlockQuantizer, bank: HessianBank
 ):
     """Group by group: capture the group's inputs over all batches (stopping the forward once
-    the group has run), quantize it, then one last pass for the block's outputs."""
+    the group has run), quantize it, then one last pass for the block's outputs.
+
+    A group of expert layers is captured by whole forwards (an expert no token chose never
+    runs, so nothing says when all have been seen) and may run the all-token passes of its
+    fallbacks."""
     for subset in subsets:
         names = [n for n in subset if n in bq.configs]
         if not names:
             continue
+        routed = {n for n in names if expert_of(block, n) is not None}
         pending: set[str] = set()
         current: dict = {}
         handles = []
 
-        def make_hook(name, pending=pending, current=current):
+        def make_hook(name, pending=pending, current=current, stop=not routed):
+            expert = expert_of(block, name)
+
             def hook(module, args):
-                bank.add(name, args[0], current["mask"], current["first_window"])
+                x, mask = routed_input(expert, args[0], current["windows"], current["mask"])
+                bank.add(name, x, mask, current["first_window"], source=args[0])
+                current["called"].add(name)
                 pending.discard(name)
-                if not pending:
+                if not pending and stop:
                     raise StopForward
                 return None
 
@@ -224,9 +321,11 @@ def quantize_block_batched(
         try:
             for batch in batches:
                 pending.clear()
-                pending.update(names)
+                pending.update(set(names) - routed)
                 current["mask"] = batch.mask
                 current["first_window"] = batch.first_window
+                current["windows"] = tuple(batch.hidden.shape[:2])
+                current["called"] = set()
                 bank.new_batch()
                 try:
                     block(batch.hidden, *batch.args, **batch.kwargs)
@@ -234,8 +333,83 @@ def quantize_block_batched(
                     pass
                 if pending:
                     raise RuntimeError(f"layers {sorted(pending)} were never called")
+                _add_empty_windows(block, bank, batch, routed - current["called"])
         finally:
             for h in handles:
                 h.remove()
-        bq.quantize_group(block, {name: bank.get(name) for name in names})
+        accs = {
+            n: bank.get_or_empty(n, linear_weight(block.get_submodule(n)).shape[1]) for n in names
+        }
+        bq.quantize_group(
+            block, accs, lambda short: all_token_hessians(block, batches, short, bank)
+        )
     return [block_output(block(b.hidden, *b.args, **b.kwargs)) for b in batches]
+
+
+def _add_empty_windows(block, bank: HessianBank, batch: BlockInputs, names: set[str]) -> None:
+    """Empty leaves for the windows of a batch in which these expert layers never ran, so that
+    their summation trees are the same whatever the batching (a zero added is exact, a tree
+    with a gap is a different order of additions)."""
+    B, T = batch.hidden.shape[:2]
+    shared: dict = {}
+    none = torch.zeros(B, T, dtype=torch.bool, device=batch.hidden.device)
+    for name in sorted(names):
+        d_in = linear_weight(block.get_submodule(name)).shape[1]
+        key = (id(expert_of(block, name)), d_in)  # an expert's gate and up share one input
+        if key not in shared:
+            zero = torch.zeros(1, 1, d_in, dtype=batch.hidden.dtype, device=batch.hidden.device)
+            shared[key] = zero.expand(B, T, d_in)
+        bank.add(name, shared[key], none, batch.first_window)
+
+
+def all_token_hessians(
+    block, batches: list[BlockInputs], names: list[str], bank: HessianBank
+) -> dict[str, HessianAccumulator]:
+    """For expert layers ``names``: the Hessian of their input had every token of the block
+    been routed to their expert (``gate``/``up``: the experts' input; ``down``: the expert's
+    intermediate on it, after its quantized ``gate`` and ``up``), over this rank's batches."""
+    by_container: dict[int, tuple[RoutedExperts, list[str]]] = {}
+    for name in names:
+        container = experts_of(block, name)
+        by_container.setdefault(id(container), (container, []))[1].append(name)
+    accs = {
+        n: HessianAccumulator(
+            linear_weight(block.get_submodule(n)).shape[1], dtype=bank.dtype, device=bank.device
+        )
+        for n in names
+    }
+    current: dict = {}
+
+    def make_hook(key, layers):
+        def hook(module, args):
+            B, T = current["windows"]
+            h = args[0].reshape(B, T, -1)
+            for name in layers:
+                x = h
+                if name.endswith("down_proj"):
+                    x = expert_of(block, name).intermediate(h)
+                accs[name].add(x, current["mask"], current["first_window"])
+            current["left"].discard(key)
+            if not current["left"]:
+                raise StopForward
+            return None
+
+        return hook
+
+    handles = [c.register_forward_pre_hook(make_hook(k, ls)) for k, (c, ls) in by_container.items()]
+    try:
+        for batch in batches:
+            current.update(
+                windows=tuple(batch.hidden.shape[:2]),
+                mask=batch.mask,
+                first_window=batch.first_window,
+                left=set(by_container),
+            )
+            try:
+                block(batch.hidden, *batch.args, **batch.kwargs)
+            except StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return accs

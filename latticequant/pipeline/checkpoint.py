@@ -33,6 +33,7 @@ from latticequant.formats import (
     quantize_config_dict,
 )
 from latticequant.methods.registry import config_to_dict
+from latticequant.pipeline.experts import unfuse_experts
 from latticequant.pipeline.files import (
     INDEX_FILE,
     WEIGHTS_FILE,
@@ -64,6 +65,16 @@ QUANT_METHODS = ("gptq", OWN_QUANT_METHOD)
 
 class CheckpointError(ValueError):
     """A checkpoint folder that is missing, truncated, or does not match its config."""
+
+
+FLOAT_FORMAT = "float"
+"""The format of a planned layer kept in float on purpose (an expert's ``float`` fallback):
+written as a float weight, named in the log's ``skipped`` with its reason."""
+
+
+def float_reason(stats: Mapping) -> str:
+    """Why an expert stayed in float: the ``float`` fallback, with its routed token count."""
+    return f"expert fallback float ({stats.get('expert_tokens', 0)} routed tokens)"
 
 
 @dataclass
@@ -173,6 +184,11 @@ def save_quantized(
     folder = Path(folder)
     layout = describe_model(model)
     store = store_of(model)
+    kept = {
+        n: float_reason(layer.stats) for n, layer in layers.items() if layer.format == FLOAT_FORMAT
+    }
+    layers = {n: layer for n, layer in layers.items() if n not in kept}
+    skipped = {**(skipped or {}), **kept}
     if store is not None and block_tensors is None:
         raise ValueError("a model kept on disk needs block_tensors to write its quantized layers")
     state = model.state_dict()
@@ -270,6 +286,8 @@ def save_quantized(
                 with store.block(index) as block:
                     shard = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
                 for name, layer in quantized.items():
+                    if layer.format == FLOAT_FORMAT:
+                        continue
                     del shard[f"{name}.weight"]
                     for key, t in layer.tensors.items():
                         shard[f"{name}.{key}"] = t
@@ -431,6 +449,7 @@ def load_quantized(
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"cannot build a model from {folder}/config.json: {exc}") from None
+    unfuse_experts(model)  # experts are stored one linear layer per expert matrix
 
     modules = _module_table(qc, tensors)
     checkpoint_format = qc.get("checkpoint_format", qc.get("format", "gptq"))

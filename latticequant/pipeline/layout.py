@@ -4,6 +4,14 @@ Each supported architecture is described declaratively by the path of its list o
 blocks and its linear layers grouped in true-sequential order (the layers of one group read the
 same input; a group's input depends on the groups before it). Models not described get a generic
 walk: the largest ``nn.ModuleList`` of identical blocks, every linear layer its own group.
+
+Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) are described block by block, since
+their blocks differ (dense MLPs in some, experts in others): attention as in Llama, then every
+expert's ``gate_proj``/``up_proj`` in one stage and every ``down_proj`` in the next (experts are
+independent of each other), a shared expert with them; routers stay in float. Their fused expert
+tensors must first be split (:func:`latticequant.pipeline.experts.unfuse_experts`); a model that
+still holds fused expert tensors, of these families or any other, is refused rather than left
+half in float.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from latticequant.pipeline.experts import RoutedExperts, fused_expert_tensors
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ class Architecture:
     blocks: str
     subsets: tuple[tuple[str, ...], ...]
     transposed: bool = False
+    moe: bool = False  # subsets per block: attention, then the block's MLP or its experts
 
 
 _LLAMA_SUBSETS = (
@@ -67,6 +78,9 @@ ARCHITECTURES: dict[str, Architecture] = {
             ("fc2",),
         ),
     ),
+    "mixtral": Architecture("mixtral", "model.layers", _LLAMA_SUBSETS[:2], moe=True),
+    "qwen2_moe": Architecture("qwen2_moe", "model.layers", _LLAMA_SUBSETS[:2], moe=True),
+    "qwen3_moe": Architecture("qwen3_moe", "model.layers", _LLAMA_SUBSETS[:2], moe=True),
     "gpt2": Architecture(
         "gpt2",
         "transformer.h",
@@ -74,6 +88,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         transposed=True,
     ),
 }
+
+MOE_FAMILIES = tuple(sorted(name for name, arch in ARCHITECTURES.items() if arch.moe))
 
 
 @dataclass
@@ -84,16 +100,23 @@ class ModelLayout:
     block_path: str
     blocks: nn.ModuleList
     subsets: tuple[tuple[str, ...], ...]
+    block_subsets: tuple[tuple[tuple[str, ...], ...], ...] | None = (
+        None  # per block, if they differ
+    )
 
     def block_name(self, index: int) -> str:
         return f"{self.block_path}.{index}"
+
+    def subsets_of(self, index: int) -> tuple[tuple[str, ...], ...]:
+        """The linear groups of block ``index``."""
+        return self.subsets if self.block_subsets is None else self.block_subsets[index]
 
     def linear_names(self) -> list[str]:
         """Full module names of every linear layer that is quantized, block by block."""
         return [
             f"{self.block_name(i)}.{name}"
             for i in range(len(self.blocks))
-            for subset in self.subsets
+            for subset in self.subsets_of(i)
             for name in subset
         ]
 
@@ -157,13 +180,68 @@ def _generic_layout(model: nn.Module) -> ModelLayout:
     return ModelLayout("generic", path, blocks, tuple((name,) for name in names))
 
 
+def _mlp_subsets(block: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """A MoE family's MLP stages in one block: its experts (and shared expert), or a dense MLP."""
+    mlp = block.get_submodule("mlp")
+    experts = getattr(mlp, "experts", None)
+    if isinstance(experts, RoutedExperts):
+        up = [f"mlp.experts.{e}.{n}" for e in range(len(experts)) for n in ("gate_proj", "up_proj")]
+        down = [f"mlp.experts.{e}.down_proj" for e in range(len(experts))]
+        if is_linear(_get_submodule(block, "mlp.shared_expert.down_proj") or nn.Identity()):
+            up += ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"]
+            down += ["mlp.shared_expert.down_proj"]
+        return (tuple(up), tuple(down))
+    return _LLAMA_SUBSETS[2:]
+
+
+def _refuse_fused_experts(blocks: nn.ModuleList, model_type: str | None = None) -> None:
+    for i, block in enumerate(blocks):
+        fused = fused_expert_tensors(block)
+        if fused and model_type in MOE_FAMILIES:
+            raise UnsupportedModelError(
+                f"block {i} of this {model_type} model still holds fused experts "
+                f"({', '.join(fused[:2])}): quantize splits them in memory, which --offload "
+                "cannot do yet (drop --offload); in Python call "
+                "latticequant.pipeline.experts.unfuse_experts(model) first"
+            )
+        if fused:
+            raise UnsupportedModelError(
+                f"block {i} stores experts as fused tensors ({', '.join(fused[:2])}) that cannot "
+                "be quantized as layers; the mixture-of-experts families supported are "
+                f"{', '.join(MOE_FAMILIES)}"
+            )
+
+
 def describe_model(model: nn.Module) -> ModelLayout:
     """Find the decoder blocks and their linear groups, declaratively when the family is known."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch nn.Module, got {type(model).__name__}")
+    layout = _describe(model)
+    _refuse_fused_experts(
+        layout.blocks, getattr(getattr(model, "config", None), "model_type", None)
+    )
+    return layout
+
+
+def _describe(model: nn.Module) -> ModelLayout:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     arch = ARCHITECTURES.get(model_type)
-    if arch is not None:
+    if arch is not None and arch.moe:
+        blocks = _get_submodule(model, arch.blocks)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            _refuse_fused_experts(blocks, model_type)
+            per_block = tuple(arch.subsets + _mlp_subsets(b) for b in blocks)
+            missing = [
+                f"{i}.{name}"
+                for i, subsets in enumerate(per_block)
+                for subset in subsets
+                for name in subset
+                if not is_linear(_get_submodule(blocks[i], name) or nn.Identity())
+            ]
+            if not missing:
+                return ModelLayout(arch.name, arch.blocks, blocks, per_block[0], per_block)
+            log.warning("%s model lacks %s; falling back to the generic walk", model_type, missing)
+    elif arch is not None:
         blocks = _get_submodule(model, arch.blocks)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             missing = [

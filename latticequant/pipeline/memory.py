@@ -60,9 +60,13 @@ def estimate_block_memory(
     """The peak bytes of quantizing the largest block of ``layout`` on ``n_windows`` windows of
     ``seqlen`` tokens, run ``batch_size`` windows at a time in ``dtype``."""
     act = torch.finfo(dtype).bits // 8
-    block = max(layout.blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
+    index = max(
+        range(len(layout.blocks)),
+        key=lambda i: sum(p.numel() for p in layout.blocks[i].parameters()),
+    )
+    block = layout.blocks[index]
     shapes = []
-    for subset in layout.subsets:
+    for subset in layout.subsets_of(index):
         for name in subset:
             try:
                 shapes.append(tuple(linear_weight(block.get_submodule(name)).shape))

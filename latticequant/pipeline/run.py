@@ -29,8 +29,14 @@ from latticequant.pipeline.blocks import (
     quantize_block_batched,
     quantize_block_lazy,
 )
-from latticequant.pipeline.checkpoint import QuantizedLayer, save_quantized
+from latticequant.pipeline.checkpoint import (
+    FLOAT_FORMAT,
+    QuantizedLayer,
+    float_reason,
+    save_quantized,
+)
 from latticequant.pipeline.distributed import World, shard_range
+from latticequant.pipeline.experts import ExpertPolicy, has_experts, unfuse_experts
 from latticequant.pipeline.forward import BlockInputs, capture_first_block_inputs
 from latticequant.pipeline.layout import (
     ModelLayout,
@@ -163,7 +169,7 @@ def plan_layers(
         block = layout.blocks[index]
         configs[index] = {}
         outside = blocks is not None and not blocks[0] <= index < blocks[1]
-        for subset in layout.subsets:
+        for subset in layout.subsets_of(index):
             for local in subset:
                 name = f"{layout.block_name(index)}.{local}"
                 if outside:
@@ -247,22 +253,33 @@ def _quantize_block(
     device: torch.device,
     hessian_dtype: torch.dtype,
     world: World,
+    experts: ExpertPolicy,
 ) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], float]:
     """Quantize block ``index`` in place on ``device``; its outputs become ``batches``' inputs.
 
-    Returns the block's layers, their dequantized weights and this rank's solve seconds."""
+    Returns the block's layers (experts the ``float`` fallback keeps in float among them, with
+    format ``"float"`` and no tensors), their weights and this rank's solve seconds."""
     block = layout.blocks[index]
     prefix = layout.block_name(index)
     block.to(device)
     on_device = [b.to(device) for b in batches]
-    bq = BlockQuantizer(method, configs, hessian_dtype, device, world)
+    bq = BlockQuantizer(method, configs, hessian_dtype, device, world, experts)
     bank = HessianBank(hessian_dtype, device)
-    if len(on_device) == 1:
-        outputs = quantize_block_lazy(block, on_device[0], layout.subsets, bq, bank)
+    subsets = layout.subsets_of(index)
+    if len(on_device) == 1 and not has_experts(block):
+        outputs = quantize_block_lazy(block, on_device[0], subsets, bq, bank)
     else:
-        outputs = quantize_block_batched(block, on_device, layout.subsets, bq, bank)
+        outputs = quantize_block_batched(block, on_device, subsets, bq, bank)
     block.to("cpu")
     layers, Qs = {}, {}
+    for local, stats in bq.floats.items():
+        name = f"{prefix}.{local}"
+        W = linear_weight(block.get_submodule(local))
+        entry = {"name": name, "block": index, "method": "float", "shape": list(W.shape)}
+        layers[name] = QuantizedLayer(
+            name, FLOAT_FORMAT, {}, {**entry, **stats}, config_to_dict(configs[local])
+        )
+        Qs[name] = W.detach().clone()
     for local, lq in bq.results.items():
         name = f"{prefix}.{local}"
         W = linear_weight(block.get_submodule(local))
@@ -322,8 +339,13 @@ def _summarize(
     missing = [name for name in names if name not in layers]
     if missing:
         raise RuntimeError(f"{len(missing)} layers were not quantized, the first {missing[0]}")
+    floats = {n: float_reason(layers[n].stats) for n in names if layers[n].format == FLOAT_FORMAT}
     return QuantizeSummary(
-        [layers[name].stats for name in names], plan.skipped, time_s, resumed, timings or {}
+        [layers[name].stats for name in names if name not in floats],
+        {**plan.skipped, **floats},
+        time_s,
+        resumed,
+        timings or {},
     )
 
 
@@ -349,6 +371,7 @@ def quantize_model(
     world: World | None = None,
     run_info: dict | None = None,
     blocks: tuple[int, int] | None = None,
+    experts: ExpertPolicy | None = None,
 ) -> QuantizeSummary:
     """Quantize ``model``'s decoder blocks in place; write a checkpoint to ``out_dir`` if given.
 
@@ -361,24 +384,29 @@ def quantize_model(
     model, identical to one process's; rank 0 writes ``out_dir``.
     Returns a :class:`QuantizeSummary` (a sequence of one stats dict per quantized layer).
     Every layer not skipped by an override is quantized, or the run fails naming it.
+    Mixture-of-experts models have their fused experts split into per-expert linear layers
+    first (:mod:`latticequant.pipeline.experts`); ``experts`` says what an expert with too few
+    routed tokens is quantized on (``ExpertPolicy()`` by default).
     """
     world = World() if world is None else world
+    experts = ExpertPolicy() if experts is None else experts
     with world.failing_together():  # the other ranks stop with this rank's line
         return _quantize_model(
             model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite,
             device, attention_mask, batch_size, checkpoint_format, hessian_dtype, progress,
-            on_block_done, world, run_info or {}, blocks,
+            on_block_done, world, run_info or {}, blocks, experts,
         )  # fmt: skip
 
 
 def _quantize_model(
     model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite, device,
     attention_mask, batch_size, checkpoint_format, hessian_dtype, progress, on_block_done, world,
-    run_info, blocks,
+    run_info, blocks, experts,
 ) -> QuantizeSummary:  # fmt: skip
     method, config = _resolve_method(method, config, checkpoint_format)
     overrides = list(overrides)
     _check_run_inputs(calib_ids, attention_mask, batch_size, device)
+    unfuse_experts(model)
     layout = describe_model(model)
     model.eval()
     plan = plan_layers(layout, method, config, overrides, blocks)
@@ -408,6 +436,11 @@ def _quantize_model(
                 "checkpoint_format": checkpoint_format,
                 "batch_size": batch_size,
                 **({"blocks": list(blocks)} if blocks else {}),
+                **(
+                    {"experts": dataclasses.asdict(experts)}
+                    if any(has_experts(b) for b in layout.blocks)
+                    else {}
+                ),
             },
         )
         output = prepare_output(out_dir, overwrite, resume, run_fingerprint)
@@ -434,7 +467,15 @@ def _quantize_model(
         if store is not None:
             store.load(index)
         block_layers, Qs, block_solve_s = _quantize_block(
-            layout, index, method, plan.configs[index], batches, device, hessian_dtype, world
+            layout,
+            index,
+            method,
+            plan.configs[index],
+            batches,
+            device,
+            hessian_dtype,
+            world,
+            experts,
         )
         solve_s += block_solve_s
         layers.update(
