@@ -109,7 +109,7 @@ def write_model(folder: Path, seed: int = 0, shard_bytes: int = 2 << 30) -> int:
         with safe_open(str(new), "pt") as f:
             for key in f.keys():
                 weight_map[key] = new.name
-    for name, shape in shapes:
+    for _, shape in shapes:
         n_el = 1
         for d in shape:
             n_el *= d
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         "|---|---|",
         f"| layers quantized | {result['n_layers']} (blocks {args.blocks}) |",
         f"| peak RSS (whole process, GNU time) | {rss / gib:.2f} GiB (goal: under 6 GiB) |",
-        f"| loading (embeddings, head, tokenizer; blocks stay on disk) | {result['load_s']:.0f} s |",
+        f"| loading (embeddings, head; blocks stay on disk) | {result['load_s']:.0f} s |",
         f"| forwards per block | {result['forward_s_per_block']:.0f} s |",
         f"| solves per block | {result['solve_s_per_block']:.0f} s |",
         f"| whole block | {per_block:.0f} s |",
