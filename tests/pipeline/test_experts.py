@@ -256,7 +256,7 @@ def _starve_expert(model, e: int, unless=None) -> None:
         model.model.layers[i].mlp.gate.register_forward_hook(hook)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_an_expert_no_token_reaches_still_gets_a_finite_grid(ids, tmp_path, dtype):
     model = make_tiny_moe("mixtral").to(dtype)
     _starve_expert(model, 2)
