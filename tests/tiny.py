@@ -11,22 +11,23 @@ HIDDEN = 64
 GROUP = 32
 
 
+_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def tiny_llama_config(**changes):
     from transformers import LlamaConfig
 
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    kwargs = dict(_SHAPE, intermediate_size=128, tie_word_embeddings=True)
     kwargs.update(changes)
     return LlamaConfig(**kwargs)
 
@@ -104,18 +105,7 @@ def make_tiny_moe(family: str, seed: int = 0, experts: int = 6, **changes):
     Qwen2-MoE its shared expert."""
     import transformers
 
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        num_experts_per_tok=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    common = dict(_SHAPE, num_experts_per_tok=2)
     if family == "mixtral":
         cfg = transformers.MixtralConfig(num_local_experts=experts, intermediate_size=48, **common)
     elif family == "qwen2_moe":

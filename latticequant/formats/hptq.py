@@ -21,11 +21,11 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from latticequant.formats import huffman, kernels
 from latticequant.formats.bits import effective_bits
+from latticequant.formats.dispatch import BACKENDS, DispatchedLinear
 from latticequant.formats.packing import FormatError
 
 __all__ = [
@@ -44,8 +44,6 @@ __all__ = [
 HPTQ_KEYS = ("hptq_stream", "hptq_table", "hptq_scale", "hptq_shape")
 HPTQ_CHUNK_KEYS = ("hptq_chunk_rows", "hptq_offsets")
 TILE_ROWS = 512  # output rows decoded at a time by the compressed CPU path
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 class HPTQLayout:
@@ -215,7 +213,7 @@ def dequantize_hptq(
     return scale * (codes.to(dtype) - 0.0)
 
 
-class HuffmanLinear(nn.Module):
+class HuffmanLinear(DispatchedLinear):
     """A linear layer stored as an HPTQ Huffman stream, decoded in every call or once.
 
     Resident: the stored tensors (what ``state_dict`` saves) and the table's few decoding
@@ -289,16 +287,6 @@ class HuffmanLinear(nn.Module):
         return cls(tensors, bias=bias, dtype=dtype, **kwargs)
 
     @property
-    def caches_weight(self) -> bool:
-        return self.cache_weight is not False
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes of the dense weight kept between calls (0 when none is kept)."""
-        c = self._cached
-        return 0 if c is None else c.numel() * c.element_size()
-
-    @property
     def chunk_rows(self) -> int:
         return int(self.hptq_chunk_rows[0])
 
@@ -370,25 +358,6 @@ class HuffmanLinear(nn.Module):
             self.chunk_rows,
             out_dtype=x2.dtype if x2.dtype != torch.float64 else torch.float32,
         )
-
-    def _use_kernels(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "triton":
-            return True
-        return x.is_cuda and kernels.kernels_usable(x.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input has {x.shape[-1]} features, this layer takes {self.in_features}"
-            )
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        y = self._kernel_forward(x2) if self._use_kernels(x) else self._torch_forward(x2)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         n = self.in_features * self.out_features

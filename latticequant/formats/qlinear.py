@@ -13,15 +13,14 @@ import warnings
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from latticequant.formats import kernels
+from latticequant.formats.dispatch import BACKENDS, DispatchedLinear
 from latticequant.formats.gptq import pack_gptq_parts, unpack_gptq, validate_gptq
 from latticequant.formats.hptq import TILE_ROWS as HPTQ_TILE_ROWS
 from latticequant.formats.packing import FormatError, pack_codes, unpack_codes
 from latticequant.formats.ssqr import validate_csr
 
-BACKENDS = ("auto", "torch", "triton")
 TILE_ROWS = 512  # input rows dequantized at a time by the packed CPU path (a multiple of 32)
 
 # what ran, as reported by ``latticequant eval`` and ``generate`` (QuantLinear.last_kernel)
@@ -55,7 +54,7 @@ def uniform_group_size(g_sorted: torch.Tensor, n_groups: int) -> int:
     return gs if torch.equal(g_sorted.to(torch.int64), expected) else 0
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(DispatchedLinear):
     """``y = x @ W^T + b`` with ``W`` stored in the GPTQ format (2, 3, 4 or 8 bits).
 
     Buffers (all derived once from the checkpoint tensors):
@@ -189,16 +188,6 @@ class QuantLinear(nn.Module):
         """``W`` ``(d_out, d_in)`` as stored (scales at their stored precision)."""
         return self.dequantize_weight_t(dtype).t().contiguous()
 
-    @property
-    def caches_weight(self) -> bool:
-        return self.cache_weight is not False
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes of the dense weight kept between calls (0 when none is kept)."""
-        c = self._cached
-        return 0 if c is None else c.numel() * c.element_size()
-
     def _weight_t_for(self, dtype: torch.dtype) -> torch.Tensor:
         if self.caches_weight and self._cached is not None and self._cached.dtype == dtype:
             return self._cached
@@ -254,25 +243,6 @@ class QuantLinear(nn.Module):
     def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
         self.last_kernel = "triton"
         return self._kernel_dense(x2, x2.dtype if x2.dtype != torch.float64 else torch.float32)
-
-    def _use_kernels(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "triton":
-            return True
-        return x.is_cuda and kernels.kernels_usable(x.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input has {x.shape[-1]} features, this layer takes {self.in_features}"
-            )
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        y = self._kernel_forward(x2) if self._use_kernels(x) else self._torch_forward(x2)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
 
 
 class SSQRLinear(QuantLinear):
