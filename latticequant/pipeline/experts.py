@@ -214,11 +214,14 @@ def routed_input(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An expert layer's input placed back in its windows: ``(B, T, d)`` zeros with the routed
     tokens' rows filled in, and the mask of those rows (and of the block's own mask), so the
-    Hessian is summed window by window like every other layer's. Other layers: as given."""
+    Hessian is summed window by window like every other layer's. Other layers: as given, but
+    flattened ``(B * T, d)`` inputs (a shared expert's) as ``(B, T, d)``."""
     tokens = None if expert is None else expert.routed_tokens
-    if tokens is None:
-        return x, mask
     B, T = windows
+    if tokens is None:  # inputs an MoE block flattens to (B * T, d) get their windows back
+        if x.dim() == 2 and x.shape[0] == B * T:
+            x = x.view(B, T, -1)
+        return x, mask
     full = x.new_zeros(B * T, x.shape[-1])
     full[tokens] = x.reshape(-1, x.shape[-1])
     keep = torch.zeros(B * T, dtype=torch.bool, device=x.device)

@@ -234,3 +234,44 @@ def test_other_methods_across_ranks(files, tmp_path, method):
     proc = _torchrun(2, argv)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _same_checkpoint(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_mixture_of_experts_across_ranks(files, tmp_path):
+    """Ranks route different tokens to different experts: the counts and the fallbacks are
+    decided on the reduced Hessians, so they are those of one process; the weights agree to
+    the rounding of expert matmuls over each share's routed rows."""
+    import contextlib
+    import io
+
+    from tiny import make_char_tokenizer, make_tiny_moe
+
+    folder = tmp_path / "moe"
+    make_tiny_moe("qwen2_moe").save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    argv = _args(files, tmp_path / "one", "--no-eval", "--min-expert-tokens", "40")
+    argv[1] = str(folder)
+    argv[argv.index("--group-size") + 1] = "16"  # the shared expert is 48 wide,
+    argv[argv.index("--bits") + 1] = "4"  # which 3-bit packing cannot take
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    log = json.loads((tmp_path / "one" / "quant_log.json").read_text())
+    assert any(e.get("expert_fallback") == "all-tokens" for e in log["layers"])
+    argv[argv.index("--out") + 1] = str(tmp_path / "two")
+    proc = _torchrun(2, argv)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "quant_log.json").read_text())
+    counts = {e["name"]: e.get("expert_tokens") for e in log["layers"]}
+    assert counts == {e["name"]: e.get("expert_tokens") for e in two["layers"]}
+    assert [e.get("expert_fallback") for e in log["layers"]] == [
+        e.get("expert_fallback") for e in two["layers"]
+    ]
+    # an expert's matmul runs over the routed rows of each share: equal to float rounding
+    for a, b in zip(log["layers"], two["layers"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["name"]
+    ta, tb = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if ta[k].is_floating_point():
+            torch.testing.assert_close(tb[k], ta[k], rtol=1e-3, atol=1e-5)
+        else:
+            assert (ta[k] == tb[k]).double().mean() > 0.99, k
