@@ -32,11 +32,15 @@ def gptq_factor(
             return None
         # U^T U = H_P^-1 without forming the inverse: with J the reversal and J H_P J = L L^T,
         # H_P = (J L J)(J L J)^T, so U = (J L J)^-1 = J L^-1 J.
-        L = cholesky_lower(Hd[P][:, P].flip(0, 1))
+        R = P.flip(0)  # J H_P J, indexed in reverse order: one copy of H, not three
+        L = cholesky_lower(Hd.index_select(0, R).index_select(1, R))
         if L is None:
             return None
-        eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
-        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+        inv = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+        inv = torch.linalg.solve_triangular(L, inv, upper=False)
+        del L  # the large factors of a wide layer are freed as soon as they are used
+        U = inv.flip(0, 1)
+        del inv
         return (P, U) if torch.isfinite(U).all() else None
 
     return with_damping(H, cfg.damp, factor)

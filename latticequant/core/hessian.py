@@ -164,7 +164,9 @@ class HessianAccumulator:
         if n == 0:
             raise ValueError("no tokens were accumulated into this Hessian")
         upper = torch.triu(self.sum)
-        return (upper + torch.triu(upper, 1).T) / n
+        H = upper + torch.triu(upper, 1).T
+        del upper
+        return H.div_(n)
 
 
 def check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
@@ -207,9 +209,11 @@ def prepare(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """``H + damp * mean(diag H) * I``."""
+    """``H + damp * mean(diag H) * I`` (one copy of H, no identity matrix formed)."""
     lam = damp * torch.diagonal(H).mean()
-    return H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    out = H.clone()
+    out.diagonal().add_(lam)
+    return out
 
 
 def with_damping(
