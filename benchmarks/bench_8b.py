@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     cmd += ["quantize", str(model), "--offload", "--blocks", args.blocks]
     cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     cmd += ["--method", "gptq", "--bits", "4", "--group-size", "128", "--no-eval", "--json"]
-    cmd += ["--out", str(out), "--overwrite"]
+    cmd += ["--out", str(out)]  # an interrupted run resumes after its last finished block
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     rss = int(re.findall(r"peak_rss_kb=(\d+)", proc.stderr)[-1]) * 1024
     wall = float(re.findall(r"wall_s=([0-9.]+)", proc.stderr)[-1])
     start, end = (int(x) for x in args.blocks.split(":"))
-    n_blocks = end - start
+    resumed = int(payload.get("blocks_resumed") or 0)
+    n_blocks = end - max(start, resumed)  # blocks quantized by this invocation
     t = payload["timings"]
     per_block = payload["quantize_s"] / n_blocks
     result = {
@@ -184,6 +185,7 @@ def main(argv=None) -> int:
         "seconds_per_block": per_block,
         "projected_model_s": payload["load_s"] + 32 * per_block,
         "n_layers": payload["n_layers"],
+        "blocks_resumed": resumed,
         "dtype": payload["dtype"],
     }
     gib = 2**30
@@ -208,6 +210,7 @@ def main(argv=None) -> int:
         f"| whole block | {per_block:.0f} s |",
         f"| projected for all 32 blocks | {result['projected_model_s'] / 3600:.1f} h |",
         f"| wall time of this run | {wall:.0f} s |",
+        f"| blocks this run resumed after | {resumed} |",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_8b.json").write_text(json.dumps(result, indent=1) + "\n")

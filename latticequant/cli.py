@@ -551,6 +551,7 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         "load_s": load_s,
         "quantize_s": quantize_s,
         "total_s": total_s,
+        "blocks_resumed": summary.blocks_resumed,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,
