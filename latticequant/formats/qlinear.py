@@ -205,14 +205,33 @@ class QuantLinear(DispatchedLinear):
         xs = xc[:, self.perm] if self.perm.numel() else xc  # the groups' sorted order
         y = torch.zeros(xc.shape[0], self.out_features, dtype=xc.dtype, device=xc.device)
         scales, zeros = self.scales.to(xc.dtype), self.zeros.to(xc.dtype)
-        words_per_tile = TILE_ROWS * self.bits // 32
         for r0 in range(0, self.in_features, TILE_ROWS):
             rows = min(TILE_ROWS, self.in_features - r0)
-            w0 = r0 * self.bits // 32
-            codes = unpack_codes(self.qweight[w0 : w0 + words_per_tile], self.bits, rows, dim=0)
-            g = self.g_idx[r0 : r0 + rows].to(torch.int64)
-            y.addmm_(xs[:, r0 : r0 + rows], scales[g] * (codes.to(xc.dtype) - zeros[g]))
+            codes = self._tile_codes(r0, rows).to(xc.dtype)
+            gs = self.group_size
+            if gs and r0 % gs == 0 and rows % gs == 0:  # whole groups: broadcast their grid
+                g = slice(r0 // gs, (r0 + rows) // gs)
+                codes = codes.view(rows // gs, gs, -1)
+                w = ((codes - zeros[g, None]) * scales[g, None]).view(rows, -1)
+            else:
+                g = self.g_idx[r0 : r0 + rows].to(torch.int64)
+                w = scales[g] * (codes - zeros[g])
+            y.addmm_(xs[:, r0 : r0 + rows], w)
         return y
+
+    def _tile_codes(self, r0: int, rows: int) -> torch.Tensor:
+        """The codes of sorted input rows ``r0 : r0 + rows`` (int32; ``r0`` a multiple of 32).
+
+        Widths that fill whole words (2, 4, 8 bits) take one shift per position in the word;
+        3 bits, whose codes straddle words, go through :func:`unpack_codes`."""
+        w0, words = r0 * self.bits // 32, -(-rows * self.bits // 32)
+        if self.bits == 3:
+            return unpack_codes(self.qweight[w0 : w0 + words + 1], 3, rows, dim=0)
+        per_word = 32 // self.bits
+        shifts = torch.arange(0, 32, self.bits, dtype=torch.int32, device=self.qweight.device)
+        block = self.qweight[w0 : w0 + words]
+        codes = (block[:, None, :] >> shifts[None, :, None]) & ((1 << self.bits) - 1)
+        return codes.reshape(words * per_word, -1)[:rows]
 
     def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
         compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
