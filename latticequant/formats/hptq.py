@@ -253,7 +253,7 @@ class HuffmanLinear(DispatchedLinear):
             persistent=persistent,
         )
         self.register_buffer("hptq_offsets", layout.offsets.clone(), persistent=persistent)
-        limits, base = huffman._canonical(self.table)
+        limits, base = huffman.canonical_constants(self.table)
         # decoding constants for the kernel: a few dozen numbers
         self.register_buffer(
             "code_limits", torch.from_numpy(limits.astype(np.int64)), persistent=False

@@ -34,6 +34,7 @@ __all__ = [
     "encode",
     "decode",
     "decode_chunks",
+    "canonical_constants",
     "chunk_starts",
     "symbol_lengths",
     "entropy_bits",
@@ -437,7 +438,7 @@ def decode(stream, table: HuffmanTable, n_symbols: int) -> np.ndarray:
     return table.symbols[index]
 
 
-def _canonical(table: HuffmanTable) -> tuple[np.ndarray, np.ndarray]:
+def canonical_constants(table: HuffmanTable) -> tuple[np.ndarray, np.ndarray]:
     """Decoding constants of a canonical code with longest length ``L``.
 
     ``limits[k-1]``: one past the largest ``L``-bit window that starts with a code of length at
@@ -517,7 +518,7 @@ def decode_chunks(
     if (start < 0).any():
         raise HuffmanError("Huffman chunk offsets must not be negative")
     L = table.max_length
-    limits, base = _canonical(table)
+    limits, base = canonical_constants(table)
     k = min(int(lut_bits), L)
     lut_len, lut_sym = _first_level(table, limits, base, k)
     lut_len = lut_len.astype(np.uint64)

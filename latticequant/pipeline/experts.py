@@ -34,6 +34,7 @@ __all__ = [
     "fused_expert_tensors",
     "has_experts",
     "expert_of",
+    "experts_of",
     "routed_input",
 ]
 

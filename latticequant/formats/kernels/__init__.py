@@ -286,7 +286,8 @@ def hptq_matmul(
 
     stream uint8; offsets int32, the start bit of each chunk of ``chunk_rows`` rows; limits,
     base and symbols the canonical decoding constants of the table
-    (:func:`latticequant.formats.huffman._canonical`, symbols as float32 with one padding entry).
+    (:func:`latticequant.formats.huffman.canonical_constants`; symbols as float32 with one
+    padding entry).
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
