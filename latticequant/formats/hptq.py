@@ -291,8 +291,8 @@ class HuffmanLinear(DispatchedLinear):
         return int(self.hptq_chunk_rows[0])
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        keys = HPTQ_KEYS + HPTQ_CHUNK_KEYS
-        return {k: getattr(self, k) for k in keys}
+        """The layer's tensors as a checkpoint stores them (the chunk index included)."""
+        return {k: getattr(self, k) for k in HPTQ_KEYS + HPTQ_CHUNK_KEYS}
 
     def _scaled(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.hptq_scale.to(dtype) * (codes.to(dtype) - 0.0)
@@ -361,7 +361,7 @@ class HuffmanLinear(DispatchedLinear):
 
     def extra_repr(self) -> str:
         n = self.in_features * self.out_features
-        stored = {k: getattr(self, k) for k in HPTQ_KEYS + HPTQ_CHUNK_KEYS}
+        stored = self.stored_tensors()
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"chunk_rows={self.chunk_rows}, bits_per_weight={effective_bits(stored, n):.4f}"
