@@ -40,8 +40,9 @@ from latticequant.pipeline.memory import check_run_memory
 from latticequant.pipeline.models import DTYPE_CHOICES, load_model
 from latticequant.pipeline.offload import store_of
 from latticequant.pipeline.overrides import Override, parse_override, resolve_config
-from latticequant.pipeline.run import plan_layers, quantize_model
+from latticequant.pipeline.run import check_target_model, plan_layers, quantize_model
 from latticequant.pipeline.state import OutputExistsError
+from latticequant.pipeline.target import OBJECTIVES, ROTATIONS, TargetConfig
 from latticequant.report import format_table, load_report, plot_loss_vs_bound
 
 log = logging.getLogger("latticequant")
@@ -251,6 +252,20 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         choices=("float32", "float64"),
         default="float32",
         help="dtype the Hessians accumulate in (float32; the solves run in float64 on the CPU)",
+    )
+    q.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="layer",
+        help="what each layer matches: its float weights on its own inputs (layer, the default) "
+        "or the float model's outputs (float-outputs: a float copy of each block runs beside it)",
+    )
+    q.add_argument(
+        "--rotate",
+        choices=ROTATIONS,
+        default="none",
+        help="hadamard: quantize every layer in a randomised Hadamard basis of its inputs, drawn "
+        "from --seed (stored in the checkpoint, applied at run time); none (default)",
     )
     q.add_argument(
         "--min-expert-tokens",
@@ -468,6 +483,7 @@ def cmd_quantize(args) -> int:
     _check_device(args.device)
     method.check(config)  # what the format cannot store is refused before the model loads
     args.experts = ExpertPolicy(args.min_expert_tokens, args.expert_fallback)
+    args.target = TargetConfig(args.objective, args.rotate, args.seed)
     overrides = [Override(p, skip=True) for p in args.skip]
     for text in args.override:  # so is a bad override, not when the run reaches the layer
         ov = parse_override(text, method.config_cls)
@@ -496,7 +512,8 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         _check_seqlen(model, "--eval-seqlen", args.eval_seqlen)
     unfuse_experts(model)
     layout = describe_model(model)
-    plan_layers(layout, method, config, overrides, args.blocks)  # refuse before any slow work
+    check_target_model(layout, args.target)  # refuse before any slow work
+    plan_layers(layout, method, config, overrides, args.blocks, args.target)
     check_run_memory(
         model,
         layout,
@@ -506,6 +523,7 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         torch.device(args.device),
         getattr(torch, args.hessian_dtype),
         world.size,
+        args.target.float_outputs,
     )
     bos = window_bos(tokenizer, args.bos)
     calib = _calibration(tokenizer, args, bos)
@@ -535,6 +553,7 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         blocks=args.blocks,
         run_info={"bos": "never" if bos is None else "always", "bos_token_id": bos},
         experts=args.experts,
+        target=args.target,
     )
     quantize_s = time.perf_counter() - t1
     if args.evaluate:
@@ -556,6 +575,7 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,
         "timings": summary.timings,
+        "target": {"objective": args.target.objective, "rotate": args.target.rotate},
     }
     skipped = ""
     if summary.skipped:

@@ -246,6 +246,26 @@ def test_kbest_with_refinement_from_the_command_line(
     assert all(r["refine_cd_pct"] >= 0 and r["refine_scales_pct"] >= 0 for r in rows)
 
 
+def test_objective_and_rotation_from_the_command_line(
+    tiny_llama_dir, sample_text_file, tmp_path, capsys
+):
+    out = tmp_path / "r"
+    args = _quantize_args(tiny_llama_dir, sample_text_file, out, "--json", "--bits", "3")
+    args += ["--objective", "float-outputs", "--rotate", "hadamard", "--seed", "2"]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["target"] == {"objective": "float-outputs", "rotate": "hadamard"}
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["quant_method"] == "latticequant" and qc["format"] == "latticequant-hadamard"
+    evaluated = ["eval", str(out), "--text", str(sample_text_file), "--seqlen", "64", "--json"]
+    assert main(evaluated) == 0
+    ppl = json.loads(capsys.readouterr().out)["perplexity"]
+    assert ppl == pytest.approx(payload["ppl_after"], rel=1e-4)
+    log = json.loads((out / "quant_log.json").read_text())
+    assert log["run"]["target"]["seed"] == 2
+    assert all(s["rotation"] == "hadamard" and "target_shift" in s for s in log["layers"])
+
+
 def test_generate_from_a_checkpoint(quantized, capsys):
     out, _ = quantized
     argv = ["generate", str(out), "--prompt", "def f", "--max-new-tokens", "8", "--json"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_char_tokenizer, make_tiny_llama, make_tiny_opt
+from tiny import make_char_tokenizer, make_tiny_llama, make_tiny_moe, make_tiny_opt
 
 from latticequant import cli
 from latticequant.pipeline.data import protocol_text
@@ -23,6 +23,10 @@ def files(tmp_path_factory) -> Path:
     make_char_tokenizer().save_pretrained(root / "model")
     make_tiny_opt().save_pretrained(root / "opt")
     make_char_tokenizer().save_pretrained(root / "opt")
+    make_tiny_llama(hidden_size=8 * 67).save_pretrained(root / "odd")  # d_in 536 = 8 x 67
+    make_char_tokenizer().save_pretrained(root / "odd")
+    make_tiny_moe("qwen3_moe").save_pretrained(root / "moe")
+    make_char_tokenizer().save_pretrained(root / "moe")
     (root / "text.txt").write_text(protocol_text()[:6000])
     (root / "empty.txt").write_text("   \n")
     (root / "short.txt").write_text("too short")
@@ -163,6 +167,18 @@ CORPUS = [
         "text binary",
         q("--text", "ROOT/binary.txt"),
         "not a text file",
+    ),
+    ("unknown objective", q("--objective", "outputs"), "invalid choice: 'outputs'"),
+    ("unknown rotation", q("--rotate", "walsh"), "invalid choice: 'walsh'"),
+    (
+        "rotation of a size it cannot factor",
+        q("--rotate", "hadamard", "--bits", "8", model="odd"),
+        "odd factor 67 above 63",
+    ),
+    (
+        "float-outputs on mixture-of-experts",
+        q("--objective", "float-outputs", model="moe"),
+        "use --objective layer",
     ),
     ("unknown device", q("--device", "toaster"), "--device"),
     ("cuda without a gpu", q("--device", "cuda:0"), "CUDA is not available"),

@@ -169,6 +169,54 @@ class HessianAccumulator:
         return H.div_(n)
 
 
+class CrossGramAccumulator(HessianAccumulator):
+    """Running ``sum_t x_t y_t^T`` of two activations of the same tokens (``C = X^T Y / n``).
+
+    The same summation tree as :class:`HessianAccumulator` (so ranks reduce it the same way),
+    but the whole matrix is summed: a cross Gram matrix is not symmetric.
+    """
+
+    def add(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        first_window: int | None = None,
+    ) -> None:
+        """Add the token pairs of ``x`` and ``y`` (same shape, windows as in ``add``)."""
+        if x.shape != y.shape or x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"cross Gram of {tuple(x.shape)} and {tuple(y.shape)} with {self.d_in} features"
+            )
+        xs = x.reshape(-1, x.shape[-2], self.d_in) if x.dim() == 3 else x.reshape(1, -1, self.d_in)
+        ys = y.reshape(xs.shape)
+        masks = None if mask is None else mask.reshape(xs.shape[:2]).to(torch.bool)
+        start = self._next_window if first_window is None else int(first_window)
+        if start < self._next_window:
+            raise ValueError(f"window {start} arrives after window {self._next_window - 1}")
+        for i in range(xs.shape[0]):
+            xw, yw = xs[i], ys[i]
+            if masks is not None:
+                keep = masks[i].to(xw.device)
+                xw, yw = xw[keep], yw[keep]
+            S = torch.zeros(self.d_in, self.d_in, dtype=self.dtype, device=self.device)
+            if xw.shape[0]:
+                S.addmm_(
+                    xw.to(device=self.device, dtype=self.dtype).T,
+                    yw.to(device=self.device, dtype=self.dtype),
+                )
+            self._push(GramNode(start + i, 1, int(xw.shape[0]), S))
+        self._next_window = start + xs.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The mean cross Gram ``X^T Y / n``."""
+        n = self.n_tokens
+        if n == 0:
+            raise ValueError("no tokens were accumulated into this cross Gram matrix")
+        return self.sum.div_(n)
+
+
 def check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
     """Raise a ``ValueError`` naming what is wrong with a weight matrix and its Hessian."""
     if not isinstance(W, torch.Tensor) or not isinstance(H, torch.Tensor):

@@ -44,6 +44,12 @@ from latticequant.formats.packing import (
 )
 from latticequant.formats.qlinear import QuantLinear, SSQRLinear
 from latticequant.formats.quantize_config import quantize_config_dict
+from latticequant.formats.rotation import (
+    ROTATION_KEYS,
+    RotatedLinear,
+    pack_rotation,
+    unpack_rotation,
+)
 from latticequant.formats.ssqr import (
     SSQR_KEYS,
     csr_to_dense,
@@ -64,6 +70,10 @@ __all__ = [
     "HPTQ_CHUNK_KEYS",
     "ModuleFormat",
     "QuantLinear",
+    "ROTATION_KEYS",
+    "RotatedLinear",
+    "pack_rotation",
+    "unpack_rotation",
     "SSQRLinear",
     "bits_breakdown",
     "build_module",

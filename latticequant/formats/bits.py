@@ -38,6 +38,9 @@ KEY_KINDS = {
     "hptq_shape": "shape",
     "hptq_chunk_rows": "shape",
     "hptq_offsets": "huffman offsets",
+    "rot_signs": "rotation",
+    "rot_factor": "rotation",
+    "rot_seed": "rotation",
 }
 """What each stored key is, for reports that group the bits by kind."""
 

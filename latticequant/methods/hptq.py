@@ -197,7 +197,8 @@ class _Search:
 def _search_scale(W: torch.Tensor, H: torch.Tensor, cfg: HPTQConfig):
     """A secant search on ``log2 s``: the stored size falls by about a bit per doubling."""
     search = _Search(W, H, cfg)
-    target, tol = cfg.target_bits, cfg.tol
+    # Bits the pipeline stores beside the method's tensors (a rotation) come out of the budget.
+    target, tol = cfg.target_bits - float(cfg.extra.get("reserved_bits", 0.0)), cfg.tol
     wmax = float(W.abs().max()) or 1.0
     x_min = math.log2(max(_FP16_TINY, wmax / _MAX_CODE))
     x_max = math.log2(min(_FP16_MAX, 8 * wmax))  # every code 0 from here on (nearly, for GPTQ)

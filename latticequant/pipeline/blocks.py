@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from latticequant.core.hessian import HessianAccumulator
+from latticequant.core.hessian import CrossGramAccumulator, HessianAccumulator
 from latticequant.methods.registry import LayerQuant, Method
 from latticequant.pipeline.distributed import World, assign_owners, solve_cost
 from latticequant.pipeline.experts import (
@@ -35,6 +35,7 @@ from latticequant.pipeline.experts import (
 )
 from latticequant.pipeline.forward import BlockInputs, StopForward, block_output
 from latticequant.pipeline.layout import linear_weight, set_linear_weight
+from latticequant.pipeline.target import TargetConfig, solve_layer
 
 __all__ = ["HessianBank", "BlockQuantizer", "quantize_block_lazy", "quantize_block_batched"]
 
@@ -49,6 +50,7 @@ class HessianBank:
     def __init__(self, dtype: torch.dtype, device) -> None:
         self.dtype, self.device = dtype, device
         self.acc: dict[str, HessianAccumulator] = {}
+        self.cross: dict[str, CrossGramAccumulator] = {}  # float-outputs: X^T X~ per input
         self.alias: dict[str, str] = {}
         self._batch_inputs: list[tuple[torch.Tensor, str]] = []
 
@@ -62,10 +64,12 @@ class HessianBank:
         mask: torch.Tensor | None,
         first_window: int = 0,
         source: torch.Tensor | None = None,
+        float_x: torch.Tensor | None = None,
     ) -> None:
         """``source``: the tensor the layer really read, when ``x`` is built from it (an
         expert's routed tokens placed in their windows); layers that read the same source
-        share one accumulator."""
+        share one accumulator. ``float_x``: the float block's input of the same layer on the
+        same tokens, whose cross Gram with ``x`` the float-outputs objective needs."""
         source = x if source is None else source
         for seen, leader in self._batch_inputs:
             if (
@@ -84,9 +88,18 @@ class HessianBank:
             raise ValueError(f"cannot match the padding mask to the input of {name}")
         token_mask = None if mask is None else mask.reshape(x.shape[:-1])
         self.acc[name].add(x.detach(), token_mask, first_window)
+        if float_x is not None:
+            if name not in self.cross:
+                self.cross[name] = CrossGramAccumulator(
+                    x.shape[-1], dtype=self.dtype, device=self.device
+                )
+            self.cross[name].add(float_x.detach(), x.detach(), token_mask, first_window)
 
     def get(self, name: str) -> HessianAccumulator:
         return self.acc[self.alias.get(name, name)]
+
+    def get_cross(self, name: str) -> CrossGramAccumulator | None:
+        return self.cross.get(self.alias.get(name, name))
 
     def get_or_empty(self, name: str, d_in: int) -> HessianAccumulator:
         """The layer's accumulator; an empty one for an expert no token was routed to."""
@@ -119,8 +132,10 @@ class BlockQuantizer:
         device,
         world: World | None = None,
         experts: ExpertPolicy | None = None,
+        target: TargetConfig | None = None,
     ):
         self.method = method
+        self.target = target if target is not None else TargetConfig()
         self.configs = configs  # local name -> config; only the layers to quantize
         self.hessian_dtype, self.device = hessian_dtype, device
         self.world = world if world is not None else World()
@@ -128,15 +143,28 @@ class BlockQuantizer:
         self.results: dict[str, LayerQuant] = {}
         self.floats: dict[str, dict] = {}
         self.solve_s = 0.0
+        self.prefix = ""  # the block's name in the model, for layer names (rotation seeds)
 
-    def _solve(self, name: str, module: nn.Module, acc: HessianAccumulator) -> LayerQuant:
+    def full_name(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def _solve(
+        self,
+        name: str,
+        module: nn.Module,
+        acc: HessianAccumulator,
+        cross: CrossGramAccumulator | None = None,
+    ) -> LayerQuant:
         """One layer's result on its Hessian; any failure is an error naming the layer."""
         W = linear_weight(module).detach()
         if W.dtype not in (torch.float32, torch.float64):
             W = W.float()
         t0 = time.perf_counter()
         try:
-            lq = self.method.quantize(W, acc.H, self.configs[name])
+            C = None if cross is None else cross.H
+            lq = solve_layer(
+                self.method, W, acc.H, self.configs[name], self.target, self.full_name(name), C
+            )
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
         elapsed = time.perf_counter() - t0
@@ -152,6 +180,7 @@ class BlockQuantizer:
         block: nn.Module,
         accs: dict[str, HessianAccumulator],
         all_tokens: Callable[[list[str]], dict[str, HessianAccumulator]] | None = None,
+        crosses: dict[str, CrossGramAccumulator] | None = None,
     ) -> None:
         """Quantize the layers of one group (``accs``: name -> its Hessian's accumulator) and
         write each ``Q`` into its layer (a layer meant to be quantized never stays in float,
@@ -166,9 +195,19 @@ class BlockQuantizer:
                 reduced[id(acc)] = world.reduce_hessian(acc) if world.distributed else acc
         solve_on, extra = self._expert_fallbacks(block, accs, reduced, all_tokens)
         accs = {n: a for n, a in accs.items() if n not in self.floats}
+        cross_on: dict[str, CrossGramAccumulator | None] = dict.fromkeys(accs)
+        if self.target.float_outputs:
+            if crosses is None or any(crosses.get(n) is None for n in accs):
+                raise RuntimeError("the float-outputs objective needs every layer's cross Gram")
+            done: dict[int, CrossGramAccumulator] = {}
+            for name in accs:
+                c = crosses[name]
+                if id(c) not in done:
+                    done[id(c)] = world.reduce_hessian(c) if world.distributed else c
+                cross_on[name] = done[id(c)]
         if not world.distributed:
             for name in accs:
-                lq = self._solve(name, block.get_submodule(name), solve_on[name])
+                lq = self._solve(name, block.get_submodule(name), solve_on[name], cross_on[name])
                 lq.stats.update(extra.get(name, {}))
                 set_linear_weight(block.get_submodule(name), lq.Q)
                 self.results[name] = lq
@@ -180,7 +219,9 @@ class BlockQuantizer:
             if owners[name] != world.rank:
                 continue
             try:
-                mine[name] = self._solve(name, block.get_submodule(name), solve_on[name])
+                mine[name] = self._solve(
+                    name, block.get_submodule(name), solve_on[name], cross_on[name]
+                )
                 mine[name].stats.update(extra.get(name, {}))
             except ValueError as exc:
                 error = str(exc)
@@ -284,15 +325,50 @@ def quantize_block_lazy(block, batch: BlockInputs, subsets, bq: BlockQuantizer, 
     return [out]
 
 
+def float_inputs(float_block: nn.Module, batch: BlockInputs, names: list[str]) -> dict:
+    """What the layers ``names`` of the float block read on the batch's float hidden states
+    (the forward stops once all have run)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def make_hook(name):
+        def hook(module, args):
+            seen[name] = args[0]
+            if len(seen) == len(names):
+                raise StopForward
+            return None
+
+        return hook
+
+    handles = [float_block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        float_block(batch.float_hidden, *batch.args, **batch.kwargs)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(names) - set(seen))
+    if missing:
+        raise RuntimeError(f"layers {missing} never ran in the float block")
+    return seen
+
+
 def quantize_block_batched(
-    block, batches: list[BlockInputs], subsets, bq: BlockQuantizer, bank: HessianBank
+    block,
+    batches: list[BlockInputs],
+    subsets,
+    bq: BlockQuantizer,
+    bank: HessianBank,
+    float_block: nn.Module | None = None,
 ):
     """Group by group: capture the group's inputs over all batches (stopping the forward once
     the group has run), quantize it, then one last pass for the block's outputs.
 
     A group of expert layers is captured by whole forwards (an expert no token chose never
     runs, so nothing says when all have been seen) and may run the all-token passes of its
-    fallbacks."""
+    fallbacks. ``float_block``: the block's float copy (the float-outputs objective): before
+    each batch's pass its float inputs of the group are captured on the float hidden states,
+    and each layer's cross Gram is accumulated beside its Hessian."""
     for subset in subsets:
         names = [n for n in subset if n in bq.configs]
         if not names:
@@ -307,7 +383,8 @@ def quantize_block_batched(
 
             def hook(module, args):
                 x, mask = routed_input(expert, args[0], current["windows"], current["mask"])
-                bank.add(name, x, mask, current["first_window"], source=args[0])
+                fx = current["float"].get(name)
+                bank.add(name, x, mask, current["first_window"], source=args[0], float_x=fx)
                 current["called"].add(name)
                 pending.discard(name)
                 if not pending and stop:
@@ -326,6 +403,9 @@ def quantize_block_batched(
                 current["first_window"] = batch.first_window
                 current["windows"] = tuple(batch.hidden.shape[:2])
                 current["called"] = set()
+                current["float"] = (
+                    {} if float_block is None else float_inputs(float_block, batch, names)
+                )
                 bank.new_batch()
                 try:
                     block(batch.hidden, *batch.args, **batch.kwargs)
@@ -334,14 +414,16 @@ def quantize_block_batched(
                 if pending:
                     raise RuntimeError(f"layers {sorted(pending)} were never called")
                 _add_empty_windows(block, bank, batch, routed - current["called"])
+                current["float"] = {}
         finally:
             for h in handles:
                 h.remove()
         accs = {
             n: bank.get_or_empty(n, linear_weight(block.get_submodule(n)).shape[1]) for n in names
         }
+        crosses = None if float_block is None else {n: bank.get_cross(n) for n in names}
         bq.quantize_group(
-            block, accs, lambda short: all_token_hessians(block, batches, short, bank)
+            block, accs, lambda short: all_token_hessians(block, batches, short, bank), crosses
         )
     return [block_output(block(b.hidden, *b.args, **b.kwargs)) for b in batches]
 

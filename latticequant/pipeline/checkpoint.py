@@ -25,13 +25,16 @@ from torch import nn
 
 from latticequant.formats import (
     GPTQ_KEYS,
+    ROTATION_KEYS,
     SUPPORTED_BITS,
     FormatError,
     build_module,
     get_format,
     is_permuted,
     quantize_config_dict,
+    unpack_rotation,
 )
+from latticequant.formats.rotation import RotatedLinear
 from latticequant.methods.registry import config_to_dict
 from latticequant.pipeline.experts import unfuse_experts
 from latticequant.pipeline.files import (
@@ -61,6 +64,9 @@ LOG_FILE = "quant_log.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 OWN_QUANT_METHOD = "latticequant"  # quant_method of checkpoints with non-GPTQ layers
 QUANT_METHODS = ("gptq", OWN_QUANT_METHOD)
+ROTATED_FORMAT = "latticequant-hadamard"
+"""``format`` of a checkpoint with rotated layers: their stored weights are ``W R`` and mean
+nothing to a reader that does not apply ``R`` first, so no GPTQ reader may take them."""
 
 
 class CheckpointError(ValueError):
@@ -220,6 +226,8 @@ def save_quantized(
             "out_features": int(d_out),
             "keys": {k: list(v) for k, v in layer.shapes.items()},
         }
+        if "rot_signs" in layer.shapes:
+            modules[name]["rotation"] = "hadamard"
     not_quantized = [n for n in layout.linear_names() if n not in layers]
     reasons = dict(skipped or {})
     unexplained = [n for n in not_quantized if n not in reasons]
@@ -268,7 +276,11 @@ def save_quantized(
         }
     # Other tools read GPTQ layers only; a checkpoint with other formats must not pass for one.
     formats_used = {m["format"] for m in modules.values()}
-    qconfig["quant_method"] = "gptq" if formats_used <= {"gptq"} else OWN_QUANT_METHOD
+    rotated = any("rotation" in m for m in modules.values())
+    plain = formats_used <= {"gptq"} and not rotated
+    qconfig["quant_method"] = "gptq" if plain else OWN_QUANT_METHOD
+    if rotated:
+        qconfig["format"] = ROTATED_FORMAT
     dynamic = _dynamic_overrides(modules, not_quantized, base)
     if dynamic:
         qconfig["dynamic"] = dynamic
@@ -463,7 +475,15 @@ def load_quantized(
             fmt = get_format(entry.get("format", "gptq"))
         except FormatError as exc:
             raise CheckpointError(f"module {name}: {exc}") from None
-        for key in fmt.keys:
+        rotation = entry.get("rotation")
+        if rotation not in (None, "hadamard"):
+            raise CheckpointError(f"module {name}: unknown rotation {rotation!r}")
+        if rotation and qc.get("format") != ROTATED_FORMAT:
+            raise CheckpointError(
+                f"module {name} is rotated but quantize config's format is "
+                f"{qc.get('format')!r}, not {ROTATED_FORMAT!r}: the checkpoint is inconsistent"
+            )
+        for key in fmt.keys + (ROTATION_KEYS if rotation else ()):
             full = f"{name}.{key}"
             if full not in tensors:
                 raise CheckpointError(f"checkpoint is missing tensor {full}")
@@ -519,6 +539,10 @@ def load_quantized(
                 meta[k] = entry[k]
         try:
             module = build_module(entry.get("format", "gptq"), layer_tensors, meta, bias)
+            if entry.get("rotation"):
+                stored = {k: tensors[f"{name}.{k}"] for k in ROTATION_KEYS}
+                n_in = int(entry.get("in_features", linear_weight(original).shape[1]))
+                module = RotatedLinear(unpack_rotation(stored, n_in), module)
         except FormatError as exc:
             raise CheckpointError(f"module {name}: {exc}") from None
         _set_module(model, name, module)

@@ -307,7 +307,7 @@ class World:
             type(node)(node.start, node.size, node.n_tokens, node.S.cpu()) for node in acc.nodes()
         ]
         parts = self.all_gather(nodes, "reduce")
-        return HessianAccumulator.from_nodes(parts, acc.d_in, acc.dtype, acc.device)
+        return type(acc).from_nodes(parts, acc.d_in, acc.dtype, acc.device)
 
     def close(self) -> None:
         """Leave the process group (after a failure, just exit: the peers may be gone)."""

@@ -45,6 +45,7 @@ class BlockInputs:
     kwargs: dict
     mask: torch.Tensor | None  # (batch, seqlen) bool: tokens that enter the Hessians
     first_window: int = 0  # index of the batch's first window among all calibration windows
+    float_hidden: torch.Tensor | None = None  # the float model's hidden states (float-outputs)
 
     def to(self, device) -> BlockInputs:
         mask = None if self.mask is None else self.mask.to(device)
@@ -54,6 +55,7 @@ class BlockInputs:
             to_device(self.kwargs, device),
             mask,
             self.first_window,
+            None if self.float_hidden is None else self.float_hidden.to(device),
         )
 
     def run(self, block: nn.Module) -> torch.Tensor:

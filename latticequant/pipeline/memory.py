@@ -56,9 +56,12 @@ def estimate_block_memory(
     dtype: torch.dtype,
     hessian_dtype: torch.dtype = torch.float32,
     config=None,
+    float_copy: bool = False,
 ) -> BlockMemory:
     """The peak bytes of quantizing the largest block of ``layout`` on ``n_windows`` windows of
-    ``seqlen`` tokens, run ``batch_size`` windows at a time in ``dtype``."""
+    ``seqlen`` tokens, run ``batch_size`` windows at a time in ``dtype``. ``float_copy``: the
+    float-outputs objective's float block and float hidden states beside the quantized ones
+    (and a cross Gram matrix beside every Hessian)."""
     act = torch.finfo(dtype).bits // 8
     index = max(
         range(len(layout.blocks)),
@@ -88,6 +91,11 @@ def estimate_block_memory(
     h_bytes = torch.finfo(hessian_dtype).bits // 8
     d_max = max(d_in for _, d_in in shapes)
     hessians = d_max * d_max * (h_bytes * depth + 8 * 3)
+    if float_copy:
+        hidden *= 2
+        activations += batch_tokens * max(d_in for _, d_in in shapes) * act  # its layer input
+        weights += params
+        hessians += d_max * d_max * h_bytes * depth
     return BlockMemory(hidden, activations, weights, hessians)
 
 
@@ -134,6 +142,7 @@ def check_run_memory(
     device: torch.device,
     hessian_dtype: torch.dtype = torch.float32,
     ranks: int = 1,
+    float_copy: bool = False,
 ) -> BlockMemory:
     """Estimate one block's needs for this rank's share of the windows and refuse what cannot
     fit (:class:`InsufficientMemoryError`); returns the estimate."""
@@ -147,6 +156,7 @@ def check_run_memory(
         dtype,
         hessian_dtype,
         getattr(model, "config", None),
+        float_copy,
     )
     check_memory(need, torch.device(device))
     return need

@@ -10,6 +10,7 @@ complete (:mod:`latticequant.pipeline.state`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -54,10 +55,11 @@ from latticequant.pipeline.state import (
     finish_output,
     prepare_output,
 )
+from latticequant.pipeline.target import TargetConfig, check_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerPlan", "QuantizeSummary", "plan_layers", "quantize_model"]
+__all__ = ["LayerPlan", "QuantizeSummary", "check_target_model", "plan_layers", "quantize_model"]
 
 
 @dataclass
@@ -141,14 +143,25 @@ def _check_run_inputs(calib_ids, attention_mask, batch_size, device) -> tuple[in
     return batch_size, device
 
 
+def check_target_model(layout: ModelLayout, target: TargetConfig) -> None:
+    """Refuse a target the model's architecture cannot take, before any slow work."""
+    if target.float_outputs and any(has_experts(b) for b in layout.blocks):
+        raise ValueError(
+            "--objective float-outputs is not supported for mixture-of-experts models (the "
+            "float and quantized blocks route tokens differently); use --objective layer"
+        )
+
+
 def plan_layers(
     layout: ModelLayout,
     method: Method,
     config,
     overrides: Sequence[Override],
     blocks: tuple[int, int] | None = None,
+    target: TargetConfig | None = None,
 ) -> LayerPlan:
-    """Every linear layer's config after the overrides, each checked by the method.
+    """Every linear layer's config after the overrides, each checked by the method (and by
+    the rotation of ``target``, which needs a size it can factor).
 
     ``blocks``: ``(start, end)``, only the blocks ``start <= i < end`` are quantized; the
     layers of the others are skipped, saying so.
@@ -186,6 +199,8 @@ def plan_layers(
                     raise UnsupportedConfigError(
                         f"{name} ({method.name}, {d_out}x{d_in}): {exc}"
                     ) from None
+                if target is not None:
+                    check_target(target, name, int(d_in))
                 configs[index][local] = cfg
     plan = LayerPlan(configs, skipped)
     if plan.n_quantized == 0:
@@ -236,10 +251,20 @@ def _resume(
             done = {name: layer.without_tensors() for name, layer in done.items()}
         layers.update(done)
     if start:
-        hidden = None if state is None else torch.cat(state.load_hidden())
-        hidden = world.broadcast(hidden, "resume")
+        saved = None if state is None else state.load_hidden()
+        saved = world.broadcast(saved, "resume")
+        hidden = saved[0]
+        float_hidden = saved[1] if len(saved) > 1 else None
+        if (float_hidden is None) != (batches[0].float_hidden is None):
+            raise ResumeMismatchError(
+                "the unfinished run was made with another --objective; delete "
+                f"{work or 'the unfinished output'} or pass resume=False (--no-resume)"
+            )
         for b in batches:
-            b.hidden = hidden[b.first_window : b.first_window + b.hidden.shape[0]].clone()
+            rows = slice(b.first_window, b.first_window + b.hidden.shape[0])
+            b.hidden = hidden[rows].clone()
+            if float_hidden is not None:
+                b.float_hidden = float_hidden[rows].clone()
         log.info("resumed after %d finished blocks", start)
     return layers, start
 
@@ -254,6 +279,7 @@ def _quantize_block(
     hessian_dtype: torch.dtype,
     world: World,
     experts: ExpertPolicy,
+    target: TargetConfig,
 ) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], float]:
     """Quantize block ``index`` in place on ``device``; its outputs become ``batches``' inputs.
 
@@ -263,13 +289,19 @@ def _quantize_block(
     prefix = layout.block_name(index)
     block.to(device)
     on_device = [b.to(device) for b in batches]
-    bq = BlockQuantizer(method, configs, hessian_dtype, device, world, experts)
+    bq = BlockQuantizer(method, configs, hessian_dtype, device, world, experts, target)
+    bq.prefix = prefix
     bank = HessianBank(hessian_dtype, device)
     subsets = layout.subsets_of(index)
-    if len(on_device) == 1 and not has_experts(block):
+    float_block = copy.deepcopy(block) if target.float_outputs else None
+    if len(on_device) == 1 and not has_experts(block) and float_block is None:
         outputs = quantize_block_lazy(block, on_device[0], subsets, bq, bank)
     else:
-        outputs = quantize_block_batched(block, on_device, subsets, bq, bank)
+        outputs = quantize_block_batched(block, on_device, subsets, bq, bank, float_block)
+    if float_block is not None:  # the float model's next hidden states, then the copy goes
+        for b, b_dev in zip(batches, on_device):
+            b.float_hidden = b_dev.run(float_block).to("cpu")
+        del float_block
     block.to("cpu")
     layers, Qs = {}, {}
     for local, stats in bq.floats.items():
@@ -312,12 +344,14 @@ def _keep_block(
     every rank's block outputs for it) and, for a model kept on disk, its quantized weights in
     the store (codes are read back at save time)."""
     if saving:
-        mine = torch.cat([b.hidden for b in batches])
         rows = [len(shard_range(n_windows, r, world.size)) for r in range(world.size)]
-        hidden = world.gather_rows(mine, rows, "gather")
+        hidden = [world.gather_rows(torch.cat([b.hidden for b in batches]), rows, "gather")]
+        if batches[0].float_hidden is not None:  # the float model's, for the float objective
+            mine = torch.cat([b.float_hidden for b in batches])
+            hidden.append(world.gather_rows(mine, rows, "gather"))
         if state is not None:
             source = None if store is None else store.checksums[index]
-            state.save_block(index, layers, Qs, [hidden], source)
+            state.save_block(index, layers, Qs, hidden, source)
     if store is not None:
         store.save_block(index, [f"{name}.weight" for name in Qs])
         store.release(index)
@@ -372,6 +406,7 @@ def quantize_model(
     run_info: dict | None = None,
     blocks: tuple[int, int] | None = None,
     experts: ExpertPolicy | None = None,
+    target: TargetConfig | None = None,
 ) -> QuantizeSummary:
     """Quantize ``model``'s decoder blocks in place; write a checkpoint to ``out_dir`` if given.
 
@@ -386,22 +421,25 @@ def quantize_model(
     Every layer not skipped by an override is quantized, or the run fails naming it.
     Mixture-of-experts models have their fused experts split into per-expert linear layers
     first (:mod:`latticequant.pipeline.experts`); ``experts`` says what an expert with too few
-    routed tokens is quantized on (``ExpertPolicy()`` by default).
+    routed tokens is quantized on (``ExpertPolicy()`` by default). ``target`` chooses the
+    problem each layer solves (:class:`~latticequant.pipeline.target.TargetConfig`: the
+    float-outputs objective, the Hadamard rotation; each layer's own weights by default).
     """
     world = World() if world is None else world
     experts = ExpertPolicy() if experts is None else experts
+    target = TargetConfig() if target is None else target
     with world.failing_together():  # the other ranks stop with this rank's line
         return _quantize_model(
             model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite,
             device, attention_mask, batch_size, checkpoint_format, hessian_dtype, progress,
-            on_block_done, world, run_info or {}, blocks, experts,
+            on_block_done, world, run_info or {}, blocks, experts, target,
         )  # fmt: skip
 
 
 def _quantize_model(
     model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite, device,
     attention_mask, batch_size, checkpoint_format, hessian_dtype, progress, on_block_done, world,
-    run_info, blocks, experts,
+    run_info, blocks, experts, target,
 ) -> QuantizeSummary:  # fmt: skip
     method, config = _resolve_method(method, config, checkpoint_format)
     overrides = list(overrides)
@@ -409,7 +447,8 @@ def _quantize_model(
     unfuse_experts(model)
     layout = describe_model(model)
     model.eval()
-    plan = plan_layers(layout, method, config, overrides, blocks)
+    check_target_model(layout, target)
+    plan = plan_layers(layout, method, config, overrides, blocks, target)
     last = max(i for i, c in plan.configs.items() if c)  # no block after it needs running
     store = store_of(model)  # blocks kept on disk: one in memory at a time
     check_run_memory(
@@ -421,6 +460,7 @@ def _quantize_model(
         torch.device(device),
         hessian_dtype,
         world.size,
+        target.float_outputs,
     )
 
     output = None
@@ -436,6 +476,7 @@ def _quantize_model(
                 "checkpoint_format": checkpoint_format,
                 "batch_size": batch_size,
                 **({"blocks": list(blocks)} if blocks else {}),
+                **({} if target.is_default else {"target": dataclasses.asdict(target)}),
                 **(
                     {"experts": dataclasses.asdict(experts)}
                     if any(has_experts(b) for b in layout.blocks)
@@ -451,6 +492,9 @@ def _quantize_model(
     mask = None if attention_mask is None else attention_mask[share.start : share.stop]
     batch_size, device = _check_run_inputs(ids, mask, batch_size, device)
     batches = capture_first_block_inputs(model, layout, ids, mask, batch_size, share.start)
+    if target.float_outputs:  # the float model's hidden states, equal up to the first block
+        for b in batches:
+            b.float_hidden = b.hidden
     work = None if output is None else output[1]
     layers, start = _resume(model, state, store, batches, work, world)
 
@@ -476,6 +520,7 @@ def _quantize_model(
             hessian_dtype,
             world,
             experts,
+            target,
         )
         solve_s += block_solve_s
         layers.update(
@@ -527,6 +572,7 @@ def _quantize_model(
                     "seqlen": calib_ids.shape[1],
                     "blocks_resumed": start,
                     "ranks": world.size,
+                    **({} if target.is_default else {"target": dataclasses.asdict(target)}),
                 },
             )
             finish_output(final, work)

@@ -295,6 +295,46 @@ def test_hptq_kernel_decodes_like_the_cpu_path(d_out, d_in, chunk_rows, heavy, r
     assert _close(kernel(xh), xh.double() @ W.T + bias.double(), tol=2e-3)
 
 
+def _doubling_hadamard(a: int) -> torch.Tensor:
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < a:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H
+
+
+@pytest.mark.parametrize("a,m", [(1, 3), (2, 1), (16, 9), (64, 9), (512, 3), (1024, 1)])
+def test_hadamard_kernel_matches_the_dense_transform(a, m, request, child_run):
+    """One pass for orders up to 128, two (Kronecker factors) above; against float64."""
+    if not run_here(request, child_run):
+        return
+    x = torch.randn(3, a, m, generator=torch.Generator().manual_seed(a))
+    y = kernels.hadamard_transform(x, a)
+    ref = torch.einsum("ij,bjm->bim", _doubling_hadamard(a), x.double())
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert _close(y, ref, tol=1e-6)
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.hadamard_transform(x, a * 3 if a > 1 else 3)
+
+
+@pytest.mark.parametrize("d_in", [576, 96])
+def test_rotated_layer_kernel_path_matches_the_torch_path(d_in, request, child_run):
+    if not run_here(request, child_run):
+        return
+    from latticequant.core.rotation import hadamard_rotation
+    from latticequant.formats.rotation import RotatedLinear
+
+    rot = hadamard_rotation(d_in, 4)
+    inner = torch.nn.Linear(d_in, 24, dtype=torch.float32)
+    fast = RotatedLinear(rot, inner, backend="triton")
+    slow = RotatedLinear(rot, inner, backend="torch")
+    x = _x(5, d_in, seed=3)
+    ref = (x.double() @ rot.matrix()) @ inner.weight.double().T + inner.bias.double()
+    assert _close(fast(x), ref, tol=1e-5) and _close(slow(x), ref, tol=1e-5)
+    xh = x.to(torch.float16)  # the transform runs in float32 whatever the input's dtype
+    assert fast.rotate(xh).dtype == torch.float32
+    assert _close(fast.rotate(xh), slow.rotate(xh).double(), tol=1e-6)
+
+
 def test_kernel_input_validation(request, child_run):
     if not run_here(request, child_run):
         return
@@ -375,6 +415,11 @@ def _compile_cases():
         ),
         ("csr_add_kernel", csr, dict(BLOCK_M=1, BLOCK_NNZ=32)),
         ("hptq_matmul_kernel", hptq, dict(L=24, L_POW2=32, BLOCK_M=16, BLOCK_C=32, BLOCK_K=32)),
+        (
+            "hadamard_axis_kernel",
+            {"x_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32", "S": "i32"},
+            dict(BLOCK_P=128, BLOCK_S=32),
+        ),
     ]
 
 
@@ -385,7 +430,8 @@ def compile_for_sm90(case: int) -> int:
 
     name, sig, consts = _compile_cases()[case]
     sig = {**sig, **dict.fromkeys(consts, _CONST)}
-    module = kernels._kernels("triton_hptq" if name.startswith("hptq") else "triton_gptq")
+    modules = {"hptq": "triton_hptq", "hadamard": "triton_hadamard"}
+    module = kernels._kernels(modules.get(name.split("_")[0], "triton_gptq"))
     source = ASTSource(fn=getattr(module, name), signature=sig, constexprs=consts)
     return len(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"])
 

@@ -236,6 +236,22 @@ def test_other_methods_across_ranks(files, tmp_path, method):
     _same_checkpoint(tmp_path / "one", tmp_path / "two")
 
 
+def test_objective_and_rotation_across_ranks(files, tmp_path):
+    """The cross Gram matrices are reduced over the same tree as the Hessians and the float
+    hidden states shared out and gathered like the quantized ones: one process's checkpoint."""
+    import contextlib
+    import io
+
+    argv = _args(files, tmp_path / "one", "--no-eval", "--objective", "float-outputs")
+    argv += ["--rotate", "hadamard", "--batch-size", "2"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    argv[argv.index("--out") + 1] = str(tmp_path / "two")
+    proc = _torchrun(2, argv)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _same_checkpoint(tmp_path / "one", tmp_path / "two")
+
+
 def test_a_mixture_of_experts_across_ranks(files, tmp_path):
     """Ranks route different tokens to different experts: the counts and the fallbacks are
     decided on the reduced Hessians, so they are those of one process; the weights agree to

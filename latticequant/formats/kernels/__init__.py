@@ -333,3 +333,30 @@ def hptq_matmul(
         num_warps=blocks.get("num_warps", 4),
     )
     return out
+
+
+HADAMARD_MAX_PASS = 128  # largest Sylvester order one kernel pass builds in registers
+
+
+def hadamard_transform(x: torch.Tensor, a: int) -> torch.Tensor:
+    """``H_a`` (unnormalised Sylvester, ``a`` a power of two) applied along axis -2 of ``x``
+    (shape ``(..., a, m)``), in float32: one kernel pass per factor of at most
+    :data:`HADAMARD_MAX_PASS` of ``a``."""
+    if a <= 0 or a & (a - 1):
+        raise ValueError(f"the Hadamard order must be a power of two, got {a}")
+    if x.dim() < 2 or x.shape[-2] != a:
+        raise ValueError(f"x must have shape (..., {a}, m), got {tuple(x.shape)}")
+    _check_device(x)
+    kern = _kernels("triton_hadamard")
+    lead, m = x.shape[:-2], x.shape[-1]
+    y = x.to(torch.float32).contiguous().reshape(-1, a * m)
+    outer = 1  # the factors already applied, leftmost in the Kronecker product
+    while outer < a:
+        P = min(HADAMARD_MAX_PASS, a // outer)
+        inner = a // (outer * P)
+        view = y.reshape(-1, P, inner * m)  # (rows * outer, P, inner * m)
+        out = torch.empty_like(view)
+        kern.hadamard_axis(view, P, out)
+        y = out.reshape(-1, a * m)
+        outer *= P
+    return y.reshape(*lead, a, m)

@@ -1,0 +1,138 @@
+"""Rotated layers on disk and at run time: the transform's tensors and the module that applies it.
+
+A layer quantized in a rotated input basis (:mod:`latticequant.core.rotation`) stores, besides
+its method's tensors, the rotation ``R`` that turns its inputs into that basis:
+
+- ``rot_signs``: uint8, the ``n`` signs packed 8 per byte, bit ``i % 8`` of byte ``i // 8`` set
+  for ``-1`` (the padding bits of the last byte are zero);
+- ``rot_factor``: float64 ``(m, m)``, the small orthogonal factor of the odd part of ``n``;
+- ``rot_seed``: int64 ``(1,)``, the seed the transform was drawn from (for the record).
+
+They count in the layer's effective bits like any stored tensor. :class:`RotatedLinear` runs
+``x -> x R`` (the fast Walsh-Hadamard transform: torch on the CPU, the Triton kernel on CUDA)
+and then the quantized module built from the method's tensors, which hold ``W R``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from latticequant.core.rotation import Rotation, fwht
+from latticequant.formats import kernels
+from latticequant.formats.packing import FormatError
+
+__all__ = [
+    "ROTATION_KEYS",
+    "ROTATION_KINDS",
+    "pack_rotation",
+    "unpack_rotation",
+    "RotatedLinear",
+]
+
+ROTATION_KEYS = ("rot_signs", "rot_factor", "rot_seed")
+ROTATION_KINDS = ("none", "hadamard")
+ORTHOGONAL_TOL = 1e-9
+
+
+def pack_rotation(rotation: Rotation, seed: int) -> dict[str, torch.Tensor]:
+    """The tensors a rotated layer stores for its transform."""
+    n = rotation.n
+    negative = (rotation.signs < 0).to(torch.uint8)
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8)
+    padded[:n] = negative
+    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+    packed = (padded.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    return {
+        "rot_signs": packed,
+        "rot_factor": rotation.factor.to(torch.float64).contiguous(),
+        "rot_seed": torch.tensor([int(seed)], dtype=torch.int64),
+    }
+
+
+def unpack_rotation(tensors: Mapping[str, torch.Tensor], n: int) -> Rotation:
+    """The rotation of a layer with ``n`` inputs from its stored tensors; every inconsistency
+    (a missing tensor, a wrong dtype or size, set padding bits, a factor that is not
+    orthogonal) is a one-line :class:`FormatError`."""
+    missing = [k for k in ROTATION_KEYS if k not in tensors]
+    if missing:
+        raise FormatError(
+            f"the layer is stored rotated but its transform is missing ({', '.join(missing)}); "
+            "the checkpoint is incomplete, quantize it again"
+        )
+    packed, factor = tensors["rot_signs"], tensors["rot_factor"]
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-n // 8):
+        raise FormatError(
+            f"rot_signs must be {-(-n // 8)} uint8 bytes for {n} inputs, got "
+            f"{packed.dtype} {list(packed.shape)}"
+        )
+    if factor.dtype != torch.float64 or factor.dim() != 2 or factor.shape[0] != factor.shape[1]:
+        raise FormatError(
+            f"rot_factor must be a square float64 matrix, got {factor.dtype} {list(factor.shape)}"
+        )
+    m = factor.shape[0]
+    a = n // m if m and n % m == 0 else 0
+    if a == 0 or a & (a - 1) or m % 2 == 0 and m != 1:
+        raise FormatError(f"rot_factor of size {m} does not split {n} inputs as 2^k x odd")
+    eye = torch.eye(m, dtype=torch.float64)
+    if not torch.isfinite(factor).all() or (factor @ factor.T - eye).abs().max() > ORTHOGONAL_TOL:
+        raise FormatError("rot_factor is not orthogonal: the stored transform is corrupt")
+    bits = (packed[:, None].to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1
+    bits = bits.reshape(-1)
+    if bits[n:].any():
+        raise FormatError("rot_signs has padding bits set past the last input: corrupt transform")
+    signs = (1 - 2 * bits[:n]).to(torch.float64)
+    return Rotation(signs, factor.clone())
+
+
+class RotatedLinear(nn.Module):
+    """``y = inner(x R)``: a quantized layer whose stored weight is ``W R``.
+
+    ``backend``: "auto" (the Triton kernel for CUDA inputs, torch otherwise), "torch" or
+    "triton" (on CPU tensors that needs ``TRITON_INTERPRET=1``). The transform runs in float32
+    (bfloat16 butterflies would add the rounding of ``log2 n`` sums) and hands ``inner`` the
+    input's dtype.
+    """
+
+    def __init__(self, rotation: Rotation, inner: nn.Module, backend: str = "auto") -> None:
+        super().__init__()
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be auto, torch or triton, got {backend!r}")
+        self.inner = inner
+        self.backend = backend
+        self.a, self.m = rotation.a, rotation.m
+        self.in_features = rotation.n
+        self.out_features = getattr(inner, "out_features", None)
+        self.register_buffer("signs", rotation.signs.to(torch.float32), persistent=False)
+        self.register_buffer("factor", rotation.factor.to(torch.float32), persistent=False)
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "triton":
+            return True
+        return x.is_cuda and kernels.kernels_usable(x.device)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R`` in float32 over the last axis."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input has {x.shape[-1]} features, this layer takes {self.in_features}"
+            )
+        lead = x.shape[:-1]
+        y = (x.to(torch.float32) * self.signs).reshape(*lead, self.a, self.m)
+        if self._use_kernels(x):
+            y = kernels.hadamard_transform(y, self.a)
+        else:
+            y = fwht(y, self.a)
+        if self.m > 1:
+            y = y @ self.factor
+        return (y * self.a**-0.5).reshape(*lead, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.rotate(x).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, hadamard={self.a}x{self.m}"

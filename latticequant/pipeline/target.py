@@ -1,0 +1,148 @@
+"""Which lattice problem each layer solves: its target point and its basis, for every method.
+
+Two options change the problem a method is handed, never the method:
+
+- ``objective="float-outputs"`` moves the target from ``W`` to the point whose outputs on the
+  quantized inputs best match the float model's outputs on the float inputs
+  (:func:`latticequant.core.objective.output_target`); the pipeline accumulates the cross Gram
+  matrix ``C = X^T X~`` beside the Hessian for it.
+- ``rotate="hadamard"`` hands the method ``(W R, R^T H R)`` for a randomised Hadamard ``R``
+  (:mod:`latticequant.core.rotation`), stores ``R`` beside the method's tensors and feeds
+  forward ``Q R^T``, which is what the rotated layer computes.
+
+:func:`solve_layer` is the only place either happens; the method sees a weight matrix and a
+Hessian as always.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from latticequant.core.objective import output_target
+from latticequant.core.rotation import hadamard_rotation, rotate_problem, split_size
+from latticequant.formats.bits import total_bits
+from latticequant.formats.rotation import pack_rotation
+from latticequant.methods.registry import LayerQuant, Method, UnsupportedConfigError
+
+__all__ = ["OBJECTIVES", "ROTATIONS", "TargetConfig", "layer_seed", "check_target", "solve_layer"]
+
+OBJECTIVES = ("layer", "float-outputs")
+ROTATIONS = ("none", "hadamard")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The problem every layer solves.
+
+    objective: ``"layer"`` (each layer matches its float weights on its own inputs) or
+      ``"float-outputs"`` (each layer matches the float model's outputs; one float copy of the
+      block runs beside the quantized one).
+    rotate: ``"none"`` or ``"hadamard"`` (incoherence processing of the input dimension).
+    seed: the seed every layer's rotation is drawn from (with the layer's name).
+    damp: relative damping of the float-outputs target's solve.
+    """
+
+    objective: str = "layer"
+    rotate: str = "none"
+    seed: int = 0
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"rotate must be one of {', '.join(ROTATIONS)}, got {self.rotate!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < 10):
+            raise ValueError(f"damp must be a number in [0, 10), got {self.damp!r}")
+
+    @property
+    def float_outputs(self) -> bool:
+        return self.objective == "float-outputs"
+
+    @property
+    def rotated(self) -> bool:
+        return self.rotate != "none"
+
+    @property
+    def is_default(self) -> bool:
+        return self == TargetConfig()
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """The seed of one layer's rotation: the run's seed and the layer's full name, so layers
+    get independent rotations and a rerun the same ones."""
+    return (zlib.crc32(name.encode()) + 0x9E3779B1 * int(seed)) % (1 << 62)
+
+
+def check_target(target: TargetConfig, name: str, d_in: int) -> None:
+    """Refuse, before any forward pass, a layer the rotation cannot take (its size)."""
+    if target.rotated:
+        try:
+            split_size(int(d_in))
+        except ValueError as exc:
+            raise UnsupportedConfigError(f"{name}: {exc}") from None
+
+
+def _with_extra(config, **values):
+    extra = getattr(config, "extra", None)
+    if not isinstance(extra, dict):
+        return config
+    return dataclasses.replace(config, extra={**extra, **values})
+
+
+def solve_layer(
+    method: Method,
+    W: torch.Tensor,
+    H: torch.Tensor,
+    config,
+    target: TargetConfig,
+    name: str,
+    cross: torch.Tensor | None = None,
+) -> LayerQuant:
+    """One layer's :class:`LayerQuant` on the problem ``target`` describes.
+
+    W: the float weights ``(d_out, d_in)``; H: the Hessian of the layer's (quantized) inputs;
+    cross: ``X^T X~ / n`` for the float-outputs objective. The returned ``Q`` is in the
+    layer's own input basis, ``tensors`` include the rotation's.
+    """
+    if target.is_default:
+        return method.quantize(W, H, config)
+    stats: dict[str, float | str] = {}
+    T = W
+    if target.float_outputs:
+        if cross is None:
+            raise RuntimeError(f"{name}: the float-outputs objective needs the cross Gram matrix")
+        T64, used = output_target(W, H, cross, target.damp)
+        H64 = H.to(torch.float64)
+        shift = T64 - W.to(torch.float64)
+        stats["objective"] = target.objective
+        stats["target_shift"] = float(((shift @ H64) * shift).sum())
+        stats["target_damp"] = used
+        T = T64.to(W.dtype)
+    rotation = None
+    if target.rotated:
+        seed = layer_seed(target.seed, name)
+        rotation = hadamard_rotation(W.shape[1], seed)
+        stored = pack_rotation(rotation, seed)
+        reserved = total_bits(stored) / W.numel()
+        T64, H_rot = rotate_problem(T.to(torch.float64), H.to(torch.float64), rotation)
+        T, H = T64.to(W.dtype), H_rot
+        config = _with_extra(config, reserved_bits=reserved)
+    lq = method.quantize(T, H, config)
+    lq.stats.update(stats)
+    if rotation is not None:
+        Q = rotation.apply_transpose(lq.Q.to(torch.float64)).to(lq.Q.dtype)
+        lq = LayerQuant(Q=Q, tensors={**lq.tensors, **stored}, stats=lq.stats)
+        lq.stats["rotation"] = target.rotate
+        lq.stats["rotation_bits"] = reserved
+        if "bits_per_weight" in lq.stats:
+            lq.stats["bits_per_weight"] = float(lq.stats["bits_per_weight"]) + reserved
+    return lq

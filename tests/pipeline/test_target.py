@@ -1,0 +1,330 @@
+"""The float-outputs objective and the Hadamard rotation through the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import id_stream, make_char_tokenizer, make_tiny_llama, make_tiny_moe
+
+import latticequant as lq
+from latticequant.checkpoint import CheckpointError, load_quantized
+from latticequant.formats import dequantize_gptq
+from latticequant.formats.rotation import RotatedLinear
+from latticequant.methods import Method, UnsupportedConfigError, get_method
+from latticequant.pipeline import Override, ResumeMismatchError, quantize_model
+from latticequant.pipeline.checkpoint import ROTATED_FORMAT
+from latticequant.pipeline.layout import linear_weight, set_linear_weight
+from latticequant.pipeline.offload import load_offloaded
+from latticequant.pipeline.target import TargetConfig
+
+SHAPE = dict(
+    hidden_size=96, intermediate_size=160, num_key_value_heads=4
+)  # 32 x 3 and 32 x 5: a stored factor
+BOTH = TargetConfig("float-outputs", "hadamard", seed=3)
+UP = "model.layers.0.mlp.up_proj."
+
+
+def _model(seed=0, **kw):
+    return make_tiny_llama(seed, **{**SHAPE, **kw})
+
+
+def _cfg(bits=4, **kw):
+    return lq.QuantConfig(bits=bits, group_size=32, order="act", **kw)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return id_stream(16 * 64).view(16, 64)
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return id_stream(6 * 64, seed=7).view(6, 64)
+
+
+def _sq_err(model, ref, ids) -> float:
+    with torch.no_grad():
+        a = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+        b = ref(input_ids=ids, use_cache=False, output_hidden_states=True)
+    return float((a.hidden_states[-1] - b.hidden_states[-1]).pow(2).mean())
+
+
+def test_float_outputs_lowers_the_block_output_error(calib, heldout):
+    """Measured on held-out windows: the last block's output against the float model's."""
+    ref = _model()
+    errs = {}
+    for objective in ("layer", "float-outputs"):
+        model = _model()
+        quantize_model(
+            model, None, calib, "gptq", _cfg(2), progress=False, target=TargetConfig(objective)
+        )
+        errs[objective] = _sq_err(model, ref, heldout)
+    assert errs["float-outputs"] < 0.9 * errs["layer"], errs
+
+
+def _recording(seen: dict):
+    """The method a run hands each layer's problem to: records it and rounds to nearest."""
+    gptq = get_method("gptq")
+
+    def quantize(W, H, config):
+        lqr = gptq.quantize(W, H, config)
+        seen[len(seen)] = (W.detach().double().clone(), H.detach().double().clone(), lqr.Q)
+        return lqr
+
+    return Method("recording", lq.QuantConfig, quantize, "gptq", check=gptq.check)
+
+
+def test_the_target_each_layer_gets_is_the_least_squares_match_of_the_float_model(calib):
+    """o_proj of block 0: the target handed to the method equals ``lstsq(X~, X W^T)`` with X
+    hooked from the float model and X~ from a model whose q, k, v are the run's quantized ones
+    (float64, from the activations themselves, not from the pipeline's Gram matrices)."""
+    seen: dict = {}
+    model = _model()
+    quantize_model(
+        model,
+        None,
+        calib,
+        _recording(seen),
+        _cfg(3),
+        progress=False,
+        target=TargetConfig("float-outputs", damp=0.0),
+        overrides=[Override(r"layers\.1\.", skip=True)],
+    )
+    # the order the hooks quantize block 0 in: q, k, v, then o_proj
+    names = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    W_o, _, _ = seen[3]
+    float_model, partly = _model(), _model()
+    for i, n in enumerate(names[:3]):
+        set_linear_weight(partly.get_submodule(f"model.layers.0.self_attn.{n}"), seen[i][2])
+    xs = {}
+
+    def grab(key):
+        def hook(module, args):
+            xs[key] = args[0].reshape(-1, args[0].shape[-1]).double()
+
+        return hook
+
+    for key, m in (("float", float_model), ("quant", partly)):
+        h = m.get_submodule("model.layers.0.self_attn.o_proj").register_forward_pre_hook(grab(key))
+        with torch.no_grad():
+            m(input_ids=calib, use_cache=False)
+        h.remove()
+    W = (
+        linear_weight(float_model.get_submodule("model.layers.0.self_attn.o_proj"))
+        .detach()
+        .double()
+    )
+    ref = torch.linalg.lstsq(xs["quant"], xs["float"] @ W.T).solution.T
+    assert torch.allclose(W_o, ref, atol=2e-5 * float(ref.abs().max()), rtol=0)
+    assert not torch.allclose(W_o, W, atol=1e-3)  # the inputs drifted: the target moved
+    # q, k and v of block 0 read the float inputs themselves: their target is W
+    W_q = linear_weight(float_model.get_submodule("model.layers.0.self_attn.q_proj")).double()
+    assert torch.allclose(seen[0][0], W_q, atol=1e-6)
+
+
+def test_rotated_layers_compute_the_dequantized_rotated_weights_on_rotated_inputs(calib, tmp_path):
+    model = _model()
+    tok = make_char_tokenizer()
+    stats = quantize_model(
+        model, tok, calib, "gptq", _cfg(4), tmp_path / "q", progress=False, target=BOTH
+    )
+    assert all(s["rotation"] == "hadamard" and s["objective"] == "float-outputs" for s in stats)
+    loaded = load_quantized(tmp_path / "q")
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"  # d_in 160 = 32 x 5
+    module = loaded.get_submodule(name)
+    assert isinstance(module, RotatedLinear) and (module.a, module.m) == (32, 5)
+    t = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
+    bits = (t["rot_signs"][:, None].int() >> torch.arange(8)) & 1
+    signs = 1.0 - 2.0 * bits.reshape(-1)[:160].double()
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < 32:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    R = signs[:, None] * torch.kron(H, t["rot_factor"]) / 32**0.5
+    Q_rot = dequantize_gptq(t, 4, dtype=torch.float64)
+    x = torch.randn(4, 160)
+    ref = (x.double() @ R) @ Q_rot.T
+    assert torch.allclose(module(x).double(), ref, atol=1e-4 * float(ref.abs().max()))
+    # what the run fed forward is the same layer in the original basis
+    assert torch.allclose(linear_weight(model.get_submodule(name)).double(), Q_rot @ R.T, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=calib[:3]).logits, model(input_ids=calib[:3]).logits,
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
+    qc = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    assert qc["quant_method"] == "latticequant" and qc["format"] == ROTATED_FORMAT
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    from transformers.quantizers import AutoQuantizationConfig
+
+    with pytest.raises(ValueError, match="latticequant"):  # transformers has no reader for it
+        AutoQuantizationConfig.from_dict(cfg)
+
+
+def _tamper(folder, change) -> None:
+    from safetensors.torch import save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda t: t.pop(UP + "rot_signs"), "missing tensor"),
+        (lambda t: t[UP + "rot_factor"].mul_(2), "not orthogonal"),
+    ],
+)  # fmt: skip
+def test_a_missing_or_corrupt_transform_is_refused(calib, tmp_path, change, match):
+    quantize_model(
+        _model(), None, calib, "rtn", _cfg(4), tmp_path / "q", progress=False,
+        target=TargetConfig(rotate="hadamard"),
+    )  # fmt: skip
+    _tamper(tmp_path / "q", change)
+    with pytest.raises(CheckpointError, match=match) as exc:
+        load_quantized(tmp_path / "q")
+    assert "\n" not in str(exc.value)
+
+
+def test_a_rotated_module_under_a_plain_gptq_config_is_refused(calib, tmp_path):
+    quantize_model(
+        _model(), None, calib, "rtn", _cfg(4), tmp_path / "q", progress=False,
+        target=TargetConfig(rotate="hadamard"),
+    )  # fmt: skip
+    path = tmp_path / "q" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["quantization_config"]["format"] = "gptq"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="rotated"):
+        load_quantized(tmp_path / "q")
+
+
+METHODS = [
+    ("rtn", _cfg(3)),
+    ("gptq", _cfg(3, refine="cd,scales")),
+    ("babai", _cfg(3)),
+    ("kbest", get_method("kbest").config_cls(bits=3, group_size=32, beam=2)),
+    ("ssqr", None),
+    ("hptq", None),
+    ("hrtn", None),
+]
+
+
+@pytest.mark.parametrize("method,cfg", METHODS, ids=[m for m, _ in METHODS])
+def test_every_method_takes_both_options_and_loads_back(method, cfg, calib, tmp_path):
+    model = _model()
+    stats = quantize_model(
+        model, None, calib[:8], method, cfg, tmp_path / "q", progress=False, target=BOTH
+    )
+    assert len(stats) == 14
+    for s in stats:
+        assert s["rotation"] == "hadamard" and s["rotation_bits"] > 0
+    if method in ("hptq", "hrtn"):  # the transform's bits come out of the target's budget
+        target = get_method(method).config_cls().target_bits
+        for s in stats:
+            assert s["bits_per_weight"] <= target + 1e-9
+    loaded = load_quantized(tmp_path / "q")
+    assert sum(isinstance(m, RotatedLinear) for m in loaded.modules()) == 14
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=calib[:2]).logits, model(input_ids=calib[:2]).logits,
+            rtol=2e-4, atol=2e-4,
+        )  # fmt: skip
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_float_outputs_resumes_to_the_same_checkpoint(calib, tmp_path):
+    full = _model()
+    quantize_model(
+        full, None, calib, "gptq", _cfg(3), tmp_path / "full", progress=False, target=BOTH
+    )
+
+    def stop(index):
+        if index == 0:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        quantize_model(
+            _model(), None, calib, "gptq", _cfg(3), tmp_path / "run", progress=False,
+            target=BOTH, on_block_done=stop,
+        )  # fmt: skip
+    resumed = _model()
+    summary = quantize_model(
+        resumed, None, calib, "gptq", _cfg(3), tmp_path / "run", progress=False, target=BOTH
+    )
+    assert summary.blocks_resumed == 1
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # another objective does not resume this run's state
+    with pytest.raises(_Interrupt):
+        quantize_model(
+            _model(), None, calib, "gptq", _cfg(3), tmp_path / "other", progress=False,
+            target=BOTH, on_block_done=stop,
+        )  # fmt: skip
+    with pytest.raises(ResumeMismatchError):
+        quantize_model(
+            _model(), None, calib, "gptq", _cfg(3), tmp_path / "other", progress=False,
+            target=TargetConfig(rotate="hadamard", seed=3),
+        )  # fmt: skip
+
+
+def test_float_outputs_offloaded_equals_in_memory(calib, tmp_path):
+    full = _model()
+    full.save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    quantize_model(
+        full, None, calib, "gptq", _cfg(3), tmp_path / "mem", progress=False, target=BOTH
+    )
+    model = load_offloaded(tmp_path / "m")
+    quantize_model(
+        model, None, calib, "gptq", _cfg(3), tmp_path / "disk", progress=False, target=BOTH
+    )
+    a = load_quantized(tmp_path / "mem")
+    b = load_quantized(tmp_path / "disk")
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=calib[:2]).logits, b(input_ids=calib[:2]).logits)
+
+
+def test_batching_does_not_change_the_result(calib):
+    one, many = _model(), _model()
+    quantize_model(one, None, calib, "gptq", _cfg(3), progress=False, target=BOTH)
+    quantize_model(many, None, calib, "gptq", _cfg(3), progress=False, target=BOTH, batch_size=3)
+    for (n, a), (_, b) in zip(one.named_parameters(), many.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_what_cannot_be_honoured_is_refused_before_any_forward(calib):
+    model = _model(hidden_size=8 * 67, num_attention_heads=4)  # d_in 536 = 8 x 67
+    with pytest.raises(UnsupportedConfigError, match="odd factor 67"):
+        quantize_model(model, None, calib, "hptq", None, progress=False,
+                       target=TargetConfig(rotate="hadamard"))  # fmt: skip
+    moe = make_tiny_moe("qwen3_moe")
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        quantize_model(moe, None, calib, "gptq", _cfg(), progress=False,
+                       target=TargetConfig("float-outputs"))  # fmt: skip
+    for bad in (dict(objective="outputs"), dict(rotate="walsh"), dict(seed=-1), dict(damp=-1)):
+        with pytest.raises(ValueError):
+            TargetConfig(**bad)
+
+
+def test_rotation_works_on_mixture_of_experts(calib, tmp_path):
+    moe = make_tiny_moe("qwen3_moe")
+    stats = quantize_model(
+        moe, None, calib, "gptq", lq.QuantConfig(bits=4, group_size=32), tmp_path / "q",
+        progress=False, target=TargetConfig(rotate="hadamard"),
+    )  # fmt: skip
+    assert all(s["rotation"] == "hadamard" for s in stats)
+    loaded = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=calib[:2]).logits, moe(input_ids=calib[:2]).logits,
+            rtol=2e-4, atol=2e-4,
+        )  # fmt: skip
