@@ -5,14 +5,16 @@ The protocol of docs/protocol.md (SmolLM2-135M-Instruct in float32, 64 calibrati
 ``benchmarks/bench_decoders.py`` (licence texts from ``/usr/share/common-licenses``). For each
 grid (3-bit g128, 2-bit g64, 4-bit g128) four GPTQ runs: as today, ``objective=float-outputs``,
 ``rotate=hadamard`` and both; and HPTQ at 3.125 and 2.125 effective bits, as today and with
-both. Every run starts from the float weights.
+both; and GPTQ with both and ``refine=cd,scales`` (2 sweeps, 2 rounds, as in
+``bench_decoders.py``): the targets compose with the decoders. Every run starts from the float
+weights.
 
 Figures per run: perplexity on the held-out 20% of the protocol text and on the second text,
 the fraction of codes clipped to the grid, the effective bits, and the whole run's wall time
 relative to the GPTQ run of the same grid in the same invocation (HPTQ rows: relative to the
 3-bit g128 GPTQ run).
 
-    python benchmarks/bench_targets.py                     # all 16 runs (hours on a CPU)
+    python benchmarks/bench_targets.py                     # all 19 runs (hours on a CPU)
     python benchmarks/bench_targets.py --runs '3g128-*'
     python benchmarks/bench_targets.py --smoke             # first block only, under runs/
 """
@@ -70,6 +72,8 @@ def all_runs() -> list[Run]:
         for label, target in TARGETS.items():
             name = f"{grid}-gptq" + ("" if label == "layer" else f"-{label}")
             runs.append(Run(name, grid, "gptq", base, target))
+        refined = {**base, "refine": "cd,scales", "refine_sweeps": 2, "refine_rounds": 2}
+        runs.append(Run(f"{grid}-gptq-both-refine", grid, "gptq", refined, TARGETS["both"]))
     for bits in (3.125, 2.125):
         for label in ("layer", "both"):
             name = f"hptq-{bits}" + ("" if label == "layer" else f"-{label}")
@@ -147,16 +151,17 @@ def write_table(results: dict, path: Path) -> None:
         "Time relative to the GPTQ run of the same grid in the same invocation (`run`; HPTQ rows "
         "against 3-bit g128 GPTQ). Clipped: codes clamped to the grid, over all weights.",
         "",
-        "| run | method | objective | rotation | bits/weight | clipped | ppl held-out "
+        "| run | method | refine | objective | rotation | bits/weight | clipped | ppl held-out "
         "| ppl second text | wall s | x GPTQ time | threads | run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {r.name: i for i, r in enumerate(all_runs())}
     for r in sorted(results["runs"].values(), key=lambda r: order.get(r["name"], 99)):
         base = _ref_wall(results, r["grid"], r.get("invocation"))
         ratio = f"{r['wall_s'] / base:.2f}" if base else "–"
         lines.append(
-            f"| {r['name']} | {r['method']} | {r['target'].get('objective', 'layer')} "
+            f"| {r['name']} | {r['method']} | {r['config'].get('refine') or '–'} "
+            f"| {r['target'].get('objective', 'layer')} "
             f"| {r['target'].get('rotate', 'none')} | {r['bits_per_weight']:.3f} "
             f"| {r['clipped_frac']:.4f} | {r['ppl_heldout']:.3f} | {r['ppl_second']:.3f} "
             f"| {r['wall_s']:.0f} | {ratio} | {r.get('threads', '?')} | {r.get('invocation', '')} |"

@@ -17,6 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latticequant.pipeline.distributed import World
+from latticequant.pipeline.forward import StopForward
+from latticequant.pipeline.layout import ARCHITECTURES
 from latticequant.pipeline.offload import blockwise_logits, store_of
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,57 @@ def calibration_windows(
     return torch.stack(windows)
 
 
+LOSS_TOKENS = 256
+"""Positions whose logits exist at once when the loss is taken chunk by chunk: a batch's full
+logits (``batch x seqlen x vocab`` in float32, 200 MB for two windows of 512 over 49k tokens,
+and as much again for the log-softmax) would set the peak memory of a small model's run."""
+
+
+def _plain_head(model: nn.Module) -> nn.Module | None:
+    """The output layer, when the logits are exactly ``head(final hidden states)``: the
+    families of the declared layouts, whose forwards apply nothing after the head."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in ARCHITECTURES:
+        return None
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def _head_inputs(model: nn.Module, head: nn.Module, call) -> torch.Tensor:
+    """The head's input during ``call()`` (the forward is stopped there)."""
+    seen = {}
+
+    def hook(module, args):
+        seen["h"] = args[0]
+        raise StopForward
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        call()
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in seen:
+        raise RuntimeError("the model's forward never reached its output layer")
+    return seen["h"]
+
+
+def _summed_nll(head: nn.Module, hidden: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed next-token cross-entropy of ``batch`` from the head's inputs, ``LOSS_TOKENS``
+    positions at a time."""
+    total = 0.0
+    T = batch.shape[1]
+    for b in range(batch.shape[0]):
+        for s in range(0, T - 1, LOSS_TOKENS):
+            e = min(s + LOSS_TOKENS, T - 1)
+            logits = head(hidden[b, s:e]).float()
+            ce = nn.functional.cross_entropy(logits, batch[b, s + 1 : e + 1], reduction="sum")
+            total += float(ce.double())
+    return total
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -221,10 +274,17 @@ def perplexity(
     total = 0.0
     count = 0
     model.eval()
+    head = _plain_head(model)
+
+    def forward(batch):
+        if head is None:
+            return model(input_ids=batch, use_cache=False).logits
+        return _head_inputs(model, head, lambda: model(input_ids=batch, use_cache=False))
+
     if n_windows == 0:
         outputs = iter(())
     elif store_of(model) is not None:
-        outputs = blockwise_logits(model, windows, batch_size, device, progress)
+        outputs = blockwise_logits(model, windows, batch_size, device, progress, forward)
     else:
 
         def whole_forward():
@@ -232,17 +292,20 @@ def perplexity(
             bar = tqdm(starts, desc="perplexity", unit="batch", disable=not progress, leave=False)
             for start in bar:
                 batch = windows[start : start + batch_size].to(device)
-                yield batch, model(input_ids=batch, use_cache=False).logits
+                yield batch, forward(batch)
 
         outputs = whole_forward()
-    for batch, logits in outputs:
-        batch = batch.to(logits.device)
-        ce = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-            batch[:, 1:].reshape(-1),
-            reduction="sum",
-        )
-        total += float(ce.double())
+    for batch, out in outputs:
+        batch = batch.to(out.device)
+        if head is not None:  # out: the head's inputs; the logits exist a chunk at a time
+            total += _summed_nll(head, out, batch)
+        else:
+            ce = nn.functional.cross_entropy(
+                out[:, :-1].reshape(-1, out.shape[-1]).float(),
+                batch[:, 1:].reshape(-1),
+                reduction="sum",
+            )
+            total += float(ce.double())
         count += batch[:, 1:].numel()
     parts = world.all_gather((total, count), "perplexity")
     return math.exp(sum(t for t, _ in parts) / sum(c for _, c in parts))

@@ -10,6 +10,9 @@ flag to change, instead of being killed an hour later.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ __all__ = [
     "available_memory",
     "check_memory",
     "check_run_memory",
+    "release_freed_memory",
 ]
 
 GIB = 1 << 30
@@ -160,3 +164,32 @@ def check_run_memory(
     )
     check_memory(need, torch.device(device))
     return need
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> bool:
+    """Give the pages of freed heap memory back to the system; True when that was possible.
+
+    Each block's solves free hundreds of megabytes of float64 temporaries whose sizes grow
+    glibc's mmap threshold, so later ones come from the heap and stay resident once freed:
+    without this the resident memory of a run grows block by block (by about 900 MB over the
+    30 blocks of the protocol's model, more than its float32 weights) and sets its peak.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -332,13 +332,15 @@ def blockwise_logits(
     batch_size: int,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    forward=None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(ids, logits)`` per batch of ``input_ids``, running the blocks one at a time.
 
     The hidden states of every batch go through block 0, then block 1, ... each block read
     from the store once and run on ``device``; the model's own forward then runs once per batch
     (on the CPU, where the embeddings and head are) with the blocks replaced by their final
-    outputs, so the head sees exactly what a whole forward gives it.
+    outputs, so the head sees exactly what a whole forward gives it. ``forward(ids)``: what to
+    yield instead of the logits (it calls the model itself, for example up to its head).
     """
     store = store_of(model)
     if store is None:
@@ -364,7 +366,10 @@ def blockwise_logits(
             for i, block in enumerate(originals):
                 layout.blocks[i] = _Replay(block, b.hidden, as_tuple)
             ids = input_ids[start : start + batch_size]
-            yield ids, model(input_ids=ids, use_cache=False).logits
+            if forward is not None:
+                yield ids, forward(ids)
+            else:
+                yield ids, model(input_ids=ids, use_cache=False).logits
     finally:
         for i, block in enumerate(originals):
             layout.blocks[i] = block

@@ -45,7 +45,7 @@ from latticequant.pipeline.layout import (
     linear_weight,
     set_linear_weight,
 )
-from latticequant.pipeline.memory import check_run_memory
+from latticequant.pipeline.memory import check_run_memory, release_freed_memory
 from latticequant.pipeline.offload import BlockStore, store_of
 from latticequant.pipeline.overrides import Override, resolve_config, skip_reason
 from latticequant.pipeline.state import (
@@ -536,6 +536,7 @@ def _quantize_model(
                 calib_ids.shape[0],
             )
         )
+        release_freed_memory()  # a block's freed temporaries must not set the next one's peak
         if on_block_done is not None:
             on_block_done(index)
     time_s = time.perf_counter() - t_start

@@ -177,3 +177,44 @@ def test_perplexity_with_a_bos_per_window_against_a_direct_loop():
     ours = perplexity(model, ids, seqlen, progress=False, bos=1)
     assert ours == pytest.approx(math.exp(nll / count), rel=1e-6)
     assert ours != pytest.approx(perplexity(model, ids, seqlen, progress=False), rel=1e-6)
+
+
+def _full_logits_perplexity(model, ids, seqlen):
+    """exp of the mean cross-entropy from whole-window logits in float64."""
+    n = len(ids) // seqlen
+    windows = ids[: n * seqlen].view(n, seqlen)
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits.double()
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)
+    )
+    return math.exp(float(ce))
+
+
+def test_the_loss_is_taken_chunk_by_chunk_and_matches_whole_logits(monkeypatch):
+    """Declared families: the head's inputs are captured and their logits made 7 positions at
+    a time (never a batch's whole logits); other models go through their own forward."""
+    import transformers
+    from tiny import _SHAPE, make_tiny_llama, make_tiny_opt
+
+    from latticequant.pipeline import data
+
+    monkeypatch.setattr(data, "LOSS_TOKENS", 7)
+    ids = id_stream(700)
+    for model in (make_tiny_llama(), make_tiny_opt()):
+        assert data._plain_head(model) is not None
+        made = []
+        head = model.get_output_embeddings()
+        handle = head.register_forward_hook(lambda m, a, out, made=made: made.append(out.shape[-2]))
+        got = perplexity(model, ids, seqlen=64, batch_size=3, progress=False)
+        handle.remove()
+        assert max(made) == 7
+        assert got == pytest.approx(_full_logits_perplexity(model, ids, 64), rel=1e-5)
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(
+        **{**_SHAPE, "head_dim": 16}, intermediate_size=64, final_logit_softcapping=2.0
+    )
+    gemma = transformers.Gemma2ForCausalLM(cfg).eval()  # soft-caps after its head
+    assert data._plain_head(gemma) is None
+    got = perplexity(gemma, ids, seqlen=64, progress=False)
+    assert got == pytest.approx(_full_logits_perplexity(gemma, ids, 64), rel=1e-5)
