@@ -35,6 +35,7 @@ from latticequant.pipeline.experts import (
 )
 from latticequant.pipeline.forward import BlockInputs, StopForward, block_output
 from latticequant.pipeline.layout import linear_weight, set_linear_weight
+from latticequant.pipeline.memory import release_freed_memory
 from latticequant.pipeline.target import TargetConfig, solve_layer
 
 __all__ = ["HessianBank", "BlockQuantizer", "quantize_block_lazy", "quantize_block_batched"]
@@ -168,6 +169,7 @@ class BlockQuantizer:
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
         elapsed = time.perf_counter() - t0
+        release_freed_memory()  # the solve's float64 temporaries, before the next layer's
         self.solve_s += elapsed
         lq.stats.setdefault("time_s", elapsed)
         lq.stats["layer_time_s"] = elapsed
