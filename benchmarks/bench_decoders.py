@@ -80,8 +80,89 @@ def second_text() -> str:
     return "\n\n".join((LICENSES / n).read_text() for n in SECOND_TEXT)
 
 
-def quantize_run(run: Run, model, float_state, tokenizer, windows, args) -> tuple[list, float]:
-    """Quantize the float model with ``run``'s method and config; its layer stats and wall time."""
+def protocol_args(doc: str, argv=None) -> argparse.Namespace:
+    """The flags every protocol benchmark of runs takes; logging set up."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--runs", help="comma-separated run names or patterns (default: all)")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--redo", action="store_true", help="rerun runs that already have results")
+    p.add_argument("--smoke", action="store_true", help="first block only, 8 windows of 128")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=DOCS)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--table", action="store_true", help="only rewrite the table from the JSON")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return args
+
+
+def prepare_out(args, stem: str) -> Path:
+    """Threads, the smoke settings and the output folder; the JSON file's path."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.nsamples, args.seqlen = min(args.nsamples, 8), min(args.seqlen, 128)
+        if args.out == DOCS:
+            args.out = ROOT / "runs" / f"{stem}_smoke"
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args.out / f"{stem}.json"
+
+
+def protocol_inputs(args):
+    """The float model (and a copy of its weights), the calibration windows and both texts."""
+    from latticequant.pipeline import data
+    from latticequant.pipeline.models import load_model
+
+    model, tokenizer = load_model(None)
+    float_state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib, heldout = data.split_ids(data.tokenize(tokenizer, data.load_text(None)))
+    windows = data.calibration_windows(calib, args.nsamples, args.seqlen, 0)
+    texts = {"heldout": heldout, "second": data.tokenize(tokenizer, second_text())}
+    if args.smoke:
+        texts = {k: v[: 8 * args.seqlen] for k, v in texts.items()}
+    return model, tokenizer, float_state, windows, texts
+
+
+def start_results(json_path: Path, args, texts: dict, model) -> dict:
+    """The results so far, with this invocation's environment and the float perplexities."""
+    from latticequant.pipeline import data
+
+    results = load_results(json_path)
+    results["env"] = {
+        "protocol": f"SmolLM2-135M-Instruct, {args.nsamples} x {args.seqlen} calibration "
+        f"tokens, {len(texts['heldout'])} held-out and {len(texts['second'])} second-text tokens"
+        + (" (smoke: first block only)" if args.smoke else ""),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if "float_ppl" not in results:
+        results["float_ppl"] = {
+            k: data.perplexity(model, ids, seqlen=args.seqlen, progress=False)
+            for k, ids in texts.items()
+        }
+    return results
+
+
+def reference_runs(todo, runs, results: dict, invocation: str, json_path: Path, wall_of) -> None:
+    """A GPTQ run per grid this invocation has no GPTQ row for: time ratios are only
+    meaningful within one invocation. ``wall_of(run)``: its wall seconds."""
+    for grid in dict.fromkeys(r.grid for r in todo):
+        if any(r.name == f"{grid}-gptq" for r in todo):
+            continue
+        log.info("%s: GPTQ reference run for the time ratio", grid)
+        ref = next(r for r in runs if r.name == f"{grid}-gptq")
+        results.setdefault("references", {})[f"{invocation}/{grid}"] = {"wall_s": wall_of(ref)}
+        save_json(results, json_path)
+
+
+def quantize_run(
+    run: Run, model, float_state, tokenizer, windows, args, **options
+) -> tuple[list, float]:
+    """Quantize the float model with ``run``'s method and config (``options``: more keywords
+    of ``quantize_model``); its layer stats and wall time."""
     from latticequant.methods import get_method
     from latticequant.pipeline import Override, quantize_model
 
@@ -97,6 +178,7 @@ def quantize_run(run: Run, model, float_state, tokenizer, windows, args) -> tupl
         method.config_cls(**run.config),
         overrides=overrides,
         progress=not args.quiet,
+        **options,
     )
     return stats, time.perf_counter() - t0
 
@@ -178,96 +260,60 @@ def write_table(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", help="comma-separated run names or patterns (default: all)")
-    p.add_argument("--list", action="store_true")
-    p.add_argument("--redo", action="store_true", help="rerun runs that already have results")
-    p.add_argument("--smoke", action="store_true", help="first block only, 8 windows of 128")
-    p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=DOCS)
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--table", action="store_true", help="only rewrite the table from the JSON")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    runs = select(all_runs(), args.runs)
-    if args.runs:  # in the order asked for (exact names first, as listed)
+def drive(argv, doc: str, stem: str, runs_of, quantize_run, run_one, write_table, summary):
+    """A protocol benchmark of named runs: select them (``--runs``, in the order asked for),
+    list them, rewrite the table, or run those without results, each saved as it finishes.
+    ``summary(res)``: the log line of a finished run."""
+    args = protocol_args(doc, argv)
+    runs = select(runs_of(), args.runs)
+    if args.runs:
         wanted = [n.strip() for n in args.runs.split(",")]
         runs.sort(key=lambda r: wanted.index(r.name) if r.name in wanted else len(wanted))
     if args.list:
         for r in runs:
-            print(f"{r.name:22s} {r.method:6s} {r.config}")
+            print(f"{r.name:24s} {r.method:6s} {r.config} {getattr(r, 'target', '')}")
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    stem = "bench_decoders"
-    if args.smoke:
-        args.nsamples, args.seqlen = min(args.nsamples, 8), min(args.seqlen, 128)
-        if args.out == DOCS:
-            args.out = ROOT / "runs" / "bench_decoders_smoke"
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"{stem}.json"
+    json_path = prepare_out(args, stem)
     if args.table:
         write_table(load_results(json_path), args.out / f"{stem}.md")
         return 0
-
-    from latticequant.pipeline import data
-    from latticequant.pipeline.models import load_model
-
-    model, tokenizer = load_model(None)
-    float_state = {k: v.clone() for k, v in model.state_dict().items()}
-    calib, heldout = data.split_ids(data.tokenize(tokenizer, data.load_text(None)))
-    windows = data.calibration_windows(calib, args.nsamples, args.seqlen, 0)
-    texts = {"heldout": heldout, "second": data.tokenize(tokenizer, second_text())}
-    if args.smoke:
-        texts = {k: v[: 8 * args.seqlen] for k, v in texts.items()}
+    model, tokenizer, float_state, windows, texts = protocol_inputs(args)
     invocation = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-    results = load_results(json_path)
-    results["env"] = {
-        "protocol": f"SmolLM2-135M-Instruct, {args.nsamples} x {args.seqlen} calibration "
-        f"tokens, {len(texts['heldout'])} held-out and {len(texts['second'])} second-text tokens"
-        + (" (smoke: first block only)" if args.smoke else ""),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    if "float_ppl" not in results:
-        results["float_ppl"] = {
-            k: data.perplexity(model, ids, seqlen=args.seqlen, progress=False)
-            for k, ids in texts.items()
-        }
+    results = start_results(json_path, args, texts, model)
     todo = [r for r in runs if args.redo or r.name not in results["runs"]]
-    for grid in dict.fromkeys(r.grid for r in todo):
-        if any(r.name == f"{grid}-gptq" for r in todo):
-            continue
-        # time ratios are only meaningful within one invocation: time GPTQ here too
-        log.info("%s: GPTQ reference run for the time ratio", grid)
-        ref = next(r for r in all_runs() if r.name == f"{grid}-gptq")
-        _, wall = quantize_run(ref, model, float_state, tokenizer, windows, args)
-        results.setdefault("references", {})[f"{invocation}/{grid}"] = {"wall_s": wall}
-        save_json(results, json_path)
-    for run in runs:
-        if run.name in results["runs"] and not args.redo:
-            log.info("%s: done before, skipped (use --redo)", run.name)
-            continue
+    reference_runs(
+        todo,
+        runs_of(),
+        results,
+        invocation,
+        json_path,
+        lambda ref: quantize_run(ref, model, float_state, tokenizer, windows, args)[1],
+    )
+    for run in todo:
         log.info("%s: %s %s", run.name, run.method, run.config)
         res = run_one(run, model, float_state, tokenizer, windows, texts, args)
         res["invocation"] = invocation
         results["runs"][run.name] = res
-        log.info(
-            "%s: loss %.4f x GPTQ, perplexity %.3f / %.3f, %.0f s",
-            run.name,
-            res["loss_vs_gptq"],
-            res["ppl_heldout"],
-            res["ppl_second"],
-            res["wall_s"],
-        )
+        log.info("%s: %s", run.name, summary(res))
         save_json(results, json_path)
         write_table(results, args.out / f"{stem}.md")
     return 0
+
+
+def main(argv=None) -> int:
+    return drive(
+        argv,
+        __doc__,
+        "bench_decoders",
+        all_runs,
+        quantize_run,
+        run_one,
+        write_table,
+        lambda r: (
+            f"loss {r['loss_vs_gptq']:.4f} x GPTQ, perplexity {r['ppl_heldout']:.3f} / "
+            f"{r['ppl_second']:.3f}, {r['wall_s']:.0f} s"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,19 @@ from torch import nn
 
 from latticequant.formats import kernels
 
-__all__ = ["BACKENDS", "DispatchedLinear"]
+__all__ = ["BACKENDS", "DispatchedLinear", "use_kernels"]
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+def use_kernels(backend: str, x: torch.Tensor) -> bool:
+    """Whether a module with this ``backend`` runs its Triton kernel on ``x``: "triton"
+    always, "torch" never, "auto" for CUDA tensors when Triton is usable."""
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return x.is_cuda and kernels.kernels_usable(x.device)
 
 
 class DispatchedLinear(nn.Module):
@@ -45,11 +55,7 @@ class DispatchedLinear(nn.Module):
         raise NotImplementedError
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "triton":
-            return True
-        return x.is_cuda and kernels.kernels_usable(x.device)
+        return use_kernels(self.backend, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

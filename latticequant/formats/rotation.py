@@ -22,6 +22,7 @@ from torch import nn
 
 from latticequant.core.rotation import Rotation, fwht
 from latticequant.formats import kernels
+from latticequant.formats.dispatch import BACKENDS, use_kernels
 from latticequant.formats.packing import FormatError
 
 __all__ = [
@@ -98,7 +99,7 @@ class RotatedLinear(nn.Module):
 
     def __init__(self, rotation: Rotation, inner: nn.Module, backend: str = "auto") -> None:
         super().__init__()
-        if backend not in ("auto", "torch", "triton"):
+        if backend not in BACKENDS:
             raise ValueError(f"backend must be auto, torch or triton, got {backend!r}")
         self.inner = inner
         self.backend = backend
@@ -108,13 +109,6 @@ class RotatedLinear(nn.Module):
         self.register_buffer("signs", rotation.signs.to(torch.float32), persistent=False)
         self.register_buffer("factor", rotation.factor.to(torch.float32), persistent=False)
 
-    def _use_kernels(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "triton":
-            return True
-        return x.is_cuda and kernels.kernels_usable(x.device)
-
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` in float32 over the last axis."""
         if x.shape[-1] != self.in_features:
@@ -123,7 +117,7 @@ class RotatedLinear(nn.Module):
             )
         lead = x.shape[:-1]
         y = (x.to(torch.float32) * self.signs).reshape(*lead, self.a, self.m)
-        if self._use_kernels(x):
+        if use_kernels(self.backend, x):
             y = kernels.hadamard_transform(y, self.a)
         else:
             y = fwht(y, self.a)
