@@ -16,15 +16,25 @@ import torch
 
 from latticequant.core.config import QuantConfig
 from latticequant.core.grid import fit_rows, group_index, n_groups, static_grid
-from latticequant.core.hessian import cholesky_lower, prepare, with_damping
+from latticequant.core.hessian import prepare, with_damping
 from latticequant.core.order import check_permutation, resolve_order_or_none
 from latticequant.core.result import QuantResult, assemble
+from latticequant.core.triangular import (
+    all_finite,
+    cholesky_lower_,
+    invert_lower_,
+    permuted,
+    reverse_,
+)
 
 
 def gptq_factor(
     H: torch.Tensor, cfg: QuantConfig
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
-    """Processing order ``P`` and upper factor ``U`` of ``H_P^-1``, damping raised as needed."""
+    """Processing order ``P`` and upper factor ``U`` of ``H_P^-1``, damping raised as needed.
+
+    Beside H it holds one ``n x n`` float64 matrix, which becomes U in place.
+    """
 
     def factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         P = resolve_order_or_none(cfg.order, Hd, "gptq")
@@ -32,16 +42,11 @@ def gptq_factor(
             return None
         # U^T U = H_P^-1 without forming the inverse: with J the reversal and J H_P J = L L^T,
         # H_P = (J L J)(J L J)^T, so U = (J L J)^-1 = J L^-1 J.
-        R = P.flip(0)  # J H_P J, indexed in reverse order: one copy of H, not three
-        L = cholesky_lower(Hd.index_select(0, R).index_select(1, R))
-        if L is None:
+        U = permuted(Hd, P.flip(0))  # J H_P J
+        if not cholesky_lower_(U):
             return None
-        inv = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
-        inv = torch.linalg.solve_triangular(L, inv, upper=False)
-        del L  # the large factors of a wide layer are freed as soon as they are used
-        U = inv.flip(0, 1)
-        del inv
-        return (P, U) if torch.isfinite(U).all() else None
+        reverse_(invert_lower_(U))
+        return (P, U) if all_finite(U) else None
 
     return with_damping(H, cfg.damp, factor)
 
@@ -154,18 +159,22 @@ def gptq_quantize(
         check_permutation(cfg.order, H.shape[0] if H.dim() == 2 else -1)
     W0 = W
     W, H64 = prepare(W, H)
-    (P, U64), damp = gptq_factor(H64, cfg)
+    (P, U), damp = gptq_factor(H64, cfg)
+    lam = damp * float(torch.diagonal(H64).mean())
+    del H64  # a wide layer's float64 copies go as soon as they are used
+    D = torch.empty(W.shape[1], dtype=torch.float64, device=W.device)
+    D[P] = 1.0 / torch.diagonal(U) ** 2
+    U = U.to(W.dtype)
     if cfg.group_size != -1 and not cfg.static_groups and scales is None:
         S = Z = None
     else:
         S, Z = static_grid(W, cfg, scales, zeros)
-    dec = gptq_decode(W, P, U64, cfg, S, Z)
-    D = torch.empty(W.shape[1], dtype=torch.float64, device=W.device)
-    D[P] = 1.0 / torch.diagonal(U64) ** 2
+    dec = gptq_decode(W, P, U, cfg, S, Z)
+    del U
     return assemble(
         W=W0, H=H, codes=dec.codes, scales=dec.scales, zeros=dec.zeros, g_idx=dec.g_idx,
         order=P, D=D, clipped=dec.clipped, bits=cfg.bits, clip=cfg.clip, damp=damp,
-        targets=dec.targets, t0=t0, projected=(W, damp * float(torch.diagonal(H64).mean())),
+        targets=dec.targets, t0=t0, projected=(W, lam),
     )  # fmt: skip
 
 

@@ -247,7 +247,7 @@ def prepare(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """
     check_inputs(W, H)
     W = W.clone()
-    H = H.to(torch.float64).clone()
+    H = H.to(torch.float64, copy=True)
     dead = dead_columns(H)
     if dead.any():
         idx = dead.nonzero().flatten()
@@ -256,25 +256,26 @@ def prepare(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return W, H
 
 
-def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """``H + damp * mean(diag H) * I`` (one copy of H, no identity matrix formed)."""
-    lam = damp * torch.diagonal(H).mean()
-    out = H.clone()
-    out.diagonal().add_(lam)
-    return out
-
-
 def with_damping(
     H: torch.Tensor, damp: float, factor: Callable[[torch.Tensor], T | None]
 ) -> tuple[T, float]:
     """Apply ``factor`` to the damped H, raising ``damp`` until it succeeds.
 
     ``factor`` returns None when the damped matrix is not usable (a failed Cholesky). Damping
-    doubles (from at least 1e-3) until it succeeds; it gives up above ``MAX_DAMP``.
+    doubles (from at least 1e-3) until it succeeds; it gives up above ``MAX_DAMP``. The damping
+    is added to H's own diagonal and the diagonal is put back bit for bit afterwards, so a wide
+    H is not copied; ``factor`` must not keep a view of the matrix it is given.
     """
     d = float(damp)
+    diag = torch.diagonal(H)
+    saved = diag.clone()
+    lam0 = saved.mean()
     while True:
-        out = factor(damped(H, d))
+        diag.add_(d * lam0)
+        try:
+            out = factor(H)
+        finally:
+            diag.copy_(saved)
         if out is not None:
             return out, d
         if d >= MAX_DAMP:
