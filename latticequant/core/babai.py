@@ -22,9 +22,10 @@ import torch
 
 from latticequant.core.config import QuantConfig
 from latticequant.core.grid import fit_rows, group_index, n_groups, static_grid
-from latticequant.core.hessian import cholesky_upper, prepare, with_damping
+from latticequant.core.hessian import prepare, with_damping
 from latticequant.core.order import check_permutation, resolve_order_or_none
 from latticequant.core.result import QuantResult, assemble
+from latticequant.core.triangular import cholesky_lower_, permuted
 
 
 def babai_factor(
@@ -36,8 +37,8 @@ def babai_factor(
         Q = resolve_order_or_none(cfg.order, Hd, "babai")
         if Q is None:
             return None
-        U = cholesky_upper(Hd[Q][:, Q])
-        return None if U is None else (Q, U)
+        L = permuted(Hd, Q)
+        return (Q, L.mT) if cholesky_lower_(L) else None  # U = L^T, the upper factor of H_Q
 
     return with_damping(H, cfg.damp, factor)
 

@@ -289,9 +289,3 @@ def cholesky_lower(A: torch.Tensor) -> torch.Tensor | None:
     if int(info) != 0 or not torch.isfinite(L).all():
         return None
     return L
-
-
-def cholesky_upper(A: torch.Tensor) -> torch.Tensor | None:
-    """Upper factor ``R`` with ``R^T R = A``, or None when A is not positive definite."""
-    L = cholesky_lower(A)
-    return None if L is None else L.mT

@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 GIB = 1 << 30
+#: Float64 matrices of the widest Hessian a solve holds at once: its float64 copy and the
+#: factor built in place beside it (``core/triangular.py``).
+SOLVE_COPIES = 2
 
 
 class InsufficientMemoryError(ValueError):
@@ -94,7 +97,7 @@ def estimate_block_memory(
     depth = int(math.log2(max(n_windows, 1))) + 1  # pending subtrees of the summation tree
     h_bytes = torch.finfo(hessian_dtype).bits // 8
     d_max = max(d_in for _, d_in in shapes)
-    hessians = d_max * d_max * (h_bytes * depth + 8 * 3)
+    hessians = d_max * d_max * (h_bytes * depth + 8 * SOLVE_COPIES)
     if float_copy:
         hidden *= 2
         activations += batch_tokens * max(d_in for _, d_in in shapes) * act  # its layer input

@@ -10,6 +10,7 @@ complete (:mod:`latticequant.pipeline.state`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -501,44 +502,46 @@ def _quantize_model(
     t_start = time.perf_counter()
     comm_before = dict(world.timings)
     solve_s = 0.0
+    parked = contextlib.nullcontext() if store is None else store.parked_outside()
     bar = tqdm(
         range(start, last + 1),
         desc=f"quantize ({method.name})",
         unit="block",
         disable=not progress or world.rank != 0,
     )
-    for index in bar:
-        if store is not None:
-            store.load(index)
-        block_layers, Qs, block_solve_s = _quantize_block(
-            layout,
-            index,
-            method,
-            plan.configs[index],
-            batches,
-            device,
-            hessian_dtype,
-            world,
-            experts,
-            target,
-        )
-        solve_s += block_solve_s
-        layers.update(
-            _keep_block(
+    with parked:  # embeddings and head go back to disk while the blocks are quantized
+        for index in bar:
+            if store is not None:
+                store.load(index)
+            block_layers, Qs, block_solve_s = _quantize_block(
+                layout,
                 index,
-                block_layers,
-                Qs,
+                method,
+                plan.configs[index],
                 batches,
-                state,
-                store,
+                device,
+                hessian_dtype,
                 world,
-                out_dir is not None,
-                calib_ids.shape[0],
+                experts,
+                target,
             )
-        )
-        release_freed_memory()  # a block's freed temporaries must not set the next one's peak
-        if on_block_done is not None:
-            on_block_done(index)
+            solve_s += block_solve_s
+            layers.update(
+                _keep_block(
+                    index,
+                    block_layers,
+                    Qs,
+                    batches,
+                    state,
+                    store,
+                    world,
+                    out_dir is not None,
+                    calib_ids.shape[0],
+                )
+            )
+            release_freed_memory()  # a block's freed temporaries must not set the next one's peak
+            if on_block_done is not None:
+                on_block_done(index)
     time_s = time.perf_counter() - t_start
     comm = {k: t - comm_before.get(k, 0.0) for k, t in world.timings.items()}
     timings = {

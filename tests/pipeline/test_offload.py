@@ -83,8 +83,9 @@ def test_blocks_stay_on_meta_and_logits_match(tmp_path, tie, shard):
     )
 
 
-def test_quantize_offloaded_equals_in_memory(tmp_path, calib_ids):
-    full = _save(tmp_path / "m")
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantize_offloaded_equals_in_memory(tmp_path, calib_ids, tie):
+    full = _save(tmp_path / "m", tie)
     quantize_model(full, None, calib_ids, "gptq", _cfg(), tmp_path / "mem", progress=False)
 
     model, tokenizer = load_offloaded(tmp_path / "m"), load_tokenizer(tmp_path / "m")
@@ -95,15 +96,27 @@ def test_quantize_offloaded_equals_in_memory(tmp_path, calib_ids):
         real = sum(
             any(p.device.type != "meta" for p in b.parameters()) for b in store.layout.blocks
         )
-        seen.append((len(store.loaded), real))
+        outside = {
+            p.device.type
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if not n.startswith("model.layers.")
+        }
+        seen.append((len(store.loaded), real, outside))
 
     handles = [b.register_forward_pre_hook(watch, with_kwargs=True) for b in store.layout.blocks]
     quantize_model(model, tokenizer, calib_ids, "gptq", _cfg(), tmp_path / "off", progress=False)
     for h in handles:
         h.remove()
-    # First the capture of block 0's inputs (nothing read), then each block alone in memory.
-    assert seen == [(0, 0)] + [(1, 1)] * N_BLOCKS
+    # First the capture of block 0's inputs (nothing read), then each block alone in memory
+    # while the embeddings, final norm and head wait on disk; they are back for the save.
+    assert seen == [(0, 0, {"cpu"})] + [(1, 1, {"meta"})] * N_BLOCKS
     assert not store.loaded
+    assert {
+        p.device.type
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if not n.startswith("model.layers.")
+    } == {"cpu"}
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
 
     index = json.loads((tmp_path / "off" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
