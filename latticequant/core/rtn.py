@@ -7,10 +7,10 @@ import time
 import torch
 
 from latticequant.core.config import QuantConfig
-from latticequant.core.grid import group_index, round_to_grid, static_grid
-from latticequant.core.hessian import prepare, with_damping
+from latticequant.core.grid import dequantize, group_index, round_to_grid, static_grid
+from latticequant.core.hessian import check_inputs, dead_columns, prepare, with_damping
 from latticequant.core.order import ldl_diagonal, resolve_order_or_none
-from latticequant.core.result import QuantResult, assemble
+from latticequant.core.result import QuantResult, assemble, row_losses
 
 
 def rtn_quantize(
@@ -38,13 +38,40 @@ def rtn_quantize(
         return None if D is None else (P, D)
 
     (P, D), damp = with_damping(H64, cfg.damp, factor)
-    g_idx = group_index(W.shape[1], cfg.group_size).to(W.device)
-    S, Z = static_grid(W, cfg, scales, zeros)
-    s, z = S[:, g_idx], Z[:, g_idx]
-    raw = round_to_grid(W, s, z, cfg.maxq, clip=False)
-    clipped = int(((raw < 0) | (raw > cfg.maxq)).sum()) if cfg.clip else 0
-    codes = raw.clamp(0, cfg.maxq) if cfg.clip else raw
+    del H64
+    codes, S, Z, g_idx, clipped = _rounded(W, cfg, scales, zeros)
     return assemble(
         W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=P, D=D,
         clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=W.clone(), t0=t0,
     )  # fmt: skip
+
+
+def rtn_loss(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: QuantConfig,
+    *,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> float:
+    """RTN's total loss ``tr((W - Q) H (W - Q)^T)``, the same figure as
+    ``rtn_quantize(...).proxy_loss`` without its bound: a baseline to read another method's loss
+    against needs no factorization of H, which at 14336 columns costs gigabytes."""
+    check_inputs(W, H)
+    Wd = W.clone()
+    Wd[:, dead_columns(H)] = 0  # as prepare() does, so a fitted grid is the same
+    codes, S, Z, g_idx, _ = _rounded(Wd, cfg, scales, zeros)
+    Q = dequantize(codes, S, Z, g_idx).to(W.dtype)
+    return float(row_losses(W, H, Q).sum())
+
+
+def _rounded(
+    W: torch.Tensor, cfg: QuantConfig, scales: torch.Tensor | None, zeros: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Codes of W on its static grid (given or fitted), the grid, and the clipped count."""
+    g_idx = group_index(W.shape[1], cfg.group_size).to(W.device)
+    S, Z = static_grid(W, cfg, scales, zeros)
+    raw = round_to_grid(W, S[:, g_idx], Z[:, g_idx], cfg.maxq, clip=False)
+    clipped = int(((raw < 0) | (raw > cfg.maxq)).sum()) if cfg.clip else 0
+    codes = raw.clamp(0, cfg.maxq) if cfg.clip else raw
+    return codes, S, Z, g_idx, clipped

@@ -18,7 +18,7 @@ from latticequant.core.gptq import gptq_quantize
 from latticequant.core.kbest import kbest_quantize
 from latticequant.core.refine import refine
 from latticequant.core.result import QuantResult
-from latticequant.core.rtn import rtn_quantize
+from latticequant.core.rtn import rtn_loss, rtn_quantize
 from latticequant.formats.bits import effective_bits
 from latticequant.formats.gptq import pack_gptq
 from latticequant.formats.packing import SUPPORTED_BITS, pack_granularity
@@ -140,10 +140,9 @@ def stored_weight(
 
 def _rtn_baseline(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, result: QuantResult):
     """RTN's loss on the method's own static grid (or its own fit when grids are refitted)."""
-    baseline = config.replace(order="natural")  # the order changes only RTN's bound
     if config.static_groups:
-        return rtn_quantize(W, H, baseline, scales=result.scales, zeros=result.zeros).proxy_loss
-    return rtn_quantize(W, H, baseline).proxy_loss
+        return rtn_loss(W, H, config, scales=result.scales, zeros=result.zeros)
+    return rtn_loss(W, H, config)
 
 
 def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig], LayerQuant]:
@@ -153,18 +152,20 @@ def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig
         checkpoint_format = config.extra.get("checkpoint_format", "gptq")
         if checkpoint_format == "gptq" and not config.sym:
             config = config.replace(min_zero=max(config.min_zero, 1))  # v1 stores offset - 1
-        W64, H64 = W.to(torch.float64), H.to(torch.float64)
-        result = core(W64, H64, config)
-        base = result.proxy_loss if name == "rtn" else _rtn_baseline(W64, H64, config, result)
+        # W in float64; H as given: every core function takes its own float64 copy, and a
+        # second one here would be 1.6 GB at Llama-3-8B's down_proj
+        W64 = W.to(torch.float64)
+        result = core(W64, H, config)
+        base = result.proxy_loss if name == "rtn" else _rtn_baseline(W64, H, config, result)
         extra: dict[str, float] = {}
         if name != "gptq" or config.refine_steps:  # GPTQ's loss, to read this one against
-            extra["gptq_loss"] = gptq_quantize(W64, H64, config).proxy_loss
+            extra["gptq_loss"] = gptq_quantize(W64, H, config).proxy_loss
         else:
             extra["gptq_loss"] = result.proxy_loss
         if config.refine_steps:
             result, refined = refine(
                 W64,
-                H64,
+                H,
                 result,
                 config,
                 steps=config.refine_steps,

@@ -36,3 +36,28 @@ def test_rtn_and_gptq_share_the_static_grid():
     # RTN's bound is the Babai bound of GPTQ's decode sequence: both against the Schur loop
     D = check_result(W, H, g, g.order.flip(0))
     check_result(W, H, r, r.order.flip(0), D=D, decoded=False)
+
+
+def test_rtn_loss_without_the_factorization():
+    """``rtn_loss`` is the loss of the written-out rounding on the direct float64 form, with a
+    grid given or fitted, on float32 and float64 Hessians and with a dead column."""
+    from latticequant.core.rtn import rtn_loss
+
+    W = weights(5, 48, seed=4)
+    H = correlated_hessian(48, seed=4)
+    H[7, :] = 0
+    H[:, 7] = 0  # an input that never fires
+    groups = torch.arange(48) // 16
+    for grid in ("fitted", "given"):
+        cfg = lq.QuantConfig(bits=3, group_size=16, order="act")
+        r = lq.rtn_quantize(W, H, cfg)  # only for a grid to hand over
+        kw = {} if grid == "fitted" else {"scales": r.scales * 1.1, "zeros": r.zeros}
+        S = r.scales if grid == "fitted" else kw["scales"]
+        Wd = W.clone()
+        Wd[:, 7] = 0
+        s, z = S[:, groups], r.zeros[:, groups]
+        Qref = s * (torch.clamp(torch.round(Wd / s + z), 0, 7) - z)
+        want = float(direct_loss(W, H, Qref).sum())
+        for Hd in (H, H.float()):
+            got = rtn_loss(W, Hd, cfg, **kw)
+            assert abs(got - want) <= 1e-6 * abs(want), (grid, Hd.dtype)
