@@ -134,9 +134,15 @@ def gptq_decode(
         if i2 < d_in:
             Wt[i2:] -= U[i1:i2, i2:].T @ ErrT
 
+    del Wt
     inv = torch.argsort(P)
+    # back to column order one matrix at a time, each freed as soon as it is copied
+    codes = codes_t[inv].T
+    del codes_t
+    targets = targets_t[inv].T
+    del targets_t
     outliers = None if out_t is None else out_t[inv].T
-    return Decoded(codes_t[inv].T, targets_t[inv].T, S, Z, g_idx, clipped, outliers)
+    return Decoded(codes, targets, S, Z, g_idx, clipped, outliers)
 
 
 def gptq_quantize(

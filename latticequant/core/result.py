@@ -48,10 +48,22 @@ class QuantResult:
         return float(self.loss.sum())
 
 
+#: Rows of the projected loss taken at a time.
+LOSS_ROWS = 256
+#: Columns of H converted and multiplied at a time: neither H in ``W - Q``'s dtype nor the
+#: product ``(W - Q) H`` is ever whole (at 14336 columns each would be gigabytes).
+LOSS_COLUMNS = 1024
+
+
 def row_losses(W: torch.Tensor, H: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """``(w - q)^T H (w - q)`` of every row, in the dtype of ``W - Q`` (docs/theory.md Eq. (4))."""
+    """``(w - q)^T H (w - q)`` of every row, in the dtype of ``W - Q`` (docs/theory.md Eq. (4)),
+    ``LOSS_COLUMNS`` columns of H at a time."""
     E = W - Q
-    return ((E @ H.to(E.dtype)) * E).sum(dim=1)
+    out = torch.zeros(E.shape[0], dtype=E.dtype, device=E.device)
+    for a in range(0, E.shape[1], LOSS_COLUMNS):
+        b = min(a + LOSS_COLUMNS, E.shape[1])
+        out += ((E @ H[:, a:b].to(E.dtype)) * E[:, a:b]).sum(dim=1)
+    return out
 
 
 def assemble(
@@ -85,9 +97,14 @@ def assemble(
         loss = row_losses(W, H, Q)
     else:
         Wd, lam = projected
-        r = (targets - Q).to(torch.float64)
-        E = (Wd - Q).to(torch.float64)
-        loss = ((r * r) @ D.to(torch.float64) - lam * (E * E).sum(dim=1)).to(W.dtype)
+        D64 = D.to(torch.float64)
+        loss = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
+        for a in range(0, W.shape[0], LOSS_ROWS):  # row blocks: no W-sized temporaries
+            b = min(a + LOSS_ROWS, W.shape[0])
+            r = (targets[a:b] - Q[a:b]).to(torch.float64)
+            E = (Wd[a:b] - Q[a:b]).to(torch.float64)
+            loss[a:b] = (r * r) @ D64 - lam * (E * E).sum(dim=1)
+        loss = loss.to(W.dtype)
     bound = error_bound(D, scales[:, g_idx]).to(W.dtype)
     maxq = (1 << bits) - 1
     overflow = 0 if clip else int(((codes < 0) | (codes > maxq)).sum())
