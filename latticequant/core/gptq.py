@@ -132,7 +132,7 @@ def gptq_decode(
             codes_t[p] = code
             ErrT[i] = (w - q) / U1t[i, i]
         if i2 < d_in:
-            Wt[i2:] -= U[i1:i2, i2:].T @ ErrT
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, ErrT, alpha=-1)  # in place: no W-sized product
 
     del Wt
     inv = torch.argsort(P)

@@ -34,6 +34,7 @@ from latticequant.core.grid import dequantize, fit_grid, group_index
 from latticequant.core.hessian import check_inputs, prepare
 from latticequant.core.lattice import error_bound
 from latticequant.core.order import check_permutation
+from latticequant.core.result import row_losses
 from latticequant.core.rtn import rtn_quantize
 from latticequant.core.search import OutOfReach, meet_target
 from latticequant.formats.bits import effective_bits
@@ -291,8 +292,7 @@ def ssqr_quantize(W: torch.Tensor, H: torch.Tensor, cfg: SSQRConfig) -> SSQRResu
     prob = _problem(W, H, cfg)
     factor, (scales16, codes, outliers, Q), evals = _search_factor(prob, cfg)
     Q = Q.to(W.dtype)
-    E = W - Q
-    loss = ((E @ H.to(W.dtype)) * E).sum(dim=1)
+    loss = row_losses(W, H, Q)
     D = torch.empty(W.shape[1], dtype=torch.float64, device=W.device)
     D[prob.P] = 1.0 / torch.diagonal(prob.U) ** 2
     bound = error_bound(D, scales16[:, prob.g_idx]).to(W.dtype)
