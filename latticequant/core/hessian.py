@@ -78,10 +78,17 @@ class HessianAccumulator:
         self.d_in, self.dtype, self.device = d_in, dtype, torch.device(device)
         self._stack: list[GramNode] = []
         self._next_window = 0
+        self._finished: tuple[torch.Tensor, int] | None = None  # (H, n_tokens) once finished
 
     @property
     def n_tokens(self) -> int:
+        if self._finished is not None:
+            return self._finished[1]
         return sum(node.n_tokens for node in self._stack)
+
+    def _check_open(self) -> None:
+        if self._finished is not None:
+            raise ValueError("this Hessian is finished; it takes no more tokens")
 
     def add(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, first_window: int | None = None
@@ -90,6 +97,7 @@ class HessianAccumulator:
         shape ``(..., d_in)`` one leaf. ``mask`` (x's shape without the last axis) keeps only
         the tokens where True. ``first_window``: the global index of x's first window (the
         next one by default); windows must arrive in increasing order."""
+        self._check_open()
         if x.shape[-1] != self.d_in:
             raise ValueError(f"activations have {x.shape[-1]} features, expected {self.d_in}")
         if mask is not None and mask.numel() * self.d_in != x.numel():
@@ -131,6 +139,7 @@ class HessianAccumulator:
 
     def nodes(self) -> list[GramNode]:
         """The pending subtrees, to be combined with other ranks' by :meth:`from_nodes`."""
+        self._check_open()
         return list(self._stack)
 
     @classmethod
@@ -160,10 +169,26 @@ class HessianAccumulator:
     @property
     def H(self) -> torch.Tensor:
         """The mean Hessian ``X^T X / n`` in the accumulator's dtype."""
+        if self._finished is not None:
+            return self._finished[0]
         n = self.n_tokens
         if n == 0:
             raise ValueError("no tokens were accumulated into this Hessian")
         return mirror_upper_(self.sum).div_(n)
+
+    def finish(self) -> torch.Tensor:
+        """:attr:`H`, bit for bit, made in the memory of the pending sums: the accumulator
+        then holds H instead of its sum (at Llama-3-8B's ``down_proj`` each is 822 MB, and a
+        solve otherwise needs both), returns it from :attr:`H` and takes no more tokens."""
+        if self._finished is None:
+            n = self.n_tokens
+            if n == 0:
+                raise ValueError("no tokens were accumulated into this Hessian")
+            total = self._stack.pop().S
+            while self._stack:  # the remaining subtrees added from the right, as ``sum`` does
+                total += self._stack.pop().S
+            self._finished = (mirror_upper_(total).div_(n), n)
+        return self._finished[0]
 
 
 MIRROR_ROWS = 1024  # rows of the lower triangle written per step by mirror_upper_
@@ -219,6 +244,10 @@ class CrossGramAccumulator(HessianAccumulator):
                 )
             self._push(GramNode(start + i, 1, int(xw.shape[0]), S))
         self._next_window = start + xs.shape[0]
+
+    def finish(self) -> torch.Tensor:
+        """:attr:`H` (a cross Gram matrix is not mirrored, so it is not made in place)."""
+        return self.H
 
     @property
     def H(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ from latticequant.core.config import QuantConfig
 from latticequant.core.grid import dequantize, group_index, round_to_grid, static_grid
 from latticequant.core.hessian import check_inputs, dead_columns, prepare, with_damping
 from latticequant.core.order import ldl_diagonal, resolve_order_or_none
-from latticequant.core.result import QuantResult, assemble, row_losses
+from latticequant.core.result import LOSS_ROWS, QuantResult, assemble, row_losses
 
 
 def rtn_quantize(
@@ -58,11 +58,17 @@ def rtn_loss(
     ``rtn_quantize(...).proxy_loss`` without its bound: a baseline to read another method's loss
     against needs no factorization of H, which at 14336 columns costs gigabytes."""
     check_inputs(W, H)
-    Wd = W.clone()
-    Wd[:, dead_columns(H)] = 0  # as prepare() does, so a fitted grid is the same
-    codes, S, Z, g_idx, _ = _rounded(Wd, cfg, scales, zeros)
-    Q = dequantize(codes, S, Z, g_idx).to(W.dtype)
-    return float(row_losses(W, H, Q).sum())
+    dead = dead_columns(H)
+    total = 0.0
+    for a in range(0, W.shape[0], LOSS_ROWS):  # rows are independent: no W-sized temporaries
+        b = min(a + LOSS_ROWS, W.shape[0])
+        Wd = W[a:b].clone()
+        Wd[:, dead] = 0  # as prepare() does, so a fitted grid is the same
+        rows = (None, None) if scales is None else (scales[a:b], zeros[a:b])
+        codes, S, Z, g_idx, _ = _rounded(Wd, cfg, *rows)
+        Q = dequantize(codes, S, Z, g_idx).to(W.dtype)
+        total += float(row_losses(W[a:b], H, Q).sum())
+    return total
 
 
 def _rounded(

@@ -153,10 +153,12 @@ class BlockQuantizer:
         self,
         name: str,
         module: nn.Module,
-        acc: HessianAccumulator,
+        hessian: tuple[torch.Tensor, int],
         cross: CrossGramAccumulator | None = None,
     ) -> LayerQuant:
-        """One layer's result on its Hessian; any failure is an error naming the layer."""
+        """One layer's result on its Hessian ``(H, n_tokens)``; any failure is an error naming
+        the layer."""
+        H, n_tokens = hessian
         W = linear_weight(module).detach()
         if W.dtype not in (torch.float32, torch.float64):
             W = W.float()
@@ -164,7 +166,7 @@ class BlockQuantizer:
         try:
             C = None if cross is None else cross.H
             lq = solve_layer(
-                self.method, W, acc.H, self.configs[name], self.target, self.full_name(name), C
+                self.method, W, H, self.configs[name], self.target, self.full_name(name), C
             )
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
@@ -173,7 +175,7 @@ class BlockQuantizer:
         self.solve_s += elapsed
         lq.stats.setdefault("time_s", elapsed)
         lq.stats["layer_time_s"] = elapsed
-        lq.stats["n_tokens"] = acc.n_tokens
+        lq.stats["n_tokens"] = n_tokens
         lq.stats["rank"] = self.world.rank
         return lq
 
@@ -209,7 +211,9 @@ class BlockQuantizer:
                 cross_on[name] = done[id(c)]
         if not world.distributed:
             for name in accs:
-                lq = self._solve(name, block.get_submodule(name), solve_on[name], cross_on[name])
+                lq = self._solve(
+                    name, block.get_submodule(name), _hessian(solve_on[name]), cross_on[name]
+                )
                 lq.stats.update(extra.get(name, {}))
                 set_linear_weight(block.get_submodule(name), lq.Q)
                 self.results[name] = lq
@@ -222,7 +226,7 @@ class BlockQuantizer:
                 continue
             try:
                 mine[name] = self._solve(
-                    name, block.get_submodule(name), solve_on[name], cross_on[name]
+                    name, block.get_submodule(name), _hessian(solve_on[name]), cross_on[name]
                 )
                 mine[name].stats.update(extra.get(name, {}))
             except ValueError as exc:
@@ -267,6 +271,14 @@ class BlockQuantizer:
             for name in short:
                 self.floats[name] = extra[name]
         return solve_on, extra
+
+
+def _hessian(acc) -> tuple[torch.Tensor, int]:
+    """A layer's ``(H, n_tokens)``. A group's accumulators have no use after its solves but
+    to give the same H again (layers reading one input share one), so they are finished:
+    H is made in the memory of their sums (:meth:`HessianAccumulator.finish`)."""
+    finish = getattr(acc, "finish", None)
+    return (finish() if callable(finish) else acc.H), int(acc.n_tokens)
 
 
 class _FixedHessian:

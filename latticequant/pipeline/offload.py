@@ -28,7 +28,13 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from latticequant.pipeline.files import INDEX_FILE, WEIGHTS_FILE, read_weight_map, save_tensors
+from latticequant.pipeline.files import (
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    read_weight_map,
+    save_tensors,
+    tensor_sums,
+)
 from latticequant.pipeline.forward import block_output, capture_first_block_inputs, to_device
 from latticequant.pipeline.layout import describe_model
 
@@ -163,7 +169,7 @@ class BlockStore:
         checksum = 0.0
         for name in self.param_names(index):
             t = self.fill(name)
-            checksum += float(t.double().abs().sum()) + float(t.double().sum())
+            checksum += sum(tensor_sums(t))
         self.checksums[index] = checksum
         self.loaded.add(index)
         return self.layout.blocks[index]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from latticequant.methods.registry import Method, config_to_dict
 from latticequant.pipeline.checkpoint import QuantizedLayer
-from latticequant.pipeline.files import replace_folder, save_tensors, write_json
+from latticequant.pipeline.files import replace_folder, save_tensors, tensor_sums, write_json
 from latticequant.pipeline.offload import store_of
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def fingerprint(model, method: Method, config, overrides, calib_ids, attention_m
                 "overrides": [dataclasses.asdict(o) for o in overrides],
                 # Shapes and a cheap checksum of every tensor: another model or other weights.
                 "model": {
-                    k: [list(v.shape), float(v.detach().double().sum())]
+                    k: [list(v.shape), tensor_sums(v)[0]]
                     for k, v in model.state_dict().items()
                     if v.device.type != "meta"
                 },

@@ -134,3 +134,35 @@ def test_windows_out_of_order_or_twice_are_refused():
     other.add(_windows(1, 2), first_window=4)
     with pytest.raises(ValueError, match="two parts"):
         HessianAccumulator.from_nodes([acc.nodes(), other.nodes()], 6, torch.float32)
+
+
+@pytest.mark.parametrize("n_windows", [1, 3, 8])
+def test_finish_gives_the_same_hessian_in_place(n_windows):
+    """``finish`` equals ``H`` of a twin accumulator bit for bit and against float64, is
+    built in the memory of the last pending sum, and closes the accumulator."""
+    g = torch.Generator().manual_seed(n_windows)
+    X = torch.randn(n_windows, 40, 1100, generator=g)  # 1100 wide: mirrored in two row blocks
+    a, b = HessianAccumulator(1100), HessianAccumulator(1100)
+    a.add(X)
+    b.add(X)
+    last = a.nodes()[-1].S.data_ptr()
+    H = a.finish()
+    assert H.data_ptr() == last
+    assert torch.equal(H, b.H)
+    X64 = X.reshape(-1, 1100).double()
+    torch.testing.assert_close(H.double(), X64.T @ X64 / X64.shape[0], rtol=1e-5, atol=1e-5)
+    assert a.H is H and a.finish() is H and a.n_tokens == 40 * n_windows
+    with pytest.raises(ValueError, match="finished"):
+        a.add(X[:1])
+    with pytest.raises(ValueError, match="finished"):
+        a.nodes()
+
+
+def test_mirror_upper_in_place():
+    from latticequant.core.hessian import mirror_upper_
+
+    M = torch.randn(2500, 2500, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = torch.triu(M) + torch.triu(M, 1).T
+    ptr = M.data_ptr()
+    out = mirror_upper_(M)
+    assert out.data_ptr() == ptr and torch.equal(out, want)

@@ -61,3 +61,19 @@ def test_rtn_loss_without_the_factorization():
         for Hd in (H, H.float()):
             got = rtn_loss(W, Hd, cfg, **kw)
             assert abs(got - want) <= 1e-6 * abs(want), (grid, Hd.dtype)
+
+
+def test_rtn_loss_over_several_row_blocks():
+    """More rows than one block of ``rtn_loss``: the same figure as ``rtn_quantize``'s loss
+    (its own grid and a given one), symmetric and asymmetric."""
+    from latticequant.core.result import LOSS_ROWS
+    from latticequant.core.rtn import rtn_loss
+
+    W = weights(2 * LOSS_ROWS + 11, 64, seed=6)
+    H = correlated_hessian(64, seed=6)
+    for sym in (False, True):
+        cfg = lq.QuantConfig(bits=3, group_size=16, sym=sym)
+        g = lq.gptq_quantize(W, H, cfg)
+        for kw in ({}, {"scales": g.scales, "zeros": g.zeros}):
+            want = lq.rtn_quantize(W, H, cfg, **kw).proxy_loss
+            assert abs(rtn_loss(W, H, cfg, **kw) - want) <= 1e-12 * want

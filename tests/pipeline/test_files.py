@@ -90,3 +90,15 @@ def test_unreadable_index_is_one_clear_error(tmp_path):
     (tmp_path / files.INDEX_FILE).write_text("[1]")
     with pytest.raises(ValueError, match="not a safetensors index"):
         files.read_weight_map(tmp_path)
+
+
+def test_tensor_sums_by_chunks(monkeypatch):
+    from latticequant.pipeline import files
+
+    monkeypatch.setattr(files, "SUM_CHUNK", 1000)
+    t = torch.randn(37, 101, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    total, absolute = files.tensor_sums(t)
+    t64 = t.double()
+    assert abs(total - float(t64.sum())) <= 1e-9 * float(t64.abs().sum())
+    assert abs(absolute - float(t64.abs().sum())) <= 1e-9 * float(t64.abs().sum())
+    assert files.tensor_sums(torch.zeros(0)) == (0.0, 0.0)
