@@ -99,11 +99,21 @@ def fit_grid(W: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Ten
     return scales, zeros
 
 
+DEQUANT_ROWS = 256
+
+
 def dequantize(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
 ) -> torch.Tensor:
-    """``Q = scales[:, g_idx] * (codes - zeros[:, g_idx])`` in the scales' dtype."""
-    return scales[:, g_idx] * (codes.to(scales.dtype) - zeros[:, g_idx])
+    """``Q = scales[:, g_idx] * (codes - zeros[:, g_idx])`` in the scales' dtype, a block of
+    ``DEQUANT_ROWS`` rows at a time: the per-weight scales and zeros are never whole."""
+    dtype = torch.promote_types(scales.dtype, zeros.dtype)
+    Q = torch.empty(codes.shape, dtype=dtype, device=scales.device)
+    for a in range(0, codes.shape[0], DEQUANT_ROWS):
+        b = min(a + DEQUANT_ROWS, codes.shape[0])
+        z = zeros[a:b][:, g_idx]
+        Q[a:b] = scales[a:b][:, g_idx] * (codes[a:b].to(scales.dtype) - z)
+    return Q
 
 
 def static_grid(

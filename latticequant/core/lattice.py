@@ -174,7 +174,15 @@ def cvp_enumerate(
     return torch.tensor(best_z, dtype=u.dtype)
 
 
-def error_bound(D: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Babai's worst-case error ``1/4 * sum_j D_jj s_j^2`` (docs/theory.md §5), per row of s."""
-    s64 = s.to(torch.float64)
-    return (0.25 * (s64 * s64)) @ D.to(torch.float64)
+def error_bound(D: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """Babai's worst-case error ``1/4 * sum_j D_jj s_{g(j)}^2`` (docs/theory.md §5) per row of
+    the group scales ``scales`` (rows, groups), column ``j`` in group ``g_idx[j]``.
+
+    Summed as ``1/4 * sum_g s_g^2 * sum_{j in g} D_jj``, so no per-weight matrix of scales
+    is formed (at 4096 x 14336 one is 470 MB in float64).
+    """
+    D64 = D.to(torch.float64)
+    per_group = torch.zeros(scales.shape[1], dtype=torch.float64, device=D.device)
+    per_group.index_add_(0, g_idx.to(D.device), D64)
+    s64 = scales.to(torch.float64)
+    return (0.25 * (s64 * s64)) @ per_group

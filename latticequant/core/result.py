@@ -105,7 +105,7 @@ def assemble(
             E = (Wd[a:b] - Q[a:b]).to(torch.float64)
             loss[a:b] = (r * r) @ D64 - lam * (E * E).sum(dim=1)
         loss = loss.to(W.dtype)
-    bound = error_bound(D, scales[:, g_idx]).to(W.dtype)
+    bound = error_bound(D, scales, g_idx).to(W.dtype)
     maxq = (1 << bits) - 1
     overflow = 0 if clip else int(((codes < 0) | (codes > maxq)).sum())
     return QuantResult(

@@ -295,7 +295,7 @@ def ssqr_quantize(W: torch.Tensor, H: torch.Tensor, cfg: SSQRConfig) -> SSQRResu
     loss = row_losses(W, H, Q)
     D = torch.empty(W.shape[1], dtype=torch.float64, device=W.device)
     D[prob.P] = 1.0 / torch.diagonal(prob.U) ** 2
-    bound = error_bound(D, scales16[:, prob.g_idx]).to(W.dtype)
+    bound = error_bound(D, scales16, prob.g_idx).to(W.dtype)
     values = torch.where(outliers, Q, torch.zeros_like(Q)).to(torch.float16)
     zeros = torch.full(scales16.shape, float(1 << (cfg.bits - 1)), dtype=torch.float16)
     return SSQRResult(
