@@ -539,6 +539,7 @@ def _quantize_model(
                     calib_ids.shape[0],
                 )
             )
+            del block_layers, Qs  # the block's quantized weights are on disk or in the model now
             release_freed_memory()  # a block's freed temporaries must not set the next one's peak
             if on_block_done is not None:
                 on_block_done(index)
