@@ -22,25 +22,30 @@ import torch
 
 from latticequant.core.config import QuantConfig
 from latticequant.core.grid import fit_rows, group_index, n_groups, static_grid
-from latticequant.core.hessian import prepare, with_damping
+from latticequant.core.hessian import prepare_diagonal, with_damped_diagonal
 from latticequant.core.order import check_permutation, resolve_order_or_none
 from latticequant.core.result import QuantResult, assemble
 from latticequant.core.triangular import cholesky_lower_, permuted
 
 
 def babai_factor(
-    H: torch.Tensor, cfg: QuantConfig
+    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor | None = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
-    """Basis order ``Q`` and upper factor ``U`` of ``H_Q``, damping raised as needed."""
+    """Basis order ``Q`` and upper factor ``U`` of ``H_Q`` in float64, damping raised as needed.
 
-    def factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        Q = resolve_order_or_none(cfg.order, Hd, "babai")
+    H is read, never written nor copied whole; ``diagonal`` as in
+    :func:`~latticequant.core.gptq.gptq_factor`.
+    """
+    h = torch.diagonal(H).to(torch.float64) if diagonal is None else diagonal
+
+    def factor(hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        Q = resolve_order_or_none(cfg.order, H, "babai", hd)
         if Q is None:
             return None
-        L = permuted(Hd, Q)
+        L = permuted(H, Q, diagonal=hd, dtype=torch.float64)
         return (Q, L.mT) if cholesky_lower_(L) else None  # U = L^T, the upper factor of H_Q
 
-    return with_damping(H, cfg.damp, factor)
+    return with_damped_diagonal(h, cfg.damp, factor)
 
 
 def babai_quantize(
@@ -63,9 +68,9 @@ def babai_quantize(
     if isinstance(cfg.order, torch.Tensor):
         check_permutation(cfg.order, H.shape[0] if H.dim() == 2 else -1)
     W0 = W
-    W, H64 = prepare(W, H)
+    W, h = prepare_diagonal(W, H)
     d_out, d = W.shape
-    (Q, U64), damp = babai_factor(H64, cfg)
+    (Q, U64), damp = babai_factor(H, cfg, h)
     maxq, g = cfg.maxq, cfg.group_size
     refit = g != -1 and not cfg.static_groups and scales is None
 
@@ -120,7 +125,7 @@ def babai_quantize(
     return assemble(
         W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=Q, D=D,
         clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=targets, t0=t0,
-        projected=(W, damp * float(torch.diagonal(H64).mean())),
+        projected=(W, damp * float(h.mean())),
     )  # fmt: skip
 
 

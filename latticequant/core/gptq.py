@@ -16,7 +16,7 @@ import torch
 
 from latticequant.core.config import QuantConfig
 from latticequant.core.grid import fit_rows, group_index, n_groups, static_grid
-from latticequant.core.hessian import prepare, with_damping
+from latticequant.core.hessian import prepare_diagonal, with_damped_diagonal
 from latticequant.core.order import check_permutation, resolve_order_or_none
 from latticequant.core.result import QuantResult, assemble
 from latticequant.core.triangular import (
@@ -29,26 +29,31 @@ from latticequant.core.triangular import (
 
 
 def gptq_factor(
-    H: torch.Tensor, cfg: QuantConfig
+    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor | None = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
-    """Processing order ``P`` and upper factor ``U`` of ``H_P^-1``, damping raised as needed.
+    """Processing order ``P`` and upper factor ``U`` of ``H_P^-1`` in float64, damping raised
+    as needed.
 
-    Beside H it holds one ``n x n`` float64 matrix, which becomes U in place.
+    H is read, never written nor copied whole: U is gathered from it into one new ``n x n``
+    float64 matrix and factored there. ``diagonal`` is the float64 diagonal the solve uses
+    (:func:`~latticequant.core.hessian.prepare_diagonal`'s, dead columns set to 1); H's own by
+    default.
     """
+    h = torch.diagonal(H).to(torch.float64) if diagonal is None else diagonal
 
-    def factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        P = resolve_order_or_none(cfg.order, Hd, "gptq")
+    def factor(hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        P = resolve_order_or_none(cfg.order, H, "gptq", hd)
         if P is None:
             return None
         # U^T U = H_P^-1 without forming the inverse: with J the reversal and J H_P J = L L^T,
         # H_P = (J L J)(J L J)^T, so U = (J L J)^-1 = J L^-1 J.
-        U = permuted(Hd, P.flip(0))  # J H_P J
+        U = permuted(H, P.flip(0), diagonal=hd, dtype=torch.float64)  # J H_P J
         if not cholesky_lower_(U):
             return None
         reverse_(invert_lower_(U))
         return (P, U) if all_finite(U) else None
 
-    return with_damping(H, cfg.damp, factor)
+    return with_damped_diagonal(h, cfg.damp, factor)
 
 
 @dataclass
@@ -164,10 +169,9 @@ def gptq_quantize(
     if isinstance(cfg.order, torch.Tensor):
         check_permutation(cfg.order, H.shape[0] if H.dim() == 2 else -1)
     W0 = W
-    W, H64 = prepare(W, H)
-    (P, U), damp = gptq_factor(H64, cfg)
-    lam = damp * float(torch.diagonal(H64).mean())
-    del H64  # a wide layer's float64 copies go as soon as they are used
+    W, h = prepare_diagonal(W, H)
+    (P, U), damp = gptq_factor(H, cfg, h)  # the only float64 n x n matrix of the solve
+    lam = damp * float(h.mean())
     D = torch.empty(W.shape[1], dtype=torch.float64, device=W.device)
     D[P] = 1.0 / torch.diagonal(U) ** 2
     U = U.to(W.dtype)

@@ -30,7 +30,7 @@ import torch
 from latticequant.core.babai import babai_factor
 from latticequant.core.config import QuantConfig
 from latticequant.core.grid import dequantize, group_index, static_grid
-from latticequant.core.hessian import prepare
+from latticequant.core.hessian import prepare_diagonal
 from latticequant.core.order import check_permutation
 from latticequant.core.result import QuantResult, assemble, row_losses
 
@@ -171,9 +171,9 @@ def kbest_quantize(
     if isinstance(cfg.order, torch.Tensor):
         check_permutation(cfg.order, H.shape[0] if H.dim() == 2 else -1)
     W0 = W
-    W, H64 = prepare(W, H)
+    W, h = prepare_diagonal(W, H)
     d_out, d = W.shape
-    (Q, U64), damp = babai_factor(H64, cfg)
+    (Q, U64), damp = babai_factor(H, cfg, h)
     g_idx = group_index(d, cfg.group_size).to(W.device)
     S, Z = static_grid(W, cfg, scales, zeros)
     U = U64.to(W.dtype)

@@ -11,16 +11,23 @@ from __future__ import annotations
 import torch
 
 from latticequant.core.config import Order
+from latticequant.core.triangular import cholesky_lower_, permuted
 
 CONVENTIONS = ("gptq", "babai")
 
 
 def act_order(H: torch.Tensor) -> torch.Tensor:
     """GPTQ's act-order: process columns by descending ``diag(H)`` (a processing order)."""
-    return torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    return _descending(torch.diagonal(H))
 
 
-def min_pivot_order(H: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def _descending(h: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(h, descending=True, stable=True)
+
+
+def min_pivot_order(
+    H: torch.Tensor, block: int = 64, diagonal: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-pivot (the paper's Algorithm 3, docs/theory.md §6) as a basis order: the smallest
     Schur-complement pivot first.
 
@@ -28,8 +35,11 @@ def min_pivot_order(H: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, tor
     diagonal, done as a left-looking pivoted Cholesky: only the diagonal is updated at every
     step, the trailing matrix once per panel of ``block`` pivots (``O(d^3)`` work, mostly in
     matrix products). Returns ``(Q, pivots)`` with ``pivots[k]`` the k-th LDL diagonal entry.
+    ``diagonal`` replaces H's own (see :func:`resolve_order`).
     """
-    A = H.to(torch.float64).clone()
+    A = H.to(torch.float64, copy=True)
+    if diagonal is not None:
+        torch.diagonal(A).copy_(diagonal)
     d = A.shape[0]
     diag = torch.diagonal(A).clone()
     taken = torch.zeros(d, dtype=torch.bool, device=A.device)
@@ -55,15 +65,17 @@ def min_pivot_order(H: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, tor
     return order, pivots
 
 
-def ldl_diagonal(H: torch.Tensor, basis_order: torch.Tensor) -> torch.Tensor | None:
+def ldl_diagonal(
+    H: torch.Tensor, basis_order: torch.Tensor, diagonal: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """``D`` for Babai's basis order, indexed by column (None if H is not positive definite).
 
     ``D_ii = R_ii^2`` for the upper Cholesky factor of ``H[Q][:, Q]``: the squared Gram-Schmidt
-    lengths of the basis in that order.
+    lengths of the basis in that order. ``diagonal`` replaces H's own (see
+    :func:`resolve_order`); the factor is made in one float64 buffer.
     """
-    Hq = H.to(torch.float64)[basis_order][:, basis_order]
-    L, info = torch.linalg.cholesky_ex(Hq)
-    if int(info) != 0:
+    L = permuted(H, basis_order, diagonal=diagonal, dtype=torch.float64)
+    if not cholesky_lower_(L):
         return None
     D = torch.empty(H.shape[0], dtype=torch.float64, device=H.device)
     D[basis_order] = torch.diagonal(L) ** 2
@@ -85,12 +97,15 @@ def check_permutation(order: torch.Tensor, d_in: int) -> torch.Tensor:
     return order
 
 
-def resolve_order(order: Order, H: torch.Tensor, convention: str) -> torch.Tensor:
+def resolve_order(
+    order: Order, H: torch.Tensor, convention: str, diagonal: torch.Tensor | None = None
+) -> torch.Tensor:
     """The permutation for ``order`` in the given convention ("gptq" or "babai").
 
     ``"natural"`` is ``0..d-1`` and ``"reverse"`` its flip, literally, in either convention.
     ``"act"`` and ``"min-pivot"`` name heuristics: each convention gets the permutation that makes
     it decode in the heuristic's sequence, so GPTQ and Babai agree for these names.
+    ``diagonal``: the diagonal the solve uses in place of H's own (dead columns, damping).
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -102,22 +117,24 @@ def resolve_order(order: Order, H: torch.Tensor, convention: str) -> torch.Tenso
     if order == "reverse":
         return torch.arange(d - 1, -1, -1, device=H.device)
     if order == "act":
-        P = act_order(H)
+        P = act_order(H) if diagonal is None else _descending(diagonal)
         return P if convention == "gptq" else P.flip(0)
     if order == "min-pivot":
-        Q, _ = min_pivot_order(H)
+        Q, _ = min_pivot_order(H, diagonal=diagonal)
         return Q.flip(0) if convention == "gptq" else Q
     raise ValueError(f"unknown order {order!r}")
 
 
-def resolve_order_or_none(order: Order, H: torch.Tensor, convention: str) -> torch.Tensor | None:
+def resolve_order_or_none(
+    order: Order, H: torch.Tensor, convention: str, diagonal: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """``resolve_order`` for a damped H inside ``with_damping``: None asks for more damping.
 
     Min-pivot meets a non-positive pivot when H is not positive definite; an explicit order that
     is not a permutation is the caller's error and still raises.
     """
     try:
-        return resolve_order(order, H, convention)
+        return resolve_order(order, H, convention, diagonal)
     except ValueError:
         if isinstance(order, torch.Tensor):
             raise

@@ -8,7 +8,12 @@ import torch
 
 from latticequant.core.config import QuantConfig
 from latticequant.core.grid import dequantize, group_index, round_to_grid, static_grid
-from latticequant.core.hessian import check_inputs, dead_columns, prepare, with_damping
+from latticequant.core.hessian import (
+    check_inputs,
+    dead_columns,
+    prepare_diagonal,
+    with_damped_diagonal,
+)
 from latticequant.core.order import ldl_diagonal, resolve_order_or_none
 from latticequant.core.result import LOSS_ROWS, QuantResult, assemble, row_losses
 
@@ -28,17 +33,16 @@ def rtn_quantize(
     """
     t0 = time.perf_counter()
     W0 = W
-    W, H64 = prepare(W, H)
+    W, h = prepare_diagonal(W, H)
 
-    def factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        P = resolve_order_or_none(cfg.order, Hd, "gptq")
+    def factor(hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        P = resolve_order_or_none(cfg.order, H, "gptq", hd)
         if P is None:
             return None
-        D = ldl_diagonal(Hd, P.flip(0))
+        D = ldl_diagonal(H, P.flip(0), hd)
         return None if D is None else (P, D)
 
-    (P, D), damp = with_damping(H64, cfg.damp, factor)
-    del H64
+    (P, D), damp = with_damped_diagonal(h, cfg.damp, factor)
     codes, S, Z, g_idx, clipped = _rounded(W, cfg, scales, zeros)
     return assemble(
         W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=P, D=D,
@@ -63,7 +67,7 @@ def rtn_loss(
     for a in range(0, W.shape[0], LOSS_ROWS):  # rows are independent: no W-sized temporaries
         b = min(a + LOSS_ROWS, W.shape[0])
         Wd = W[a:b].clone()
-        Wd[:, dead] = 0  # as prepare() does, so a fitted grid is the same
+        Wd[:, dead] = 0  # as prepare_diagonal() does, so a fitted grid is the same
         rows = (None, None) if scales is None else (scales[a:b], zeros[a:b])
         codes, S, Z, g_idx, _ = _rounded(Wd, cfg, *rows)
         Q = dequantize(codes, S, Z, g_idx).to(W.dtype)

@@ -33,12 +33,13 @@ class LayerQuant:
     """One quantized layer.
 
     Q: dequantized weight, W's shape and dtype; fed forward to later layers and evaluated.
+      None once the pipeline has written it into its layer (the layer's weight is Q then).
     tensors: what the layer stores on disk in its method's format, keys without module prefix.
     stats: per-layer numbers for the log (loss, rtn_loss, bound, clipped, damp, time_s,
       bits_per_weight, ...); plain floats so they serialise to JSON.
     """
 
-    Q: torch.Tensor
+    Q: torch.Tensor | None
     tensors: dict[str, torch.Tensor]
     stats: dict[str, float]
 

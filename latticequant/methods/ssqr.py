@@ -31,7 +31,7 @@ import torch
 from latticequant.core.config import ORDER_NAMES, SCALE_METHODS, Order, QuantConfig
 from latticequant.core.gptq import gptq_decode, gptq_factor
 from latticequant.core.grid import dequantize, fit_grid, group_index
-from latticequant.core.hessian import check_inputs, prepare
+from latticequant.core.hessian import check_inputs, prepare_diagonal
 from latticequant.core.lattice import error_bound
 from latticequant.core.order import check_permutation
 from latticequant.core.result import row_losses
@@ -176,8 +176,8 @@ def _problem(W: torch.Tensor, H: torch.Tensor, cfg: SSQRConfig) -> _Problem:
     grid_cfg = cfg.grid_config()
     if isinstance(cfg.order, torch.Tensor):
         check_permutation(cfg.order, W.shape[1] if W.dim() == 2 else -1)
-    Wp, H64 = prepare(W, H)
-    (P, U64), damp = gptq_factor(H64, grid_cfg)
+    Wp, h = prepare_diagonal(W, H)
+    (P, U64), damp = gptq_factor(H, grid_cfg, h)
     base, _ = fit_grid(Wp, grid_cfg)
     return _Problem(
         W=Wp,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -215,8 +216,7 @@ class BlockQuantizer:
                     name, block.get_submodule(name), _hessian(solve_on[name]), cross_on[name]
                 )
                 lq.stats.update(extra.get(name, {}))
-                set_linear_weight(block.get_submodule(name), lq.Q)
-                self.results[name] = lq
+                self._write(block, name, lq)
             return
         costs = {name: solve_cost(*linear_weight(block.get_submodule(name)).shape) for name in accs}
         owners = assign_owners(costs, world.size, world.loads)
@@ -234,8 +234,13 @@ class BlockQuantizer:
                 break
         for part in world.all_gather(mine, "results", error):
             for name, lq in part.items():
-                set_linear_weight(block.get_submodule(name), lq.Q)
-                self.results[name] = lq
+                self._write(block, name, lq)
+
+    def _write(self, block: nn.Module, name: str, lq: LayerQuant) -> None:
+        """Write Q into its layer and keep the rest: from here on the layer's own weight is
+        Q, in the model's dtype (a block of float32 copies beside it would be 0.9 GB at 8B)."""
+        set_linear_weight(block.get_submodule(name), lq.Q)
+        self.results[name] = replace(lq, Q=None)
 
     def _expert_fallbacks(self, block, accs, reduced, all_tokens):
         """The Hessian each layer is solved on, and the stats of expert layers: their routed

@@ -312,7 +312,7 @@ def _quantize_block(
         layers[name] = QuantizedLayer(
             name, FLOAT_FORMAT, {}, {**entry, **stats}, config_to_dict(configs[local])
         )
-        Qs[name] = W.detach().clone()
+        Qs[name] = W.detach().contiguous()
     for local, lq in bq.results.items():
         name = f"{prefix}.{local}"
         W = linear_weight(block.get_submodule(local))
@@ -324,7 +324,7 @@ def _quantize_block(
             {**entry, **lq.stats},
             config_to_dict(configs[local]),
         )
-        Qs[name] = lq.Q
+        Qs[name] = W.detach().contiguous()  # Q as written into the layer
     for b, h in zip(batches, outputs):
         b.hidden = h.to("cpu")
     return layers, Qs, bq.solve_s

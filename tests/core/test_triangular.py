@@ -99,3 +99,49 @@ def test_gptq_factor_holds_one_extra_matrix():
     )
     copies = float(out.stdout.strip().splitlines()[-1])
     assert copies < 2.0, f"the factor held {copies:.2f} copies of H"
+
+
+@pytest.mark.parametrize("n", [5, 255, 256, 257, 700])
+def test_permuted_with_dtype_and_diagonal(n):
+    """The blocked gather from a float32 H into float64, with a diagonal of its own, against
+    two-step indexing of the full float64 copy (row blocks of 256 cross at n = 257, 700)."""
+    H32 = spd(n).float()
+    p = torch.randperm(n, generator=torch.Generator().manual_seed(2))
+    h = torch.rand(n, dtype=torch.float64) + 1
+    ref = H32.double()
+    ref.diagonal().copy_(h)
+    out = permuted(H32, p, diagonal=h, dtype=torch.float64)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, ref[p][:, p])
+    assert torch.equal(H32.diagonal(), spd(n).float().diagonal())  # H itself untouched
+
+
+@pytest.mark.parametrize("order", ["act", "min-pivot", "natural"])
+@pytest.mark.parametrize("factor", ["gptq", "babai"])
+def test_factor_through_a_diagonal_equals_the_float64_copy(order, factor):
+    """A factor read from a float32 H with a float64 diagonal (dead column set to 1) is, bit for
+    bit, the factor of the float64 copy carrying that diagonal, the route that held both."""
+    from latticequant.core.babai import babai_factor
+    from latticequant.core.config import QuantConfig
+    from latticequant.core.gptq import gptq_factor
+    from latticequant.core.hessian import prepare_diagonal
+
+    n = 40
+    H = spd(n, seed=3).float()
+    H[7, :] = 0
+    H[:, 7] = 0  # a dead input
+    W = torch.randn(4, n, generator=torch.Generator().manual_seed(4))
+    Wd, h = prepare_diagonal(W, H)
+    assert h[7] == 1 and torch.equal(Wd[:, 7], torch.zeros(4)) and W[:, 7].abs().sum() > 0
+    H64 = H.double()
+    H64[7, 7] = 1.0
+    f = {"gptq": gptq_factor, "babai": babai_factor}[factor]
+    cfg = QuantConfig(bits=4, order=order)
+    (P, U), damp = f(H, cfg, h)
+    (P_ref, U_ref), damp_ref = f(H64, cfg)
+    assert torch.equal(P, P_ref) and damp == damp_ref
+    assert torch.equal(U, U_ref)
+    Hd = H64 + damp * H64.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    HP = Hd[P][:, P]
+    want = torch.linalg.inv(HP) if factor == "gptq" else HP  # U^T U, torch's dense route
+    torch.testing.assert_close(U.T @ U, want, rtol=1e-9, atol=1e-9)

@@ -9,9 +9,10 @@ import textwrap
 
 def test_gptq_layer_does_not_copy_the_hessian_again():
     """One GPTQ layer through the registered method (solve, RTN baseline, packing) on a
-    2600-wide float32 Hessian raises the peak RSS by under 3.5 float64 copies of it: the
-    solve's float64 copy and its factor, and the RTN baseline's product after them. A float64
-    copy held by the wrapper and a factorization for the baseline's bound made it 4.7."""
+    2600-wide float32 Hessian raises the peak RSS by under 2.5 float64 copies of it: the
+    factor, gathered from H, and what the libraries allocate around it (1.85 measured). A
+    float64 copy of H beside the factor made it 2.65, and before that a copy held by the
+    wrapper and a factorization for the RTN baseline's bound made it 4.7."""
     script = textwrap.dedent(
         """
         import resource, torch
@@ -36,4 +37,4 @@ def test_gptq_layer_does_not_copy_the_hessian_again():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
     )
     copies = float(out.stdout.strip().splitlines()[-1])
-    assert copies < 3.5, f"the layer held {copies:.2f} float64 copies of H"
+    assert copies < 2.5, f"the layer held {copies:.2f} float64 copies of H"
