@@ -5,7 +5,7 @@ A random positive definite ``n x n`` Hessian (float32, as the pipeline accumulat
 peak resident memory of the process above what it held before the solve is reported in GiB
 and in float64 copies of the Hessian. n = 14336 is Llama-3-8B's ``down_proj``.
 
-    python benchmarks/bench_solve_memory.py            # n = 14336: about 4 minutes, 4.5 GiB
+    python benchmarks/bench_solve_memory.py            # n = 14336: about 5 minutes, 3 GiB
     python benchmarks/bench_solve_memory.py --n 4096
 """
 

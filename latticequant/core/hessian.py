@@ -340,11 +340,3 @@ def with_damping(
             diag.copy_(saved)
 
     return with_damped_diagonal(saved, damp, on_matrix)
-
-
-def cholesky_lower(A: torch.Tensor) -> torch.Tensor | None:
-    """Lower Cholesky factor of A, or None when A is not (numerically) positive definite."""
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) != 0 or not torch.isfinite(L).all():
-        return None
-    return L

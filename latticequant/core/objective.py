@@ -21,9 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from latticequant.core.hessian import cholesky_lower, with_damping
+from latticequant.core.hessian import with_damped_diagonal
+from latticequant.core.triangular import all_finite, cholesky_lower_, permuted
 
 __all__ = ["output_target"]
+
+#: Columns of ``W (C - H~)`` per step: the difference of the two Gram matrices is never formed
+#: whole in float64 (1.6 GB each at 14336 inputs).
+DRIFT_COLUMNS = 1024
 
 
 def output_target(
@@ -33,22 +38,33 @@ def output_target(
     relative damping used (``lambda = damp * mean(diag H~)``, raised until H~ factors).
 
     W: ``(d_out, d_in)``; H_tilde: the Gram matrix of the quantized inputs; C: the cross Gram
-    ``X^T X~`` of the float inputs with them (same token normalisation).
+    ``X^T X~`` of the float inputs with them (same token normalisation). Neither is copied
+    whole: the drift is taken a block of columns at a time and the factor is the only float64
+    ``d_in x d_in`` matrix.
     """
     d_in = W.shape[1]
     for name, M in (("H_tilde", H_tilde), ("C", C)):
         if M.shape != (d_in, d_in):
             raise ValueError(f"{name} must be {d_in}x{d_in}, got {tuple(M.shape)}")
-        if not torch.isfinite(M).all():
+        if not all_finite(M):
             raise ValueError(f"{name} contains NaN or Inf")
-    W64, H64, C64 = (t.to(torch.float64) for t in (W, H_tilde, C))
-    dead = torch.diagonal(H64) == 0
-    if dead.any():  # inputs that never fire in the quantized model: nothing to correct there
-        H64 = H64.clone()
-        idx = dead.nonzero().flatten()
-        H64[idx, idx] = 1.0
-    L, used = with_damping(H64, damp, cholesky_lower)
-    drift = W64 @ (C64 - H64)  # (d_out, d_in): rows of W (C - H~)
+    W64 = W.to(torch.float64)
+    h = torch.diagonal(H_tilde).to(torch.float64, copy=True)
+    dead = h == 0  # inputs that never fire in the quantized model: nothing to correct there
+    h[dead] = 1.0
+    drift = torch.empty_like(W64)  # (d_out, d_in): rows of W (C - H~)
+    for a in range(0, d_in, DRIFT_COLUMNS):
+        b = min(a + DRIFT_COLUMNS, d_in)
+        drift[:, a:b] = W64 @ (C[:, a:b].to(torch.float64) - H_tilde[:, a:b].to(torch.float64))
     drift[:, dead] = 0
-    correction = torch.cholesky_solve(drift.mT, L).mT
+    natural = torch.arange(d_in, device=W.device)
+
+    def factor(hd: torch.Tensor) -> torch.Tensor | None:
+        L = permuted(H_tilde, natural, diagonal=hd, dtype=torch.float64)
+        return L if cholesky_lower_(L) else None
+
+    L, used = with_damped_diagonal(h, damp, factor)
+    # drift (L L^T)^-1 by two triangular solves from the right: cholesky_solve copies L
+    Y = torch.linalg.solve_triangular(L.mT, drift, upper=True, left=False)
+    correction = torch.linalg.solve_triangular(L, Y, upper=False, left=False)
     return W64 + correction, used

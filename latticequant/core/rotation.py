@@ -164,15 +164,55 @@ def hadamard_rotation(n: int, seed: int) -> Rotation:
     return Rotation(signs, _random_orthogonal(m, generator))
 
 
+#: Rows of H rotated per step, and the tile of the in-place transpose and symmetrisation: the
+#: rotated Hessian is built in one float64 buffer, whatever the width.
+ROTATE_ROWS = 256
+
+
 def rotate_problem(
     W: torch.Tensor, H: torch.Tensor, rotation: Rotation
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W R, R^T H R)``: the same layer and objective in the rotated input basis.
 
-    ``H R`` is ``apply`` on H's rows, and ``R^T (H R) = (apply((H R)^T))``'s transpose; the
-    result is symmetrised so that its factorisation sees an exactly symmetric matrix.
+    ``R^T H R`` is float64 and the only ``n x n`` matrix made: ``N = H R`` a block of rows at a
+    time, transposed in place (``N^T = R^T H``), rotated again by rows (``R^T H R``'s
+    transpose) and symmetrised in place, so that its factorisation sees an exactly symmetric
+    matrix. H itself (float32 as accumulated, or float64) is only read.
     """
     W_rot = rotation.apply(W)
-    HR = rotation.apply(H)
-    H_rot = rotation.apply(HR.mT.contiguous()).mT
-    return W_rot, (H_rot + H_rot.mT) * 0.5
+    n = H.shape[0]
+    M = torch.empty(n, n, dtype=torch.float64, device=H.device)
+    for a in range(0, n, ROTATE_ROWS):
+        M[a : a + ROTATE_ROWS] = rotation.apply(H[a : a + ROTATE_ROWS].to(torch.float64))
+    _transpose_(M)
+    for a in range(0, n, ROTATE_ROWS):
+        M[a : a + ROTATE_ROWS] = rotation.apply(M[a : a + ROTATE_ROWS])
+    return W_rot, _symmetrize_(M)
+
+
+def _tiles(n: int) -> list[slice]:
+    return [slice(a, min(a + ROTATE_ROWS, n)) for a in range(0, n, ROTATE_ROWS)]
+
+
+def _transpose_(M: torch.Tensor) -> torch.Tensor:
+    """``M <- M^T`` in place for a square M, one pair of tiles at a time."""
+    tiles = _tiles(M.shape[0])
+    for i, ti in enumerate(tiles):
+        M[ti, ti] = M[ti, ti].T.clone()
+        for tj in tiles[i + 1 :]:
+            upper = M[ti, tj].clone()
+            M[ti, tj] = M[tj, ti].T
+            M[tj, ti] = upper.T
+    return M
+
+
+def _symmetrize_(M: torch.Tensor) -> torch.Tensor:
+    """``M <- (M + M^T) / 2`` in place, one pair of tiles at a time."""
+    tiles = _tiles(M.shape[0])
+    for i, ti in enumerate(tiles):
+        M[ti, ti] = (M[ti, ti] + M[ti, ti].T) * 0.5
+        for tj in tiles[i + 1 :]:
+            mean = (M[ti, tj] + M[tj, ti].T) * 0.5
+            M[ti, tj] = mean
+            M[tj, ti] = mean.T
+    return M

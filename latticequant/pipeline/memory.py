@@ -32,9 +32,11 @@ __all__ = [
 ]
 
 GIB = 1 << 30
-#: Float64 matrices of the widest Hessian a solve holds at once: its float64 copy and the
-#: factor built in place beside it (``core/triangular.py``).
-SOLVE_COPIES = 2
+#: Float64 matrices of the widest Hessian a solve holds at once: the factor, gathered from H
+#: and built in place (``core/triangular.py``), and the rotated Hessian beside it with
+#: ``--rotate`` (``core/rotation.rotate_problem``).
+SOLVE_COPIES = 1
+ROTATED_SOLVE_COPIES = 2
 
 
 class InsufficientMemoryError(ValueError):
@@ -64,11 +66,13 @@ def estimate_block_memory(
     hessian_dtype: torch.dtype = torch.float32,
     config=None,
     float_copy: bool = False,
+    rotated: bool = False,
 ) -> BlockMemory:
     """The peak bytes of quantizing the largest block of ``layout`` on ``n_windows`` windows of
     ``seqlen`` tokens, run ``batch_size`` windows at a time in ``dtype``. ``float_copy``: the
     float-outputs objective's float block and float hidden states beside the quantized ones
-    (and a cross Gram matrix beside every Hessian)."""
+    (and a cross Gram matrix beside every Hessian). ``rotated``: the rotated Hessian beside
+    the factor."""
     act = torch.finfo(dtype).bits // 8
     index = max(
         range(len(layout.blocks)),
@@ -97,7 +101,8 @@ def estimate_block_memory(
     depth = int(math.log2(max(n_windows, 1))) + 1  # pending subtrees of the summation tree
     h_bytes = torch.finfo(hessian_dtype).bits // 8
     d_max = max(d_in for _, d_in in shapes)
-    hessians = d_max * d_max * (h_bytes * depth + 8 * SOLVE_COPIES)
+    copies = ROTATED_SOLVE_COPIES if rotated else SOLVE_COPIES
+    hessians = d_max * d_max * (h_bytes * depth + 8 * copies)
     if float_copy:
         hidden *= 2
         activations += batch_tokens * max(d_in for _, d_in in shapes) * act  # its layer input
@@ -150,6 +155,7 @@ def check_run_memory(
     hessian_dtype: torch.dtype = torch.float32,
     ranks: int = 1,
     float_copy: bool = False,
+    rotated: bool = False,
 ) -> BlockMemory:
     """Estimate one block's needs for this rank's share of the windows and refuse what cannot
     fit (:class:`InsufficientMemoryError`); returns the estimate."""
@@ -164,6 +170,7 @@ def check_run_memory(
         hessian_dtype,
         getattr(model, "config", None),
         float_copy,
+        rotated,
     )
     check_memory(need, torch.device(device))
     return need

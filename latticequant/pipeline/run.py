@@ -462,6 +462,7 @@ def _quantize_model(
         hessian_dtype,
         world.size,
         target.float_outputs,
+        target.rotated,
     )
 
     output = None

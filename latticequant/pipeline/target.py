@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from latticequant.core.objective import output_target
+from latticequant.core.result import row_losses
 from latticequant.core.rotation import hadamard_rotation, rotate_problem, split_size
 from latticequant.formats.bits import total_bits
 from latticequant.formats.rotation import pack_rotation
@@ -121,10 +122,9 @@ def solve_layer(
         if cross is None:
             raise RuntimeError(f"{name}: the float-outputs objective needs the cross Gram matrix")
         T64, used = output_target(W, H, cross, target.damp)
-        H64 = H.to(torch.float64)
-        shift = T64 - W.to(torch.float64)
         stats["objective"] = target.objective
-        stats["target_shift"] = float(((shift @ H64) * shift).sum())
+        # (T - W) H (T - W)^T summed, a block of H's columns at a time: no float64 copy of H
+        stats["target_shift"] = float(row_losses(T64, H, W.to(torch.float64)).sum())
         stats["target_damp"] = used
         T = T64.to(W.dtype)
     rotation = None
@@ -133,7 +133,7 @@ def solve_layer(
         rotation = hadamard_rotation(W.shape[1], seed)
         stored = pack_rotation(rotation, seed)
         reserved = total_bits(stored) / W.numel()
-        T64, H_rot = rotate_problem(T.to(torch.float64), H.to(torch.float64), rotation)
+        T64, H_rot = rotate_problem(T.to(torch.float64), H, rotation)  # H read by rows
         T, H = T64.to(W.dtype), H_rot
         config = _with_extra(config, reserved_bits=reserved)
     lq = method.quantize(T, H, config)

@@ -59,6 +59,29 @@ def test_dead_inputs_keep_their_weight_and_the_rest_is_least_squares():
     assert torch.allclose(T[:, keep], ref, atol=1e-10, rtol=0)
 
 
+def test_float32_grams_in_column_blocks_match_the_float64_formula(monkeypatch):
+    """Float32 Gram matrices (as the pipeline accumulates them), a dead input and drift blocks
+    of 3 columns that do not divide d: the target equals the float64 formula on their exact
+    float64 values."""
+    import latticequant.core.objective as objective
+
+    monkeypatch.setattr(objective, "DRIFT_COLUMNS", 3)
+    X, Xq, W = _drifted(n=60, d=10)
+    Xq[:, 6] = 0
+    n = X.shape[0]
+    H32, C32 = (Xq.T @ Xq / n).float(), (X.T @ Xq / n).float()
+    T, used = output_target(W, H32, C32, damp=0.02)
+    H, C = H32.double(), C32.double()
+    H[6, 6] = 1.0
+    lam = 0.02 * torch.diagonal(H).mean()
+    drift = W @ (C - H)
+    drift[:, 6] = 0
+    ref = W + drift @ torch.linalg.inv(H + lam * torch.eye(10, dtype=torch.float64))
+    assert used == 0.02 and T.dtype == torch.float64
+    assert torch.allclose(T, ref, atol=1e-10, rtol=0)
+    assert torch.equal(T[:, 6], W[:, 6])
+
+
 def test_bad_shapes_and_values_are_refused():
     W = torch.randn(3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="4x4"):

@@ -99,6 +99,26 @@ def test_rotate_problem_is_the_same_problem_in_the_rotated_basis():
     assert torch.allclose(((E @ H) * E).sum(), ((E_rot @ H_rot) * E_rot).sum(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("rows", (3, 7, 256))
+def test_rotate_problem_in_tiles_from_a_float32_hessian(monkeypatch, rows):
+    """Tiles of 3 or 7 rows that do not divide n = 80 (or one tile): the rotated Hessian of a
+    float32 H is float64, exactly symmetric, and R^T H R of H's float64 values; H is untouched."""
+    import latticequant.core.rotation as rotation
+
+    monkeypatch.setattr(rotation, "ROTATE_ROWS", rows)
+    torch.manual_seed(1)
+    n = 80  # 16 x 5: a stored odd factor too
+    X = torch.randn(200, n)
+    H = X.T @ X / 200
+    before = H.clone()
+    rot = hadamard_rotation(n, 3)
+    R = dense_rotation(rot)
+    _, H_rot = rotate_problem(torch.randn(2, n, dtype=torch.float64), H, rot)
+    assert H_rot.dtype == torch.float64 and torch.equal(H_rot, H_rot.T)
+    assert torch.allclose(H_rot, R.T @ H.double() @ R, atol=1e-12)
+    assert torch.equal(H, before)
+
+
 @pytest.mark.parametrize("bad", (0, -8, 577, 2 * 65, True, 1.5))
 def test_sizes_without_a_small_factorisation_are_refused(bad):
     with pytest.raises(ValueError) as exc:

@@ -28,6 +28,9 @@ def test_the_estimate_follows_windows_batches_and_dtype():
     assert d.hidden * 2 == a.hidden
     # hidden states of the block's inputs and outputs: 2 x tokens x hidden size x 4 bytes
     assert a.hidden == 2 * 64 * 128 * model.config.hidden_size * 4
+    # the rotated Hessian: one more float64 matrix of the widest input (down_proj's)
+    e = estimate_block_memory(layout, 64, 128, 64, torch.float32, config=model.config, rotated=True)
+    assert e.hessians - a.hessians == model.config.intermediate_size**2 * 8
 
 
 def test_a_run_that_cannot_fit_is_refused_naming_the_flags():
