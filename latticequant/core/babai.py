@@ -86,9 +86,11 @@ def babai_quantize(
 
     # basis vectors become rows: every per-vector read and write below is contiguous
     U = U64.to(W.dtype)
-    Un = U / torch.diagonal(U)[:, None]  # Un[k, j] = U_kj / U_kk
-    if not refit:
-        S_t, Z_t = S[:, g_idx[Q]].T.contiguous(), Z[:, g_idx[Q]].T.contiguous()
+    u = torch.diagonal(U64).clone()  # R's diagonal, for D
+    Un = U.div_(torch.diagonal(U).clone()[:, None])  # Un[k, j] = U_kj / U_kk, in U's memory
+    del U, U64
+    if not refit:  # one grid row per group, looked up per basis vector (no W-sized expansion)
+        S_g, Z_g, g_of = S.T.contiguous(), Z.T.contiguous(), g_idx[Q].tolist()
     x = W[:, Q].T.contiguous()
     E = torch.zeros_like(x)  # residuals w_j - q_j of decoded vectors
     codes_t = torch.empty_like(x)
@@ -105,7 +107,7 @@ def babai_quantize(
                     s, z = _refit(x, E, Un, T, a, b, i, max(0, i - g + 1), cfg)
                     S[:, (d - 1 - i) // g], Z[:, (d - 1 - i) // g] = s, z
             else:
-                s, z = S_t[i], Z_t[i]
+                s, z = S_g[g_of[i]], Z_g[g_of[i]]
             t = T[i - a] + Un[i, i + 1 : b] @ E[i + 1 : b] if i + 1 < b else T[i - a]
             targets_t[i] = t
             code = torch.round(t / s + z)
@@ -121,7 +123,7 @@ def babai_quantize(
     targets = torch.empty_like(targets_q)
     targets[:, Q] = targets_q
     D = torch.empty(d, dtype=torch.float64, device=W.device)
-    D[Q] = torch.diagonal(U64) ** 2
+    D[Q] = u**2
     return assemble(
         W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=Q, D=D,
         clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=targets, t0=t0,

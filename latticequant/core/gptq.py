@@ -98,7 +98,9 @@ def gptq_decode(
     else:
         g_idx = group_index(d_in, g).to(W.device)
         S, Z = scales, zeros
-        S_t, Z_t = S[:, g_idx[P]].T.contiguous(), Z[:, g_idx[P]].T.contiguous()
+        # one grid row per group, looked up per column: a (d_in, d_out) expansion of the
+        # scales and zeros would be two more W-sized float64 matrices
+        S_g, Z_g, g_of = S.T.contiguous(), Z.T.contiguous(), g_idx[P].tolist()
 
     # columns become rows: every per-column read and write below is contiguous
     U = U.to(W.dtype)
@@ -119,7 +121,7 @@ def gptq_decode(
                     s, z = _refit(Wt, ErrT, U, i1, i, min(p + g, d_in), cfg)
                     S[:, p // g], Z[:, p // g] = s, z
             else:
-                s, z = S_t[p], Z_t[p]
+                s, z = S_g[g_of[p]], Z_g[g_of[p]]
             # the lazy batch: this column receives the updates of the block's earlier columns
             w = Wt[p] - U1t[i, :i] @ ErrT[:i] if i else Wt[p]
             targets_t[p] = w

@@ -61,17 +61,19 @@ def _beam_decode(
     x: torch.Tensor,
     Un: torch.Tensor,
     Dq: torch.Tensor,
-    S_t: torch.Tensor,
-    Z_t: torch.Tensor,
+    S_g: torch.Tensor,
+    Z_g: torch.Tensor,
+    g_of: list[int],
     cfg: QuantConfig,
     K: int,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode ``K`` candidates per row from basis index ``d-1`` down to ``0``.
 
-    x, S_t, Z_t: ``(d, rows)`` in basis order. Without a generator the ``K`` best children
-    survive at each step (a stable sort prefers nearest children on ties, so ``K = 1`` is
-    Babai); with one, each of the ``K`` paths picks one child by Klein's rule.
+    x: ``(d, rows)`` in basis order; S_g, Z_g: ``(groups, rows)``, basis index i on group
+    ``g_of[i]``. Without a generator the ``K`` best children survive at each step (a stable
+    sort prefers nearest children on ties, so ``K = 1`` is Babai); with one, each of the ``K``
+    paths picks one child by Klein's rule.
     Returns codes ``(d, rows, K)``, the damped objective ``(rows, K)`` and the count of clamped
     codes per candidate ``(rows, K)``.
     """
@@ -96,7 +98,7 @@ def _beam_decode(
             if i + 1 < b:
                 inner = Un[i, i + 1 : b] @ E[i + 1 : b].reshape(b - i - 1, rows * K)
                 t = t + inner.reshape(rows, K)
-            s, z = S_t[i][:, None], Z_t[i][:, None]
+            s, z = S_g[g_of[i]][:, None], Z_g[g_of[i]][:, None]
             u = t / s + z
             first, second = _children(u, maxq, cfg.clip)
             was_clipped = (torch.round(u) != first).long() if cfg.clip else 0
@@ -177,20 +179,21 @@ def kbest_quantize(
     g_idx = group_index(d, cfg.group_size).to(W.device)
     S, Z = static_grid(W, cfg, scales, zeros)
     U = U64.to(W.dtype)
-    Un = U / torch.diagonal(U)[:, None]
     Dq = torch.diagonal(U64) ** 2
-    S_t, Z_t = S[:, g_idx[Q]].T.contiguous(), Z[:, g_idx[Q]].T.contiguous()
+    Un = U.div_(torch.diagonal(U).clone()[:, None])  # in U's memory
+    del U, U64
+    S_g, Z_g, g_of = S.T.contiguous(), Z.T.contiguous(), g_idx[Q].tolist()
     x = W[:, Q].T.contiguous()
 
-    runs = [_beam_decode(x, Un, Dq, S_t, Z_t, cfg, 1)]  # Babai's point
+    runs = [_beam_decode(x, Un, Dq, S_g, Z_g, g_of, cfg, 1)]  # Babai's point
     # Several candidates: short blocks keep the per-step reordering of the block cheap.
     narrow = cfg.replace(block_size=min(cfg.block_size, LIST_BLOCK))
     if beam > 1:
-        codes, _, clipped = _beam_decode(x, Un, Dq, S_t, Z_t, narrow, beam)
+        codes, _, clipped = _beam_decode(x, Un, Dq, S_g, Z_g, g_of, narrow, beam)
         runs.append((codes[..., :1], None, clipped[:, :1]))  # the best survivor
     if klein_paths:
         generator = torch.Generator().manual_seed(int(seed))
-        runs.append(_beam_decode(x, Un, Dq, S_t, Z_t, narrow, klein_paths, generator))
+        runs.append(_beam_decode(x, Un, Dq, S_g, Z_g, g_of, narrow, klein_paths, generator))
     codes_q = torch.cat([r[0] for r in runs], dim=2)  # (d, rows, candidates)
     clipped_c = torch.cat([r[2] for r in runs], dim=1)
     codes_all = torch.empty_like(codes_q)
