@@ -105,7 +105,10 @@ def gptq_decode(
     # columns become rows: every per-column read and write below is contiguous
     U = U.to(W.dtype)
     Wt = W[:, P].T.contiguous()
-    codes_t = torch.empty_like(Wt)
+    # clipped codes (and SSQR's, whose outliers take the zero point) lie in [0, maxq]: int16
+    # holds them in a quarter of a float64 matrix; unclipped codes keep W's dtype
+    bounded = cfg.clip or outlier_dtype is not None
+    codes_t = torch.empty_like(Wt, dtype=torch.int16 if bounded else Wt.dtype)
     targets_t = torch.empty_like(Wt)
     out_t = torch.zeros_like(Wt, dtype=torch.bool) if outlier_dtype is not None else None
     clipped = 0
