@@ -163,6 +163,7 @@ class BlockQuantizer:
         W = linear_weight(module).detach()
         if W.dtype not in (torch.float32, torch.float64):
             W = W.float()
+        release_freed_memory()  # the paused forward's freed temporaries, before the solve's
         t0 = time.perf_counter()
         try:
             C = None if cross is None else cross.H

@@ -191,10 +191,7 @@ class BlockStore:
         """Send block ``index``'s parameters back to ``meta`` (its memory is freed)."""
         for name in self.param_names(index):
             module, leaf = self._slot(name)
-            old = module._parameters[leaf]
-            module._parameters[leaf] = nn.Parameter(
-                torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False
-            )
+            module._parameters[leaf] = _on_meta(module._parameters[leaf])
         self.loaded.discard(index)
 
     @contextlib.contextmanager
@@ -227,10 +224,9 @@ class BlockStore:
         names = self.outside_names()
         for name in names:
             module, leaf = self._slot(name)
-            old = module._parameters[leaf]
-            module._parameters[leaf] = nn.Parameter(
-                torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False
-            )
+            module._parameters[leaf] = _on_meta(module._parameters[leaf])
+        # no local may keep a parameter here: this frame stays alive across the yield, and a
+        # reference to the last one (the head, 1 GB at Llama-3-8B) kept it in memory
         try:
             yield
         finally:
@@ -282,6 +278,11 @@ class BlockStore:
 def store_of(model: nn.Module) -> BlockStore | None:
     """The block store of a model loaded with offloading, else None."""
     return getattr(model, STORE_ATTRIBUTE, None)
+
+
+def _on_meta(p: torch.Tensor) -> nn.Parameter:
+    """A parameter of ``p``'s shape and dtype on ``meta``: no memory behind it."""
+    return nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
 
 
 def load_offloaded(

@@ -76,3 +76,34 @@ def test_float64_hessians(folders):
         stats = quantize_model(model, tok, calib, "gptq", cfg, hessian_dtype=hd, progress=False)
         out.append(sum(s["loss"] for s in stats))
     assert out[1] == pytest.approx(out[0], rel=1e-3)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_bfloat16_run_resumes_to_the_same_checkpoint(folders, tmp_path):
+    """The resume state keeps each finished layer's weight as written into the bfloat16 model
+    (not a float32 Q beside it); a run stopped after its first block and resumed ends with the
+    checkpoint and the logits of an uninterrupted run."""
+    tok = make_char_tokenizer()
+    calib = tokenize(tok, protocol_text()[:6000])[: 8 * 64].view(8, 64)
+    cfg = lq.QuantConfig(bits=4, group_size=32, order="act")
+    full, _ = load_model(str(folders["bfloat16"]), dtype="bfloat16")
+    quantize_model(full, tok, calib, "gptq", cfg, tmp_path / "full", progress=False)
+
+    def stop(index):
+        raise _Stop
+
+    out = tmp_path / "run"
+    with pytest.raises(_Stop):
+        model, _ = load_model(str(folders["bfloat16"]), dtype="bfloat16")
+        quantize_model(model, tok, calib, "gptq", cfg, out, progress=False, on_block_done=stop)
+    state = load_file(tmp_path / "run.partial" / "state" / "block_0000.safetensors")
+    kept = [t for k, t in state.items() if k.endswith(".__Q__")]
+    assert len(kept) == 7 and all(t.dtype == torch.bfloat16 for t in kept)
+    resumed, _ = load_model(str(folders["bfloat16"]), dtype="bfloat16")
+    quantize_model(resumed, tok, calib, "gptq", cfg, out, progress=False)
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(resumed(calib[:2]).logits, full(calib[:2]).logits)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -90,7 +92,13 @@ def test_quantize_offloaded_equals_in_memory(tmp_path, calib_ids, tie):
 
     model, tokenizer = load_offloaded(tmp_path / "m"), load_tokenizer(tmp_path / "m")
     store = store_of(model)
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple] = []
+    # the tensors read at load time: parked, nothing may keep them alive
+    first = [
+        weakref.ref(p)
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if not n.startswith("model.layers.")
+    ]
 
     def watch(block, args, kwargs):  # how many blocks hold real weights while one runs
         real = sum(
@@ -101,7 +109,9 @@ def test_quantize_offloaded_equals_in_memory(tmp_path, calib_ids, tie):
             for n, p in model.named_parameters(remove_duplicate=False)
             if not n.startswith("model.layers.")
         }
-        seen.append((len(store.loaded), real, outside))
+        gc.collect()
+        freed = all(r() is None for r in first)
+        seen.append((len(store.loaded), real, outside, freed))
 
     handles = [b.register_forward_pre_hook(watch, with_kwargs=True) for b in store.layout.blocks]
     quantize_model(model, tokenizer, calib_ids, "gptq", _cfg(), tmp_path / "off", progress=False)
@@ -109,7 +119,7 @@ def test_quantize_offloaded_equals_in_memory(tmp_path, calib_ids, tie):
         h.remove()
     # First the capture of block 0's inputs (nothing read), then each block alone in memory
     # while the embeddings, final norm and head wait on disk; they are back for the save.
-    assert seen == [(0, 0, {"cpu"})] + [(1, 1, {"meta"})] * N_BLOCKS
+    assert seen == [(0, 0, {"cpu"}, False)] + [(1, 1, {"meta"}, True)] * N_BLOCKS
     assert not store.loaded
     assert {
         p.device.type
