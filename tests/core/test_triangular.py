@@ -3,12 +3,9 @@ they save measured in a fresh process."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from peak_memory import peak_copies
 
 from latticequant.core.triangular import (
     all_finite,
@@ -75,29 +72,16 @@ def test_permuted_and_all_finite():
 def test_gptq_factor_holds_one_extra_matrix():
     """GPTQ's factor on a 4096-wide Hessian (134 MB per float64 copy) raises the peak RSS of a
     fresh process by less than two copies (1.7 measured); the out-of-place route needed five."""
-    script = textwrap.dedent(
+    copies = peak_copies(
+        4096,
         """
-        import resource, torch
         from latticequant.core.config import QuantConfig
         from latticequant.core.gptq import gptq_factor
-        n = 4096
-        g = torch.Generator().manual_seed(0)
-        X = torch.randn(n, 64, generator=g, dtype=torch.float64)
-        H = X @ X.T
-        H.diagonal().add_(1.0)
-        del X
-        copy = n * n * 8
         torch.linalg.cholesky(torch.eye(8, dtype=torch.float64))  # load LAPACK first
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        (P, U), _ = gptq_factor(H, QuantConfig(bits=4, order="act"))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print((peak - base) / copy)
-        """
+        """,
+        'gptq_factor(H, QuantConfig(bits=4, order="act"))',
+        dtype="float64",
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
-    )
-    copies = float(out.stdout.strip().splitlines()[-1])
     assert copies < 2.0, f"the factor held {copies:.2f} copies of H"
 
 

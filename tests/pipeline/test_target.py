@@ -335,35 +335,20 @@ def test_a_rotated_float_outputs_solve_holds_few_copies_of_the_hessian():
     a fresh process: the peak RSS rises by under 3.5 float64 copies of H (2.6 to 3.1 measured;
     the target's solve, the rotated Hessian and the factor each built in one buffer).
     Whole-matrix rotation passes and float64 copies of H at each step made it 8.0."""
-    import subprocess
-    import sys
-    import textwrap
+    from peak_memory import peak_copies
 
-    script = textwrap.dedent(
+    copies = peak_copies(
+        4096,
         """
-        import resource, torch
         from latticequant.core.config import QuantConfig
         from latticequant.methods import get_method
         from latticequant.pipeline.target import TargetConfig, solve_layer
-        n = 4096
-        g = torch.Generator().manual_seed(0)
-        X = torch.randn(n, 64, generator=g)
-        H = X @ X.T
-        H.diagonal().add_(1.0)
-        del X
         C = H * 0.98
         W = torch.randn(16, n, generator=g)
         method, cfg = get_method("gptq"), QuantConfig(bits=4, group_size=128, order="act")
         t = TargetConfig(rotate="hadamard", seed=0, objective="float-outputs")
         solve_layer(method, W[:, :256], H[:256, :256], cfg, t, "x", C[:256, :256])
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        solve_layer(method, W, H, cfg, t, "layer", C)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print((peak - base) / (n * n * 8))
-        """
+        """,
+        'solve_layer(method, W, H, cfg, t, "layer", C)',
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
-    )
-    copies = float(out.stdout.strip().splitlines()[-1])
     assert copies < 3.5, f"the layer held {copies:.2f} float64 copies of H"
