@@ -56,6 +56,10 @@ def gptq_factor(
     return with_damped_diagonal(h, cfg.damp, factor)
 
 
+#: Columns of W per step of the gather into processing order.
+GATHER_COLUMNS = 1024
+
+
 @dataclass
 class Decoded:
     """Codes of a GPTQ decode in the original column order, and the grid it used."""
@@ -102,9 +106,14 @@ def gptq_decode(
         # scales and zeros would be two more W-sized float64 matrices
         S_g, Z_g, g_of = S.T.contiguous(), Z.T.contiguous(), g_idx[P].tolist()
 
-    # columns become rows: every per-column read and write below is contiguous
+    # columns become rows: every per-column read and write below is contiguous. Wt holds the
+    # columns in processing order (gathered by blocks: no W-sized temporary beside it); the
+    # outputs are written to row P[p], their column's own, so none needs reordering after.
     U = U.to(W.dtype)
-    Wt = W[:, P].T.contiguous()
+    Wt = torch.empty(d_in, d_out, dtype=W.dtype, device=W.device)
+    for a in range(0, d_in, GATHER_COLUMNS):
+        Wt[a : a + GATHER_COLUMNS] = W[:, P[a : a + GATHER_COLUMNS]].T
+    col = P.tolist()
     # clipped codes (and SSQR's, whose outliers take the zero point) lie in [0, maxq]: int16
     # holds them in a quarter of a float64 matrix; unclipped codes keep W's dtype
     bounded = cfg.clip or outlier_dtype is not None
@@ -127,11 +136,11 @@ def gptq_decode(
                 s, z = S_g[g_of[p]], Z_g[g_of[p]]
             # the lazy batch: this column receives the updates of the block's earlier columns
             w = Wt[p] - U1t[i, :i] @ ErrT[:i] if i else Wt[p]
-            targets_t[p] = w
+            targets_t[col[p]] = w
             code = torch.round(w / s + z)
             if out_t is not None:
                 out = (code < 0) | (code > maxq)
-                out_t[p] = out
+                out_t[col[p]] = out
                 code = torch.where(out, z, code)
                 q = torch.where(out, w.to(outlier_dtype).to(w.dtype), s * (code - z))
             else:
@@ -139,20 +148,14 @@ def gptq_decode(
                     clipped += int(((code < 0) | (code > maxq)).sum())
                     code.clamp_(0, maxq)
                 q = s * (code - z)
-            codes_t[p] = code
+            codes_t[col[p]] = code
             ErrT[i] = (w - q) / U1t[i, i]
         if i2 < d_in:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, ErrT, alpha=-1)  # in place: no W-sized product
 
     del Wt
-    inv = torch.argsort(P)
-    # back to column order one matrix at a time, each freed as soon as it is copied
-    codes = codes_t[inv].T
-    del codes_t
-    targets = targets_t[inv].T
-    del targets_t
-    outliers = None if out_t is None else out_t[inv].T
-    return Decoded(codes, targets, S, Z, g_idx, clipped, outliers)
+    outliers = None if out_t is None else out_t.T
+    return Decoded(codes_t.T, targets_t.T, S, Z, g_idx, clipped, outliers)
 
 
 def gptq_quantize(
