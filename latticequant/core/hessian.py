@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import torch
 
+from latticequant.core.triangular import all_finite
+
 T = TypeVar("T")
 
 MAX_DAMP = 10.0
@@ -271,7 +273,7 @@ def check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
     for name, t in (("W", W), ("H", H)):
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if not torch.isfinite(t).all():
+        if not all_finite(t):  # a block of rows at a time: no mask of H's size
             raise ValueError(f"{name} contains NaN or Inf")
 
 
