@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     p.add_argument("--layer", action="store_true", help="through the registered gptq method")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.n < 256 or args.rows < 1 or args.threads < 1:
+        p.error(
+            "--n must be at least 256 (the warm-up solve's width), --rows and --threads at least 1"
+        )
     torch.set_num_threads(args.threads)
     n = args.n
     g = torch.Generator().manual_seed(0)
