@@ -293,13 +293,19 @@ def prepare_diagonal(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, to
     quantizer writes into it, and at 4096 x 14336 a float64 copy is 470 MB.
     """
     check_inputs(W, H)
-    h = torch.diagonal(H).to(torch.float64, copy=True)
-    dead = h == 0
+    h, dead = solve_diagonal(H)
     if dead.any():
-        h[dead] = 1.0
         W = W.clone()
         W[:, dead] = 0
     return W, h
+
+
+def solve_diagonal(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diagonal a solve uses, float64 with dead columns set to 1, and those columns."""
+    dead = dead_columns(H)
+    h = torch.diagonal(H).to(torch.float64, copy=True)
+    h[dead] = 1.0
+    return h, dead
 
 
 def with_damped_diagonal(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from latticequant.core.hessian import with_damped_diagonal
+from latticequant.core.hessian import solve_diagonal, with_damped_diagonal
 from latticequant.core.triangular import all_finite, cholesky_lower_, permuted
 
 __all__ = ["output_target"]
@@ -49,9 +49,7 @@ def output_target(
         if not all_finite(M):
             raise ValueError(f"{name} contains NaN or Inf")
     W64 = W.to(torch.float64)
-    h = torch.diagonal(H_tilde).to(torch.float64, copy=True)
-    dead = h == 0  # inputs that never fire in the quantized model: nothing to correct there
-    h[dead] = 1.0
+    h, dead = solve_diagonal(H_tilde)  # dead: inputs that never fire, nothing to correct there
     drift = torch.empty_like(W64)  # (d_out, d_in): rows of W (C - H~)
     for a in range(0, d_in, DRIFT_COLUMNS):
         b = min(a + DRIFT_COLUMNS, d_in)
