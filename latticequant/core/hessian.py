@@ -326,25 +326,3 @@ def with_damped_diagonal(
         if d >= MAX_DAMP:
             raise ValueError(f"H is not positive definite even with damping {d:g} * mean(diag H)")
         d = max(2 * d, 1e-3)
-
-
-def with_damping(
-    H: torch.Tensor, damp: float, factor: Callable[[torch.Tensor], T | None]
-) -> tuple[T, float]:
-    """Apply ``factor`` to the damped H, the schedule of :func:`with_damped_diagonal`.
-
-    The damping is added to H's own diagonal and the diagonal is put back bit for bit
-    afterwards, so a wide H is not copied; ``factor`` must not keep a view of the matrix it is
-    given.
-    """
-    diag = torch.diagonal(H)
-    saved = diag.clone()
-
-    def on_matrix(damped: torch.Tensor) -> T | None:
-        diag.copy_(damped)
-        try:
-            return factor(H)
-        finally:
-            diag.copy_(saved)
-
-    return with_damped_diagonal(saved, damp, on_matrix)

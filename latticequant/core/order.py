@@ -128,7 +128,7 @@ def resolve_order(
 def resolve_order_or_none(
     order: Order, H: torch.Tensor, convention: str, diagonal: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """``resolve_order`` for a damped H inside ``with_damping``: None asks for more damping.
+    """``resolve_order`` inside ``with_damped_diagonal``: None asks for more damping.
 
     Min-pivot meets a non-positive pivot when H is not positive definite; an explicit order that
     is not a permutation is the caller's error and still raises.
