@@ -163,7 +163,9 @@ class BlockQuantizer:
         W = linear_weight(module).detach()
         if W.dtype not in (torch.float32, torch.float64):
             W = W.float()
-        release_freed_memory()  # the paused forward's freed temporaries, before the solve's
+        # freed heap pages back to the system before the solve: the paused forward's and the
+        # previous solve's temporaries (the block loop trims after the block's last one)
+        release_freed_memory()
         t0 = time.perf_counter()
         try:
             C = None if cross is None else cross.H
@@ -173,7 +175,6 @@ class BlockQuantizer:
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
         elapsed = time.perf_counter() - t0
-        release_freed_memory()  # the solve's float64 temporaries, before the next layer's
         self.solve_s += elapsed
         lq.stats.setdefault("time_s", elapsed)
         lq.stats["layer_time_s"] = elapsed
