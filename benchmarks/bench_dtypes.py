@@ -39,6 +39,35 @@ def save_bf16_folder(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+#: Run in a fresh process: the resident memory after the imports, then with the model loaded in
+#: the given dtype and every weight read once (a bfloat16 folder's weights are mapped from the
+#: file and count only once read), in bytes.
+AT_REST = """
+import sys, torch
+from latticequant.pipeline.models import load_model
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS"))
+
+start = rss()
+model, tokenizer = load_model(sys.argv[1], dtype=sys.argv[2])
+for p in model.parameters():
+    float(p.detach().float().sum())
+print(start, rss())
+"""
+
+
+def at_rest(folder: Path, dtype: str) -> dict:
+    """What the process holds before any calibration: start-up and the loaded model."""
+    cmd = [sys.executable, "-c", AT_REST, str(folder), dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{dtype} at rest failed: {proc.stderr.strip().splitlines()[-1:]}")
+    start, loaded = (int(v) for v in proc.stdout.split()[-2:])
+    return {"startup_rss_bytes": start, "at_rest_rss_bytes": loaded}
+
+
 def run(folder: Path, dtype: str, out: Path, nsamples: int) -> dict:
     cmd = ["/usr/bin/time", "-f", "peak_rss_kb=%M", sys.executable, "-m", "latticequant"]
     cmd += ["quantize", str(folder), "--dtype", dtype, *ARGS, "--nsamples", str(nsamples)]
@@ -71,7 +100,10 @@ def main(argv=None) -> int:
         save_bf16_folder(tmp / "bf16")
         for dtype in ("bfloat16", "float32"):
             print(f"{dtype} ...", flush=True)
-            results["runs"][dtype] = run(tmp / "bf16", dtype, tmp / f"q-{dtype}", args.nsamples)
+            results["runs"][dtype] = {
+                **run(tmp / "bf16", dtype, tmp / f"q-{dtype}", args.nsamples),
+                **at_rest(tmp / "bf16", dtype),
+            }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     b, f = results["runs"]["bfloat16"], results["runs"]["float32"]
@@ -92,6 +124,27 @@ def main(argv=None) -> int:
             f"| {r['dtype']} | {r['ppl_before']:.4f} | {r['ppl_after']:.4f} | "
             f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['quantize_s']:.1f} | {r['total_s']:.1f} |"
         )
+    mib = {
+        k: {n: r[f"{n}_rss_bytes"] / 2**20 for n in ("startup", "at_rest", "peak")}
+        for k, r in (("b", b), ("f", f))
+    }
+    parts = [
+        ("start-up: interpreter, torch, transformers", lambda m: m["startup"]),
+        ("the model at rest (weights, tokenizer, loader)", lambda m: m["at_rest"] - m["startup"]),
+        ("the run above the model at rest", lambda m: m["peak"] - m["at_rest"]),
+        ("whole process at its peak", lambda m: m["peak"]),
+    ]
+    lines += [
+        "",
+        "Where the peak goes. Start-up and the model at rest are measured in a process of their "
+        "own that loads the folder in the dtype and reads every weight once.",
+        "",
+        "| part | bfloat16 MiB | float32 MiB | ratio |",
+        "|---|---|---|---|",
+    ]
+    for label, part in parts:
+        pb, pf = part(mib["b"]), part(mib["f"])
+        lines.append(f"| {label} | {pb:.0f} | {pf:.0f} | {pb / pf:.2f} |")
     lines += [
         "",
         f"bfloat16 against float32: perplexity after {b['ppl_after'] / f['ppl_after']:.4f}x, "
