@@ -18,6 +18,7 @@ run's :class:`~latticequant.pipeline.experts.ExpertPolicy`, decided on the count
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -45,8 +46,11 @@ __all__ = ["HessianBank", "BlockQuantizer", "quantize_block_lazy", "quantize_blo
 class HessianBank:
     """Hessians of a block's layers; layers fed the very same tensor share one accumulator.
 
-    The inputs seen in the current batch are kept alive, so that an equal address really is
-    the same tensor and not a freed one whose memory was reused.
+    The latest input seen in the current batch is kept alive (the later layers of its group
+    are checked against it), the earlier ones are followed by weak references: an equal
+    address is the same tensor only while that tensor lives, and one freed since, whose memory
+    may have been reused, is passed over. Holding them all kept every group's input alive to
+    the block's end, on top of the MLP's activations at their peak.
     """
 
     def __init__(self, dtype: torch.dtype, device) -> None:
@@ -54,10 +58,19 @@ class HessianBank:
         self.acc: dict[str, HessianAccumulator] = {}
         self.cross: dict[str, CrossGramAccumulator] = {}  # float-outputs: X^T X~ per input
         self.alias: dict[str, str] = {}
-        self._batch_inputs: list[tuple[torch.Tensor, str]] = []
+        self._batch_inputs: list[tuple[weakref.ref, str]] = []
+        self._latest: torch.Tensor | None = None
 
     def new_batch(self) -> None:
         self._batch_inputs.clear()
+        self._latest = None
+
+    def _seen(self):
+        """``(tensor, leader)`` for the inputs of this batch that are still alive."""
+        for ref, leader in self._batch_inputs:
+            seen = ref()
+            if seen is not None:
+                yield seen, leader
 
     def add(
         self,
@@ -73,7 +86,7 @@ class HessianBank:
         share one accumulator. ``float_x``: the float block's input of the same layer on the
         same tokens, whose cross Gram with ``x`` the float-outputs objective needs."""
         source = x if source is None else source
-        for seen, leader in self._batch_inputs:
+        for seen, leader in self._seen():
             if (
                 leader != name
                 and seen.data_ptr() == source.data_ptr()
@@ -83,7 +96,8 @@ class HessianBank:
             ):
                 self.alias[name] = leader
                 return
-        self._batch_inputs.append((source, name))
+        self._batch_inputs.append((weakref.ref(source), name))
+        self._latest = source
         if name not in self.acc:
             self.acc[name] = HessianAccumulator(x.shape[-1], dtype=self.dtype, device=self.device)
         if mask is not None and mask.numel() * x.shape[-1] != x.numel():
@@ -113,7 +127,7 @@ class HessianBank:
     def input_of(self, name: str) -> torch.Tensor | None:
         """The tensor ``name`` (or the layer it shares an accumulator with) read in this batch."""
         leader = self.alias.get(name, name)
-        return next((x for x, n in self._batch_inputs if n == leader), None)
+        return next((x for x, n in self._seen() if n == leader), None)
 
 
 class BlockQuantizer:
@@ -163,9 +177,7 @@ class BlockQuantizer:
         W = linear_weight(module).detach()
         if W.dtype not in (torch.float32, torch.float64):
             W = W.float()
-        # freed heap pages back to the system before the solve: the paused forward's and the
-        # previous solve's temporaries (the block loop trims after the block's last one)
-        release_freed_memory()
+        release_freed_memory()  # the paused forward's freed temporaries, before the solve's
         t0 = time.perf_counter()
         try:
             C = None if cross is None else cross.H
@@ -175,6 +187,9 @@ class BlockQuantizer:
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
         elapsed = time.perf_counter() - t0
+        # the solve's float64 temporaries: the forward resumes after a group's last solve, and
+        # heap kept from it would add to the activations' peak (80 MB on the protocol's model)
+        release_freed_memory()
         self.solve_s += elapsed
         lq.stats.setdefault("time_s", elapsed)
         lq.stats["layer_time_s"] = elapsed

@@ -1,7 +1,11 @@
-"""One block's layers quantized group by group: batching changes no bit, and a group whose
-layers do not share an input is an error."""
+"""One block's layers quantized group by group: batching changes no bit, a group whose layers
+do not share an input is an error, and the bank of Hessians keeps no input alive longer than
+its group needs it."""
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from tiny import GROUP, id_stream, make_tiny_llama
 
 import latticequant as lq
 from latticequant.pipeline import quantize_model
+from latticequant.pipeline.blocks import HessianBank
 from latticequant.pipeline.layout import ARCHITECTURES, Architecture
 
 
@@ -49,3 +54,22 @@ def test_a_group_whose_layers_read_different_inputs_is_an_error(monkeypatch):
     monkeypatch.setitem(ARCHITECTURES, "llama", Architecture("llama", "model.layers", subsets))
     with pytest.raises(RuntimeError, match="o_proj does not read the same input as .*q_proj"):
         quantize_model(make_tiny_llama(), None, _calib(), "gptq", _cfg(), progress=False)
+
+
+def test_the_bank_lets_an_earlier_groups_input_go():
+    """Once the next group's input arrives, the bank holds the earlier input only weakly: the
+    forward's own references decide when it is freed, not the end of the block. A tensor that
+    is still alive is still found, so layers reading it share one accumulator."""
+    bank = HessianBank(torch.float32, "cpu")
+    bank.new_batch()
+    first, second = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    bank.add("q", first, None)
+    gone = weakref.ref(first)
+    bank.add("o", second, None)
+    bank.add("k", second, None)  # the same tensor as o's: one accumulator
+    assert bank.get("k") is bank.get("o")
+    del first
+    gc.collect()
+    assert gone() is None
+    assert bank.input_of("q") is None
+    assert bank.input_of("o") is second  # the latest input stays for its group's later layers
