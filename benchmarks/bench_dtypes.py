@@ -6,7 +6,7 @@ folder; then ``latticequant quantize FOLDER --dtype D`` (GPTQ 4-bit g128 asymmet
 dtype, each in its own process under ``/usr/bin/time`` for the peak resident memory. Results go
 to docs/bench_dtypes.json and .md.
 
-    python benchmarks/bench_dtypes.py                # bfloat16 and float32 (about 15 minutes)
+    python benchmarks/bench_dtypes.py                # bfloat16 and float32 (about 25 minutes)
     python benchmarks/bench_dtypes.py --nsamples 8   # a quick look
 """
 
@@ -41,7 +41,7 @@ def save_bf16_folder(folder: Path) -> None:
 
 #: Run in a fresh process: the resident memory after the imports, then with the model loaded in
 #: the given dtype and every weight read once (a bfloat16 folder's weights are mapped from the
-#: file and count only once read), in bytes.
+#: file and count only once read), and the bytes of the weights themselves (tied ones once).
 AT_REST = """
 import sys, torch
 from latticequant.pipeline.models import load_model
@@ -52,9 +52,11 @@ def rss():
 
 start = rss()
 model, tokenizer = load_model(sys.argv[1], dtype=sys.argv[2])
+storages = {}
 for p in model.parameters():
     float(p.detach().float().sum())
-print(start, rss())
+    storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+print(start, rss(), sum(storages.values()))
 """
 
 
@@ -64,8 +66,8 @@ def at_rest(folder: Path, dtype: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{dtype} at rest failed: {proc.stderr.strip().splitlines()[-1:]}")
-    start, loaded = (int(v) for v in proc.stdout.split()[-2:])
-    return {"startup_rss_bytes": start, "at_rest_rss_bytes": loaded}
+    start, loaded, weights = (int(v) for v in proc.stdout.split()[-3:])
+    return {"startup_rss_bytes": start, "at_rest_rss_bytes": loaded, "weights_bytes": weights}
 
 
 def run(folder: Path, dtype: str, out: Path, nsamples: int) -> dict:
@@ -124,20 +126,29 @@ def main(argv=None) -> int:
             f"| {r['dtype']} | {r['ppl_before']:.4f} | {r['ppl_after']:.4f} | "
             f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['quantize_s']:.1f} | {r['total_s']:.1f} |"
         )
+    names = ("startup", "at_rest", "peak")
     mib = {
-        k: {n: r[f"{n}_rss_bytes"] / 2**20 for n in ("startup", "at_rest", "peak")}
+        k: {
+            **{n: r[f"{n}_rss_bytes"] / 2**20 for n in names},
+            "weights": r["weights_bytes"] / 2**20,
+        }
         for k, r in (("b", b), ("f", f))
     }
     parts = [
         ("start-up: interpreter, torch, transformers", lambda m: m["startup"]),
-        ("the model at rest (weights, tokenizer, loader)", lambda m: m["at_rest"] - m["startup"]),
+        ("the model at rest, of it the weights", lambda m: m["weights"]),
+        (
+            "the model at rest, the rest (tokenizer, loader, code)",
+            lambda m: m["at_rest"] - m["startup"] - m["weights"],
+        ),
         ("the run above the model at rest", lambda m: m["peak"] - m["at_rest"]),
         ("whole process at its peak", lambda m: m["peak"]),
     ]
     lines += [
         "",
         "Where the peak goes. Start-up and the model at rest are measured in a process of their "
-        "own that loads the folder in the dtype and reads every weight once.",
+        "own that loads the folder in the dtype and reads every weight once; the weights are "
+        "their tensors' bytes.",
         "",
         "| part | bfloat16 MiB | float32 MiB | ratio |",
         "|---|---|---|---|",
@@ -145,11 +156,20 @@ def main(argv=None) -> int:
     for label, part in parts:
         pb, pf = part(mib["b"]), part(mib["f"])
         lines.append(f"| {label} | {pb:.0f} | {pf:.0f} | {pb / pf:.2f} |")
+    fixed = mib["b"]["at_rest"] - mib["b"]["weights"]
     lines += [
         "",
         f"bfloat16 against float32: perplexity after {b['ppl_after'] / f['ppl_after']:.4f}x, "
         f"peak RSS {b['peak_rss_bytes'] / f['peak_rss_bytes']:.2f}x, quantize time "
         f"{b['quantize_s'] / f['quantize_s']:.2f}x.",
+        "",
+        "What the dtype governs: the weights "
+        f"({mib['b']['weights'] / mib['f']['weights']:.2f}x) and the calibration forward's "
+        "activations, most of the run above the model at rest "
+        f"({(mib['b']['peak'] - mib['b']['at_rest']) / (mib['f']['peak'] - mib['f']['at_rest']):.2f}x). "
+        "What it does not govern: start-up, tokenizer, loader and code "
+        f"({fixed:.0f} MiB of the bfloat16 peak here), and the float32 Hessians and float64 "
+        "solves (small at this model's widths).",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_dtypes.json").write_text(json.dumps(results, indent=1) + "\n")
