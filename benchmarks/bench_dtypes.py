@@ -157,6 +157,10 @@ def main(argv=None) -> int:
         pb, pf = part(mib["b"]), part(mib["f"])
         lines.append(f"| {label} | {pb:.0f} | {pf:.0f} | {pb / pf:.2f} |")
     fixed = mib["b"]["at_rest"] - mib["b"]["weights"]
+
+    def run_part(k):
+        return mib[k]["peak"] - mib[k]["at_rest"]
+
     lines += [
         "",
         f"bfloat16 against float32: perplexity after {b['ppl_after'] / f['ppl_after']:.4f}x, "
@@ -166,7 +170,7 @@ def main(argv=None) -> int:
         "What the dtype governs: the weights "
         f"({mib['b']['weights'] / mib['f']['weights']:.2f}x) and the calibration forward's "
         "activations, most of the run above the model at rest "
-        f"({(mib['b']['peak'] - mib['b']['at_rest']) / (mib['f']['peak'] - mib['f']['at_rest']):.2f}x). "
+        f"({run_part('b') / run_part('f'):.2f}x). "
         "What it does not govern: start-up, tokenizer, loader and code "
         f"({fixed:.0f} MiB of the bfloat16 peak here), and the float32 Hessians and float64 "
         "solves (small at this model's widths).",
