@@ -134,16 +134,17 @@ def main(argv=None) -> int:
         }
         for k, r in (("b", b), ("f", f))
     }
-    parts = [
-        ("start-up: interpreter, torch, transformers", lambda m: m["startup"]),
-        ("the model at rest, of it the weights", lambda m: m["weights"]),
-        (
+    parts = {
+        "startup": ("start-up: interpreter, torch, transformers", lambda m: m["startup"]),
+        "weights": ("the model at rest, of it the weights", lambda m: m["weights"]),
+        "other": (
             "the model at rest, the rest (tokenizer, loader, code)",
             lambda m: m["at_rest"] - m["startup"] - m["weights"],
         ),
-        ("the run above the model at rest", lambda m: m["peak"] - m["at_rest"]),
-        ("whole process at its peak", lambda m: m["peak"]),
-    ]
+        "run": ("the run above the model at rest", lambda m: m["peak"] - m["at_rest"]),
+        "peak": ("whole process at its peak", lambda m: m["peak"]),
+    }
+    part = {key: (fn(mib["b"]), fn(mib["f"])) for key, (_, fn) in parts.items()}
     lines += [
         "",
         "Where the peak goes. Start-up and the model at rest are measured in a process of their "
@@ -153,27 +154,21 @@ def main(argv=None) -> int:
         "| part | bfloat16 MiB | float32 MiB | ratio |",
         "|---|---|---|---|",
     ]
-    for label, part in parts:
-        pb, pf = part(mib["b"]), part(mib["f"])
+    for key, (label, _) in parts.items():
+        pb, pf = part[key]
         lines.append(f"| {label} | {pb:.0f} | {pf:.0f} | {pb / pf:.2f} |")
-    fixed = mib["b"]["at_rest"] - mib["b"]["weights"]
-
-    def run_part(k):
-        return mib[k]["peak"] - mib[k]["at_rest"]
-
     lines += [
         "",
         f"bfloat16 against float32: perplexity after {b['ppl_after'] / f['ppl_after']:.4f}x, "
         f"peak RSS {b['peak_rss_bytes'] / f['peak_rss_bytes']:.2f}x, quantize time "
         f"{b['quantize_s'] / f['quantize_s']:.2f}x.",
         "",
-        "What the dtype governs: the weights "
-        f"({mib['b']['weights'] / mib['f']['weights']:.2f}x) and the calibration forward's "
-        "activations, most of the run above the model at rest "
-        f"({run_part('b') / run_part('f'):.2f}x). "
-        "What it does not govern: start-up, tokenizer, loader and code "
-        f"({fixed:.0f} MiB of the bfloat16 peak here), and the float32 Hessians and float64 "
-        "solves (small at this model's widths).",
+        f"What the dtype governs: the weights ({part['weights'][0] / part['weights'][1]:.2f}x) "
+        "and the calibration forward's activations, most of the run above the model at rest "
+        f"({part['run'][0] / part['run'][1]:.2f}x). What it does not govern: start-up, "
+        f"tokenizer, loader and code ({part['startup'][0] + part['other'][0]:.0f} MiB of the "
+        "bfloat16 peak here), and the float32 Hessians and float64 solves (small at this "
+        "model's widths).",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_dtypes.json").write_text(json.dumps(results, indent=1) + "\n")
