@@ -91,8 +91,7 @@ def copy_bandwidth(device) -> float:
 
 def make_layer(d_in, d_out, fmt, bits, rate, group_size, act_order, seed):
     """Random codes and grid in the checkpoint format; the module on the GPU, and its W."""
-    from latticequant.formats import pack_csr, pack_gptq_parts
-    from latticequant.formats.qlinear import QuantLinear, SSQRLinear
+    from latticequant.formats import QuantLinear, SSQRLinear, pack_csr, pack_gptq_parts
 
     g = torch.Generator().manual_seed(seed)
     n_groups = 1 if group_size == -1 else -(-d_in // group_size)
@@ -202,8 +201,7 @@ def bench_layers(args, device, copy_bw) -> list[dict]:
 def quantize_linears_rtn(model, bits: int, group_size: int) -> int:
     """Replace the decoder linears by ``QuantLinear`` on an RTN grid; returns how many."""
     import latticequant as lq
-    from latticequant.formats import FormatError, pack_gptq
-    from latticequant.formats.qlinear import QuantLinear
+    from latticequant.formats import FormatError, QuantLinear, pack_gptq
     from latticequant.pipeline.layout import describe_model, linear_weight
 
     cfg = lq.QuantConfig(bits=bits, group_size=group_size, sym=True)

@@ -5,7 +5,9 @@ layer's input Hessian. The package is layered, each layer importing only those b
 :mod:`latticequant.core` (pure functions on tensors), :mod:`latticequant.formats` (what a layer
 stores and the modules that run it), :mod:`latticequant.methods` (the registry of methods),
 :mod:`latticequant.pipeline` (models, text, the block loop, checkpoints), and the command line
-on top. This module re-exports the core's public API.
+on top. This module re-exports the core's public API and the run's: a :class:`RunSpec`,
+:func:`prepare` (every check, once) and :func:`quantize_model` (which also writes the
+checkpoint when the spec names an output).
 """
 
 from latticequant.core import (
@@ -26,9 +28,29 @@ from latticequant.core import (
     refine,
     rtn_quantize,
 )
+from latticequant.pipeline import (
+    Calibration,
+    CalibrationSpec,
+    ExecutionSpec,
+    OutputSpec,
+    RunSpec,
+    load_quantized,
+    prepare,
+    quantize_model,
+    save_quantized,
+)
 from latticequant.version import __version__
 
 __all__ = [
+    "RunSpec",
+    "CalibrationSpec",
+    "OutputSpec",
+    "ExecutionSpec",
+    "Calibration",
+    "prepare",
+    "quantize_model",
+    "save_quantized",
+    "load_quantized",
     "QuantConfig",
     "QuantResult",
     "HessianAccumulator",

@@ -13,10 +13,7 @@ import os
 import sys
 import time
 
-import torch
-
-from latticequant.formats import CHECKPOINT_FORMATS
-from latticequant.formats.qlinear import KERNELS
+from latticequant.formats import format_names, kernel_description
 from latticequant.methods import get_method, list_methods, settable_fields
 from latticequant.pipeline.checkpoint import is_quantized_checkpoint, read_quant_log
 from latticequant.pipeline.data import (
@@ -32,15 +29,20 @@ from latticequant.pipeline.distributed import RankFailedError, World
 from latticequant.pipeline.experts import (
     EXPERT_FALLBACKS,
     ExpertPolicy,
-    unfuse_experts,
 )
 from latticequant.pipeline.generate import GenerationConfig, generate, weight_memory
-from latticequant.pipeline.layout import describe_model
-from latticequant.pipeline.memory import check_run_memory
 from latticequant.pipeline.models import DTYPE_CHOICES, load_model
 from latticequant.pipeline.offload import store_of
-from latticequant.pipeline.overrides import Override, parse_override, resolve_config
-from latticequant.pipeline.run import check_target_model, plan_layers, quantize_model
+from latticequant.pipeline.overrides import Override, parse_override
+from latticequant.pipeline.run import Calibration, quantize_model
+from latticequant.pipeline.spec import (
+    CalibrationSpec,
+    ExecutionSpec,
+    OutputSpec,
+    RunSpec,
+    check_device,
+    prepare,
+)
 from latticequant.pipeline.state import OutputExistsError
 from latticequant.pipeline.target import OBJECTIVES, ROTATIONS, TargetConfig
 from latticequant.report import format_table, load_report, plot_loss_vs_bound
@@ -212,7 +214,13 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         help="calibration text: file, folder, wikitext2 or c4 "
         "(default: the protocol's pydoc_data text, first 80%%)",
     )
-    q.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default="gptq")
+    q.add_argument(
+        "--checkpoint-format",
+        choices=format_names(),
+        default=None,
+        help="the format the layers are stored in (default: the method's own; the grid "
+        "methods write gptq, v1, or gptq_v2)",
+    )
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     q.add_argument(
         "--no-resume",
@@ -386,7 +394,7 @@ def _kernels(model) -> tuple[list[str], str]:
     ran = sorted({k for m in model.modules() if (k := getattr(m, "last_kernel", None))})
     if not ran:
         return [], "kernels: none (a float model)"
-    return ran, "kernels: " + "; ".join(f"{k} ({KERNELS.get(k, k)})" for k in ran)
+    return ran, "kernels: " + "; ".join(f"{k} ({kernel_description(k)})" for k in ran)
 
 
 def _eval_ids(tokenizer, text_source: str | None, bos: int | None = None):
@@ -426,14 +434,7 @@ def _checkpoint_bos(model_path: str | None) -> str | None:
 
 def _check_device(name: str) -> None:
     """Refuse a device that cannot be used here, before the model is loaded."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
+    check_device(name)
 
 
 def _max_positions(model) -> int | None:
@@ -475,34 +476,38 @@ def _emit(args, payload: dict, lines: list[str]) -> None:
         print("\n".join(lines))
 
 
+def run_spec(args) -> RunSpec:
+    """The run the quantize command's flags describe."""
+    method = get_method(args.method)
+    overrides = [Override(p, skip=True) for p in args.skip]
+    for text in args.override:
+        overrides.append(parse_override(text, method.config_cls))
+    return RunSpec(
+        method=method.name,
+        config=config_from_args(method.config_cls, args),
+        overrides=tuple(overrides),
+        target=TargetConfig(args.objective, args.rotate, args.seed),
+        experts=ExpertPolicy(args.min_expert_tokens, args.expert_fallback),
+        calibration=CalibrationSpec(args.text, args.nsamples, args.seqlen, args.seed, args.bos),
+        output=OutputSpec(args.out, args.checkpoint_format, args.overwrite, args.resume),
+        execution=ExecutionSpec(args.device, args.batch_size, args.blocks, args.hessian_dtype),
+    )
+
+
 def cmd_quantize(args) -> int:
     """Quantize; under torchrun every rank runs this with the same arguments."""
-    method = get_method(args.method)
-    config = config_from_args(method.config_cls, args)
+    spec = run_spec(args)
     _check_out(args.out, args.overwrite)
-    _check_device(args.device)
-    method.check(config)  # what the format cannot store is refused before the model loads
-    args.experts = ExpertPolicy(args.min_expert_tokens, args.expert_fallback)
-    args.target = TargetConfig(args.objective, args.rotate, args.seed)
-    overrides = [Override(p, skip=True) for p in args.skip]
-    for text in args.override:  # so is a bad override, not when the run reaches the layer
-        ov = parse_override(text, method.config_cls)
-        try:
-            changed = resolve_config(ov.pattern, config, [ov])
-            if changed is not None:
-                method.check(changed)
-        except ValueError as exc:
-            raise ValueError(f"--override {text!r}: {exc}") from None
-        overrides.append(ov)
+    spec.check()  # what the method or its format cannot take is refused before the model loads
     world = World.from_env(args.device)
     with world.failing_together():
         world.shard(args.nsamples)  # enough windows for every rank, before the model loads
-        code = _quantize(args, method, config, overrides, world)
+        code = _quantize(args, spec, world)
     world.close()
     return code
 
 
-def _quantize(args, method, config, overrides, world: World) -> int:
+def _quantize(args, spec: RunSpec, world: World) -> int:
     t0 = time.perf_counter()
     model, tokenizer = _load(args)
     if tokenizer is None:
@@ -510,21 +515,8 @@ def _quantize(args, method, config, overrides, world: World) -> int:
     _check_seqlen(model, "--seqlen", args.seqlen)
     if args.evaluate:
         _check_seqlen(model, "--eval-seqlen", args.eval_seqlen)
-    unfuse_experts(model)
-    layout = describe_model(model)
-    check_target_model(layout, args.target)  # refuse before any slow work
-    plan_layers(layout, method, config, overrides, args.blocks, args.target)
-    check_run_memory(
-        model,
-        layout,
-        args.nsamples,
-        args.seqlen,
-        args.batch_size,
-        torch.device(args.device),
-        getattr(torch, args.hessian_dtype),
-        world.size,
-        args.target.float_outputs,
-    )
+    plan = prepare(model, spec, world)  # every check against the model, before any slow work
+    method, config = plan.method, plan.config
     bos = window_bos(tokenizer, args.bos)
     calib = _calibration(tokenizer, args, bos)
     load_s = time.perf_counter() - t0
@@ -537,23 +529,9 @@ def _quantize(args, method, config, overrides, world: World) -> int:
     t1 = time.perf_counter()
     summary = quantize_model(
         model,
-        tokenizer,
-        calib,
-        method,
-        config,
-        args.out,
-        overrides=overrides,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        device=args.device,
-        batch_size=args.batch_size,
-        checkpoint_format=args.checkpoint_format,
-        hessian_dtype=getattr(torch, args.hessian_dtype),
-        world=world,
-        blocks=args.blocks,
+        Calibration(calib, tokenizer=tokenizer),
+        plan,
         run_info={"bos": "never" if bos is None else "always", "bos_token_id": bos},
-        experts=args.experts,
-        target=args.target,
     )
     quantize_s = time.perf_counter() - t1
     if args.evaluate:
@@ -575,7 +553,8 @@ def _quantize(args, method, config, overrides, world: World) -> int:
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,
         "timings": summary.timings,
-        "target": {"objective": args.target.objective, "rotate": args.target.rotate},
+        "checkpoint_format": plan.stored_format.name,
+        "target": {"objective": spec.target.objective, "rotate": spec.target.rotate},
     }
     skipped = ""
     if summary.skipped:
@@ -584,8 +563,8 @@ def _quantize(args, method, config, overrides, world: World) -> int:
     fell_back = [s["expert_fallback"] for s in summary if s.get("expert_fallback")]
     if fell_back:
         skipped += (
-            f", {len(fell_back)} expert layers with fewer than {args.experts.min_tokens} routed "
-            f"tokens quantized on {args.experts.fallback}"
+            f", {len(fell_back)} expert layers with fewer than {spec.experts.min_tokens} routed "
+            f"tokens quantized on {spec.experts.fallback}"
         )
     lines = [
         f"quantized {len(summary)} layers with {method.name}{skipped} in {quantize_s:.1f} s "

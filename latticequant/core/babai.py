@@ -55,6 +55,7 @@ def babai_quantize(
     *,
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
+    min_zero: int = 0,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) by nearest plane on the lattice of H, every row at once.
 
@@ -82,7 +83,7 @@ def babai_quantize(
         Z = torch.empty_like(S)
     else:
         g_idx = group_index(d, g).to(W.device)
-        S, Z = static_grid(W, cfg, scales, zeros)
+        S, Z = static_grid(W, cfg, scales, zeros, min_zero)
 
     # basis vectors become rows: every per-vector read and write below is contiguous
     U = U64.to(W.dtype)
@@ -104,7 +105,7 @@ def babai_quantize(
         for i in range(b - 1, a - 1, -1):
             if refit:
                 if (d - 1 - i) % g == 0:
-                    s, z = _refit(x, E, Un, T, a, b, i, max(0, i - g + 1), cfg)
+                    s, z = _refit(x, E, Un, T, a, b, i, max(0, i - g + 1), cfg, min_zero)
                     S[:, (d - 1 - i) // g], Z[:, (d - 1 - i) // g] = s, z
             else:
                 s, z = S_g[g_of[i]], Z_g[g_of[i]]
@@ -141,6 +142,7 @@ def _refit(
     i: int,
     lo: int,
     cfg: QuantConfig,
+    min_zero: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid of the group of basis indices ``[lo, i]``, fitted on its error-updated weights.
 
@@ -159,4 +161,4 @@ def _refit(
     parts.append(inside)
     V = torch.cat(parts) if len(parts) > 1 else parts[0]
     Y = torch.linalg.solve_triangular(Un[lo : i + 1, lo : i + 1], V, upper=True)
-    return fit_rows((x[lo : i + 1] + Y).T, cfg)
+    return fit_rows((x[lo : i + 1] + Y).T, cfg, min_zero)

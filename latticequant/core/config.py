@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,9 +40,6 @@ class QuantConfig:
       codes fixed), "" for none; the methods apply it (:func:`latticequant.core.refine.refine`).
     refine_sweeps: coordinate-descent sweeps per round (fewer when a sweep moves nothing).
     refine_rounds: rounds of the steps, alternated until the loss stops falling.
-    min_zero: smallest offset an asymmetric grid may take. The GPTQ v1 file format stores
-      ``offset - 1`` and cannot hold 0 for every reader, so the grid methods ask for 1 when
-      they write v1; the scale of such a group is refitted (``latticequant.core.grid``).
     """
 
     bits: int = 4
@@ -60,8 +57,6 @@ class QuantConfig:
     refine: str = ""
     refine_sweeps: int = 1
     refine_rounds: int = 1
-    min_zero: int = field(default=0, metadata={"internal": True})
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -103,14 +98,6 @@ class QuantConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if (
-            isinstance(self.min_zero, bool)
-            or not isinstance(self.min_zero, int)
-            or not 0 <= self.min_zero < self.maxq
-        ):
-            raise ValueError(
-                f"min_zero must be an integer from 0 to {self.maxq - 1}, got {self.min_zero!r}"
-            )
         if not 0 < self.mse_maxshrink < 1 or self.mse_grid < 1:
             raise ValueError("mse_maxshrink must lie in (0, 1) and mse_grid be positive")
 

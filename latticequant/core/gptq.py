@@ -81,6 +81,7 @@ def gptq_decode(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     outlier_dtype: torch.dtype | None = None,
+    min_zero: int = 0,
 ) -> Decoded:
     """The blocked GPTQ loop on a prepared problem: W, processing order P, ``U^T U = H_P^-1``.
 
@@ -88,6 +89,7 @@ def gptq_decode(
     group when the loop reaches it. With ``outlier_dtype`` a weight whose code would leave the
     grid is kept as its error-updated value in that dtype (SSQR's outliers, docs/theory.md §7):
     its code becomes the zero point and the error it passes on is that dtype's rounding error.
+    ``min_zero``: the smallest offset a refitted grid may take (a property of the storage).
     """
     d_out, d_in = W.shape
     maxq, g = cfg.maxq, cfg.group_size
@@ -130,7 +132,7 @@ def gptq_decode(
             p = i1 + i
             if refit:
                 if p % g == 0:
-                    s, z = _refit(Wt, ErrT, U, i1, i, min(p + g, d_in), cfg)
+                    s, z = _refit(Wt, ErrT, U, i1, i, min(p + g, d_in), cfg, min_zero)
                     S[:, p // g], Z[:, p // g] = s, z
             else:
                 s, z = S_g[g_of[p]], Z_g[g_of[p]]
@@ -165,6 +167,7 @@ def gptq_quantize(
     *,
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
+    min_zero: int = 0,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) against the Hessian H (d_in, d_in) with GPTQ.
 
@@ -186,8 +189,8 @@ def gptq_quantize(
     if cfg.group_size != -1 and not cfg.static_groups and scales is None:
         S = Z = None
     else:
-        S, Z = static_grid(W, cfg, scales, zeros)
-    dec = gptq_decode(W, P, U, cfg, S, Z)
+        S, Z = static_grid(W, cfg, scales, zeros, min_zero)
+    dec = gptq_decode(W, P, U, cfg, S, Z, min_zero=min_zero)
     del U
     return assemble(
         W=W0, H=H, codes=dec.codes, scales=dec.scales, zeros=dec.zeros, g_idx=dec.g_idx,
@@ -204,6 +207,7 @@ def _refit(
     i: int,
     end: int,
     cfg: QuantConfig,
+    min_zero: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid of the group at positions ``[p, end)``, ``p = i1 + i``, on its updated weights.
 
@@ -214,4 +218,4 @@ def _refit(
     cols = Wt[p:end]
     if i:
         cols = cols - U[i1:p, p:end].T @ ErrT[:i]
-    return fit_rows(cols.T, cfg)
+    return fit_rows(cols.T, cfg, min_zero)

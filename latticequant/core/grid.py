@@ -62,24 +62,28 @@ def round_to_grid(
     return z.clamp_(0, maxq) if clip else z
 
 
-def fit_rows(x: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_rows(
+    x: torch.Tensor, cfg: QuantConfig, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One grid per row of ``x`` (d_out, k), by min-max or by shrinking the range (MSE).
 
     The range always contains 0, so the offset of an asymmetric grid is a valid code (at least
-    ``cfg.min_zero``). The MSE
+    ``min_zero``, the smallest offset the grid's storage holds). The MSE
     search shrinks ``[xmin, xmax]`` by ``p = 1, 1 - 1/grid, ...`` down to ``1 - maxshrink`` and
     keeps, per row, the scale with the smallest ``sum |q - x|^norm`` (clipped codes).
     """
     maxq = cfg.maxq
+    if isinstance(min_zero, bool) or not isinstance(min_zero, int) or not 0 <= min_zero < maxq:
+        raise ValueError(f"min_zero must be an integer from 0 to {maxq - 1}, got {min_zero!r}")
     xmin = x.min(dim=1).values.clamp(max=0)
     xmax = x.max(dim=1).values.clamp(min=0)
-    scale, zero = _minmax(xmin, xmax, maxq, cfg.sym, cfg.min_zero)
+    scale, zero = _minmax(xmin, xmax, maxq, cfg.sym, min_zero)
     if cfg.scale_method == "minmax":
         return scale, zero
     best = torch.full_like(scale, float("inf"))
     for i in range(int(cfg.mse_maxshrink * cfg.mse_grid)):
         p = 1 - i / cfg.mse_grid
-        s1, z1 = _minmax(p * xmin, p * xmax, maxq, cfg.sym, cfg.min_zero)
+        s1, z1 = _minmax(p * xmin, p * xmax, maxq, cfg.sym, min_zero)
         q = s1[:, None] * (round_to_grid(x, s1[:, None], z1[:, None], maxq) - z1[:, None])
         err = (q - x).abs_().pow_(cfg.mse_norm).sum(dim=1)
         better = err < best
@@ -89,11 +93,13 @@ def fit_rows(x: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Ten
     return scale, zero
 
 
-def fit_grid(W: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_grid(
+    W: torch.Tensor, cfg: QuantConfig, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Static grid of the whole layer: ``(scales, zeros)``, each of shape (d_out, n_groups)."""
     d_in = W.shape[1]
     g = d_in if cfg.group_size == -1 else cfg.group_size
-    pieces = [fit_rows(W[:, a : a + g], cfg) for a in range(0, d_in, g)]
+    pieces = [fit_rows(W[:, a : a + g], cfg, min_zero) for a in range(0, d_in, g)]
     scales = torch.stack([s for s, _ in pieces], dim=1)
     zeros = torch.stack([z for _, z in pieces], dim=1)
     return scales, zeros
@@ -121,6 +127,7 @@ def static_grid(
     cfg: QuantConfig,
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
+    min_zero: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid fixed before any update: fitted on W, or pinned by the caller.
 
@@ -132,7 +139,7 @@ def static_grid(
     if scales is None:
         if zeros is not None:
             raise ValueError("zeros were given without scales")
-        return fit_grid(W, cfg)
+        return fit_grid(W, cfg, min_zero)
     scales = torch.as_tensor(scales, dtype=W.dtype, device=W.device)
     if scales.shape != shape:
         raise ValueError(f"scales must have shape {shape}, got {tuple(scales.shape)}")

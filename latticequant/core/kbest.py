@@ -151,6 +151,7 @@ def kbest_quantize(
     seed: int = 0,
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
+    min_zero: int = 0,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) by K-best decoding on the lattice of H, every row at once.
 
@@ -177,7 +178,7 @@ def kbest_quantize(
     d_out, d = W.shape
     (Q, U64), damp = babai_factor(H, cfg, h)
     g_idx = group_index(d, cfg.group_size).to(W.device)
-    S, Z = static_grid(W, cfg, scales, zeros)
+    S, Z = static_grid(W, cfg, scales, zeros, min_zero)
     U = U64.to(W.dtype)
     Dq = torch.diagonal(U64) ** 2
     Un = U.div_(torch.diagonal(U).clone()[:, None])  # in U's memory

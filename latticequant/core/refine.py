@@ -138,9 +138,11 @@ def refit_scales(
     g_idx: torch.Tensor,
     cfg: QuantConfig,
     scale_dtype: torch.dtype = torch.float16,
+    min_zero: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scales (and, asymmetric, integer offsets) that minimise every row's loss with the
-    codes fixed, rounded to ``scale_dtype``; a row keeps its old grid unless the loss falls."""
+    codes fixed, rounded to ``scale_dtype``; a row keeps its old grid unless the loss falls.
+    ``min_zero``: the smallest offset the storage holds."""
     W, H = W.to(torch.float64), H.to(torch.float64)
     codes = codes.to(torch.float64)
     G = scales.shape[1]
@@ -155,7 +157,7 @@ def refit_scales(
         s_joint, t_joint = x[:, :G], x[:, G:]
         ok = s_joint > 0
         z_new = torch.where(ok, torch.round(t_joint / s_joint), old_z)
-        z_new = z_new.clamp(cfg.min_zero, cfg.maxq)
+        z_new = z_new.clamp(min_zero, cfg.maxq)
     M, v = _normal_equations([codes - z_new[:, g_idx]], H, W, groups)
     s_new = _solve(M, v, old_s).to(scale_dtype).to(torch.float64)
     good = (s_new > 0) & torch.isfinite(s_new)
@@ -175,6 +177,7 @@ def refine(
     sweeps: int = 1,
     rounds: int = 1,
     scale_dtype: torch.dtype = torch.float16,
+    min_zero: int = 0,
 ) -> tuple[QuantResult, dict[str, float]]:
     """``result`` refined by ``steps`` (``"cd"``, ``"scales"``), alternated for up to ``rounds``
     rounds until the loss stops falling; returns the new result and what each step removed.
@@ -208,7 +211,9 @@ def refine(
             if step == "cd":
                 codes, _ = coordinate_descent(W64, H64, codes, scales, zeros, g, cfg, sweeps)
             else:
-                scales, zeros = refit_scales(W64, H64, codes, scales, zeros, g, cfg, scale_dtype)
+                scales, zeros = refit_scales(
+                    W64, H64, codes, scales, zeros, g, cfg, scale_dtype, min_zero
+                )
             new = loss()
             removed[step] += current - new
             current = new

@@ -1,14 +1,17 @@
 """Formats: what a quantized layer stores, how it is packed, and the modules that run it.
 
-Layer 1 of the package: imports only :mod:`latticequant.core` (nothing here). ``packing`` holds
-the bit streams, ``gptq``/``ssqr``/``hptq`` the tensor layouts, ``bits`` the effective-bits
-count, ``quantize_config`` the ecosystem's config file, ``qlinear`` and ``kernels`` the modules
-that run a layer, ``modules`` the registry the checkpoint loader builds them with.
+Layer 1 of the package: imports only :mod:`latticequant.core`. ``protocol`` defines a
+:class:`Format` and its registry; each format is one module holding its layout, the module that
+runs it and its registration (``gptq``: GPTQ v1 and v2, ``ssqr``, ``hptq``, ``rotation``: the
+rotated variant of each); ``packing`` holds the bit streams, ``bits`` the effective-bits count,
+``quantize_config`` the ecosystem's config file, ``kernels`` the Triton kernels.
 """
 
 from latticequant.formats.bits import bits_breakdown, effective_bits, tensor_bits, total_bits
 from latticequant.formats.gptq import (
     GPTQ_KEYS,
+    GPTQFormat,
+    QuantLinear,
     dequantize_gptq,
     is_permuted,
     pack_gptq,
@@ -19,17 +22,11 @@ from latticequant.formats.gptq import (
 from latticequant.formats.hptq import (
     HPTQ_CHUNK_KEYS,
     HPTQ_KEYS,
+    HPTQFormat,
     HuffmanLinear,
     decode_hptq,
     dequantize_hptq,
     validate_hptq,
-)
-from latticequant.formats.modules import (
-    ModuleFormat,
-    build_module,
-    format_names,
-    get_format,
-    register_format,
 )
 from latticequant.formats.packing import (
     CHECKPOINT_FORMATS,
@@ -42,16 +39,29 @@ from latticequant.formats.packing import (
     unpack_codes,
     unpack_zeros,
 )
-from latticequant.formats.qlinear import QuantLinear, SSQRLinear
+from latticequant.formats.protocol import (
+    Format,
+    UnsupportedConfigError,
+    format_names,
+    formats_storing,
+    get_format,
+    kernel_description,
+    key_kind,
+    register_format,
+)
 from latticequant.formats.quantize_config import quantize_config_dict
 from latticequant.formats.rotation import (
+    ROTATED_FORMAT,
     ROTATION_KEYS,
+    RotatedFormat,
     RotatedLinear,
     pack_rotation,
     unpack_rotation,
 )
 from latticequant.formats.ssqr import (
     SSQR_KEYS,
+    SSQRFormat,
+    SSQRLinear,
     csr_to_dense,
     dequantize_ssqr,
     pack_csr,
@@ -68,7 +78,16 @@ __all__ = [
     "FormatError",
     "HuffmanLinear",
     "HPTQ_CHUNK_KEYS",
-    "ModuleFormat",
+    "Format",
+    "GPTQFormat",
+    "HPTQFormat",
+    "SSQRFormat",
+    "RotatedFormat",
+    "ROTATED_FORMAT",
+    "UnsupportedConfigError",
+    "formats_storing",
+    "kernel_description",
+    "key_kind",
     "QuantLinear",
     "ROTATION_KEYS",
     "RotatedLinear",
@@ -76,7 +95,6 @@ __all__ = [
     "unpack_rotation",
     "SSQRLinear",
     "bits_breakdown",
-    "build_module",
     "csr_to_dense",
     "decode_hptq",
     "dequantize_gptq",

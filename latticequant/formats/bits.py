@@ -21,28 +21,7 @@ __all__ = [
     "bits_breakdown",
     "effective_bits",
     "total_bits",
-    "KEY_KINDS",
 ]
-
-KEY_KINDS = {
-    "qweight": "codes",
-    "qzeros": "zeros",
-    "scales": "scales",
-    "g_idx": "g_idx",
-    "outlier_val": "outlier values",
-    "outlier_col": "outlier indices",
-    "outlier_rowptr": "outlier row pointers",
-    "hptq_stream": "huffman stream",
-    "hptq_table": "huffman table",
-    "hptq_scale": "scales",
-    "hptq_shape": "shape",
-    "hptq_chunk_rows": "shape",
-    "hptq_offsets": "huffman offsets",
-    "rot_signs": "rotation",
-    "rot_factor": "rotation",
-    "rot_seed": "rotation",
-}
-"""What each stored key is, for reports that group the bits by kind."""
 
 
 def tensor_bits(t: torch.Tensor) -> int:

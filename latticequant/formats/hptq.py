@@ -21,12 +21,14 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from latticequant.formats import huffman, kernels
 from latticequant.formats.bits import effective_bits
 from latticequant.formats.dispatch import BACKENDS, DispatchedLinear
 from latticequant.formats.packing import FormatError
+from latticequant.formats.protocol import Format, register_format
 
 __all__ = [
     "HPTQ_KEYS",
@@ -242,7 +244,7 @@ class HuffmanLinear(DispatchedLinear):
         self.backend = backend
         self.cache_weight = cache_weight
         self.table = layout.table
-        self.last_kernel: str | None = None  # a key of formats.qlinear.KERNELS
+        self.last_kernel: str | None = None  # a key of HPTQFormat.kernels
         for key in HPTQ_KEYS:
             self.register_buffer(key, tensors[key].detach().cpu().clone())
         # a file without the index gets one, derived, not saved again
@@ -368,6 +370,53 @@ class HuffmanLinear(DispatchedLinear):
         )
 
 
+class HPTQFormat(Format):
+    """HPTQ/HRTN: one scale per matrix and a canonical Huffman stream of unbounded codes, cut
+    into chunks that decode independently. No GPTQ reader can take it."""
+
+    name = "hptq"
+    keys = HPTQ_KEYS
+    optional_keys = HPTQ_CHUNK_KEYS
+    key_kinds = {
+        "hptq_stream": "huffman stream",
+        "hptq_table": "huffman table",
+        "hptq_scale": "scales",
+        "hptq_shape": "shape",
+        "hptq_chunk_rows": "shape",
+        "hptq_offsets": "huffman offsets",
+    }
+    kernels = {
+        "torch-decoded": "torch, HPTQ stream decoded to a dense weight kept between calls",
+        "torch-huffman": f"torch, HPTQ stream decoded {TILE_ROWS} output rows at a time in "
+        "every call",
+        "triton-huffman": "Triton kernel decoding the HPTQ stream's chunks on chip",
+    }
+
+    def pack(self, result) -> dict[str, torch.Tensor]:
+        """The stream, table, scale, shape and chunk index of an HPTQ result (its ``codes``,
+        ``table``, ``stream``, ``scale`` and ``chunk_rows``)."""
+        d_out, d_in = result.codes.shape
+        return {
+            "hptq_stream": torch.from_numpy(result.stream.copy()),
+            "hptq_table": result.table.to_tensor(),
+            "hptq_scale": torch.tensor([result.scale], dtype=torch.float16),
+            "hptq_shape": torch.tensor([d_out, d_in], dtype=torch.int32),
+            **chunk_index(result.codes, result.table, result.chunk_rows),
+        }
+
+    def unpack(self, tensors, meta):
+        return decode_hptq(tensors)
+
+    def dequantize(self, tensors, meta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_hptq(tensors, dtype)
+
+    def module(self, tensors, meta, bias=None) -> nn.Module:
+        return build_hptq_module(tensors, meta, bias)
+
+    def file_config(self, base, meta) -> dict:
+        return super().file_config({**base, "bits": None}, meta)
+
+
 def build_hptq_module(
     tensors: Mapping[str, torch.Tensor], meta: Mapping, bias: torch.Tensor | None = None
 ) -> HuffmanLinear:
@@ -381,3 +430,6 @@ def build_hptq_module(
         if key in meta and int(meta[key]) != have:
             raise FormatError(f"stored HPTQ tensors give {key}={have}, expected {int(meta[key])}")
     return module
+
+
+HPTQ = register_format(HPTQFormat())

@@ -23,9 +23,16 @@ from torch import nn
 from latticequant.core.rotation import Rotation, fwht
 from latticequant.formats import kernels
 from latticequant.formats.dispatch import BACKENDS, use_kernels
+from latticequant.formats.gptq import GPTQ_V1, GPTQ_V2
+from latticequant.formats.hptq import HPTQ
 from latticequant.formats.packing import FormatError
+from latticequant.formats.protocol import Format, register_format
+from latticequant.formats.ssqr import SSQR
 
 __all__ = [
+    "ROTATED_FORMAT",
+    "RotatedFormat",
+    "rotated",
     "ROTATION_KEYS",
     "ROTATION_KINDS",
     "pack_rotation",
@@ -130,3 +137,56 @@ class RotatedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, hadamard={self.a}x{self.m}"
+
+
+ROTATED_FORMAT = "latticequant-hadamard"
+"""The file-level ``format`` of a checkpoint with rotated layers: their stored weights are
+``W R`` and mean nothing to a reader that does not apply ``R`` first."""
+
+
+class RotatedFormat(Format):
+    """A layer of format ``inner`` quantized in a randomised Hadamard basis of its inputs:
+    ``inner``'s tensors hold ``W R``, and the transform's tensors ride beside them."""
+
+    quant_method = "latticequant"
+
+    def __init__(self, inner: Format) -> None:
+        self.inner = inner
+        self.name = f"{inner.name}+hadamard"
+        self.keys = inner.keys + ROTATION_KEYS
+        self.optional_keys = inner.optional_keys
+        self.key_kinds = {**inner.key_kinds, **dict.fromkeys(ROTATION_KEYS, "rotation")}
+        self.kernels = inner.kernels
+
+    def check(self, config, d_out=None, d_in=None) -> None:
+        self.inner.check(config, d_out, d_in)
+
+    def min_zero(self, config) -> int:
+        return self.inner.min_zero(config)
+
+    def dequantize(self, tensors, meta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(W R) R^T``: the layer's weight in its own input basis."""
+        stored = self.inner.dequantize(tensors, meta, torch.float64)
+        rotation = unpack_rotation(tensors, stored.shape[1])
+        return rotation.apply_transpose(stored).to(dtype)
+
+    def module(self, tensors, meta, bias=None) -> nn.Module:
+        inner = self.inner.module({k: tensors[k] for k in tensors if k not in ROTATION_KEYS},
+                                  meta, bias)  # fmt: skip
+        return RotatedLinear(unpack_rotation(tensors, inner.in_features), inner)
+
+    def file_config(self, base, meta) -> dict:
+        config = self.inner.file_config(base, meta)
+        config.update(quant_method=self.quant_method, format=ROTATED_FORMAT)
+        return config
+
+    def module_meta(self, entry, file_config) -> dict:
+        return self.inner.module_meta(entry, file_config)
+
+
+ROTATED = {f.name: register_format(RotatedFormat(f)) for f in (GPTQ_V1, GPTQ_V2, SSQR, HPTQ)}
+
+
+def rotated(fmt: Format) -> Format:
+    """The registered rotated variant of ``fmt``."""
+    return ROTATED[fmt.name]

@@ -7,12 +7,31 @@ is the zero point, so the dense part contributes 0 there and the CSR value is th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
-from latticequant.formats.gptq import GPTQ_KEYS, dequantize_gptq, pack_gptq_parts
-from latticequant.formats.packing import FormatError, integer_tensor, require_tensor
+from latticequant.formats import kernels
+from latticequant.formats.gptq import (
+    GPTQ_KEYS,
+    GPTQ_V1,
+    GPTQFormat,
+    QuantLinear,
+    check_meta_dims,
+    check_packable,
+    dequantize_gptq,
+    module_options,
+    pack_gptq_parts,
+)
+from latticequant.formats.packing import (
+    CHECKPOINT_FORMATS,
+    FormatError,
+    integer_tensor,
+    require_tensor,
+)
+from latticequant.formats.protocol import Format, register_format
 
 SSQR_KEYS = GPTQ_KEYS + ("outlier_rowptr", "outlier_col", "outlier_val")
 
@@ -120,3 +139,120 @@ def dequantize_ssqr(
     """``W_hat = dense + CSR`` in ``dtype`` (dense part as in ``dequantize_gptq``)."""
     dense = dequantize_gptq(tensors, bits, checkpoint_format, dtype)
     return dense + csr_to_dense(tensors, dense.shape[0], dense.shape[1], dtype)
+
+
+class SSQRLinear(QuantLinear):
+    """SSQR layer: the GPTQ dense part (symmetric grid) plus CSR outliers, ``W = dense + S``.
+
+    The outliers are a second pass: a Triton CSR kernel on the kernel path, a torch sparse CSR
+    matmul on the CPU path (folded into the cached weight when caching).
+    """
+
+    _stored_precision = ("scales", "zeros", "outlier_val")
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        bits: int,
+        checkpoint_format: str = "gptq",
+        bias: torch.Tensor | None = None,
+        backend: str = "auto",
+        cache_weight: bool | None = None,
+    ) -> None:
+        super().__init__(tensors, bits, checkpoint_format, bias, backend, cache_weight)
+        self.n_outliers = validate_csr(tensors, self.out_features, self.in_features)
+        self.register_buffer("outlier_rowptr", tensors["outlier_rowptr"].to(torch.int32).clone())
+        self.register_buffer("outlier_col", tensors["outlier_col"].clone())
+        self.register_buffer("outlier_val", tensors["outlier_val"].clone())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, outliers={self.n_outliers}"
+
+    def outliers(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The outlier matrix ``S`` ``(d_out, d_in)`` as a sparse CSR tensor."""
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": nothing to act on
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                self.outlier_rowptr.to(torch.int64),
+                self.outlier_col.to(torch.int64),
+                self.outlier_val.to(dtype),
+                size=(self.out_features, self.in_features),
+                check_invariants=False,  # validated at load
+            )
+
+    def dequantize_weight_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(dense + S)^T`` in the original input order."""
+        return super().dequantize_weight_t(dtype) + self.outliers(dtype).to_dense().t()
+
+    def _dense_weight_t(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantize_weight_t(dtype)  # the outliers folded into the cached weight
+
+    def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
+        xc = x2.to(compute)
+        if self.caches_weight:
+            self.last_kernel = "torch-dense"
+            return xc @ self._weight_t_for(compute)
+        self.last_kernel = "torch-packed"
+        y = self._packed_matmul(xc)
+        if self.n_outliers:
+            y = y + torch.sparse.mm(self.outliers(compute), xc.t()).t()
+        return y
+
+    def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        self.last_kernel = "triton"
+        y = self._kernel_dense(x2, x2.dtype if x2.dtype != torch.float64 else torch.float32)
+        if self.n_outliers:
+            xk = x2 if x2.dtype != torch.float64 else x2.float()
+            kernels.csr_matmul_add(xk, self.outlier_rowptr, self.outlier_col, self.outlier_val, y)
+        return y
+
+
+class SSQRFormat(Format):
+    """SSQR: the GPTQ dense part (symmetric, zero points in the v1 convention) and float16 CSR
+    outliers. GPTQ readers would drop the outliers, so the file does not pass for GPTQ."""
+
+    name = "ssqr"
+    keys = SSQR_KEYS
+    key_kinds = {
+        **GPTQFormat.key_kinds,
+        "outlier_val": "outlier values",
+        "outlier_col": "outlier indices",
+        "outlier_rowptr": "outlier row pointers",
+    }
+    kernels = GPTQFormat.kernels
+
+    def check(self, config, d_out: int | None = None, d_in: int | None = None) -> None:
+        check_packable(config.bits, d_out, d_in)
+
+    def pack(self, result) -> dict[str, torch.Tensor]:
+        return pack_ssqr(result, result.outliers, result.values, checkpoint_format="gptq")
+
+    def dequantize(self, tensors, meta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_ssqr(tensors, int(meta["bits"]), _zeros_convention(meta), dtype)
+
+    def module(self, tensors, meta, bias=None) -> nn.Module:
+        module = SSQRLinear(
+            tensors, int(meta["bits"]), _zeros_convention(meta), bias, **module_options(meta)
+        )
+        check_meta_dims(meta, module.in_features, module.out_features)
+        return module
+
+    def file_config(self, base, meta) -> dict:
+        config = GPTQ_V1.file_config(base, meta)
+        config.update(checkpoint_format=self.name, format=self.name, quant_method=self.quant_method)
+        return config
+
+    def module_meta(self, entry, file_config) -> dict:
+        meta = super().module_meta(entry, file_config)
+        # files written before SSQR was a format of its own name the dense part's convention
+        if file_config.get("checkpoint_format") in CHECKPOINT_FORMATS:
+            meta["zeros"] = file_config["checkpoint_format"]
+        return meta
+
+
+def _zeros_convention(meta) -> str:
+    return str(meta.get("zeros", "gptq"))
+
+
+SSQR = register_format(SSQRFormat())

@@ -7,6 +7,7 @@ Importing this package registers every method it ships (``rtn``, ``gptq``, ``bab
 
 from latticequant.methods import grid, hptq, ssqr  # noqa: F401  (each registers its methods)
 from latticequant.methods.registry import (
+    LayerContext,
     LayerQuant,
     Method,
     UnknownMethodError,
@@ -20,6 +21,7 @@ from latticequant.methods.registry import (
 )
 
 __all__ = [
+    "LayerContext",
     "LayerQuant",
     "Method",
     "UnknownMethodError",

@@ -1,8 +1,10 @@
-"""The grid methods ``rtn``, ``gptq`` and ``babai``: the core's quantizers, stored as GPTQ.
+"""The grid methods ``rtn``, ``gptq``, ``babai`` and ``kbest``: the core's quantizers on a b-bit
+grid, stored in a grid format (GPTQ v1 or v2).
 
 Each layer is solved in float64 (the layers are small enough that it costs little, and the two
-derivations, GPTQ and Babai, then round every weight the same way, ties included), packed in the
-GPTQ layout, and fed forward exactly as a loader reads it back (scales rounded to float16).
+derivations, GPTQ and Babai, then round every weight the same way, ties included), on the grid its
+format can hold (:meth:`Format.min_zero`), packed by the format and fed forward exactly as the
+format dequantizes it (scales rounded to float16).
 """
 
 from __future__ import annotations
@@ -15,15 +17,13 @@ import torch
 from latticequant.core.babai import babai_quantize
 from latticequant.core.config import QuantConfig
 from latticequant.core.gptq import gptq_quantize
-from latticequant.core.grid import dequantize
 from latticequant.core.kbest import kbest_quantize
 from latticequant.core.refine import refine
 from latticequant.core.result import QuantResult
 from latticequant.core.rtn import rtn_loss, rtn_quantize
-from latticequant.formats.bits import effective_bits
-from latticequant.formats.gptq import pack_gptq
-from latticequant.formats.packing import SUPPORTED_BITS, pack_granularity
+from latticequant.formats.gptq import GPTQ_V1
 from latticequant.methods.registry import (
+    LayerContext,
     LayerQuant,
     Method,
     UnsupportedConfigError,
@@ -33,9 +33,6 @@ from latticequant.methods.registry import (
 __all__ = [
     "KBestConfig",
     "grid_layer_stats",
-    "stored_weight",
-    "check_gptq_layer",
-    "check_packable",
     "CORE_QUANTIZERS",
 ]
 
@@ -64,8 +61,10 @@ class KBestConfig(QuantConfig):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
-def _kbest(W: torch.Tensor, H: torch.Tensor, cfg: KBestConfig) -> QuantResult:
-    return kbest_quantize(W, H, cfg, beam=cfg.beam, klein_paths=cfg.klein_paths, seed=cfg.seed)
+def _kbest(W: torch.Tensor, H: torch.Tensor, cfg: KBestConfig, min_zero: int = 0) -> QuantResult:
+    return kbest_quantize(
+        W, H, cfg, beam=cfg.beam, klein_paths=cfg.klein_paths, seed=cfg.seed, min_zero=min_zero
+    )
 
 
 CORE_QUANTIZERS: dict[str, Callable[..., QuantResult]] = {
@@ -75,45 +74,14 @@ CORE_QUANTIZERS: dict[str, Callable[..., QuantResult]] = {
     "kbest": _kbest,
 }
 
-UNCLIPPED_METHODS = "ssqr, hptq or hrtn"
-
-
-def check_gptq_layer(config: QuantConfig, d_out: int | None = None, d_in: int | None = None):
-    """Refuse what the GPTQ layout cannot store: other bit widths, unclipped codes, shapes that
-    do not pack (when a shape is given). Each message names the setting and what to use."""
-    if config.bits not in SUPPORTED_BITS:
-        usable = ", ".join(str(b) for b in SUPPORTED_BITS)
-        raise UnsupportedConfigError(
-            f"bits={config.bits} (--bits {config.bits}) cannot be stored in the GPTQ format, "
-            f"which packs {usable} bits; use one of those"
-        )
-    if not config.clip:
-        raise UnsupportedConfigError(
-            "clip=False (--no-clip) leaves codes off the b-bit grid, which the GPTQ format "
-            f"cannot store; use a method whose format stores unclipped codes: {UNCLIPPED_METHODS}"
-        )
-    check_packable(config.bits, d_out, d_in)
-
 
 def check_kbest_layer(config: QuantConfig, d_out: int | None = None, d_in: int | None = None):
-    """The GPTQ format's limits, and a grid fixed before the decode."""
-    check_gptq_layer(config, d_out, d_in)
+    """A grid fixed before the decode (the format's limits are its own check)."""
     if not config.static_groups and config.group_size != -1:
         raise UnsupportedConfigError(
             "kbest keeps several candidates per row, which a grid refitted along the decode "
             "would split; use --static-groups (the default)"
         )
-
-
-def check_packable(bits: int, d_out: int | None = None, d_in: int | None = None) -> None:
-    """Refuse a layer whose dimensions do not fill whole words at ``bits`` bits."""
-    g = pack_granularity(bits)
-    for what, n in (("d_in", d_in), ("d_out", d_out)):
-        if n is not None and n % g:
-            raise UnsupportedConfigError(
-                f"{what}={n} is not a multiple of {g}, which {bits}-bit GPTQ packing needs; "
-                f"skip this layer (--skip) or use another --bits"
-            )
 
 
 def grid_layer_stats(result: QuantResult, rtn_loss: float) -> dict[str, float]:
@@ -130,37 +98,33 @@ def grid_layer_stats(result: QuantResult, rtn_loss: float) -> dict[str, float]:
     }
 
 
-def stored_weight(
-    result: QuantResult, scale_dtype: torch.dtype, dtype: torch.dtype
-) -> torch.Tensor:
-    """``Q`` as a loader reads it back: the scales rounded to their stored dtype (by blocks of
-    rows, :func:`~latticequant.core.grid.dequantize`: no per-weight scale matrix)."""
-    scales = result.scales.to(scale_dtype).to(dtype)
-    return dequantize(result.codes, scales, result.zeros.to(dtype), result.g_idx)
-
-
-def _rtn_baseline(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, result: QuantResult):
+def _rtn_baseline(
+    W: torch.Tensor, H: torch.Tensor, config: QuantConfig, result: QuantResult, min_zero: int
+):
     """RTN's loss on the method's own static grid (or its own fit when grids are refitted)."""
     if config.static_groups:
         return rtn_loss(W, H, config, scales=result.scales, zeros=result.zeros)
-    return rtn_loss(W, H, config)
+    return rtn_loss(W, H, config, min_zero=min_zero)
 
 
 def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig], LayerQuant]:
     core = CORE_QUANTIZERS[name]
 
-    def quantize(W: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> LayerQuant:
-        checkpoint_format = config.extra.get("checkpoint_format", "gptq")
-        if checkpoint_format == "gptq" and not config.sym:
-            config = config.replace(min_zero=max(config.min_zero, 1))  # v1 stores offset - 1
+    def quantize(
+        W: torch.Tensor, H: torch.Tensor, config: QuantConfig, context: LayerContext | None = None
+    ) -> LayerQuant:
+        fmt = (context or LayerContext(GPTQ_V1)).format
+        min_zero = fmt.min_zero(config)  # what the format's zero points can hold
         # W in float64; H as given: every core function takes its own float64 copy, and a
         # second one here would be 1.6 GB at Llama-3-8B's down_proj
         W64 = W.to(torch.float64)
-        result = core(W64, H, config)
-        base = result.proxy_loss if name == "rtn" else _rtn_baseline(W64, H, config, result)
+        result = core(W64, H, config, min_zero=min_zero)
+        base = (
+            result.proxy_loss if name == "rtn" else _rtn_baseline(W64, H, config, result, min_zero)
+        )
         extra: dict[str, float] = {}
         if name != "gptq" or config.refine_steps:  # GPTQ's loss, to read this one against
-            extra["gptq_loss"] = gptq_quantize(W64, H, config).proxy_loss
+            extra["gptq_loss"] = gptq_quantize(W64, H, config, min_zero=min_zero).proxy_loss
         else:
             extra["gptq_loss"] = result.proxy_loss
         if config.refine_steps:
@@ -172,29 +136,32 @@ def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig
                 steps=config.refine_steps,
                 sweeps=config.refine_sweeps,
                 rounds=config.refine_rounds,
+                min_zero=min_zero,
             )
             extra.update(refined)
         del W64  # 470 MB at 4096 x 14336, before the packing's and Q's own buffers
-        tensors = pack_gptq(result, checkpoint_format=checkpoint_format)
-        Q = stored_weight(result, tensors["scales"].dtype, W.dtype)
+        tensors = fmt.pack(result)
+        Q = fmt.dequantize(tensors, {"bits": config.bits}, W.dtype)  # as a loader reads it
         stats = grid_layer_stats(result, base)
         stats.update(extra)
-        stats["bits_per_weight"] = effective_bits(tensors, W.numel())
+        stats["bits_per_weight"] = fmt.effective_bits(tensors, W.numel())
         return LayerQuant(Q=Q, tensors=tensors, stats=stats)
 
     quantize.__name__ = f"{name}_layer"
-    quantize.__doc__ = f"One layer by ``latticequant.{name}_quantize``, GPTQ format."
+    quantize.__doc__ = f"One layer by ``latticequant.{name}_quantize``, in the context's format."
     return quantize
 
 
+GRID_FORMATS = ("gptq", "gptq_v2")
+
 for _name, _description, _config, _check in (
-    ("rtn", "round to nearest on the grid (baseline, no Hessian)", QuantConfig, check_gptq_layer),
-    ("gptq", "GPTQ: column by column with OBS error feedback", QuantConfig, check_gptq_layer),
+    ("rtn", "round to nearest on the grid (baseline, no Hessian)", QuantConfig, None),
+    ("gptq", "GPTQ: column by column with OBS error feedback", QuantConfig, None),
     (
         "babai",
         "Babai's nearest plane on the Hessian lattice (back-to-front GPTQ)",
         QuantConfig,
-        check_gptq_layer,
+        None,
     ),
     (
         "kbest",
@@ -208,8 +175,8 @@ for _name, _description, _config, _check in (
             name=_name,
             config_cls=_config,
             quantize=_grid_method(_name),
-            format="gptq",
+            formats=GRID_FORMATS,
             description=_description,
-            check=_check,
+            **({"check": _check} if _check else {}),
         )
     )

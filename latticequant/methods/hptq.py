@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,9 +27,8 @@ from latticequant.core.hessian import check_inputs
 from latticequant.core.rtn import rtn_quantize
 from latticequant.core.search import OutOfReach, meet_target
 from latticequant.formats import huffman
-from latticequant.formats.bits import effective_bits
-from latticequant.formats.hptq import chunk_index
-from latticequant.methods.registry import LayerQuant, Method, register_method
+from latticequant.formats.hptq import HPTQ
+from latticequant.methods.registry import LayerContext, LayerQuant, Method, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +81,6 @@ class HPTQConfig:
     rounding: str = "gptq"
     max_code_length: int = huffman.MAX_LENGTH
     chunk_rows: int = 1
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         t = self.target_bits
@@ -194,11 +192,13 @@ class _Search:
         return self.cache[s]
 
 
-def _search_scale(W: torch.Tensor, H: torch.Tensor, cfg: HPTQConfig):
-    """A secant search on ``log2 s``: the stored size falls by about a bit per doubling."""
+def _search_scale(W: torch.Tensor, H: torch.Tensor, cfg: HPTQConfig, reserved_bits: float = 0.0):
+    """A secant search on ``log2 s``: the stored size falls by about a bit per doubling.
+
+    ``reserved_bits``: bits per weight stored beside the method's tensors (a rotation's), taken
+    out of the budget."""
     search = _Search(W, H, cfg)
-    # Bits the pipeline stores beside the method's tensors (a rotation) come out of the budget.
-    target, tol = cfg.target_bits - float(cfg.extra.get("reserved_bits", 0.0)), cfg.tol
+    target, tol = cfg.target_bits - reserved_bits, cfg.tol
     wmax = float(W.abs().max()) or 1.0
     x_min = math.log2(max(_FP16_TINY, wmax / _MAX_CODE))
     x_max = math.log2(min(_FP16_MAX, 8 * wmax))  # every code 0 from here on (nearly, for GPTQ)
@@ -236,13 +236,16 @@ def _search_scale(W: torch.Tensor, H: torch.Tensor, cfg: HPTQConfig):
     return s, r, table, found.value, found.evaluations
 
 
-def hptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: HPTQConfig) -> HPTQResult:
-    """Quantize W (d_out, d_in) to one scale and Huffman-coded unbounded codes."""
+def hptq_quantize(
+    W: torch.Tensor, H: torch.Tensor, cfg: HPTQConfig, reserved_bits: float = 0.0
+) -> HPTQResult:
+    """Quantize W (d_out, d_in) to one scale and Huffman-coded unbounded codes; the stored size
+    plus ``reserved_bits`` per weight meets the target."""
     if not isinstance(cfg, HPTQConfig):
         raise ValueError(f"hptq_quantize needs an HPTQConfig, got {type(cfg).__name__}")
     check_inputs(W, H)
     t0 = time.perf_counter()
-    s, r, table, bpw, evals = _search_scale(W, H, cfg)
+    s, r, table, bpw, evals = _search_scale(W, H, cfg, reserved_bits)
     stream, payload = huffman.encode(r.codes, table)
     return HPTQResult(
         codes=r.codes,
@@ -263,22 +266,16 @@ def hptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: HPTQConfig) -> HPTQResu
 
 
 def hptq_tensors(result: HPTQResult) -> dict[str, torch.Tensor]:
-    """The stored tensors of one layer."""
-    d_out, d_in = result.codes.shape
-    return {
-        "hptq_stream": torch.from_numpy(result.stream.copy()),
-        "hptq_table": result.table.to_tensor(),
-        "hptq_scale": torch.tensor([result.scale], dtype=torch.float16),
-        "hptq_shape": torch.tensor([d_out, d_in], dtype=torch.int32),
-        **chunk_index(result.codes, result.table, result.chunk_rows),
-    }
+    """The stored tensors of one layer (the HPTQ format's packing)."""
+    return HPTQ.pack(result)
 
 
-def _layer(W: torch.Tensor, H: torch.Tensor, config: HPTQConfig):
+def _layer(W: torch.Tensor, H: torch.Tensor, config: HPTQConfig, context: LayerContext | None):
     """The registered layer function of both HPTQ and HRTN."""
-    result = hptq_quantize(W, H, config)
-    tensors = hptq_tensors(result)
-    bpw = effective_bits(tensors, W.numel())
+    context = context or LayerContext(HPTQ)
+    result = hptq_quantize(W, H, config, context.reserved_bits)
+    tensors = context.format.pack(result)
+    bpw = context.format.effective_bits(tensors, W.numel())
     if abs(bpw - result.bits_per_weight) > 1e-12:
         raise AssertionError("HPTQ size accounting disagrees with the stored tensors")
     scales = torch.full((W.shape[0], 1), result.scale, dtype=W.dtype, device=W.device)
@@ -305,18 +302,22 @@ def _layer(W: torch.Tensor, H: torch.Tensor, config: HPTQConfig):
     return LayerQuant(Q=result.Q, tensors=tensors, stats=stats)
 
 
-def hptq_layer(W: torch.Tensor, H: torch.Tensor, config: HPTQConfig):
+def hptq_layer(
+    W: torch.Tensor, H: torch.Tensor, config: HPTQConfig, context: LayerContext | None = None
+):
     """HPTQ: GPTQ's codes (``config.rounding`` must be "gptq")."""
     if not isinstance(config, HPTQConfig) or config.rounding != "gptq":
         raise ValueError("method 'hptq' needs an HPTQConfig with rounding='gptq'")
-    return _layer(W, H, config)
+    return _layer(W, H, config, context)
 
 
-def hrtn_layer(W: torch.Tensor, H: torch.Tensor, config: HPTQConfig):
+def hrtn_layer(
+    W: torch.Tensor, H: torch.Tensor, config: HPTQConfig, context: LayerContext | None = None
+):
     """HRTN: round-to-nearest codes in HPTQ's format."""
     if not isinstance(config, HPTQConfig) or config.rounding != "rtn":
         raise ValueError("method 'hrtn' needs an HRTNConfig (rounding='rtn')")
-    return _layer(W, H, config)
+    return _layer(W, H, config, context)
 
 
 register_method(
@@ -324,7 +325,7 @@ register_method(
         name="hptq",
         config_cls=HPTQConfig,
         quantize=hptq_layer,
-        format="hptq",
+        formats=("hptq",),
         description="one scale per matrix, unclipped GPTQ codes, Huffman-coded (HPTQ)",
     )
 )
@@ -333,7 +334,7 @@ register_method(
         name="hrtn",
         config_cls=HRTNConfig,
         quantize=hrtn_layer,
-        format="hptq",
+        formats=("hptq",),
         description="one scale per matrix, round-to-nearest codes, Huffman-coded (HRTN)",
     )
 )

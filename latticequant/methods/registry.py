@@ -1,8 +1,10 @@
 """Quantization methods by name: each maps ``(W, H, config)`` to what a layer stores on disk.
 
-The pipeline only ever calls ``get_method(name)``: ``check(config, d_out, d_in)`` for every layer
-before any slow work, then ``quantize(W, H, config)``, which returns a :class:`LayerQuant`; it
-never special-cases a method. A method registers itself with :func:`register_method` when its
+The pipeline only ever calls ``get_method(name)``: :meth:`Method.refuse` for every layer before
+any slow work, then ``quantize(W, H, config, context)``, which returns a :class:`LayerQuant`; it
+never special-cases a method. The :class:`LayerContext` tells the method which registered format
+its layer is stored in (:mod:`latticequant.formats.protocol`) and how many bits per weight the
+pipeline stores beside it. A method registers itself with :func:`register_method` when its
 module is imported; :mod:`latticequant.methods` imports every module that ships one.
 """
 
@@ -14,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from latticequant.formats.protocol import Format, UnsupportedConfigError, get_format
+
 __all__ = [
+    "LayerContext",
     "LayerQuant",
     "Method",
     "UnknownMethodError",
@@ -44,8 +49,19 @@ class LayerQuant:
     stats: dict[str, float]
 
 
-class UnsupportedConfigError(ValueError):
-    """A config (or a layer's shape) that the method's format cannot store; says what to use."""
+@dataclass(frozen=True)
+class LayerContext:
+    """What the pipeline tells a method about the layer it solves.
+
+    format: the registered format the layer is stored in (its grid limits, its packing).
+    name: the layer's full name in the model (for messages).
+    reserved_bits: bits per weight the pipeline stores beside the method's tensors (a
+      rotation's), which a method with a budget of bits takes out of it.
+    """
+
+    format: Format
+    name: str = ""
+    reserved_bits: float = 0.0
 
 
 def _accept_all(config, d_out: int | None = None, d_in: int | None = None) -> None:
@@ -56,19 +72,48 @@ def _accept_all(config, d_out: int | None = None, d_in: int | None = None) -> No
 class Method:
     """A registered method: its name, its config dataclass, the layer function, its format.
 
-    check: ``check(config, d_out=None, d_in=None)`` raises :class:`UnsupportedConfigError` when
-    ``config`` (for a layer of shape ``(d_out, d_in)``, when given) cannot be stored in the
-    method's format. The command line calls it on the config before loading the model, the
-    pipeline for every layer before any forward pass, so an impossible combination is refused
-    up front, never turned into a layer left in float.
+    formats: the registered formats it can write, its default first.
+    check: ``check(config, d_out=None, d_in=None)`` raises :class:`UnsupportedConfigError` for
+    what the method itself cannot do (beyond its format's limits, which :meth:`refuse` adds).
+    The run's preflight calls :meth:`refuse` on the config and on every layer before any
+    forward pass, so an impossible combination is refused up front, never turned into a layer
+    left in float.
     """
 
     name: str
     config_cls: type
-    quantize: Callable[[torch.Tensor, torch.Tensor, object], LayerQuant]
-    format: str
+    quantize: Callable[..., LayerQuant]
+    formats: tuple[str, ...]
     description: str = ""
     check: Callable[..., None] = _accept_all
+
+    def __post_init__(self) -> None:
+        if isinstance(self.formats, str):  # one format named alone
+            object.__setattr__(self, "formats", (self.formats,))
+        if not self.formats or not all(isinstance(f, str) for f in self.formats):
+            raise ValueError(f"method {self.name!r} must name the formats it writes")
+
+    def format(self, name: str | None = None) -> Format:
+        """The format ``name`` (the method's default when None), refused in one line when the
+        method cannot write it."""
+        name = self.formats[0] if name is None else name
+        if name not in self.formats:
+            raise UnsupportedConfigError(
+                f"method {self.name} writes {' or '.join(self.formats)}, not {name!r}; drop "
+                f"--checkpoint-format or use one of those"
+            )
+        return get_format(name)
+
+    def refuse(
+        self, config, fmt: Format, d_out: int | None = None, d_in: int | None = None
+    ) -> None:
+        """Raise :class:`UnsupportedConfigError` for a config (and layer shape) that the method
+        cannot solve or ``fmt`` cannot store."""
+        fmt.check(config, d_out, d_in)
+        self.check(config, d_out, d_in)
+
+    def context(self, fmt: Format | None = None, name: str = "") -> LayerContext:
+        return LayerContext(self.format() if fmt is None else fmt, name)
 
 
 class UnknownMethodError(ValueError):
@@ -108,11 +153,9 @@ def get_method(name: str) -> Method:
 
 
 def config_to_dict(config) -> dict:
-    """A config dataclass as JSON-ready values (tensors become lists; ``extra`` is dropped)."""
+    """A config dataclass as JSON-ready values (tensors become lists)."""
     out = {}
     for f in dataclasses.fields(config):
-        if f.name == "extra":
-            continue
         value = getattr(config, f.name)
         if isinstance(value, torch.Tensor):
             value = value.tolist()

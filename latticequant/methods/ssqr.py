@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,11 +37,8 @@ from latticequant.core.order import check_permutation
 from latticequant.core.result import row_losses
 from latticequant.core.rtn import rtn_quantize
 from latticequant.core.search import OutOfReach, meet_target
-from latticequant.formats.bits import effective_bits
-from latticequant.formats.packing import CHECKPOINT_FORMATS
-from latticequant.formats.ssqr import pack_ssqr
-from latticequant.methods.grid import check_packable
-from latticequant.methods.registry import LayerQuant, Method, register_method
+from latticequant.formats.ssqr import SSQR
+from latticequant.methods.registry import LayerContext, LayerQuant, Method, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +65,6 @@ class SSQRConfig:
     max_iter: search steps at most; the result then has the largest rate not above target.
     order: GPTQ processing order ("act", "min-pivot", "natural", "reverse" or a permutation).
     scale_method: fit of the base grid, "mse" (the paper's) or "minmax".
-    extra: free-form settings from the pipeline; ``extra["checkpoint_format"]`` ("gptq", the
-      default, or "gptq_v2") picks the zero-point convention of the dense GPTQ part.
     """
 
     bits: int = 3
@@ -81,7 +76,6 @@ class SSQRConfig:
     block_size: int = 128
     tol: float = 0.001
     max_iter: int = 40
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in SSQR_BITS:
@@ -97,8 +91,6 @@ class SSQRConfig:
             raise ValueError(f"order must be one of {ORDER_NAMES} or a permutation")
         if self.scale_method not in SCALE_METHODS:
             raise ValueError(f"scale_method must be one of {SCALE_METHODS}")
-        if self.extra.get("checkpoint_format", "gptq") not in CHECKPOINT_FORMATS:
-            raise ValueError(f"extra['checkpoint_format'] must be one of {CHECKPOINT_FORMATS}")
         self.grid_config()  # validates group_size, damp, block_size, order tensors
 
     def grid_config(self) -> QuantConfig:
@@ -318,15 +310,18 @@ def ssqr_quantize(W: torch.Tensor, H: torch.Tensor, cfg: SSQRConfig) -> SSQRResu
     )
 
 
-def ssqr_tensors(result: SSQRResult, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
-    """The stored tensors (common layout): GPTQ dense part plus CSR outliers in float16."""
-    return pack_ssqr(result, result.outliers, result.values, checkpoint_format=checkpoint_format)
+def ssqr_tensors(result: SSQRResult) -> dict[str, torch.Tensor]:
+    """The stored tensors of the SSQR format: GPTQ dense part plus CSR outliers in float16."""
+    return SSQR.pack(result)
 
 
-def ssqr_layer(W: torch.Tensor, H: torch.Tensor, config: SSQRConfig):
+def ssqr_layer(
+    W: torch.Tensor, H: torch.Tensor, config: SSQRConfig, context: LayerContext | None = None
+):
     """The registered layer function: SSQR result, stored tensors and log entries."""
+    fmt = (context or LayerContext(SSQR)).format
     result = ssqr_quantize(W, H, config)
-    tensors = ssqr_tensors(result, checkpoint_format=config.extra.get("checkpoint_format", "gptq"))
+    tensors = fmt.pack(result)
     rtn = rtn_quantize(W, H, config.grid_config().replace(clip=True, order=result.order))
     stats = {
         "loss": float(result.loss.sum()),
@@ -340,7 +335,7 @@ def ssqr_layer(W: torch.Tensor, H: torch.Tensor, config: SSQRConfig):
         "search_decodes": result.iterations,
         "damp": result.damp,
         "time_s": result.time_s,
-        "bits_per_weight": effective_bits(tensors, W.numel()),
+        "bits_per_weight": fmt.effective_bits(tensors, W.numel()),
     }
     return LayerQuant(Q=result.Q, tensors=tensors, stats=stats)
 
@@ -350,8 +345,7 @@ register_method(
         name="ssqr",
         config_cls=SSQRConfig,
         quantize=ssqr_layer,
-        format="ssqr",
+        formats=("ssqr",),
         description="b-bit groups + float16 CSR outliers, nothing clipped (SSQR)",
-        check=lambda config, d_out=None, d_in=None: check_packable(config.bits, d_out, d_in),
     )
 )

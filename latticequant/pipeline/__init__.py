@@ -13,10 +13,27 @@ from latticequant.pipeline.checkpoint import (
     save_quantized,
 )
 from latticequant.pipeline.overrides import Override, parse_override, resolve_config
-from latticequant.pipeline.run import LayerPlan, QuantizeSummary, plan_layers, quantize_model
+from latticequant.pipeline.run import Calibration, QuantizeSummary, quantize_model
+from latticequant.pipeline.spec import (
+    CalibrationSpec,
+    ExecutionSpec,
+    LayerPlan,
+    OutputSpec,
+    Plan,
+    RunSpec,
+    plan_layers,
+    prepare,
+)
 from latticequant.pipeline.state import OutputExistsError, ResumeMismatchError
 
 __all__ = [
+    "Calibration",
+    "CalibrationSpec",
+    "ExecutionSpec",
+    "OutputSpec",
+    "Plan",
+    "RunSpec",
+    "prepare",
     "CheckpointError",
     "LayerPlan",
     "OutputExistsError",

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from latticequant.core.hessian import CrossGramAccumulator, HessianAccumulator
+from latticequant.formats.protocol import Format
 from latticequant.methods.registry import LayerQuant, Method
 from latticequant.pipeline.distributed import World, assign_owners, solve_cost
 from latticequant.pipeline.experts import (
@@ -149,8 +150,10 @@ class BlockQuantizer:
         world: World | None = None,
         experts: ExpertPolicy | None = None,
         target: TargetConfig | None = None,
+        fmt: Format | None = None,
     ):
         self.method = method
+        self.format = fmt  # what the method packs (its default when None)
         self.target = target if target is not None else TargetConfig()
         self.configs = configs  # local name -> config; only the layers to quantize
         self.hessian_dtype, self.device = hessian_dtype, device
@@ -182,8 +185,9 @@ class BlockQuantizer:
         try:
             C = None if cross is None else cross.H
             lq = solve_layer(
-                self.method, W, H, self.configs[name], self.target, self.full_name(name), C
-            )
+                self.method, W, H, self.configs[name], self.target, self.full_name(name), C,
+                self.format,
+            )  # fmt: skip
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
         elapsed = time.perf_counter() - t0

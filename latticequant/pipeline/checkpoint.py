@@ -25,16 +25,13 @@ from torch import nn
 
 from latticequant.formats import (
     GPTQ_KEYS,
-    ROTATION_KEYS,
-    SUPPORTED_BITS,
+    ROTATED_FORMAT,
+    Format,
     FormatError,
-    build_module,
+    RotatedFormat,
     get_format,
     is_permuted,
-    quantize_config_dict,
-    unpack_rotation,
 )
-from latticequant.formats.rotation import RotatedLinear
 from latticequant.methods.registry import config_to_dict
 from latticequant.pipeline.experts import unfuse_experts
 from latticequant.pipeline.files import (
@@ -62,11 +59,7 @@ __all__ = [
 
 LOG_FILE = "quant_log.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
-OWN_QUANT_METHOD = "latticequant"  # quant_method of checkpoints with non-GPTQ layers
-QUANT_METHODS = ("gptq", OWN_QUANT_METHOD)
-ROTATED_FORMAT = "latticequant-hadamard"
-"""``format`` of a checkpoint with rotated layers: their stored weights are ``W R`` and mean
-nothing to a reader that does not apply ``R`` first, so no GPTQ reader may take them."""
+QUANT_METHODS = ("gptq", "latticequant")  # file-level quant_method values the loader reads
 
 
 class CheckpointError(ValueError):
@@ -168,8 +161,8 @@ def save_quantized(
     *,
     method,
     config,
+    fmt: Format | None = None,
     tokenizer=None,
-    checkpoint_format: str = "gptq",
     overrides=(),
     skipped: Mapping[str, str] | None = None,
     run: dict | None = None,
@@ -188,6 +181,7 @@ def save_quantized(
     ``layers``, for that block), so only one block is ever in memory.
     """
     folder = Path(folder)
+    fmt = method.format() if fmt is None else fmt
     layout = describe_model(model)
     store = store_of(model)
     kept = {
@@ -226,8 +220,6 @@ def save_quantized(
             "out_features": int(d_out),
             "keys": {k: list(v) for k, v in layer.shapes.items()},
         }
-        if "rot_signs" in layer.shapes:
-            modules[name]["rotation"] = "hadamard"
     not_quantized = [n for n in layout.linear_names() if n not in layers]
     reasons = dict(skipped or {})
     unexplained = [n for n in not_quantized if n not in reasons]
@@ -246,7 +238,7 @@ def save_quantized(
     }
     section = {
         "method": method.name,
-        "format": method.format,
+        "format": fmt.name,
         "config": cfg,
         "overrides": [
             {"pattern": o.pattern, "skip": o.skip, "changes": dict(o.changes)} for o in overrides
@@ -254,33 +246,7 @@ def save_quantized(
         "tied": aliases,
         "modules": modules,
     }
-    if base["bits"] in SUPPORTED_BITS:
-        qconfig = quantize_config_dict(
-            bits=base["bits"],
-            group_size=base["group_size"],
-            desc_act=base["desc_act"],
-            sym=base["sym"],
-            static_groups=bool(cfg.get("static_groups", False)),
-            damp_percent=float(cfg.get("damp", 0.01)),
-            true_sequential=True,
-            checkpoint_format=checkpoint_format,
-            meta={"method": method.name},
-        )
-    else:  # a method without a fixed code width (Huffman-coded codes)
-        qconfig = {
-            "bits": None,
-            "group_size": base["group_size"],
-            "desc_act": base["desc_act"],
-            "true_sequential": True,
-            "checkpoint_format": checkpoint_format,
-        }
-    # Other tools read GPTQ layers only; a checkpoint with other formats must not pass for one.
-    formats_used = {m["format"] for m in modules.values()}
-    rotated = any("rotation" in m for m in modules.values())
-    plain = formats_used <= {"gptq"} and not rotated
-    qconfig["quant_method"] = "gptq" if plain else OWN_QUANT_METHOD
-    if rotated:
-        qconfig["format"] = ROTATED_FORMAT
+    qconfig = fmt.file_config(base, {**cfg, "method": method.name})
     dynamic = _dynamic_overrides(modules, not_quantized, base)
     if dynamic:
         qconfig["dynamic"] = dynamic
@@ -318,7 +284,7 @@ def save_quantized(
         {
             "method": method.name,
             "config": cfg,
-            "checkpoint_format": checkpoint_format,
+            "checkpoint_format": fmt.name,
             "run": run or {},
             "skipped": {n: reasons[n] for n in not_quantized},
             "layers": stats,
@@ -396,6 +362,24 @@ def _module_table(qc: dict, tensors: Mapping[str, torch.Tensor]) -> dict:
     return modules
 
 
+def _entry_format(name: str, entry: Mapping, qc: Mapping) -> Format:
+    """The registered format a module table entry names. Entries written before every format
+    was registered under its own name say ``gptq`` with the file's ``checkpoint_format`` for the
+    zero points, and ``"rotation": "hadamard"`` beside a rotated layer's format."""
+    named = str(entry.get("format", "gptq"))
+    if named == "gptq" and qc.get("checkpoint_format") == "gptq_v2":
+        named = "gptq_v2"
+    rotation = entry.get("rotation")
+    if rotation not in (None, "hadamard"):
+        raise CheckpointError(f"module {name}: unknown rotation {rotation!r}")
+    if rotation:
+        named = f"{named}+hadamard"
+    try:
+        return get_format(named)
+    except FormatError as exc:
+        raise CheckpointError(f"module {name}: {exc}") from None
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -439,7 +423,7 @@ def load_quantized(
 
     ``cache_weight``: False keeps only the packed codes resident on the CPU path (each call
     dequantizes a tile at a time), True keeps a dense copy for speed, None (default) caches on
-    the CPU path (see :class:`~latticequant.formats.qlinear.QuantLinear`).
+    the CPU path (see :class:`~latticequant.formats.gptq.QuantLinear`).
 
     Every expected tensor is checked for presence and shape before anything is used; a
     truncated or mismatched checkpoint raises :class:`CheckpointError` naming the tensor.
@@ -464,26 +448,20 @@ def load_quantized(
     unfuse_experts(model)  # experts are stored one linear layer per expert matrix
 
     modules = _module_table(qc, tensors)
-    checkpoint_format = qc.get("checkpoint_format", qc.get("format", "gptq"))
     expected = model.state_dict()
     tied = set((qc.get("latticequant") or {}).get("tied", {}))
     if not tied and getattr(hf_config, "tie_word_embeddings", False):
         tied = set(_tied_aliases(expected))
 
+    formats: dict[str, Format] = {}
     for name, entry in modules.items():
-        try:
-            fmt = get_format(entry.get("format", "gptq"))
-        except FormatError as exc:
-            raise CheckpointError(f"module {name}: {exc}") from None
-        rotation = entry.get("rotation")
-        if rotation not in (None, "hadamard"):
-            raise CheckpointError(f"module {name}: unknown rotation {rotation!r}")
-        if rotation and qc.get("format") != ROTATED_FORMAT:
+        fmt = formats[name] = _entry_format(name, entry, qc)
+        if isinstance(fmt, RotatedFormat) and qc.get("format") != ROTATED_FORMAT:
             raise CheckpointError(
                 f"module {name} is rotated but quantize config's format is "
                 f"{qc.get('format')!r}, not {ROTATED_FORMAT!r}: the checkpoint is inconsistent"
             )
-        for key in fmt.keys + (ROTATION_KEYS if rotation else ()):
+        for key in fmt.keys:
             full = f"{name}.{key}"
             if full not in tensors:
                 raise CheckpointError(f"checkpoint is missing tensor {full}")
@@ -521,7 +499,7 @@ def load_quantized(
 
     for name, entry in modules.items():
         original = model.get_submodule(name)
-        fmt = get_format(entry.get("format", "gptq"))
+        fmt = formats[name]
         layer_tensors = {k: tensors[f"{name}.{k}"] for k in fmt.keys}
         layer_tensors.update(
             {k: tensors[f"{name}.{k}"] for k in fmt.optional_keys if f"{name}.{k}" in tensors}
@@ -529,20 +507,9 @@ def load_quantized(
         bias = tensors.get(f"{name}.bias")
         if bias is None and getattr(original, "bias", None) is not None:
             raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
-        meta = {
-            "bits": entry.get("bits", qc.get("bits")),
-            "checkpoint_format": checkpoint_format,
-            "cache_weight": cache_weight,
-        }
-        for k in ("in_features", "out_features"):
-            if k in entry:
-                meta[k] = entry[k]
+        meta = {**fmt.module_meta(entry, qc), "cache_weight": cache_weight}
         try:
-            module = build_module(entry.get("format", "gptq"), layer_tensors, meta, bias)
-            if entry.get("rotation"):
-                stored = {k: tensors[f"{name}.{k}"] for k in ROTATION_KEYS}
-                n_in = int(entry.get("in_features", linear_weight(original).shape[1]))
-                module = RotatedLinear(unpack_rotation(stored, n_in), module)
+            module = fmt.module(layer_tensors, meta, bias)
         except FormatError as exc:
             raise CheckpointError(f"module {name}: {exc}") from None
         _set_module(model, name, module)

@@ -14,9 +14,8 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from latticequant.methods import Method, UnsupportedConfigError, config_to_dict, get_method
+from latticequant.methods import config_to_dict
 from latticequant.pipeline.blocks import (
     BlockQuantizer,
     HessianBank,
@@ -38,17 +37,12 @@ from latticequant.pipeline.checkpoint import (
     save_quantized,
 )
 from latticequant.pipeline.distributed import World, shard_range
-from latticequant.pipeline.experts import ExpertPolicy, has_experts, unfuse_experts
+from latticequant.pipeline.experts import has_experts
 from latticequant.pipeline.forward import BlockInputs, capture_first_block_inputs
-from latticequant.pipeline.layout import (
-    ModelLayout,
-    describe_model,
-    linear_weight,
-    set_linear_weight,
-)
-from latticequant.pipeline.memory import check_run_memory, release_freed_memory
+from latticequant.pipeline.layout import ModelLayout, linear_weight, set_linear_weight
+from latticequant.pipeline.memory import release_freed_memory
 from latticequant.pipeline.offload import BlockStore, store_of
-from latticequant.pipeline.overrides import Override, resolve_config, skip_reason
+from latticequant.pipeline.spec import LayerPlan, Plan
 from latticequant.pipeline.state import (
     ResumeMismatchError,
     RunState,
@@ -56,35 +50,30 @@ from latticequant.pipeline.state import (
     finish_output,
     prepare_output,
 )
-from latticequant.pipeline.target import TargetConfig, check_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerPlan", "QuantizeSummary", "check_target_model", "plan_layers", "quantize_model"]
+__all__ = ["Calibration", "QuantizeSummary", "quantize_model"]
 
 
 @dataclass
-class LayerPlan:
-    """What the run does with every linear layer of the model's blocks.
+class Calibration:
+    """The calibration windows a run quantizes on.
 
-    configs: block index -> local layer name -> its config (the layers to quantize).
-    skipped: full layer name -> why it stays in float (only what the user asked for).
+    ids: ``(n_windows, seqlen)`` token ids; attention_mask: real tokens (padding never enters a
+    Hessian); tokenizer: the one that made them, saved with the checkpoint.
     """
 
-    configs: dict[int, dict[str, object]]
-    skipped: dict[str, str]
+    ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    tokenizer: object = None
 
-    @property
-    def n_quantized(self) -> int:
-        return sum(len(c) for c in self.configs.values())
-
-    def names(self, layout: ModelLayout) -> list[str]:
-        """Full names of the layers to quantize, in the layout's order."""
-        return [
-            f"{layout.block_name(i)}.{local}"
-            for i, block in self.configs.items()
-            for local in block
-        ]
+    def __post_init__(self) -> None:
+        ids = self.ids
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError("calibration ids must be a non-empty (n_windows, seqlen) tensor")
+        if self.attention_mask is not None and self.attention_mask.shape != ids.shape:
+            raise ValueError("attention_mask must have the shape of the calibration ids")
 
 
 @dataclass
@@ -106,109 +95,6 @@ class QuantizeSummary:
 
     def __getitem__(self, index):
         return self.layers[index]
-
-
-def _resolve_method(method: str | Method, config, checkpoint_format: str):
-    """The registered method and a config of its class, carrying the checkpoint format."""
-    if isinstance(method, str):
-        method = get_method(method)
-    if config is None:
-        config = method.config_cls()
-    if not isinstance(config, method.config_cls):
-        raise ValueError(
-            f"method {method.name!r} needs a {method.config_cls.__name__}, got "
-            f"{type(config).__name__}"
-        )
-    if isinstance(getattr(config, "extra", None), dict):
-        config = dataclasses.replace(
-            config, extra={**config.extra, "checkpoint_format": checkpoint_format}
-        )
-    return method, config
-
-
-def _check_run_inputs(calib_ids, attention_mask, batch_size, device) -> tuple[int, torch.device]:
-    """Validate the calibration tensors and the device; returns ``(batch_size, device)``."""
-    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.numel() == 0:
-        raise ValueError("calib_ids must be a non-empty (n_windows, seqlen) tensor of token ids")
-    if attention_mask is not None and attention_mask.shape != calib_ids.shape:
-        raise ValueError("attention_mask must have the shape of calib_ids")
-    batch_size = calib_ids.shape[0] if batch_size is None else int(batch_size)
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for but CUDA is not available here")
-    return batch_size, device
-
-
-def check_target_model(layout: ModelLayout, target: TargetConfig) -> None:
-    """Refuse a target the model's architecture cannot take, before any slow work."""
-    if target.float_outputs and any(has_experts(b) for b in layout.blocks):
-        raise ValueError(
-            "--objective float-outputs is not supported for mixture-of-experts models (the "
-            "float and quantized blocks route tokens differently); use --objective layer"
-        )
-
-
-def plan_layers(
-    layout: ModelLayout,
-    method: Method,
-    config,
-    overrides: Sequence[Override],
-    blocks: tuple[int, int] | None = None,
-    target: TargetConfig | None = None,
-) -> LayerPlan:
-    """Every linear layer's config after the overrides, each checked by the method (and by
-    the rotation of ``target``, which needs a size it can factor).
-
-    ``blocks``: ``(start, end)``, only the blocks ``start <= i < end`` are quantized; the
-    layers of the others are skipped, saying so.
-
-    Raises :class:`~latticequant.methods.UnsupportedConfigError` naming the first layer the
-    method's format cannot store (so nothing slow has run yet), and ``ValueError`` when the
-    skip patterns leave nothing to quantize.
-    """
-    n = len(layout.blocks)
-    if blocks is not None and not 0 <= blocks[0] < blocks[1] <= n:
-        raise ValueError(
-            f"--blocks {blocks[0]}:{blocks[1]} is not a range of this model's {n} blocks "
-            f"(START:END with 0 <= START < END <= {n})"
-        )
-    configs: dict[int, dict[str, object]] = {}
-    skipped: dict[str, str] = {}
-    for index in range(n):
-        block = layout.blocks[index]
-        configs[index] = {}
-        outside = blocks is not None and not blocks[0] <= index < blocks[1]
-        for subset in layout.subsets_of(index):
-            for local in subset:
-                name = f"{layout.block_name(index)}.{local}"
-                if outside:
-                    skipped[name] = f"outside --blocks {blocks[0]}:{blocks[1]}"
-                    continue
-                cfg = resolve_config(name, config, overrides)
-                if cfg is None:
-                    skipped[name] = skip_reason(name, overrides) or "skipped"
-                    continue
-                d_out, d_in = linear_weight(block.get_submodule(local)).shape
-                try:
-                    method.check(cfg, int(d_out), int(d_in))
-                except UnsupportedConfigError as exc:
-                    raise UnsupportedConfigError(
-                        f"{name} ({method.name}, {d_out}x{d_in}): {exc}"
-                    ) from None
-                if target is not None:
-                    check_target(target, name, int(d_in))
-                configs[index][local] = cfg
-    plan = LayerPlan(configs, skipped)
-    if plan.n_quantized == 0:
-        raise ValueError(
-            f"no layer left to quantize: the skip patterns match all {len(skipped)} linear layers"
-        )
-    return plan
 
 
 def _resume(
@@ -271,28 +157,26 @@ def _resume(
 
 
 def _quantize_block(
-    layout: ModelLayout,
-    index: int,
-    method: Method,
-    configs: dict[str, object],
-    batches: list[BlockInputs],
-    device: torch.device,
-    hessian_dtype: torch.dtype,
-    world: World,
-    experts: ExpertPolicy,
-    target: TargetConfig,
+    plan: Plan, index: int, batches: list[BlockInputs]
 ) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], float]:
-    """Quantize block ``index`` in place on ``device``; its outputs become ``batches``' inputs.
+    """Quantize block ``index`` in place on the plan's device; its outputs become ``batches``'
+    inputs.
 
     Returns the block's layers (experts the ``float`` fallback keeps in float among them, with
     format ``"float"`` and no tensors), their weights and this rank's solve seconds."""
+    layout, method, device = plan.layout, plan.method, plan.device
+    configs = plan.layers.configs[index]
+    target = plan.spec.target
     block = layout.blocks[index]
     prefix = layout.block_name(index)
     block.to(device)
     on_device = [b.to(device) for b in batches]
-    bq = BlockQuantizer(method, configs, hessian_dtype, device, world, experts, target)
+    bq = BlockQuantizer(
+        method, configs, plan.hessian_dtype, device, plan.world, plan.spec.experts, target,
+        plan.format,
+    )  # fmt: skip
     bq.prefix = prefix
-    bank = HessianBank(hessian_dtype, device)
+    bank = HessianBank(plan.hessian_dtype, device)
     subsets = layout.subsets_of(index)
     float_block = copy.deepcopy(block) if target.float_outputs else None
     if len(on_device) == 1 and not has_experts(block) and float_block is None:
@@ -319,7 +203,7 @@ def _quantize_block(
         entry = {"name": name, "block": index, "method": method.name, "shape": list(W.shape)}
         layers[name] = QuantizedLayer(
             name,
-            method.format,
+            plan.stored_format.name,
             {k: v.cpu() for k, v in lq.tensors.items()},
             {**entry, **lq.stats},
             config_to_dict(configs[local]),
@@ -387,114 +271,70 @@ def _summarize(
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
-    tokenizer,
-    calib_ids: torch.Tensor,
-    method: str | Method = "gptq",
-    config=None,
-    out_dir: str | os.PathLike | None = None,
+    calibration: Calibration | torch.Tensor,
+    plan: Plan,
     *,
-    overrides: Iterable[Override] = (),
-    resume: bool = True,
-    overwrite: bool = False,
-    device: str | torch.device = "cpu",
-    attention_mask: torch.Tensor | None = None,
-    batch_size: int | None = None,
-    checkpoint_format: str = "gptq",
-    hessian_dtype: torch.dtype = torch.float32,
-    progress: bool = True,
     on_block_done: Callable[[int], None] | None = None,
-    world: World | None = None,
     run_info: dict | None = None,
-    blocks: tuple[int, int] | None = None,
-    experts: ExpertPolicy | None = None,
-    target: TargetConfig | None = None,
 ) -> QuantizeSummary:
-    """Quantize ``model``'s decoder blocks in place; write a checkpoint to ``out_dir`` if given.
+    """Quantize ``model``'s decoder blocks in place as ``plan`` says (made by
+    :func:`~latticequant.pipeline.spec.prepare` from a
+    :class:`~latticequant.pipeline.spec.RunSpec`); write the checkpoint to the spec's ``out``
+    if it names one.
 
-    calib_ids: ``(n_windows, seqlen)`` token ids; ``attention_mask`` marks real tokens (padding
-    never enters a Hessian). ``config`` is an instance of the method's config class (its
-    defaults when None). ``overrides`` skip modules or change their config by name pattern.
-    ``batch_size`` windows per forward (all at once by default: one pass per block).
-    ``world``: the ranks sharing the run (:mod:`latticequant.pipeline.distributed`); every rank
+    ``calibration``: the windows (a :class:`Calibration`, or a ``(n_windows, seqlen)`` tensor
+    of token ids), of the shape the plan was prepared for. Under torch.distributed every rank
     passes the same arguments, runs its share of the windows and ends with the same quantized
-    model, identical to one process's; rank 0 writes ``out_dir``.
-    Returns a :class:`QuantizeSummary` (a sequence of one stats dict per quantized layer).
-    Every layer not skipped by an override is quantized, or the run fails naming it.
-    Mixture-of-experts models have their fused experts split into per-expert linear layers
-    first (:mod:`latticequant.pipeline.experts`); ``experts`` says what an expert with too few
-    routed tokens is quantized on (``ExpertPolicy()`` by default). ``target`` chooses the
-    problem each layer solves (:class:`~latticequant.pipeline.target.TargetConfig`: the
-    float-outputs objective, the Hadamard rotation; each layer's own weights by default).
+    model, identical to one process's; rank 0 writes the checkpoint. Every layer not skipped
+    is quantized, or the run fails naming it. Returns a :class:`QuantizeSummary`.
     """
-    world = World() if world is None else world
-    experts = ExpertPolicy() if experts is None else experts
-    target = TargetConfig() if target is None else target
-    with world.failing_together():  # the other ranks stop with this rank's line
-        return _quantize_model(
-            model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite,
-            device, attention_mask, batch_size, checkpoint_format, hessian_dtype, progress,
-            on_block_done, world, run_info or {}, blocks, experts, target,
-        )  # fmt: skip
+    if not isinstance(calibration, Calibration):
+        calibration = Calibration(calibration)
+    want = (plan.spec.calibration.nsamples, plan.spec.calibration.seqlen)
+    if tuple(calibration.ids.shape) != want:
+        raise ValueError(
+            f"the calibration has {calibration.ids.shape[0]} windows of "
+            f"{calibration.ids.shape[1]} tokens, the plan was prepared for {want[0]} of "
+            f"{want[1]}: prepare it with CalibrationSpec(nsamples={calibration.ids.shape[0]}, "
+            f"seqlen={calibration.ids.shape[1]})"
+        )
+    with plan.world.failing_together():  # the other ranks stop with this rank's line
+        return _quantize_model(model, calibration, plan, on_block_done, run_info or {})
 
 
 def _quantize_model(
-    model, tokenizer, calib_ids, method, config, out_dir, overrides, resume, overwrite, device,
-    attention_mask, batch_size, checkpoint_format, hessian_dtype, progress, on_block_done, world,
-    run_info, blocks, experts, target,
-) -> QuantizeSummary:  # fmt: skip
-    method, config = _resolve_method(method, config, checkpoint_format)
-    overrides = list(overrides)
-    _check_run_inputs(calib_ids, attention_mask, batch_size, device)
-    unfuse_experts(model)
-    layout = describe_model(model)
-    model.eval()
-    check_target_model(layout, target)
-    plan = plan_layers(layout, method, config, overrides, blocks, target)
-    last = max(i for i, c in plan.configs.items() if c)  # no block after it needs running
+    model: nn.Module,
+    calibration: Calibration,
+    plan: Plan,
+    on_block_done: Callable[[int], None] | None,
+    run_info: dict,
+) -> QuantizeSummary:
+    spec, world, layout = plan.spec, plan.world, plan.layout
+    calib_ids, attention_mask = calibration.ids, calibration.attention_mask
+    out_dir = spec.output.out
+    last = max(i for i, c in plan.layers.configs.items() if c)  # no block after it needs running
     store = store_of(model)  # blocks kept on disk: one in memory at a time
-    check_run_memory(
-        model,
-        layout,
-        calib_ids.shape[0],
-        calib_ids.shape[1],
-        batch_size,
-        torch.device(device),
-        hessian_dtype,
-        world.size,
-        target.float_outputs,
-        target.rotated,
-    )
 
     output = None
     if out_dir is not None and world.rank == 0:
         run_fingerprint = fingerprint(
             model,
-            method,
-            config,
-            overrides,
+            plan.method,
+            plan.config,
+            spec.overrides,
             calib_ids,
             attention_mask,
-            {
-                "checkpoint_format": checkpoint_format,
-                "batch_size": batch_size,
-                **({"blocks": list(blocks)} if blocks else {}),
-                **({} if target.is_default else {"target": dataclasses.asdict(target)}),
-                **(
-                    {"experts": dataclasses.asdict(experts)}
-                    if any(has_experts(b) for b in layout.blocks)
-                    else {}
-                ),
-            },
+            spec.fingerprint_extra(layout, plan.format),
         )
-        output = prepare_output(out_dir, overwrite, resume, run_fingerprint)
+        output = prepare_output(out_dir, spec.output.overwrite, spec.output.resume, run_fingerprint)
     state = None if output is None else output[2]
 
     share = world.shard(calib_ids.shape[0])
     ids = calib_ids[share.start : share.stop]
     mask = None if attention_mask is None else attention_mask[share.start : share.stop]
-    batch_size, device = _check_run_inputs(ids, mask, batch_size, device)
+    batch_size = ids.shape[0] if spec.execution.batch_size is None else spec.execution.batch_size
     batches = capture_first_block_inputs(model, layout, ids, mask, batch_size, share.start)
-    if target.float_outputs:  # the float model's hidden states, equal up to the first block
+    if spec.target.float_outputs:  # the float model's hidden states, equal up to the first block
         for b in batches:
             b.float_hidden = b.hidden
     work = None if output is None else output[1]
@@ -506,26 +346,15 @@ def _quantize_model(
     parked = contextlib.nullcontext() if store is None else store.parked_outside()
     bar = tqdm(
         range(start, last + 1),
-        desc=f"quantize ({method.name})",
+        desc=f"quantize ({plan.method.name})",
         unit="block",
-        disable=not progress or world.rank != 0,
+        disable=not spec.execution.progress or world.rank != 0,
     )
     with parked:  # embeddings and head go back to disk while the blocks are quantized
         for index in bar:
             if store is not None:
                 store.load(index)
-            block_layers, Qs, block_solve_s = _quantize_block(
-                layout,
-                index,
-                method,
-                plan.configs[index],
-                batches,
-                device,
-                hessian_dtype,
-                world,
-                experts,
-                target,
-            )
+            block_layers, Qs, block_solve_s = _quantize_block(plan, index, batches)
             solve_s += block_solve_s
             layers.update(
                 _keep_block(
@@ -552,8 +381,16 @@ def _quantize_model(
         **{f"{kind}_s": t for kind, t in comm.items()},
         "ranks": world.size,
     }
-    summary = _summarize(layout, plan, layers, time_s, start, timings)
+    summary = _summarize(layout, plan.layers, layers, time_s, start, timings)
+    if out_dir is not None:
+        _save(model, plan, calibration, layers, output, summary, run_info, last, store)
+    return summary
 
+
+def _save(model, plan, calibration, layers, output, summary, run_info, last, store) -> None:
+    """Rank 0 writes the checkpoint into the work folder and renames it into place; every
+    rank learns whether that worked."""
+    spec, world = plan.spec, plan.world
     error = None
     if output is not None:
         final, work, state = output
@@ -562,23 +399,27 @@ def _quantize_model(
                 model,
                 work,
                 layers,
-                method=method,
-                config=config,
-                tokenizer=tokenizer,
-                checkpoint_format=checkpoint_format,
-                overrides=overrides,
-                skipped=plan.skipped,
+                method=plan.method,
+                config=plan.config,
+                fmt=plan.stored_format,
+                tokenizer=calibration.tokenizer,
+                overrides=spec.overrides,
+                skipped=plan.layers.skipped,
                 block_tensors=None
                 if store is None
                 else (lambda i: state.load_block(i)[0] if i <= last else {}),
                 run={
                     **run_info,
                     "quantize_time_s": summary.time_s,
-                    "n_windows": calib_ids.shape[0],
-                    "seqlen": calib_ids.shape[1],
-                    "blocks_resumed": start,
+                    "n_windows": calibration.ids.shape[0],
+                    "seqlen": calibration.ids.shape[1],
+                    "blocks_resumed": summary.blocks_resumed,
                     "ranks": world.size,
-                    **({} if target.is_default else {"target": dataclasses.asdict(target)}),
+                    **(
+                        {}
+                        if spec.target.is_default
+                        else {"target": dataclasses.asdict(spec.target)}
+                    ),
                 },
             )
             finish_output(final, work)
@@ -586,6 +427,4 @@ def _quantize_model(
             if not world.distributed:
                 raise
             error = str(exc).splitlines()[0]
-    if out_dir is not None:
-        world.barrier(error)  # every rank learns whether rank 0's checkpoint is written
-    return summary
+    world.barrier(error)  # every rank learns whether rank 0's checkpoint is written

@@ -26,10 +26,19 @@ from latticequant.core.objective import output_target
 from latticequant.core.result import row_losses
 from latticequant.core.rotation import hadamard_rotation, rotate_problem, split_size
 from latticequant.formats.bits import total_bits
-from latticequant.formats.rotation import pack_rotation
+from latticequant.formats.protocol import Format
+from latticequant.formats.rotation import pack_rotation, rotated
 from latticequant.methods.registry import LayerQuant, Method, UnsupportedConfigError
 
-__all__ = ["OBJECTIVES", "ROTATIONS", "TargetConfig", "layer_seed", "check_target", "solve_layer"]
+__all__ = [
+    "OBJECTIVES",
+    "ROTATIONS",
+    "TargetConfig",
+    "layer_seed",
+    "check_target",
+    "layer_format",
+    "solve_layer",
+]
 
 OBJECTIVES = ("layer", "float-outputs")
 ROTATIONS = ("none", "hadamard")
@@ -92,11 +101,10 @@ def check_target(target: TargetConfig, name: str, d_in: int) -> None:
             raise UnsupportedConfigError(f"{name}: {exc}") from None
 
 
-def _with_extra(config, **values):
-    extra = getattr(config, "extra", None)
-    if not isinstance(extra, dict):
-        return config
-    return dataclasses.replace(config, extra={**extra, **values})
+def layer_format(fmt: Format, target: TargetConfig) -> Format:
+    """The format a layer is written in: ``fmt``, or its rotated variant when the target
+    rotates (the method packs ``fmt``; the transform's tensors ride beside)."""
+    return rotated(fmt) if target.rotated else fmt
 
 
 def solve_layer(
@@ -107,15 +115,18 @@ def solve_layer(
     target: TargetConfig,
     name: str,
     cross: torch.Tensor | None = None,
+    fmt: Format | None = None,
 ) -> LayerQuant:
     """One layer's :class:`LayerQuant` on the problem ``target`` describes.
 
     W: the float weights ``(d_out, d_in)``; H: the Hessian of the layer's (quantized) inputs;
-    cross: ``X^T X~ / n`` for the float-outputs objective. The returned ``Q`` is in the
-    layer's own input basis, ``tensors`` include the rotation's.
+    cross: ``X^T X~ / n`` for the float-outputs objective; fmt: the format the method packs
+    (its default when None). The returned ``Q`` is in the layer's own input basis, ``tensors``
+    include the rotation's.
     """
+    context = method.context(fmt, name)
     if target.is_default:
-        return method.quantize(W, H, config)
+        return method.quantize(W, H, config, context)
     stats: dict[str, float | str] = {}
     T = W
     if target.float_outputs:
@@ -135,8 +146,8 @@ def solve_layer(
         reserved = total_bits(stored) / W.numel()
         T64, H_rot = rotate_problem(T.to(torch.float64), H, rotation)  # H read by rows
         T, H = T64.to(W.dtype), H_rot
-        config = _with_extra(config, reserved_bits=reserved)
-    lq = method.quantize(T, H, config)
+        context = dataclasses.replace(context, reserved_bits=reserved)
+    lq = method.quantize(T, H, config, context)
     lq.stats.update(stats)
     if rotation is not None:
         Q = rotation.apply_transpose(lq.Q.to(torch.float64)).to(lq.Q.dtype)

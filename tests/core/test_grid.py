@@ -101,7 +101,7 @@ def test_min_zero_keeps_offsets_at_one_and_still_covers_the_range(bits, scale_me
     base = lq.QuantConfig(bits=bits, group_size=16, scale_method=scale_method)
     S0, Z0 = fit_grid(W, base)
     assert int(Z0.min()) == 0  # the case exists without the constraint
-    S, Z = fit_grid(W, base.replace(min_zero=1))
+    S, Z = fit_grid(W, base, min_zero=1)
     assert int(Z.min()) >= 1 and int(Z.max()) <= base.maxq
     kept = Z0 >= 1  # groups that already had an offset of at least one are untouched
     assert torch.equal(S[kept], S0[kept]) and torch.equal(Z[kept], Z0[kept])
@@ -118,4 +118,4 @@ def test_min_zero_keeps_offsets_at_one_and_still_covers_the_range(bits, scale_me
             assert torch.all(lo[refit] >= lo_grid[refit] - 1e-12)
             assert torch.all(hi[refit] <= hi_grid[refit] + 1e-12)
     with pytest.raises(ValueError, match="min_zero"):
-        lq.QuantConfig(bits=bits, min_zero=1 << bits)
+        fit_grid(W, base, min_zero=1 << bits)

@@ -74,10 +74,9 @@ def test_scale_step_matches_a_float64_least_squares_solve():
 @pytest.mark.parametrize("sym", [False, True])
 def test_scale_step_never_raises_the_loss_and_stores_integer_offsets(sym):
     W, H, cfg, r = _start(sym=sym, seed=6, d=40, rows=20)
-    cfg = cfg.replace(min_zero=1)
     scales16 = r.scales.half().double()
     before = _loss(W, H, r.codes, scales16, r.zeros, r.g_idx)
-    s, z = refit_scales(W, H, r.codes, scales16, r.zeros, r.g_idx, cfg)
+    s, z = refit_scales(W, H, r.codes, scales16, r.zeros, r.g_idx, cfg, min_zero=1)
     after = _loss(W, H, r.codes, s, z, r.g_idx)
     assert torch.all(after <= before)
     assert float(after.sum()) < float(before.sum())

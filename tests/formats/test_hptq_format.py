@@ -151,7 +151,7 @@ def test_corrupt_streams_and_offsets_are_refused_at_load(case):
     t = _tensors(_codes(40, 33, seed=7), 1)
     what, change, match = list(_corruptions(t))[case]
     with pytest.raises(formats.FormatError, match=match) as info:
-        formats.build_module("hptq", {**t, **change}, {})
+        formats.get_format("hptq").module({**t, **change}, {})
     assert "\n" not in str(info.value), what
 
 

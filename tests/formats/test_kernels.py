@@ -28,7 +28,9 @@ triton = pytest.importorskip("triton", reason="triton is not installed; the kern
 
 from cases import make_result  # noqa: E402
 
-from latticequant.formats import (  # noqa: E402
+from latticequant.formats import (  # noqa: E402  # noqa: E402
+    QuantLinear,
+    SSQRLinear,
     dequantize_gptq,
     dequantize_ssqr,
     kernels,  # noqa: E402
@@ -37,7 +39,6 @@ from latticequant.formats import (  # noqa: E402
     pack_ssqr,
 )
 from latticequant.formats.hptq import HuffmanLinear, chunk_index  # noqa: E402
-from latticequant.formats.qlinear import QuantLinear, SSQRLinear  # noqa: E402
 
 
 def _interpreter_ready() -> bool:

@@ -10,11 +10,11 @@ import latticequant as lq
 from latticequant.formats import (
     SSQR_KEYS,
     FormatError,
-    build_module,
     csr_to_dense,
     dequantize_gptq,
     dequantize_ssqr,
     format_names,
+    get_format,
     pack_codes,
     pack_gptq,
     pack_granularity,
@@ -341,23 +341,23 @@ def test_quantize_config_dict_keeps_transformers_valid_damping():
 
 
 def test_build_module_registry():
-    from latticequant.formats.qlinear import QuantLinear, SSQRLinear
+    from latticequant.formats import QuantLinear, SSQRLinear
 
     assert {"gptq", "ssqr"} <= set(format_names())
     t = _good_tensors()
-    m = build_module("gptq", t, {"bits": 4, "in_features": 64, "out_features": 32})
+    m = get_format("gptq").module(t, {"bits": 4, "in_features": 64, "out_features": 32})
     assert isinstance(m, QuantLinear) and (m.in_features, m.out_features) == (64, 32)
     with pytest.raises(FormatError, match="in_features"):
-        build_module("gptq", t, {"bits": 4, "in_features": 32})
-    with pytest.raises(FormatError, match="unknown module format"):
-        build_module("awq", t, {"bits": 4})
+        get_format("gptq").module(t, {"bits": 4, "in_features": 32})
+    with pytest.raises(FormatError, match="unknown format"):
+        get_format("awq").module(t, {"bits": 4})
     with pytest.raises(FormatError, match="outlier_rowptr"):
-        build_module("ssqr", t, {"bits": 4})
+        get_format("ssqr").module(t, {"bits": 4})
     with pytest.raises(FormatError, match="bits"):
-        build_module("gptq", t, {})
+        get_format("gptq").module(t, {})
     r = make_result(32, 64, 4, sym=True)
     s = pack_ssqr(r, torch.zeros(32, 64, dtype=torch.bool), torch.zeros(32, 64))
-    assert isinstance(build_module("ssqr", s, {"bits": 4}), SSQRLinear)
+    assert isinstance(get_format("ssqr").module(s, {"bits": 4}), SSQRLinear)
 
 
 @pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])

@@ -13,7 +13,8 @@ from latticequant.formats import (
     pack_gptq,
     pack_ssqr,
 )
-from latticequant.formats.qlinear import QuantLinear, SSQRLinear, uniform_group_size
+from latticequant.formats.gptq import QuantLinear, uniform_group_size
+from latticequant.formats.ssqr import SSQRLinear
 
 
 def _x(*shape, seed=0):

@@ -117,7 +117,7 @@ def test_huffman_linear_module_and_format_registration():
     W, H = _problem(d_out=24, d_in=64, seed=6)
     layer = get_method("hptq").quantize(W, H, hptq.HPTQConfig(target_bits=3.125))
     bias = torch.randn(24)
-    module = formats.build_module("hptq", layer.tensors, {"in_features": 64}, bias=bias)
+    module = formats.get_format("hptq").module(layer.tensors, {"in_features": 64}, bias=bias)
     assert isinstance(module, formats.HuffmanLinear)
     x = torch.randn(5, 64)
     torch.testing.assert_close(module(x), F.linear(x, layer.Q, bias), rtol=1e-6, atol=1e-6)
@@ -126,14 +126,14 @@ def test_huffman_linear_module_and_format_registration():
     rebuilt = formats.HuffmanLinear.from_tensors({k: v for k, v in state.items() if k != "bias"})
     assert torch.equal(rebuilt.dequantize_weight(), layer.Q)
     with pytest.raises(ValueError, match="in_features"):
-        formats.build_module("hptq", layer.tensors, {"in_features": 65})
+        formats.get_format("hptq").module(layer.tensors, {"in_features": 65})
 
 
 def test_registry_and_layer_stats():
     W, H = _problem(d_out=16, d_in=64, seed=8)
     for name, cfg_cls in (("hptq", hptq.HPTQConfig), ("hrtn", hptq.HRTNConfig)):
         method = get_method(name)
-        assert method.config_cls is cfg_cls and method.format == "hptq"
+        assert method.config_cls is cfg_cls and method.formats == ("hptq",)
         layer = method.quantize(W, H, cfg_cls(target_bits=4.125))
         for key in ("loss", "bound", "clipped", "outliers", "bits_per_weight", "scale_factor"):
             assert key in layer.stats
@@ -172,17 +172,15 @@ def test_bad_config_and_tensors():
 
 @pytest.mark.parametrize("method", ["hptq", "hrtn"])
 def test_checkpoint_round_trip_through_the_pipeline(tmp_path, calib_ids, method):
+    from runs import run_quantize
     from tiny import make_char_tokenizer, make_tiny_llama
 
     from latticequant.checkpoint import load_quantized
-    from latticequant.pipeline import quantize_model
 
     model = make_tiny_llama()
     cfg = get_method(method).config_cls(target_bits=3.125, tol=0.05)
     out = tmp_path / "ckpt"
-    stats = quantize_model(
-        model, make_char_tokenizer(), calib_ids, method, cfg, out, progress=False
-    )
+    stats = run_quantize(model, make_char_tokenizer(), calib_ids, method, cfg, out, progress=False)
     assert all(3.075 <= s["bits_per_weight"] <= 3.125 for s in stats)
     assert all(s["clipped"] == 0 and s["loss"] <= s["bound"] for s in stats if method == "hptq")
     loaded = load_quantized(out)
@@ -198,14 +196,13 @@ def test_fresh_process_loads_an_hptq_checkpoint(tmp_path, calib_ids):
     import subprocess
     import sys
 
+    from runs import run_quantize
     from tiny import make_char_tokenizer, make_tiny_llama
-
-    from latticequant.pipeline import quantize_model
 
     out = tmp_path / "ckpt"
     cfg = hptq.HPTQConfig(target_bits=3.125, tol=0.05)
     tok = make_char_tokenizer()
-    quantize_model(make_tiny_llama(), tok, calib_ids, "hptq", cfg, out, progress=False)
+    run_quantize(make_tiny_llama(), tok, calib_ids, "hptq", cfg, out, progress=False)
     code = (
         "from latticequant.checkpoint import load_quantized; "
         f"m = load_quantized({str(out)!r}); "

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import latticequant as lq
-from latticequant.formats import unpack_gptq
+from latticequant.formats import get_format, unpack_gptq
 from latticequant.methods import (
+    LayerContext,
     LayerQuant,
     Method,
     UnsupportedConfigError,
@@ -31,7 +32,7 @@ def test_core_methods_are_registered():
     for name in ("rtn", "gptq", "babai"):
         assert name in names
         m = get_method(name)
-        assert m.config_cls is lq.QuantConfig and m.format == "gptq"
+        assert m.config_cls is lq.QuantConfig and m.formats == ("gptq", "gptq_v2")
 
 
 def test_unknown_method_lists_known_names():
@@ -43,14 +44,14 @@ def test_register_method_rejects_bad_input():
     with pytest.raises(TypeError):
         register_method("gptq")
     with pytest.raises(ValueError, match="identifier"):
-        register_method(Method("bad name", lq.QuantConfig, lambda W, H, c: None, "gptq"))
+        register_method(Method("bad name", lq.QuantConfig, lambda W, H, c: None, ("gptq",)))
 
 
 def test_registering_a_method_and_removing_it_leaves_the_registry_as_it_was():
     before = list_methods()
     rtn = get_method("rtn")
     try:
-        register_method(Method("extra_test", lq.QuantConfig, rtn.quantize, "gptq"))
+        register_method(Method("extra_test", lq.QuantConfig, rtn.quantize, ("gptq",)))
         assert get_method("extra_test").quantize is rtn.quantize
         assert list_methods() == sorted(before + ["extra_test"])
     finally:
@@ -62,7 +63,11 @@ def test_registering_a_method_and_removing_it_leaves_the_registry_as_it_was():
 
 @pytest.mark.parametrize("name", ["rtn", "gptq", "babai"])
 def test_grid_methods_refuse_what_the_gptq_format_cannot_store(name):
-    check = get_method(name).check
+    method = get_method(name)
+
+    def check(config, d_out, d_in):
+        method.refuse(config, method.format(), d_out, d_in)
+
     for bits in (5, 6, 7):
         with pytest.raises(UnsupportedConfigError, match=f"bits={bits}.*2, 3, 4, 8"):
             check(lq.QuantConfig(bits=bits), 64, 64)
@@ -84,7 +89,7 @@ def test_grid_method_matches_core(name, bits, group_size):
     out = get_method(name).quantize(W, H, cfg)
     assert isinstance(out, LayerQuant)
     # written as v1 (the default), whose asymmetric zero points start at 1
-    core = getattr(lq, f"{name}_quantize")(W, H, cfg.replace(min_zero=1))
+    core = getattr(lq, f"{name}_quantize")(W, H, cfg, min_zero=1)
 
     codes, scales, zeros, g_idx = unpack_gptq(out.tensors, bits)
     assert torch.equal(codes, core.codes)
@@ -98,7 +103,7 @@ def test_grid_method_matches_core(name, bits, group_size):
 
     E = W - core.Q
     assert out.stats["loss"] == pytest.approx(float(torch.trace(E @ H @ E.T)), rel=1e-6)
-    R = W - lq.rtn_quantize(W, H, cfg.replace(min_zero=1)).Q
+    R = W - lq.rtn_quantize(W, H, cfg, min_zero=1).Q
     assert out.stats["rtn_loss"] == pytest.approx(float(torch.trace(R @ H @ R.T)), rel=1e-6)
     assert out.stats["clipped"] == core.clipped
     assert out.stats["damp"] == core.damp
@@ -114,7 +119,7 @@ def test_gptq_v2_zeros_differ_by_one_from_v1():
     W, H = _problem()
     cfg = lq.QuantConfig(bits=4, group_size=32, sym=True)
     v1 = get_method("gptq").quantize(W, H, cfg)
-    v2 = get_method("gptq").quantize(W, H, cfg.replace(extra={"checkpoint_format": "gptq_v2"}))
+    v2 = get_method("gptq").quantize(W, H, cfg, LayerContext(get_format("gptq_v2")))
     assert torch.equal(v1.Q, v2.Q)
     z1 = unpack_gptq(v1.tensors, 4, "gptq")[2]
     z2 = unpack_gptq(v2.tensors, 4, "gptq_v2")[2]

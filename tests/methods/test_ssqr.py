@@ -141,7 +141,7 @@ def test_without_outliers_it_is_unclipped_gptq():
 def test_registered_layer_function_and_bits():
     W, H = _problem(d_out=32, d_in=128, seed=2)
     method = get_method("ssqr")
-    assert method.config_cls is ssqr.SSQRConfig and method.format == "ssqr"
+    assert method.config_cls is ssqr.SSQRConfig and method.formats == ("ssqr",)
     cfg = ssqr.SSQRConfig(bits=3, group_size=64, outlier_rate=0.02, tol=0.005)
     layer = method.quantize(W, H, cfg)
     for key in ("loss", "bound", "clipped", "outliers", "bits_per_weight", "scale_factor"):
@@ -160,7 +160,7 @@ def test_registered_layer_function_and_bits():
 def test_checkpoint_module_reproduces_the_weight():
     W, H = _problem(d_out=32, d_in=64, seed=4)
     r = ssqr.ssqr_quantize(W, H, ssqr.SSQRConfig(bits=4, group_size=32, outlier_rate=0.03))
-    module = formats.build_module("ssqr", ssqr.ssqr_tensors(r), {"bits": 4, "in_features": 64})
+    module = formats.get_format("ssqr").module(ssqr.ssqr_tensors(r), {"bits": 4, "in_features": 64})
     assert torch.equal(module.dequantize_weight(), r.Q)
     x = torch.randn(3, 64)
     assert torch.allclose(module(x), x @ r.Q.T, rtol=1e-5, atol=1e-6)
@@ -196,17 +196,15 @@ def test_bad_config_and_input():
 
 
 def test_checkpoint_round_trip_through_the_pipeline(tmp_path, calib_ids):
+    from runs import run_quantize
     from tiny import make_char_tokenizer, make_tiny_llama
 
     from latticequant.checkpoint import load_quantized
-    from latticequant.pipeline import quantize_model
 
     model = make_tiny_llama()
     cfg = ssqr.SSQRConfig(bits=3, group_size=32, outlier_rate=0.02, tol=0.01)
     out = tmp_path / "ckpt"
-    stats = quantize_model(
-        model, make_char_tokenizer(), calib_ids, "ssqr", cfg, out, progress=False
-    )
+    stats = run_quantize(model, make_char_tokenizer(), calib_ids, "ssqr", cfg, out, progress=False)
     assert all(0.01 <= s["outlier_rate"] <= 0.02 for s in stats)
     assert all(s["clipped"] == 0 and s["loss"] <= s["bound"] for s in stats)
     loaded = load_quantized(out)

@@ -9,10 +9,10 @@ import weakref
 
 import pytest
 import torch
+from runs import run_quantize
 from tiny import GROUP, id_stream, make_tiny_llama
 
 import latticequant as lq
-from latticequant.pipeline import quantize_model
 from latticequant.pipeline.blocks import HessianBank
 from latticequant.pipeline.layout import ARCHITECTURES, Architecture
 
@@ -37,7 +37,7 @@ def test_batching_changes_no_bit():
     results = []
     for batch_size in (None, 4, 1):
         model = make_tiny_llama()
-        quantize_model(model, None, _calib(), "gptq", _cfg(), batch_size=batch_size, progress=False)
+        run_quantize(model, None, _calib(), "gptq", _cfg(), batch_size=batch_size, progress=False)
         results.append(_codes(model))
     for other in results[1:]:
         assert all(torch.equal(results[0][k], other[k]) for k in results[0])
@@ -53,7 +53,7 @@ def test_a_group_whose_layers_read_different_inputs_is_an_error(monkeypatch):
     )
     monkeypatch.setitem(ARCHITECTURES, "llama", Architecture("llama", "model.layers", subsets))
     with pytest.raises(RuntimeError, match="o_proj does not read the same input as .*q_proj"):
-        quantize_model(make_tiny_llama(), None, _calib(), "gptq", _cfg(), progress=False)
+        run_quantize(make_tiny_llama(), None, _calib(), "gptq", _cfg(), progress=False)
 
 
 def test_the_bank_lets_an_earlier_groups_input_go():

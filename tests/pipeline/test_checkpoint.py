@@ -8,19 +8,20 @@ import os
 import pytest
 import torch
 from cases import bit_fields
+from runs import run_quantize
 from safetensors.torch import load_file, save_file
 from tiny import GROUP, make_char_tokenizer, make_tiny_llama
 
 import latticequant as lq
 from latticequant.checkpoint import CheckpointError, is_quantized_checkpoint, load_quantized
 from latticequant.formats import unpack_gptq
-from latticequant.pipeline import Override, quantize_model
+from latticequant.pipeline import Override
 
 
 def _quantize(out, calib_ids, **kw):
     model = make_tiny_llama()
     cfg = lq.QuantConfig(bits=4, group_size=GROUP, order="act", sym=True)
-    stats = quantize_model(
+    stats = run_quantize(
         model, make_char_tokenizer(), calib_ids, "gptq", cfg, out, progress=False, **kw
     )
     return model, stats
@@ -162,7 +163,7 @@ def test_gpt2_conv1d_round_trip(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128)).eval()
     calib = torch.randint(0, 128, (4, 32))
-    stats = quantize_model(
+    stats = run_quantize(
         model,
         None,
         calib,
@@ -208,7 +209,7 @@ def test_desc_act_is_read_off_g_idx(tmp_path, calib_ids, order, static_groups, p
     model = make_tiny_llama()
     cfg = lq.QuantConfig(bits=4, group_size=GROUP, order=order, static_groups=static_groups)
     out = tmp_path / "ckpt"
-    quantize_model(model, None, calib_ids, "gptq", cfg, out, progress=False)
+    run_quantize(model, None, calib_ids, "gptq", cfg, out, progress=False)
     qc = json.loads((out / "quantize_config.json").read_text())
     assert qc["desc_act"] is permuted
     # a reader that honours the flag reads exactly the weights the model runs with
@@ -250,7 +251,7 @@ def test_v1_asymmetric_checkpoint_reads_the_same_by_the_original_convention(
             block.self_attn.o_proj.weight[:8].abs_()
     cfg = lq.QuantConfig(bits=bits, group_size=GROUP, sym=False)
     out = tmp_path / "ckpt"
-    quantize_model(model, None, calib_ids, "rtn", cfg, out, progress=False)
+    run_quantize(model, None, calib_ids, "rtn", cfg, out, progress=False)
     weights = original_convention_reader(out)
     assert len(weights) == 14
     for name, W in weights.items():
@@ -272,7 +273,7 @@ def test_a_layer_neither_quantized_nor_skipped_is_never_written_in_float(tmp_pat
     model = make_tiny_llama()
     cfg = lq.QuantConfig(bits=4, group_size=GROUP)
     out = tmp_path / "ckpt"
-    quantize_model(model, None, calib_ids, "rtn", cfg, out, progress=False)
+    run_quantize(model, None, calib_ids, "rtn", cfg, out, progress=False)
     layers = {}  # the layers of a finished run, read back from its checkpoint
     tensors = load_file(str(out / "model.safetensors"))
     for name in json.loads((out / "quant_log.json").read_text())["layers"]:

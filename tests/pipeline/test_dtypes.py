@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runs import run_quantize
 from safetensors.torch import load_file
 from tiny import make_char_tokenizer, make_tiny_llama
 
 import latticequant as lq
 from latticequant.checkpoint import load_quantized
-from latticequant.pipeline import quantize_model
 from latticequant.pipeline.data import perplexity, protocol_text, tokenize
 from latticequant.pipeline.layout import describe_model
 from latticequant.pipeline.models import ModelLoadError, load_model
@@ -54,7 +54,7 @@ def test_quantizing_in_a_half_dtype(folders, tmp_path, dtype):
             seen.append({p.dtype for p in layout.blocks[i].parameters()})
 
         out = tmp_path / name
-        quantize_model(model, tok, calib, "gptq", cfg, out, progress=False, on_block_done=check)
+        run_quantize(model, tok, calib, "gptq", cfg, out, progress=False, on_block_done=check)
         assert seen == [{getattr(torch, name)}] * len(layout.blocks)
         scales = [
             t for k, t in load_file(out / "model.safetensors").items() if k.endswith("scales")
@@ -73,7 +73,7 @@ def test_float64_hessians(folders):
     out = []
     for hd in (torch.float32, torch.float64):
         model, _ = load_model(str(folders["float32"]))
-        stats = quantize_model(model, tok, calib, "gptq", cfg, hessian_dtype=hd, progress=False)
+        stats = run_quantize(model, tok, calib, "gptq", cfg, hessian_dtype=hd, progress=False)
         out.append(sum(s["loss"] for s in stats))
     assert out[1] == pytest.approx(out[0], rel=1e-3)
 
@@ -90,7 +90,7 @@ def test_a_bfloat16_run_resumes_to_the_same_checkpoint(folders, tmp_path):
     calib = tokenize(tok, protocol_text()[:6000])[: 8 * 64].view(8, 64)
     cfg = lq.QuantConfig(bits=4, group_size=32, order="act")
     full, _ = load_model(str(folders["bfloat16"]), dtype="bfloat16")
-    quantize_model(full, tok, calib, "gptq", cfg, tmp_path / "full", progress=False)
+    run_quantize(full, tok, calib, "gptq", cfg, tmp_path / "full", progress=False)
 
     def stop(index):
         raise _Stop
@@ -98,12 +98,12 @@ def test_a_bfloat16_run_resumes_to_the_same_checkpoint(folders, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(_Stop):
         model, _ = load_model(str(folders["bfloat16"]), dtype="bfloat16")
-        quantize_model(model, tok, calib, "gptq", cfg, out, progress=False, on_block_done=stop)
+        run_quantize(model, tok, calib, "gptq", cfg, out, progress=False, on_block_done=stop)
     state = load_file(tmp_path / "run.partial" / "state" / "block_0000.safetensors")
     kept = [t for k, t in state.items() if k.endswith(".__Q__")]
     assert len(kept) == 7 and all(t.dtype == torch.bfloat16 for t in kept)
     resumed, _ = load_model(str(folders["bfloat16"]), dtype="bfloat16")
-    quantize_model(resumed, tok, calib, "gptq", cfg, out, progress=False)
+    run_quantize(resumed, tok, calib, "gptq", cfg, out, progress=False)
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(resumed(calib[:2]).logits, full(calib[:2]).logits)

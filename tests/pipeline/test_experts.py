@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runs import run_quantize
 from tiny import MOE_FAMILIES, make_char_tokenizer, make_tiny_moe
 from torch import nn
 
 import latticequant as lq
 from latticequant.checkpoint import load_quantized
-from latticequant.formats.qlinear import QuantLinear
+from latticequant.formats import QuantLinear
 from latticequant.methods import LayerQuant, Method
-from latticequant.pipeline import quantize_model
 from latticequant.pipeline.experts import (
     ExpertMLP,
     ExpertPolicy,
@@ -79,7 +79,7 @@ def test_every_expert_matrix_is_a_quantized_layer_and_routers_stay_float(family,
         {n: p.detach().clone() for n, p in model.named_parameters() if "shared_expert_gate" in n}
     )
     n_experts = model.config.num_local_experts if family == "mixtral" else model.config.num_experts
-    summary = quantize_model(model, make_char_tokenizer(), ids, "gptq", CFG, tmp_path / "q",
+    summary = run_quantize(model, make_char_tokenizer(), ids, "gptq", CFG, tmp_path / "q",
                              progress=False)  # fmt: skip
     names = {s["name"] for s in summary}
     expert_layers = {n for n in names if ".experts." in n}
@@ -101,7 +101,7 @@ def test_every_expert_matrix_is_a_quantized_layer_and_routers_stay_float(family,
 def _recording_method(seen: list):
     """Keeps every weight as it is and records the Hessian each layer was given."""
 
-    def quantize(W, H, config):
+    def quantize(W, H, config, context=None):
         seen.append((W.detach().clone(), H.detach().double().clone()))
         return LayerQuant(Q=W.clone(), tensors={}, stats={"loss": 0.0})
 
@@ -146,7 +146,7 @@ def test_expert_hessians_come_from_routed_tokens_only(family, batch_size, ids):
     model = make_tiny_moe(family)
     reference = _routed_reference(model, ids)
     seen = []
-    summary = quantize_model(model, make_char_tokenizer(), ids, _recording_method(seen), CFG,
+    summary = run_quantize(model, make_char_tokenizer(), ids, _recording_method(seen), CFG,
                              batch_size=batch_size, progress=False,
                              experts=ExpertPolicy(min_tokens=1))  # fmt: skip
     stats = {s["name"]: s for s in summary}
@@ -182,7 +182,7 @@ def test_fallback_policies_use_all_tokens_an_identity_or_float(ids, tmp_path):
 
     for policy in ("all-tokens", "rtn"):
         model, seen = make_tiny_moe(family), []
-        summary = quantize_model(model, make_char_tokenizer(), ids, _recording_method(seen), CFG,
+        summary = run_quantize(model, make_char_tokenizer(), ids, _recording_method(seen), CFG,
                                  progress=False,
                                  experts=ExpertPolicy(threshold, policy))  # fmt: skip
         stats = {s["name"]: s for s in summary}
@@ -205,7 +205,7 @@ def test_fallback_policies_use_all_tokens_an_identity_or_float(ids, tmp_path):
                 )
 
     model, seen = make_tiny_moe(family), []
-    summary = quantize_model(model, make_char_tokenizer(), ids, _recording_method(seen), CFG,
+    summary = run_quantize(model, make_char_tokenizer(), ids, _recording_method(seen), CFG,
                              progress=False, experts=ExpertPolicy(threshold, "float"))  # fmt: skip
     kept = {n for n, why in summary.skipped.items() if why.startswith("expert fallback float")}
     in_block_0 = {n for n in kept if n.startswith("model.layers.0.")}
@@ -218,7 +218,7 @@ def test_fallback_policies_use_all_tokens_an_identity_or_float(ids, tmp_path):
 
     model = make_tiny_moe(family)
     out = tmp_path / "float"
-    summary = quantize_model(model, make_char_tokenizer(), ids, "gptq", CFG, out, progress=False,
+    summary = run_quantize(model, make_char_tokenizer(), ids, "gptq", CFG, out, progress=False,
                              experts=ExpertPolicy(threshold, "float"))  # fmt: skip
     kept = {n for n, why in summary.skipped.items() if why.startswith("expert fallback float")}
     assert kept and all(".experts." in n for n in kept)
@@ -261,7 +261,7 @@ def test_an_expert_no_token_reaches_still_gets_a_finite_grid(ids, tmp_path, dtyp
     model = make_tiny_moe("mixtral").to(dtype)
     _starve_expert(model, 2)
     out = tmp_path / "q"
-    summary = quantize_model(model, make_char_tokenizer(), ids, "gptq", CFG, out, progress=False,
+    summary = run_quantize(model, make_char_tokenizer(), ids, "gptq", CFG, out, progress=False,
                              experts=ExpertPolicy(min_tokens=0))  # fmt: skip
     stats = {s["name"]: s for s in summary}
     for i in (0, 1):
@@ -285,7 +285,7 @@ def test_batching_changes_nothing_but_rounding(ids, tmp_path):
         _starve_expert(model, 5)  # an expert that runs in no batch at all
         _starve_expert(model, 4, unless=lambda h: h[:, 0] > 1.0)  # one that skips some
         out = tmp_path / f"b{batch_size}"
-        summary = quantize_model(model, make_char_tokenizer(), ids, "gptq", CFG, out,
+        summary = run_quantize(model, make_char_tokenizer(), ids, "gptq", CFG, out,
                                  progress=False, batch_size=batch_size,
                                  experts=ExpertPolicy(min_tokens=1))  # fmt: skip
         outs.append(load_file(out / "model.safetensors"))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runs import run_quantize
 from tiny import make_char_tokenizer, make_tiny_llama
 
 import latticequant as lq
 from latticequant.checkpoint import load_quantized
-from latticequant.formats.qlinear import QuantLinear
+from latticequant.formats import QuantLinear
 from latticequant.methods.hptq import HPTQConfig
-from latticequant.pipeline import quantize_model
 from latticequant.pipeline.data import protocol_text
 from latticequant.pipeline.generate import GenerationConfig, generate, weight_memory
 
@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory):
     calib = ids[: 4 * 64].view(4, 64)
     out = tmp_path_factory.mktemp("gen") / "q"
     cfg = lq.QuantConfig(bits=4, group_size=32, order="act")
-    quantize_model(model, tok, calib, "gptq", cfg, out, progress=False)
+    run_quantize(model, tok, calib, "gptq", cfg, out, progress=False)
     return out, tok
 
 
@@ -57,7 +57,7 @@ def test_hptq_compressed_and_dense_generate_the_same_tokens(tmp_path):
     ids = torch.tensor(tok(protocol_text()[:4000])["input_ids"])
     out = tmp_path / "hptq"
     cfg = HPTQConfig(target_bits=3.125, tol=0.05)
-    quantize_model(model, tok, ids[: 4 * 64].view(4, 64), "hptq", cfg, out, progress=False)
+    run_quantize(model, tok, ids[: 4 * 64].view(4, 64), "hptq", cfg, out, progress=False)
     gen = GenerationConfig(max_new_tokens=24, chat=False)
     dense = load_quantized(out, cache_weight=True)
     compressed = load_quantized(out, cache_weight=False)

@@ -48,15 +48,16 @@ def test_a_run_that_cannot_fit_is_refused_naming_the_flags():
 def test_freed_heap_pages_go_back_after_every_block(monkeypatch):
     """Without the trim a run's resident memory grows block by block (glibc keeps freed heap
     pages; measured in docs/bench_dtypes.md); the run gives them back after each block."""
+    from runs import run_quantize
     from tiny import id_stream
 
     from latticequant import QuantConfig
-    from latticequant.pipeline import memory, quantize_model, run
+    from latticequant.pipeline import memory, run
 
     assert memory.release_freed_memory() is True
     calls = []
     monkeypatch.setattr(run, "release_freed_memory", lambda: calls.append(1) or True)
     model = make_tiny_llama(num_hidden_layers=3)
     ids = id_stream(8 * 32).view(8, 32)
-    quantize_model(model, None, ids, "rtn", QuantConfig(bits=4, group_size=32), progress=False)
+    run_quantize(model, None, ids, "rtn", QuantConfig(bits=4, group_size=32), progress=False)
     assert len(calls) == 3

@@ -8,11 +8,11 @@ import weakref
 
 import pytest
 import torch
+from runs import run_quantize
 from tiny import id_stream, make_char_tokenizer, make_tiny_llama
 
 from latticequant.checkpoint import CheckpointError, load_quantized
 from latticequant.core.config import QuantConfig
-from latticequant.pipeline import quantize_model
 from latticequant.pipeline.data import perplexity
 from latticequant.pipeline.models import load_tokenizer
 from latticequant.pipeline.offload import OffloadError, blockwise_logits, load_offloaded, store_of
@@ -48,7 +48,7 @@ class _Interrupt(Exception):
 def _run_offloaded(folder, calib_ids, out, on_block_done=None):
     """Quantize the model in ``folder`` kept on disk; returns the model."""
     model = load_offloaded(folder)
-    quantize_model(
+    run_quantize(
         model, None, calib_ids, "gptq", _cfg(), out, progress=False, on_block_done=on_block_done
     )
     return model
@@ -88,7 +88,7 @@ def test_blocks_stay_on_meta_and_logits_match(tmp_path, tie, shard):
 @pytest.mark.parametrize("tie", [True, False])
 def test_quantize_offloaded_equals_in_memory(tmp_path, calib_ids, tie):
     full = _save(tmp_path / "m", tie)
-    quantize_model(full, None, calib_ids, "gptq", _cfg(), tmp_path / "mem", progress=False)
+    run_quantize(full, None, calib_ids, "gptq", _cfg(), tmp_path / "mem", progress=False)
 
     model, tokenizer = load_offloaded(tmp_path / "m"), load_tokenizer(tmp_path / "m")
     store = store_of(model)
@@ -114,7 +114,7 @@ def test_quantize_offloaded_equals_in_memory(tmp_path, calib_ids, tie):
         seen.append((len(store.loaded), real, outside, freed))
 
     handles = [b.register_forward_pre_hook(watch, with_kwargs=True) for b in store.layout.blocks]
-    quantize_model(model, tokenizer, calib_ids, "gptq", _cfg(), tmp_path / "off", progress=False)
+    run_quantize(model, tokenizer, calib_ids, "gptq", _cfg(), tmp_path / "off", progress=False)
     for h in handles:
         h.remove()
     # First the capture of block 0's inputs (nothing read), then each block alone in memory
@@ -173,7 +173,7 @@ def test_changed_weights_of_a_finished_block_refuse_resume(tmp_path, calib_ids):
     full.save_pretrained(tmp_path / "m", max_shard_size="60KB")
     model = load_offloaded(tmp_path / "m")
     with pytest.raises(ResumeMismatchError, match="block 0"):
-        quantize_model(model, None, calib_ids, "gptq", _cfg(), tmp_path / "run", progress=False)
+        run_quantize(model, None, calib_ids, "gptq", _cfg(), tmp_path / "run", progress=False)
     assert not store_of(model).loaded
 
 
@@ -216,7 +216,7 @@ def test_missing_and_mismatched_tensors(tmp_path):
 def test_sharded_checkpoint_with_missing_shard(tmp_path, calib_ids):
     _save(tmp_path / "m")
     model = load_offloaded(tmp_path / "m")
-    quantize_model(model, None, calib_ids, "gptq", _cfg(), tmp_path / "q", progress=False)
+    run_quantize(model, None, calib_ids, "gptq", _cfg(), tmp_path / "q", progress=False)
     (tmp_path / "q" / "model-00003-of-00004.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00003-of-00004.safetensors"):
         load_quantized(tmp_path / "q")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from runs import run_quantize
 from tiny import GROUP, make_tiny_llama, make_tiny_opt
 
 import latticequant as lq
@@ -16,7 +17,6 @@ from latticequant.pipeline import (
     Override,
     ResumeMismatchError,
     parse_override,
-    quantize_model,
 )
 from latticequant.pipeline.layout import describe_model, linear_weight, set_linear_weight
 
@@ -68,7 +68,7 @@ def test_pipeline_equals_naive_reference(name, calib_ids):
     ref = naive_true_sequential(
         make_tiny_llama().double(), calib_ids, getattr(lq, f"{name}_quantize"), _cfg()
     )
-    stats = quantize_model(
+    stats = run_quantize(
         model, None, calib_ids, name, _cfg(), None, progress=False, hessian_dtype=torch.float64
     )
     assert len(stats) == 14 and [s["name"] for s in stats] == describe_model(model).linear_names()
@@ -84,7 +84,7 @@ def test_batched_passes_equal_single_pass(calib_ids):
     outs = []
     for batch_size in (None, 3):
         model = make_tiny_llama().double()
-        quantize_model(
+        run_quantize(
             model,
             None,
             calib_ids,
@@ -103,7 +103,7 @@ def test_babai_equals_gptq_in_same_decoding_order(calib_ids):
     outs = []
     for name in ("gptq", "babai"):
         model = make_tiny_llama().double()
-        quantize_model(model, None, calib_ids, name, _cfg(), None, progress=False)
+        run_quantize(model, None, calib_ids, name, _cfg(), None, progress=False)
         outs.append(model(calib_ids[:2]).logits)
     assert torch.allclose(outs[0], outs[1], atol=1e-9)
 
@@ -111,7 +111,7 @@ def test_babai_equals_gptq_in_same_decoding_order(calib_ids):
 def test_quantized_weights_lie_on_grid_and_rest_untouched(calib_ids):
     model = make_tiny_llama()
     before = _weights(model)
-    stats = quantize_model(model, None, calib_ids, "gptq", _cfg(bits=3), None, progress=False)
+    stats = run_quantize(model, None, calib_ids, "gptq", _cfg(bits=3), None, progress=False)
     after = _weights(model)
     quantized = {s["name"] + ".weight" for s in stats}
     for key in before:
@@ -130,7 +130,7 @@ def test_overrides_skip_and_change_bits(calib_ids):
     model = make_tiny_llama()
     down0 = model.model.layers[0].mlp.down_proj.weight.clone()
     overrides = [Override(r"layers\.0\.mlp\.down_proj", skip=True), parse_override("v_proj:bits=2")]
-    stats = quantize_model(
+    stats = run_quantize(
         model, None, calib_ids, "rtn", _cfg(), None, overrides=overrides, progress=False
     )
     names = [s["name"] for s in stats]
@@ -165,7 +165,7 @@ def test_padding_never_enters_a_hessian(calib_ids):
         ids = calib_ids.clone()
         ids[:, 24:] = pad_id
         model = make_tiny_llama().double()
-        stats = quantize_model(
+        stats = run_quantize(
             model,
             None,
             ids,
@@ -186,7 +186,7 @@ def test_opt_walker_end_to_end(calib_ids):
     model = make_tiny_opt()
     layout = describe_model(model)
     assert layout.architecture == "opt"
-    stats = quantize_model(model, None, calib_ids, "gptq", _cfg(), None, progress=False)
+    stats = run_quantize(model, None, calib_ids, "gptq", _cfg(), None, progress=False)
     assert [s["name"].split(".")[-1] for s in stats[:6]] == [
         "q_proj",
         "k_proj",
@@ -205,9 +205,9 @@ class _Interrupt(Exception):
 def _counting_method(calls):
     gptq = get_method("gptq")
 
-    def quantize(W, H, config):
+    def quantize(W, H, config, context=None):
         calls.append(W.shape)
-        return gptq.quantize(W, H, config)
+        return gptq.quantize(W, H, config, context)
 
     return Method("counting_gptq", lq.QuantConfig, quantize, "gptq")  # used unregistered
 
@@ -218,7 +218,7 @@ def test_resume_after_interruption(tmp_path, calib_ids):
     calls: list = []
     method = _counting_method(calls)
     full = make_tiny_llama()
-    quantize_model(full, None, calib_ids, method, _cfg(), tmp_path / "full", progress=False)
+    run_quantize(full, None, calib_ids, method, _cfg(), tmp_path / "full", progress=False)
     calls.clear()
 
     def stop_after_first(index):
@@ -227,7 +227,7 @@ def test_resume_after_interruption(tmp_path, calib_ids):
 
     out = tmp_path / "run"
     with pytest.raises(_Interrupt):
-        quantize_model(
+        run_quantize(
             make_tiny_llama(),
             None,
             calib_ids,
@@ -241,7 +241,7 @@ def test_resume_after_interruption(tmp_path, calib_ids):
     assert len(calls) == 7
     calls.clear()
     resumed = make_tiny_llama()
-    stats = quantize_model(resumed, None, calib_ids, method, _cfg(), out, progress=False)
+    stats = run_quantize(resumed, None, calib_ids, method, _cfg(), out, progress=False)
     assert len(calls) == 7  # only block 1 was quantized again
     assert len(stats) == 14
     assert not (tmp_path / "run.partial").exists() and not (out / "state").exists()
@@ -262,17 +262,15 @@ def _interrupt_after_first_block(model, calib_ids, out) -> None:
         raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        quantize_model(
-            model, None, calib_ids, "rtn", _cfg(), out, progress=False, on_block_done=stop
-        )
+        run_quantize(model, None, calib_ids, "rtn", _cfg(), out, progress=False, on_block_done=stop)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, calib_ids):
     out = tmp_path / "run"
     _interrupt_after_first_block(make_tiny_llama(), calib_ids, out)
     with pytest.raises(ResumeMismatchError, match="other settings"):
-        quantize_model(make_tiny_llama(), None, calib_ids, "rtn", _cfg(bits=3), out, progress=False)
-    stats = quantize_model(
+        run_quantize(make_tiny_llama(), None, calib_ids, "rtn", _cfg(bits=3), out, progress=False)
+    stats = run_quantize(
         make_tiny_llama(), None, calib_ids, "rtn", _cfg(bits=3), out, resume=False, progress=False
     )
     assert len(stats) == 14 and out.exists()
@@ -282,9 +280,9 @@ def test_resume_with_other_weights_is_refused(tmp_path, calib_ids):
     out = tmp_path / "run"
     _interrupt_after_first_block(make_tiny_llama(seed=0), calib_ids, out)
     with pytest.raises(ResumeMismatchError):
-        quantize_model(make_tiny_llama(seed=1), None, calib_ids, "rtn", _cfg(), out, progress=False)
+        run_quantize(make_tiny_llama(seed=1), None, calib_ids, "rtn", _cfg(), out, progress=False)
     with pytest.raises(ResumeMismatchError):
-        quantize_model(
+        run_quantize(
             make_tiny_llama(seed=0), None, calib_ids.flip(0), "rtn", _cfg(), out, progress=False
         )
 
@@ -294,9 +292,9 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, calib_ids):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="already exists"):
-        quantize_model(make_tiny_llama(), None, calib_ids, "rtn", _cfg(), out, progress=False)
+        run_quantize(make_tiny_llama(), None, calib_ids, "rtn", _cfg(), out, progress=False)
     assert (out / "keep.txt").exists()
-    quantize_model(
+    run_quantize(
         make_tiny_llama(), None, calib_ids, "rtn", _cfg(), out, overwrite=True, progress=False
     )
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
@@ -304,19 +302,49 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, calib_ids):
 
 def test_bad_inputs(calib_ids):
     model = make_tiny_llama()
-    with pytest.raises(ValueError, match="calib_ids"):
-        quantize_model(model, None, calib_ids[0], "rtn", _cfg(), None, progress=False)
+    with pytest.raises(ValueError, match="calibration ids must be"):
+        lq.Calibration(calib_ids[0])
     with pytest.raises(ValueError, match="needs a QuantConfig"):
-        quantize_model(model, None, calib_ids, "rtn", {"bits": 4}, None, progress=False)
+        run_quantize(model, None, calib_ids, "rtn", {"bits": 4}, None, progress=False)
     with pytest.raises(ValueError, match="unknown quantization method"):
-        quantize_model(model, None, calib_ids, "nope", None, None, progress=False)
-    with pytest.raises(ValueError, match="unknown device"):
-        quantize_model(model, None, calib_ids, "rtn", None, None, device="nodevice")
+        run_quantize(model, None, calib_ids, "nope", None, None, progress=False)
+    with pytest.raises(ValueError, match="'nodevice' is not a device"):
+        run_quantize(model, None, calib_ids, "rtn", None, None, device="nodevice")
+    with pytest.raises(ValueError, match="the CPU has no index"):
+        run_quantize(model, None, calib_ids, "rtn", None, None, device="cpu:1")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            quantize_model(model, None, calib_ids, "rtn", None, None, device="cuda")
+            run_quantize(model, None, calib_ids, "rtn", None, None, device="cuda")
     with pytest.raises(ValueError, match="unsupported model"):
-        quantize_model(torch.nn.Sequential(torch.nn.ReLU()), None, calib_ids, "rtn", None, None)
+        run_quantize(torch.nn.Sequential(torch.nn.ReLU()), None, calib_ids, "rtn", None, None)
+    # a plan is made for one shape of calibration; other windows are refused, not run
+    plan = lq.prepare(model, lq.RunSpec("rtn", _cfg(), calibration=lq.CalibrationSpec(nsamples=3)))
+    with pytest.raises(ValueError, match="prepared for 3 of 512"):
+        lq.quantize_model(model, calib_ids, plan)
+
+
+def test_the_library_runs_what_the_command_line_runs(tmp_path, calib_ids):
+    """The README's few lines: a spec, a plan, the run and its checkpoint, which loads back to
+    the very weights the run left in the model."""
+    from latticequant.checkpoint import load_quantized
+
+    model = make_tiny_llama()
+    spec = lq.RunSpec(
+        method="gptq",
+        config=_cfg(),
+        calibration=lq.CalibrationSpec(nsamples=calib_ids.shape[0], seqlen=calib_ids.shape[1]),
+        output=lq.OutputSpec(out=str(tmp_path / "q"), checkpoint_format="gptq_v2"),
+        execution=lq.ExecutionSpec(progress=False),
+    )
+    plan = lq.prepare(model, spec)
+    assert plan.format.name == "gptq_v2" and plan.layers.n_quantized == 14
+    summary = lq.quantize_model(model, calib_ids, plan)
+    assert len(summary) == 14
+    loaded = load_quantized(tmp_path / "q")
+    ids = calib_ids[:2]
+    assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-4)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == "gptq_v2" and qc["quant_method"] == "gptq"
 
 
 def test_a_block_range_quantizes_only_those_blocks_and_stops_after_them(tmp_path):
@@ -328,12 +356,12 @@ def test_a_block_range_quantizes_only_those_blocks_and_stops_after_them(tmp_path
 
     ids = id_stream(4 * 32, seed=9).view(4, 32)
     full = make_tiny_llama(num_hidden_layers=3)
-    quantize_model(full, None, ids, "gptq", _cfg(), progress=False)
+    run_quantize(full, None, ids, "gptq", _cfg(), progress=False)
     part = make_tiny_llama(num_hidden_layers=3)
     original = {k: v.clone() for k, v in part.state_dict().items()}
     calls = []
     part.model.layers[2].register_forward_pre_hook(lambda m, a: calls.append(1))
-    summary = quantize_model(
+    summary = run_quantize(
         part, None, ids, "gptq", _cfg(), tmp_path / "q", blocks=(0, 1), progress=False
     )
     assert not calls and len(summary) == 7 and len(summary.skipped) == 14
@@ -348,6 +376,4 @@ def test_a_block_range_quantizes_only_those_blocks_and_stops_after_them(tmp_path
         loaded.model.layers[2].mlp.down_proj.weight, original["model.layers.2.mlp.down_proj.weight"]
     )
     with pytest.raises(ValueError, match="not a range of this model's 3 blocks"):
-        quantize_model(
-            make_tiny_llama(num_hidden_layers=3), None, ids, "gptq", _cfg(), blocks=(1, 4)
-        )
+        run_quantize(make_tiny_llama(num_hidden_layers=3), None, ids, "gptq", _cfg(), blocks=(1, 4))

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from runs import run_quantize
 from safetensors.torch import load_file
 from tiny import id_stream, make_char_tokenizer, make_tiny_llama, make_tiny_moe
 
@@ -14,7 +15,7 @@ from latticequant.checkpoint import CheckpointError, load_quantized
 from latticequant.formats import dequantize_gptq
 from latticequant.formats.rotation import RotatedLinear
 from latticequant.methods import Method, UnsupportedConfigError, get_method
-from latticequant.pipeline import Override, ResumeMismatchError, quantize_model
+from latticequant.pipeline import Override, ResumeMismatchError
 from latticequant.pipeline.checkpoint import ROTATED_FORMAT
 from latticequant.pipeline.layout import linear_weight, set_linear_weight
 from latticequant.pipeline.offload import load_offloaded
@@ -58,7 +59,7 @@ def test_float_outputs_lowers_the_block_output_error(calib, heldout):
     errs = {}
     for objective in ("layer", "float-outputs"):
         model = _model()
-        quantize_model(
+        run_quantize(
             model, None, calib, "gptq", _cfg(2), progress=False, target=TargetConfig(objective)
         )
         errs[objective] = _sq_err(model, ref, heldout)
@@ -69,8 +70,8 @@ def _recording(seen: dict):
     """The method a run hands each layer's problem to: records it and rounds to nearest."""
     gptq = get_method("gptq")
 
-    def quantize(W, H, config):
-        lqr = gptq.quantize(W, H, config)
+    def quantize(W, H, config, context=None):
+        lqr = gptq.quantize(W, H, config, context)
         seen[len(seen)] = (W.detach().double().clone(), H.detach().double().clone(), lqr.Q)
         return lqr
 
@@ -83,7 +84,7 @@ def test_the_target_each_layer_gets_is_the_least_squares_match_of_the_float_mode
     (float64, from the activations themselves, not from the pipeline's Gram matrices)."""
     seen: dict = {}
     model = _model()
-    quantize_model(
+    run_quantize(
         model,
         None,
         calib,
@@ -128,7 +129,7 @@ def test_the_target_each_layer_gets_is_the_least_squares_match_of_the_float_mode
 def test_rotated_layers_compute_the_dequantized_rotated_weights_on_rotated_inputs(calib, tmp_path):
     model = _model()
     tok = make_char_tokenizer()
-    stats = quantize_model(
+    stats = run_quantize(
         model, tok, calib, "gptq", _cfg(4), tmp_path / "q", progress=False, target=BOTH
     )
     assert all(s["rotation"] == "hadamard" and s["objective"] == "float-outputs" for s in stats)
@@ -181,7 +182,7 @@ def _tamper(folder, change) -> None:
     ],
 )  # fmt: skip
 def test_a_missing_or_corrupt_transform_is_refused(calib, tmp_path, change, match):
-    quantize_model(
+    run_quantize(
         _model(), None, calib, "rtn", _cfg(4), tmp_path / "q", progress=False,
         target=TargetConfig(rotate="hadamard"),
     )  # fmt: skip
@@ -192,7 +193,7 @@ def test_a_missing_or_corrupt_transform_is_refused(calib, tmp_path, change, matc
 
 
 def test_a_rotated_module_under_a_plain_gptq_config_is_refused(calib, tmp_path):
-    quantize_model(
+    run_quantize(
         _model(), None, calib, "rtn", _cfg(4), tmp_path / "q", progress=False,
         target=TargetConfig(rotate="hadamard"),
     )  # fmt: skip
@@ -218,7 +219,7 @@ METHODS = [
 @pytest.mark.parametrize("method,cfg", METHODS, ids=[m for m, _ in METHODS])
 def test_every_method_takes_both_options_and_loads_back(method, cfg, calib, tmp_path):
     model = _model()
-    stats = quantize_model(
+    stats = run_quantize(
         model, None, calib[:8], method, cfg, tmp_path / "q", progress=False, target=BOTH
     )
     assert len(stats) == 14
@@ -243,21 +244,19 @@ class _Interrupt(Exception):
 
 def test_float_outputs_resumes_to_the_same_checkpoint(calib, tmp_path):
     full = _model()
-    quantize_model(
-        full, None, calib, "gptq", _cfg(3), tmp_path / "full", progress=False, target=BOTH
-    )
+    run_quantize(full, None, calib, "gptq", _cfg(3), tmp_path / "full", progress=False, target=BOTH)
 
     def stop(index):
         if index == 0:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        quantize_model(
+        run_quantize(
             _model(), None, calib, "gptq", _cfg(3), tmp_path / "run", progress=False,
             target=BOTH, on_block_done=stop,
         )  # fmt: skip
     resumed = _model()
-    summary = quantize_model(
+    summary = run_quantize(
         resumed, None, calib, "gptq", _cfg(3), tmp_path / "run", progress=False, target=BOTH
     )
     assert summary.blocks_resumed == 1
@@ -266,12 +265,12 @@ def test_float_outputs_resumes_to_the_same_checkpoint(calib, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # another objective does not resume this run's state
     with pytest.raises(_Interrupt):
-        quantize_model(
+        run_quantize(
             _model(), None, calib, "gptq", _cfg(3), tmp_path / "other", progress=False,
             target=BOTH, on_block_done=stop,
         )  # fmt: skip
     with pytest.raises(ResumeMismatchError):
-        quantize_model(
+        run_quantize(
             _model(), None, calib, "gptq", _cfg(3), tmp_path / "other", progress=False,
             target=TargetConfig(rotate="hadamard", seed=3),
         )  # fmt: skip
@@ -280,11 +279,9 @@ def test_float_outputs_resumes_to_the_same_checkpoint(calib, tmp_path):
 def test_float_outputs_offloaded_equals_in_memory(calib, tmp_path):
     full = _model()
     full.save_pretrained(tmp_path / "m", max_shard_size="100KB")
-    quantize_model(
-        full, None, calib, "gptq", _cfg(3), tmp_path / "mem", progress=False, target=BOTH
-    )
+    run_quantize(full, None, calib, "gptq", _cfg(3), tmp_path / "mem", progress=False, target=BOTH)
     model = load_offloaded(tmp_path / "m")
-    quantize_model(
+    run_quantize(
         model, None, calib, "gptq", _cfg(3), tmp_path / "disk", progress=False, target=BOTH
     )
     a = load_quantized(tmp_path / "mem")
@@ -295,8 +292,8 @@ def test_float_outputs_offloaded_equals_in_memory(calib, tmp_path):
 
 def test_batching_does_not_change_the_result(calib):
     one, many = _model(), _model()
-    quantize_model(one, None, calib, "gptq", _cfg(3), progress=False, target=BOTH)
-    quantize_model(many, None, calib, "gptq", _cfg(3), progress=False, target=BOTH, batch_size=3)
+    run_quantize(one, None, calib, "gptq", _cfg(3), progress=False, target=BOTH)
+    run_quantize(many, None, calib, "gptq", _cfg(3), progress=False, target=BOTH, batch_size=3)
     for (n, a), (_, b) in zip(one.named_parameters(), many.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), n
 
@@ -304,11 +301,11 @@ def test_batching_does_not_change_the_result(calib):
 def test_what_cannot_be_honoured_is_refused_before_any_forward(calib):
     model = _model(hidden_size=8 * 67, num_attention_heads=4)  # d_in 536 = 8 x 67
     with pytest.raises(UnsupportedConfigError, match="odd factor 67"):
-        quantize_model(model, None, calib, "hptq", None, progress=False,
+        run_quantize(model, None, calib, "hptq", None, progress=False,
                        target=TargetConfig(rotate="hadamard"))  # fmt: skip
     moe = make_tiny_moe("qwen3_moe")
     with pytest.raises(ValueError, match="mixture-of-experts"):
-        quantize_model(moe, None, calib, "gptq", _cfg(), progress=False,
+        run_quantize(moe, None, calib, "gptq", _cfg(), progress=False,
                        target=TargetConfig("float-outputs"))  # fmt: skip
     for bad in (dict(objective="outputs"), dict(rotate="walsh"), dict(seed=-1), dict(damp=-1)):
         with pytest.raises(ValueError):
@@ -317,7 +314,7 @@ def test_what_cannot_be_honoured_is_refused_before_any_forward(calib):
 
 def test_rotation_works_on_mixture_of_experts(calib, tmp_path):
     moe = make_tiny_moe("qwen3_moe")
-    stats = quantize_model(
+    stats = run_quantize(
         moe, None, calib, "gptq", lq.QuantConfig(bits=4, group_size=32), tmp_path / "q",
         progress=False, target=TargetConfig(rotate="hadamard"),
     )  # fmt: skip

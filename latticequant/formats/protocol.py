@@ -1,0 +1,170 @@
+"""The format protocol: everything the package knows about one way of storing a quantized layer.
+
+A :class:`Format` says what its grid can represent (a method checks its config against it
+before any slow work), how a method's result is packed into tensors and read back, how those
+tensors dequantize, how many bits per weight they cost, which module runs them, and what the
+checkpoint's file-level config (``quantize_config.json``, ``config.json``'s
+``quantization_config``) says about them. The checkpoint writer and loader, the command line
+and the methods look formats up here by name and never match a name themselves: a new format
+is one module that defines a :class:`Format` and one :func:`register_format` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from latticequant.formats.bits import effective_bits
+from latticequant.formats.packing import FormatError
+
+__all__ = [
+    "Format",
+    "UnsupportedConfigError",
+    "register_format",
+    "get_format",
+    "format_names",
+    "formats_storing",
+    "key_kind",
+    "kernel_description",
+]
+
+
+class UnsupportedConfigError(ValueError):
+    """A config (or a layer's shape) that a format cannot store; says what to use instead."""
+
+
+class Format:
+    """One registered way of storing a quantized linear layer.
+
+    name: what ``--checkpoint-format`` and a checkpoint's module table call it.
+    keys: the tensors every layer of the format stores (keys without the module prefix);
+      optional_keys: tensors it reads when present.
+    key_kinds: what each key is, for reports that group the bits by kind.
+    kernels: what each ``last_kernel`` value of its module means, for ``eval``/``generate``.
+    quant_method: the file-level ``quant_method`` of a checkpoint made of this format: "gptq"
+      only where every GPTQ reader may take the file.
+    """
+
+    name: str = ""
+    keys: tuple[str, ...] = ()
+    optional_keys: tuple[str, ...] = ()
+    key_kinds: Mapping[str, str] = {}
+    kernels: Mapping[str, str] = {}
+    quant_method: str = "latticequant"
+
+    # -- what the grid can represent -----------------------------------------------------------
+
+    def check(self, config, d_out: int | None = None, d_in: int | None = None) -> None:
+        """Raise :class:`UnsupportedConfigError` for a config (and, when given, a layer shape)
+        this format cannot store, naming what to use instead."""
+
+    def min_zero(self, config) -> int:
+        """The smallest integer offset an asymmetric grid of ``config`` may take here."""
+        return 0
+
+    # -- tensors ---------------------------------------------------------------------------------
+
+    def pack(self, result) -> dict[str, torch.Tensor]:
+        """The tensors one layer stores for a method's ``result``."""
+        raise NotImplementedError(f"format {self.name!r} does not pack results")
+
+    def unpack(self, tensors: Mapping[str, torch.Tensor], meta: Mapping):
+        """The integer codes and grid back from stored tensors (format-specific parts)."""
+        raise NotImplementedError(f"format {self.name!r} does not unpack")
+
+    def dequantize(
+        self, tensors: Mapping[str, torch.Tensor], meta: Mapping, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``W`` ``(d_out, d_in)`` as the stored tensors define it, in ``dtype``."""
+        raise NotImplementedError(f"format {self.name!r} does not dequantize")
+
+    def effective_bits(self, tensors: Mapping[str, torch.Tensor], n_weights: int) -> float:
+        """Bits per weight of everything a layer stores (formats/bits.py)."""
+        return effective_bits(tensors, n_weights)
+
+    def module(
+        self, tensors: Mapping[str, torch.Tensor], meta: Mapping, bias: torch.Tensor | None = None
+    ) -> nn.Module:
+        """The inference module of one layer (``meta``: what the checkpoint records of it,
+        ``bits``, ``in_features``, ``out_features``, and loader options ``backend``,
+        ``cache_weight``)."""
+        raise NotImplementedError(f"format {self.name!r} has no module")
+
+    def owns(self, keys: set[str]) -> bool:
+        """Whether a layer storing exactly ``keys`` is of this format: a module's tensors, not
+        what its config entry claims, decide its kind."""
+        return set(self.keys) <= keys <= set(self.keys) | set(self.optional_keys)
+
+    # -- the file-level config -------------------------------------------------------------------
+
+    def file_config(self, base: Mapping, meta: Mapping) -> dict:
+        """The checkpoint's ``quantization_config`` for layers of this format.
+
+        base: ``bits``, ``group_size``, ``sym``, ``desc_act`` of the run's config (what most
+        layers store); meta: the method and its settings, recorded under ``meta``.
+        """
+        return {
+            "bits": base.get("bits"),
+            "group_size": base.get("group_size", -1),
+            "desc_act": bool(base.get("desc_act", False)),
+            "true_sequential": True,
+            "checkpoint_format": self.name,
+            "quant_method": self.quant_method,
+        }
+
+    def module_meta(self, entry: Mapping, file_config: Mapping) -> dict:
+        """What :meth:`module` and :meth:`dequantize` need of one layer, from its entry in the
+        checkpoint's module table and the file-level config."""
+        meta = {"bits": entry.get("bits", file_config.get("bits"))}
+        for key in ("in_features", "out_features"):
+            if key in entry:
+                meta[key] = entry[key]
+        return meta
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    """Make ``fmt`` available by its name; a name registered twice is an error."""
+    if not isinstance(fmt, Format) or not fmt.name:
+        raise TypeError("register_format expects a named Format")
+    if fmt.name in _FORMATS:
+        raise ValueError(f"format {fmt.name!r} is already registered")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> Format:
+    """The registered format ``name``; a one-line :class:`FormatError` listing the known ones."""
+    if name not in _FORMATS:
+        raise FormatError(f"unknown format {name!r}; known: {', '.join(sorted(_FORMATS))}")
+    return _FORMATS[name]
+
+
+def format_names() -> tuple[str, ...]:
+    return tuple(sorted(_FORMATS))
+
+
+def formats_storing(keys: set[str]) -> list[Format]:
+    """The registered formats whose layers store exactly ``keys`` (several formats may share a
+    layout, as GPTQ v1 and v2 do: the file-level config tells them apart)."""
+    return [fmt for fmt in _FORMATS.values() if fmt.owns(set(keys))]
+
+
+def key_kind(key: str) -> str:
+    """What a stored key is ("codes", "scales", ...), for the bits breakdown of a report."""
+    for fmt in _FORMATS.values():
+        if key in fmt.key_kinds:
+            return fmt.key_kinds[key]
+    return key
+
+
+def kernel_description(kernel: str) -> str:
+    """What a module's ``last_kernel`` value means."""
+    for fmt in _FORMATS.values():
+        if kernel in fmt.kernels:
+            return fmt.kernels[kernel]
+    return kernel
