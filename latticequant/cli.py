@@ -24,6 +24,7 @@ from latticequant.methods import get_method, list_methods, settable_fields
 from latticequant.pipeline.checkpoint import is_quantized_checkpoint, read_quant_log
 from latticequant.pipeline.data import (
     BOS_POLICIES,
+    HF_DATASETS,
     calibration_windows,
     load_text,
     perplexity,
@@ -571,6 +572,12 @@ def _check_refine(config, args, overrides) -> None:
                     )
 
 
+def _check_text(flag: str, source: str | None) -> None:
+    """Refuse a text source that names nothing, before the model loads."""
+    if source is not None and source not in HF_DATASETS and not os.path.exists(source):
+        raise ValueError(f"{flag} {source!r} is neither a file, a folder, nor one of {HF_DATASETS}")
+
+
 def _check_sampling(args) -> None:
     """``--top-p`` only shapes sampling: refuse it with greedy decoding."""
     if args.top_p is not None and args.top_p < 1 and args.temperature == 0:
@@ -594,6 +601,9 @@ def cmd_quantize(args) -> int:
     _check_out(args.out, args.overwrite)
     _check_device(args.device)
     _check_offload(args)
+    _check_text("--text", args.text)
+    if args.evaluate:
+        _check_text("--eval-text", args.eval_text)
     method.check(config)  # what the format cannot store is refused before the model loads
     args.experts = ExpertPolicy(args.min_expert_tokens, args.expert_fallback)
     args.target = TargetConfig(args.objective, args.rotate, args.seed)
@@ -736,6 +746,7 @@ def _evaluate(args, world: World) -> int:
     t0 = time.perf_counter()
     _check_device(args.device)
     _check_offload(args)
+    _check_text("--text", args.text)
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; perplexity needs a tokenizer")

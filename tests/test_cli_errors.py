@@ -3,6 +3,7 @@ traceback, and nothing left where the output would have gone."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from tiny import make_char_tokenizer, make_tiny_llama, make_tiny_moe, make_tiny_opt
 
 from latticequant import cli
+from latticequant.methods import list_methods
 from latticequant.pipeline.data import protocol_text
 
 
@@ -110,6 +112,20 @@ def raw(*argv):
     return lambda root, out: [a.replace("ROOT", str(root)).replace("OUT", str(out)) for a in argv]
 
 
+def _command(command: str, *extra: str):
+    """``command`` run on a valid input with ``extra`` (one wrong flag) added."""
+    if command == "quantize" and "hptq" in extra:  # HPTQ has no --group-size
+        return raw(command, "ROOT/model", "--out", "OUT", *extra)
+    if command == "quantize":
+        return q(*extra)
+    inputs = {
+        "eval": ("ROOT/model", "--seqlen", "64"),
+        "generate": ("ROOT/model", "--prompt", "x", "--max-new-tokens", "2"),
+        "report": ("ROOT/ckpt",),
+    }[command]
+    return raw(command, *inputs, *extra)
+
+
 CORPUS = [
     ("missing model", raw("quantize", "ROOT/nope", "--out", "OUT"), "does not exist"),
     ("model is not gguf", q(model="weights.bin"), "not a .gguf"),
@@ -120,7 +136,11 @@ CORPUS = [
     ("offload without safetensors", q("--offload", model="bin-only"), "safetensors"),
     ("out exists", raw("quantize", "ROOT/model", "--out", "ROOT/exists"), "--overwrite"),
     ("out is a file", raw("quantize", "ROOT/model", "--out", "ROOT/a-file"), "is a file"),
-    ("out parent missing", raw("quantize", "ROOT/model", "--out", "ROOT/no/where"), "no"),
+    (
+        "out parent is a file",
+        raw("quantize", "ROOT/model", "--out", "ROOT/a-file/sub/out"),
+        "ROOT/a-file is a file, not a folder",
+    ),
     ("bits not a number", q("--bits", "x"), "invalid int value: 'x'"),
     ("bits out of range", q("--bits", "9"), "bits must be an integer from 2 to 8"),
     ("bits 5", q("--bits", "5"), "bits=5 (--bits 5) cannot be stored in the GPTQ format"),
@@ -129,7 +149,7 @@ CORPUS = [
     ("no-clip with gptq", q("--no-clip"), "--no-clip"),
     ("no-clip with rtn", q("--method", "rtn", "--no-clip"), "ssqr, hptq or hrtn"),
     ("group size zero", q("--group-size", "0"), "group_size"),
-    ("negative damping", q("--damp", "-1"), "damp must be a non-negative number"),
+    ("negative damping", q("--damp", "-1"), "damp must be a finite non-negative number"),
     ("unknown order", q("--order", "sideways"), "order must be one of"),
     ("unknown method", q("--method", "nope"), "unknown quantization method 'nope'"),
     ("nsamples zero", q("--nsamples", "0"), "--nsamples must be at least 1"),
@@ -204,6 +224,106 @@ CORPUS = [
     ("report log garbage", raw("report", "ROOT/log-garbage"), "not valid JSON"),
     ("report layers not a list", raw("report", "ROOT/log-layers-dict"), "must be a list"),
     ("report plot nowhere", raw("report", "ROOT/ckpt", "--plot", "ROOT/no/where.png"), "where"),
+    *[  # every flag of every command, once with a wrong value (``extra`` below)
+        (f"{command} {' '.join(argv)}", _command(command, *argv), expected)
+        for command, argv, expected in [
+            ("quantize", ("--verbose=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--revision", "main"), "--revision main applies to hub ids"),
+            ("quantize", ("--device", "cpu:1"), "the CPU takes no index; use --device cpu"),
+            ("quantize", ("--dtype", "int8"), "invalid choice: 'int8'"),
+            ("quantize", ("--out",), "expected one argument"),
+            ("quantize", ("--nsamples", "many"), "--nsamples expects an integer, got 'many'"),
+            ("quantize", ("--seqlen", "1.5"), "--seqlen expects an integer, got '1.5'"),
+            ("quantize", ("--seed", "x"), "--seed expects an integer, got 'x'"),
+            ("quantize", ("--overwrite=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--no-resume=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--skip",), "expected one argument"),
+            ("quantize", ("--batch-size", "-2"), "--batch-size must be at least 1, got -2"),
+            ("quantize", ("--blocks", "-1:2"), "expects START:END with 0 <= START < END, got -1:2"),
+            ("quantize", ("--blocks", "2:1"), "expects START:END with 0 <= START < END, got 2:1"),
+            ("quantize", ("--blocks", "one"), "--blocks expects START:END (two integers"),
+            ("quantize", ("--hessian-dtype", "float16"), "invalid choice: 'float16'"),
+            ("quantize", ("--min-expert-tokens", "-1"), "--min-expert-tokens must be at least 0"),
+            ("quantize", ("--expert-fallback", "zero"), "invalid choice: 'zero'"),
+            ("quantize", ("--offload=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--offload-dir", "ROOT/off"), "--offload-dir ROOT/off needs --offload"),
+            (
+                "quantize",
+                ("--offload", "--offload-dir", "ROOT/a-file"),
+                "--offload-dir ROOT/a-file is a file, not a folder",
+            ),
+            ("quantize", ("--no-eval=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--eval-seqlen", "0"), "--eval-seqlen must be at least 2, got 0"),
+            (
+                "quantize",
+                ("--eval-text", "ROOT/none.txt"),
+                "--eval-text 'ROOT/none.txt' is neither",
+            ),
+            ("quantize", ("--bos", "sometimes"), "invalid choice: 'sometimes'"),
+            ("quantize", ("--json=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--wbits", "3.5"), "invalid int value: '3.5'"),
+            ("quantize", ("--groupsize", "-2"), "group_size must be -1 (per output channel)"),
+            ("quantize", ("--sym=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--clip=no",), "ignored explicit argument 'no'"),
+            ("quantize", ("--scale-method", "max"), "scale_method must be one of"),
+            ("quantize", ("--no-static-groups=1",), "ignored explicit argument '1'"),
+            ("quantize", ("--damp", "inf"), "damp must be a finite non-negative number"),
+            ("quantize", ("--block-size", "0"), "block_size must be a positive integer"),
+            ("quantize", ("--mse-grid", "0"), "mse_grid be positive"),
+            ("quantize", ("--mse-maxshrink", "1.5"), "mse_maxshrink must lie in (0, 1)"),
+            ("quantize", ("--mse-norm", "-1"), "mse_norm must be a finite positive number"),
+            ("quantize", ("--refine", "polish"), "refine must be comma-separated steps"),
+            ("quantize", ("--refine-sweeps", "3"), "--refine-sweeps 3 needs --refine cd and/or"),
+            ("quantize", ("--refine-rounds", "2"), "--refine-rounds 2 needs --refine cd and/or"),
+            ("quantize", ("--refine", "cd", "--refine-rounds", "0"), "refine_rounds must be a"),
+            (
+                "quantize",
+                ("--override", "q_proj:refine_sweeps=2"),
+                "refine_sweeps needs refine (cd and/or scales)",
+            ),
+            ("quantize", ("--method", "hptq", "--target-bits", "30"), "target_bits must be"),
+            ("quantize", ("--method", "hptq", "--tol", "-1"), "tol"),
+            ("quantize", ("--method", "hptq", "--max-iter", "0"), "max_iter"),
+            ("quantize", ("--method", "hptq", "--rounding", "floor"), "rounding"),
+            ("quantize", ("--method", "hptq", "--max-code-length", "0"), "max_code_length"),
+            ("quantize", ("--method", "ssqr", "--outlier-rate", "2"), "outlier_rate"),
+            ("quantize", ("--method", "kbest", "--beam", "0"), "beam"),
+            ("quantize", ("--method", "kbest", "--klein-paths", "-1"), "klein_paths"),
+            ("eval", ("--verbose=yes",), "ignored explicit argument 'yes'"),
+            ("eval", ("--revision", "main"), "--revision main applies to hub ids"),
+            ("eval", ("--device", "cpu:1"), "the CPU takes no index; use --device cpu"),
+            ("eval", ("--dtype", "int8"), "invalid choice: 'int8'"),
+            ("eval", ("--text", "ROOT/none.txt"), "--text 'ROOT/none.txt' is neither"),
+            ("eval", ("--seqlen", "many"), "--seqlen expects an integer, got 'many'"),
+            ("eval", ("--offload=yes",), "ignored explicit argument 'yes'"),
+            ("eval", ("--offload-dir", "ROOT/off"), "--offload-dir ROOT/off needs --offload"),
+            (
+                "eval",
+                ("--offload", "--offload-dir", "ROOT/a-file"),
+                "--offload-dir ROOT/a-file is a file, not a folder",
+            ),
+            ("eval", ("--dense-cache=yes",), "ignored explicit argument 'yes'"),
+            ("eval", ("--bos", "sometimes"), "invalid choice: 'sometimes'"),
+            ("eval", ("--json=yes",), "ignored explicit argument 'yes'"),
+            ("generate", ("--verbose=yes",), "ignored explicit argument 'yes'"),
+            ("generate", ("--revision", "main"), "--revision main applies to hub ids"),
+            ("generate", ("--device", "cpu:1"), "the CPU takes no index; use --device cpu"),
+            ("generate", ("--dtype", "int8"), "invalid choice: 'int8'"),
+            ("generate", ("--prompt",), "expected one argument"),
+            ("generate", ("--max-new-tokens", "0"), "--max-new-tokens must be at least 1, got 0"),
+            ("generate", ("--temperature", "nan"), "--temperature must be a finite number >= 0"),
+            ("generate", ("--top-p", "nan"), "--top-p must be a number in (0, 1], got nan"),
+            ("generate", ("--top-p", "0"), "--top-p must be a number in (0, 1], got 0"),
+            ("generate", ("--top-p", "2"), "--top-p must be a number in (0, 1], got 2"),
+            ("generate", ("--top-p", "0.5"), "--top-p 0.5 only applies to sampling; add --temp"),
+            ("generate", ("--seed", "-1"), "--seed must be at least 0, got -1"),
+            ("generate", ("--no-chat-template=yes",), "ignored explicit argument 'yes'"),
+            ("generate", ("--dense-cache=yes",), "ignored explicit argument 'yes'"),
+            ("generate", ("--json=yes",), "ignored explicit argument 'yes'"),
+            ("report", ("--verbose=yes",), "ignored explicit argument 'yes'"),
+            ("report", ("--json=yes",), "ignored explicit argument 'yes'"),
+        ]
+    ],
     ("no command", raw(), "required"),
     ("unknown command", raw("squash"), "invalid choice"),
 ]
@@ -220,7 +340,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(files, tmp_path, capsys, make_
     assert "Traceback" not in captured.err
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("latticequant: error: ")
-    assert expected in lines[0], lines[0]
+    assert expected.replace("ROOT", str(files)) in lines[0], lines[0]
     assert not out.exists() and not (tmp_path / "out.partial").exists()
     assert sorted(p.relative_to(files) for p in files.rglob("*")) == before  # nothing written
     assert (files / "exists" / "keep.txt").read_text() == "kept"
@@ -229,7 +349,29 @@ def test_bad_input_is_one_line_and_leaves_nothing(files, tmp_path, capsys, make_
 def test_the_corpus_is_large_and_covers_every_command():
     assert len(CORPUS) >= 25
     commands = {make_argv(Path("R"), Path("O"))[:1][0] for _, make_argv, _ in CORPUS[:-2]}
-    assert commands == {"quantize", "eval", "report"}
+    assert commands == {"quantize", "eval", "generate", "report"}
+
+
+def test_the_corpus_tries_every_flag_of_every_command():
+    """Each option of each command (the quantize flags of every method included) is what goes
+    wrong in a case of the corpus, under any of its spellings (the valid flags every ``q``
+    case starts with do not count)."""
+    base = _quantize(Path("R"), Path("O"))
+    tried: dict[str, set[str]] = {}
+    for _, make_argv, _ in CORPUS:
+        argv = make_argv(Path("R"), Path("O"))
+        if argv[: len(base)] == base:
+            argv = argv[:1] + argv[len(base) :]
+        if argv:
+            tried.setdefault(argv[0], set()).update(a.split("=")[0] for a in argv[1:])
+    for command in ("quantize", "eval", "generate", "report"):
+        for method in list_methods() if command == "quantize" else ["gptq"]:
+            parser = cli.build_parser(method)
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            for action in sub.choices[command]._actions:
+                if action.option_strings and "-h" not in action.option_strings:
+                    spellings = set(action.option_strings)
+                    assert spellings & tried[command], f"{command} {action.option_strings[0]}"
 
 
 def test_config_errors_are_refused_before_the_model_loads(files, tmp_path, monkeypatch, capsys):
