@@ -4,8 +4,14 @@ traceback, and nothing left where the output would have gone."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -412,3 +418,140 @@ def test_summary_counts_quantized_and_skipped_layers(files, tmp_path, capsys):
     assert cli.main(_quantize(files, out, "--no-eval", "--skip", "down_proj")) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("quantized 12 layers with gptq, 2 left in float (skipped by pattern")
+
+
+def _one_line(capsys, bars: bool = False) -> str:
+    """The one line of the error; with ``bars``, progress bars may come before it."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if bars:
+        lines = [ln for ln in lines if not re.search(r"\|.*/s\]$", ln)]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("latticequant: error: ")
+    return lines[0].removeprefix("latticequant: error: ")
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+def _unwritable(monkeypatch, folder: Path) -> None:
+    """``folder`` reads as not writable (a read-only mount; root ignores chmod)."""
+    access = cli.os.access
+    monkeypatch.setattr(
+        cli.os,
+        "access",
+        lambda path, mode, **kw: (
+            (os.path.abspath(path) != str(folder)) and access(path, mode, **kw)
+        ),
+    )
+
+
+EARLY = [  # (argv, the one line): refused with the model never loaded
+    (q("--device", "cpu:1"), "--device cpu:1: the CPU takes no index; use --device cpu"),
+    (
+        q("--device", "cuda:2"),
+        "--device cuda:2: this machine has 2 CUDA devices (cuda:0 to cuda:1)",
+    ),
+    (q("--refine-sweeps", "3"), "--refine-sweeps 3 needs --refine cd and/or scales"),
+    (q("--refine-rounds", "2"), "--refine-rounds 2 needs --refine cd and/or scales"),
+    (q("--offload-dir", "ROOT/off"), "--offload-dir ROOT/off needs --offload"),
+    (q("--offload", "--offload-dir", "ROOT/a-file"), "--offload-dir ROOT/a-file is a file"),
+    (q("--text", "ROOT/none.txt"), "--text 'ROOT/none.txt' is neither a file"),
+    (q("--eval-text", "ROOT/none.txt"), "--eval-text 'ROOT/none.txt' is neither a file"),
+    (raw("quantize", "--out", "ROOT/a-file/x/y"), "--out ROOT/a-file/x/y: ROOT/a-file is a file"),
+    (raw("quantize", "--out", "ROOT/readonly/x/y"), "cannot write in ROOT/readonly (permission"),
+    (raw("eval", "ROOT/model", "--device", "cpu:1"), "--device cpu:1: the CPU takes no index"),
+    (raw("eval", "--offload-dir", "ROOT/off"), "--offload-dir ROOT/off needs --offload"),
+    (raw("eval", "--offload", "--offload-dir", "ROOT/a-file"), "ROOT/a-file is a file, not a"),
+    (raw("generate", "--prompt", "x", "--device", "cpu:1"), "the CPU takes no index"),
+    (raw("generate", "--prompt", "x", "--device", "cuda:2"), "this machine has 2 CUDA devices"),
+    (raw("generate", "--prompt", "x", "--top-p", "0.5"), "--top-p 0.5 only applies to sampling"),
+]
+
+
+@pytest.mark.parametrize(
+    "make_argv,expected", EARLY, ids=[" ".join(c[0](Path("R"), Path("O"))[-3:]) for c in EARLY]
+)
+def test_silently_ignored_or_unwritable_is_refused_before_the_model_loads(
+    files, tmp_path, monkeypatch, capsys, make_argv, expected
+):
+    monkeypatch.setattr(cli, "load_model", _no_load)
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli.torch.cuda, "device_count", lambda: 2)
+    _unwritable(monkeypatch, files / "exists")
+    argv = make_argv(files, tmp_path / "o")
+    argv = [a.replace(f"{files}/readonly", str(files / "exists")) for a in argv]
+    expected = expected.replace("ROOT/readonly", "ROOT/exists")
+    assert cli.main(argv) != 0
+    assert expected.replace("ROOT", str(files)) in _one_line(capsys)
+    assert not (tmp_path / "o").exists() and not (files / "exists" / "x").exists()
+
+
+def test_out_in_missing_folders_makes_them(files, tmp_path, capsys):
+    """``--out runs/x`` where ``runs/`` does not exist yet: made like ``mkdir -p``."""
+    out = tmp_path / "runs" / "deeper" / "x"
+    assert cli.main(_quantize(files, out, "--no-eval")) == 0
+    assert (out / "quant_log.json").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x"]  # no lock, no .partial left
+
+
+def test_a_second_run_on_one_out_is_refused_before_it_touches_anything(
+    files, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial" / "state"
+    partial.mkdir(parents=True)
+    (partial / "run.json").write_text('{"fingerprint": "another run"}')
+    lock = tmp_path / "out.lock"  # held by this process, which is alive
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    monkeypatch.setattr(cli, "load_model", _no_load)
+    assert cli.main(_quantize(files, out, "--no-resume", "--overwrite")) == 1
+    line = _one_line(capsys)
+    assert line.startswith(f"another run (pid {os.getpid()}) is writing {out}; wait for it")
+    assert (partial / "run.json").read_text() == '{"fingerprint": "another run"}'
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_the_lock_of_a_run_that_exited_is_taken_over(files, tmp_path, capsys):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    out = tmp_path / "out"
+    lock = tmp_path / "out.lock"
+    lock.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname()}))
+    assert cli.main(_quantize(files, out, "--no-eval")) == 0
+    assert (out / "quant_log.json").is_file() and not lock.exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        pytest.param("safetensors", id="SafetensorError"),
+    ],
+)
+def test_a_full_disk_is_one_sentence_and_the_run_resumable(
+    files, tmp_path, monkeypatch, capsys, error
+):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    if error == "safetensors":  # what safetensors 0.x raises on a full disk
+        error = SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    def full(*args, **kwargs):
+        raise error
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert cli.main(_quantize(files, out, "--no-eval")) == 1
+    assert _one_line(capsys, bars=True) == (
+        f"no space left on device while writing {out} (the unfinished run in {out}.partial is "
+        "resumable: free space and rerun the same command)"
+    )
+    assert not out.exists() and not (tmp_path / "out.lock").exists()
+    monkeypatch.undo()  # space freed: the same command finishes the run
+    assert cli.main(_quantize(files, out, "--no-eval")) == 0
+    assert (out / "quant_log.json").is_file()
