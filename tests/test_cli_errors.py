@@ -471,7 +471,7 @@ EARLY = [  # (argv, the one line): refused with the model never loaded
 
 
 @pytest.mark.parametrize(
-    "make_argv,expected", EARLY, ids=[" ".join(c[0](Path("R"), Path("O"))[-3:]) for c in EARLY]
+    "make_argv,expected", EARLY, ids=[f"{c[0](Path(), Path())[0]}: {c[1][:40]}" for c in EARLY]
 )
 def test_silently_ignored_or_unwritable_is_refused_before_the_model_loads(
     files, tmp_path, monkeypatch, capsys, make_argv, expected
