@@ -258,8 +258,8 @@ def _try_create(path: Path, owner: dict) -> bool:
     The content is written under a temporary name and hard-linked to ``path``: the link fails
     when ``path`` exists, like ``O_CREAT | O_EXCL``, and a reader never sees a half-written lock.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # this process's own name
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(owner, fh)
