@@ -7,9 +7,12 @@ newly registered method gets its flags (``--outlier-rate``, ``--target-bits``, .
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -18,6 +21,7 @@ from latticequant.methods import get_method, list_methods, settable_fields
 from latticequant.pipeline.checkpoint import is_quantized_checkpoint, read_quant_log
 from latticequant.pipeline.data import (
     BOS_POLICIES,
+    HF_DATASETS,
     calibration_windows,
     load_text,
     perplexity,
@@ -43,7 +47,7 @@ from latticequant.pipeline.spec import (
     check_device,
     prepare,
 )
-from latticequant.pipeline.state import OutputExistsError
+from latticequant.pipeline.state import OutputExistsError, output_lock, partial_folder
 from latticequant.pipeline.target import OBJECTIVES, ROTATIONS, TargetConfig
 from latticequant.report import format_table, load_report, plot_loss_vs_bound
 
@@ -131,8 +135,31 @@ def _block_range(text: str) -> tuple[int, int]:
             f"--blocks expects START:END (two integers, e.g. 0:2), got {text!r}"
         ) from None
     if not 0 <= start < end:
-        raise argparse.ArgumentTypeError(f"--blocks needs 0 <= START < END, got {text}")
+        raise argparse.ArgumentTypeError(
+            f"--blocks expects START:END with 0 <= START < END, got {text}"
+        )
     return start, end
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -1:2`` as ``--flag=-1:2``: argparse takes a value that starts with ``-`` and is
+    not a plain negative number for an option, and says only "expected one argument"; glued,
+    the flag's own check names the rule."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if (
+            out
+            and re.fullmatch(r"-[\d.].*", arg)
+            and out[-1].startswith("--")
+            and "=" not in out[-1]
+            and not re.fullmatch(r"-\d+|-\d*\.\d+", arg)  # argparse reads these as values
+        ):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _nonnegative_float(name: str):
@@ -150,6 +177,21 @@ def _nonnegative_float(name: str):
     return parse
 
 
+def _unit_fraction(name: str):
+    """An argparse type: a number in (0, 1], with one wording for every value outside it."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value <= 1:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1], got {text}")
+        return value
+
+    return parse
+
+
 def _add_offload_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--offload",
@@ -160,7 +202,8 @@ def _add_offload_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--offload-dir",
         metavar="DIR",
-        help="where --offload writes quantized block weights (default: a temporary folder)",
+        help="where --offload writes quantized block weights (default: a temporary folder; "
+        "needs --offload)",
     )
 
 
@@ -343,7 +386,10 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         help="0 for greedy decoding (default), above 0 to sample",
     )
     g.add_argument(
-        "--top-p", type=_nonnegative_float("--top-p"), default=1.0, help="nucleus sampling (1.0)"
+        "--top-p",
+        type=_unit_fraction("--top-p"),
+        default=None,
+        help="nucleus sampling, with --temperature above 0 (1.0)",
     )
     g.add_argument("--seed", type=_positive("--seed", 0), default=0, help="sampling seed (0)")
     g.add_argument(
@@ -372,10 +418,11 @@ def _method_name(argv: list[str]) -> str:
 
 
 def _load(args):
-    """The model of ``args.model``; ``--offload-dir`` alone also asks for offloading. A
-    checkpoint keeps its packed codes resident unless ``--dense-cache`` asks for speed."""
+    """The model of ``args.model`` (``--offload-dir`` without ``--offload`` is refused before
+    by :func:`_check_offload`). A checkpoint keeps its packed codes resident unless
+    ``--dense-cache`` asks for speed."""
     cache = True if getattr(args, "dense_cache", False) else False
-    offload = getattr(args, "offload", False) or bool(getattr(args, "offload_dir", None))
+    offload = getattr(args, "offload", False)
     offload_dir = getattr(args, "offload_dir", None)
     return load_model(args.model, offload, offload_dir, cache, args.revision, args.dtype)
 
@@ -457,16 +504,56 @@ def _check_seqlen(model, flag: str, seqlen: int) -> None:
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-    """Refuse an output path that cannot be written, before any slow work."""
+    """Refuse an output path that cannot be written, before any slow work. Missing parent
+    folders are made (like ``mkdir -p``) when the run takes its lock; here only a parent that
+    cannot be made, or cannot be written in, is refused."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutputExistsError(f"--out {out} is a file, not a folder; choose another path")
     if os.path.exists(out) and not overwrite:
         raise OutputExistsError(
             f"output folder {out} already exists; pass --overwrite to replace it"
         )
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise ValueError(f"--out {out}: the folder {parent} does not exist")
+    _check_can_make("--out", out, os.path.dirname(os.path.abspath(out)))
+
+
+def _check_can_make(flag: str, given: str, folder: str) -> None:
+    """Refuse ``folder`` when it cannot be made or written in: its nearest existing ancestor
+    must be a folder this process may write in."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and not os.path.islink(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {given}: {path} is a file, not a folder; choose another path")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {given}: cannot write in {path} (permission denied or read-only)")
+
+
+def _check_offload(args) -> None:
+    """``--offload-dir`` needs ``--offload`` and a folder that can be made; refused here, before
+    the model loads."""
+    folder = getattr(args, "offload_dir", None)
+    if folder is None:
+        return
+    if not args.offload:
+        raise ValueError(f"--offload-dir {folder} needs --offload (it is where --offload writes)")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--offload-dir {folder} is a file, not a folder; choose another path")
+    _check_can_make("--offload-dir", folder, folder)
+
+
+def _check_text(flag: str, source: str | None) -> None:
+    """Refuse a text source that names nothing, before the model loads."""
+    if source is not None and source not in HF_DATASETS and not os.path.exists(source):
+        raise ValueError(f"{flag} {source!r} is neither a file, a folder, nor one of {HF_DATASETS}")
+
+
+def _check_sampling(args) -> None:
+    """``--top-p`` only shapes sampling: refuse it with greedy decoding."""
+    if args.top_p is not None and args.top_p < 1 and args.temperature == 0:
+        raise ValueError(
+            f"--top-p {args.top_p:g} only applies to sampling; add --temperature T (T > 0) "
+            "or drop --top-p"
+        )
 
 
 def _emit(args, payload: dict, lines: list[str]) -> None:
@@ -498,11 +585,19 @@ def cmd_quantize(args) -> int:
     """Quantize; under torchrun every rank runs this with the same arguments."""
     spec = run_spec(args)
     _check_out(args.out, args.overwrite)
+    _check_device(args.device)
+    _check_offload(args)
+    _check_text("--text", args.text)
+    if args.evaluate:
+        _check_text("--eval-text", args.eval_text)
     spec.check()  # what the method or its format cannot take is refused before the model loads
     world = World.from_env(args.device)
     with world.failing_together():
         world.shard(args.nsamples)  # enough windows for every rank, before the model loads
-        code = _quantize(args, spec, world)
+        # the lock comes before anything is written or deleted (--no-resume); rank 0 writes
+        lock = output_lock(args.out) if world.rank == 0 else contextlib.nullcontext()
+        with lock:
+            code = _quantize(args, spec, world)
     world.close()
     return code
 
@@ -597,6 +692,8 @@ def cmd_eval(args) -> int:
 def _evaluate(args, world: World) -> int:
     t0 = time.perf_counter()
     _check_device(args.device)
+    _check_offload(args)
+    _check_text("--text", args.text)
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; perplexity needs a tokenizer")
@@ -626,9 +723,9 @@ def _evaluate(args, world: World) -> int:
 
 def cmd_generate(args) -> int:
     """Generate from a float model or a checkpoint; the speed and the weight memory with it."""
-    config = GenerationConfig(
-        args.max_new_tokens, args.temperature, args.top_p, args.seed, args.chat
-    )
+    _check_sampling(args)
+    top_p = 1.0 if args.top_p is None else args.top_p
+    config = GenerationConfig(args.max_new_tokens, args.temperature, top_p, args.seed, args.chat)
     _check_device(args.device)
     model, tokenizer = _load(args)
     if tokenizer is None:
@@ -693,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``latticequant`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        argv = _glue_negative_values(argv)
         parser = build_parser(_method_name(argv) if argv[:1] == ["quantize"] else "gptq")
         args = parser.parse_args(argv)
     except (ValueError, UsageError) as exc:
@@ -737,10 +835,34 @@ def _fail(args, exc: BaseException, unexpected: bool = False) -> int:
         log.error("failed", exc_info=exc)
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     message = lines[0] if lines else type(exc).__name__
+    if _disk_full(exc):
+        message, unexpected = _disk_full_message(args), False
     if unexpected:
         message = f"{type(exc).__name__}: {message} (rerun with -v for the traceback)"
     print(f"latticequant: error: {message}", file=sys.stderr)
     return 1
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """An error that means the disk (or the quota) is full, raised by Python or by a library
+    that reports the OS error in its message (safetensors: ``... (os error 28)``)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or f"os error {errno.ENOSPC}" in text
+
+
+def _disk_full_message(args) -> str:
+    """What a full disk means for the command that ran, and what to do."""
+    if args.command == "quantize":
+        work = partial_folder(args.out)
+        return (
+            f"no space left on device while writing {args.out} (the unfinished run in {work} "
+            "is resumable: free space and rerun the same command)"
+        )
+    where = getattr(args, "offload_dir", None) or getattr(args, "plot", None)
+    where = f" while writing {where}" if where else ""
+    return f"no space left on device{where}; free space and rerun the same command"
 
 
 if __name__ == "__main__":

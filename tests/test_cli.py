@@ -281,7 +281,9 @@ def test_generate_from_a_checkpoint(quantized, capsys):
     "extra, rc, words",
     [
         (["--temperature", "-1"], 2, "--temperature must be a finite number >= 0"),
-        (["--top-p", "2"], 1, "top_p must be in (0, 1]"),
+        (["--top-p", "2"], 2, "--top-p must be a number in (0, 1], got 2"),
+        (["--top-p", "0.5"], 1, "--top-p 0.5 only applies to sampling; add --temperature"),
+        (["--device", "cpu:1"], 1, "the CPU takes no index"),
         (["--max-new-tokens", "0"], 2, "--max-new-tokens must be at least 1"),
         (["--device", "tpu"], 1, "--device 'tpu' is not a device"),
     ],

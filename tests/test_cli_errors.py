@@ -3,8 +3,15 @@ traceback, and nothing left where the output would have gone."""
 
 from __future__ import annotations
 
+import argparse
+import errno
 import json
+import os
+import re
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +19,7 @@ import torch
 from tiny import make_char_tokenizer, make_tiny_llama, make_tiny_moe, make_tiny_opt
 
 from latticequant import cli
+from latticequant.methods import list_methods
 from latticequant.pipeline.data import protocol_text
 
 
@@ -110,6 +118,20 @@ def raw(*argv):
     return lambda root, out: [a.replace("ROOT", str(root)).replace("OUT", str(out)) for a in argv]
 
 
+def _command(command: str, *extra: str):
+    """``command`` run on a valid input with ``extra`` (one wrong flag) added."""
+    if command == "quantize" and "hptq" in extra:  # HPTQ has no --group-size
+        return raw(command, "ROOT/model", "--out", "OUT", *extra)
+    if command == "quantize":
+        return q(*extra)
+    inputs = {
+        "eval": ("ROOT/model", "--seqlen", "64"),
+        "generate": ("ROOT/model", "--prompt", "x", "--max-new-tokens", "2"),
+        "report": ("ROOT/ckpt",),
+    }[command]
+    return raw(command, *inputs, *extra)
+
+
 CORPUS = [
     ("missing model", raw("quantize", "ROOT/nope", "--out", "OUT"), "does not exist"),
     ("model is not gguf", q(model="weights.bin"), "not a .gguf"),
@@ -120,7 +142,11 @@ CORPUS = [
     ("offload without safetensors", q("--offload", model="bin-only"), "safetensors"),
     ("out exists", raw("quantize", "ROOT/model", "--out", "ROOT/exists"), "--overwrite"),
     ("out is a file", raw("quantize", "ROOT/model", "--out", "ROOT/a-file"), "is a file"),
-    ("out parent missing", raw("quantize", "ROOT/model", "--out", "ROOT/no/where"), "no"),
+    (
+        "out parent is a file",
+        raw("quantize", "ROOT/model", "--out", "ROOT/a-file/sub/out"),
+        "ROOT/a-file is a file, not a folder",
+    ),
     ("bits not a number", q("--bits", "x"), "invalid int value: 'x'"),
     ("bits out of range", q("--bits", "9"), "bits must be an integer from 2 to 8"),
     ("bits 5", q("--bits", "5"), "bits=5 (--bits 5) cannot be stored in the GPTQ format"),
@@ -129,7 +155,7 @@ CORPUS = [
     ("no-clip with gptq", q("--no-clip"), "--no-clip"),
     ("no-clip with rtn", q("--method", "rtn", "--no-clip"), "ssqr, hptq or hrtn"),
     ("group size zero", q("--group-size", "0"), "group_size"),
-    ("negative damping", q("--damp", "-1"), "damp must be a non-negative number"),
+    ("negative damping", q("--damp", "-1"), "damp must be a finite non-negative number"),
     ("unknown order", q("--order", "sideways"), "order must be one of"),
     ("unknown method", q("--method", "nope"), "unknown quantization method 'nope'"),
     ("nsamples zero", q("--nsamples", "0"), "--nsamples must be at least 1"),
@@ -204,6 +230,106 @@ CORPUS = [
     ("report log garbage", raw("report", "ROOT/log-garbage"), "not valid JSON"),
     ("report layers not a list", raw("report", "ROOT/log-layers-dict"), "must be a list"),
     ("report plot nowhere", raw("report", "ROOT/ckpt", "--plot", "ROOT/no/where.png"), "where"),
+    *[  # every flag of every command, once with a wrong value (``extra`` below)
+        (f"{command} {' '.join(argv)}", _command(command, *argv), expected)
+        for command, argv, expected in [
+            ("quantize", ("--verbose=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--revision", "main"), "--revision main applies to hub ids"),
+            ("quantize", ("--device", "cpu:1"), "the CPU takes no index; use --device cpu"),
+            ("quantize", ("--dtype", "int8"), "invalid choice: 'int8'"),
+            ("quantize", ("--out",), "expected one argument"),
+            ("quantize", ("--nsamples", "many"), "--nsamples expects an integer, got 'many'"),
+            ("quantize", ("--seqlen", "1.5"), "--seqlen expects an integer, got '1.5'"),
+            ("quantize", ("--seed", "x"), "--seed expects an integer, got 'x'"),
+            ("quantize", ("--overwrite=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--no-resume=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--skip",), "expected one argument"),
+            ("quantize", ("--batch-size", "-2"), "--batch-size must be at least 1, got -2"),
+            ("quantize", ("--blocks", "-1:2"), "expects START:END with 0 <= START < END, got -1:2"),
+            ("quantize", ("--blocks", "2:1"), "expects START:END with 0 <= START < END, got 2:1"),
+            ("quantize", ("--blocks", "one"), "--blocks expects START:END (two integers"),
+            ("quantize", ("--hessian-dtype", "float16"), "invalid choice: 'float16'"),
+            ("quantize", ("--min-expert-tokens", "-1"), "--min-expert-tokens must be at least 0"),
+            ("quantize", ("--expert-fallback", "zero"), "invalid choice: 'zero'"),
+            ("quantize", ("--offload=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--offload-dir", "ROOT/off"), "--offload-dir ROOT/off needs --offload"),
+            (
+                "quantize",
+                ("--offload", "--offload-dir", "ROOT/a-file"),
+                "--offload-dir ROOT/a-file is a file, not a folder",
+            ),
+            ("quantize", ("--no-eval=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--eval-seqlen", "0"), "--eval-seqlen must be at least 2, got 0"),
+            (
+                "quantize",
+                ("--eval-text", "ROOT/none.txt"),
+                "--eval-text 'ROOT/none.txt' is neither",
+            ),
+            ("quantize", ("--bos", "sometimes"), "invalid choice: 'sometimes'"),
+            ("quantize", ("--json=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--wbits", "3.5"), "invalid int value: '3.5'"),
+            ("quantize", ("--groupsize", "-2"), "group_size must be -1 (per output channel)"),
+            ("quantize", ("--sym=yes",), "ignored explicit argument 'yes'"),
+            ("quantize", ("--clip=no",), "ignored explicit argument 'no'"),
+            ("quantize", ("--scale-method", "max"), "scale_method must be one of"),
+            ("quantize", ("--no-static-groups=1",), "ignored explicit argument '1'"),
+            ("quantize", ("--damp", "inf"), "damp must be a finite non-negative number"),
+            ("quantize", ("--block-size", "0"), "block_size must be a positive integer"),
+            ("quantize", ("--mse-grid", "0"), "mse_grid be positive"),
+            ("quantize", ("--mse-maxshrink", "1.5"), "mse_maxshrink must lie in (0, 1)"),
+            ("quantize", ("--mse-norm", "-1"), "mse_norm must be a finite positive number"),
+            ("quantize", ("--refine", "polish"), "refine must be comma-separated steps"),
+            ("quantize", ("--refine-sweeps", "3"), "--refine-sweeps 3 needs --refine cd and/or"),
+            ("quantize", ("--refine-rounds", "2"), "--refine-rounds 2 needs --refine cd and/or"),
+            ("quantize", ("--refine", "cd", "--refine-rounds", "0"), "refine_rounds must be a"),
+            (
+                "quantize",
+                ("--override", "q_proj:refine_sweeps=2"),
+                "refine_sweeps needs refine (cd and/or scales)",
+            ),
+            ("quantize", ("--method", "hptq", "--target-bits", "30"), "target_bits must be"),
+            ("quantize", ("--method", "hptq", "--tol", "-1"), "tol"),
+            ("quantize", ("--method", "hptq", "--max-iter", "0"), "max_iter"),
+            ("quantize", ("--method", "hptq", "--rounding", "floor"), "rounding"),
+            ("quantize", ("--method", "hptq", "--max-code-length", "0"), "max_code_length"),
+            ("quantize", ("--method", "ssqr", "--outlier-rate", "2"), "outlier_rate"),
+            ("quantize", ("--method", "kbest", "--beam", "0"), "beam"),
+            ("quantize", ("--method", "kbest", "--klein-paths", "-1"), "klein_paths"),
+            ("eval", ("--verbose=yes",), "ignored explicit argument 'yes'"),
+            ("eval", ("--revision", "main"), "--revision main applies to hub ids"),
+            ("eval", ("--device", "cpu:1"), "the CPU takes no index; use --device cpu"),
+            ("eval", ("--dtype", "int8"), "invalid choice: 'int8'"),
+            ("eval", ("--text", "ROOT/none.txt"), "--text 'ROOT/none.txt' is neither"),
+            ("eval", ("--seqlen", "many"), "--seqlen expects an integer, got 'many'"),
+            ("eval", ("--offload=yes",), "ignored explicit argument 'yes'"),
+            ("eval", ("--offload-dir", "ROOT/off"), "--offload-dir ROOT/off needs --offload"),
+            (
+                "eval",
+                ("--offload", "--offload-dir", "ROOT/a-file"),
+                "--offload-dir ROOT/a-file is a file, not a folder",
+            ),
+            ("eval", ("--dense-cache=yes",), "ignored explicit argument 'yes'"),
+            ("eval", ("--bos", "sometimes"), "invalid choice: 'sometimes'"),
+            ("eval", ("--json=yes",), "ignored explicit argument 'yes'"),
+            ("generate", ("--verbose=yes",), "ignored explicit argument 'yes'"),
+            ("generate", ("--revision", "main"), "--revision main applies to hub ids"),
+            ("generate", ("--device", "cpu:1"), "the CPU takes no index; use --device cpu"),
+            ("generate", ("--dtype", "int8"), "invalid choice: 'int8'"),
+            ("generate", ("--prompt",), "expected one argument"),
+            ("generate", ("--max-new-tokens", "0"), "--max-new-tokens must be at least 1, got 0"),
+            ("generate", ("--temperature", "nan"), "--temperature must be a finite number >= 0"),
+            ("generate", ("--top-p", "nan"), "--top-p must be a number in (0, 1], got nan"),
+            ("generate", ("--top-p", "0"), "--top-p must be a number in (0, 1], got 0"),
+            ("generate", ("--top-p", "2"), "--top-p must be a number in (0, 1], got 2"),
+            ("generate", ("--top-p", "0.5"), "--top-p 0.5 only applies to sampling; add --temp"),
+            ("generate", ("--seed", "-1"), "--seed must be at least 0, got -1"),
+            ("generate", ("--no-chat-template=yes",), "ignored explicit argument 'yes'"),
+            ("generate", ("--dense-cache=yes",), "ignored explicit argument 'yes'"),
+            ("generate", ("--json=yes",), "ignored explicit argument 'yes'"),
+            ("report", ("--verbose=yes",), "ignored explicit argument 'yes'"),
+            ("report", ("--json=yes",), "ignored explicit argument 'yes'"),
+        ]
+    ],
     ("no command", raw(), "required"),
     ("unknown command", raw("squash"), "invalid choice"),
 ]
@@ -220,7 +346,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(files, tmp_path, capsys, make_
     assert "Traceback" not in captured.err
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("latticequant: error: ")
-    assert expected in lines[0], lines[0]
+    assert expected.replace("ROOT", str(files)) in lines[0], lines[0]
     assert not out.exists() and not (tmp_path / "out.partial").exists()
     assert sorted(p.relative_to(files) for p in files.rglob("*")) == before  # nothing written
     assert (files / "exists" / "keep.txt").read_text() == "kept"
@@ -229,7 +355,29 @@ def test_bad_input_is_one_line_and_leaves_nothing(files, tmp_path, capsys, make_
 def test_the_corpus_is_large_and_covers_every_command():
     assert len(CORPUS) >= 25
     commands = {make_argv(Path("R"), Path("O"))[:1][0] for _, make_argv, _ in CORPUS[:-2]}
-    assert commands == {"quantize", "eval", "report"}
+    assert commands == {"quantize", "eval", "generate", "report"}
+
+
+def test_the_corpus_tries_every_flag_of_every_command():
+    """Each option of each command (the quantize flags of every method included) is what goes
+    wrong in a case of the corpus, under any of its spellings (the valid flags every ``q``
+    case starts with do not count)."""
+    base = _quantize(Path("R"), Path("O"))
+    tried: dict[str, set[str]] = {}
+    for _, make_argv, _ in CORPUS:
+        argv = make_argv(Path("R"), Path("O"))
+        if argv[: len(base)] == base:
+            argv = argv[:1] + argv[len(base) :]
+        if argv:
+            tried.setdefault(argv[0], set()).update(a.split("=")[0] for a in argv[1:])
+    for command in ("quantize", "eval", "generate", "report"):
+        for method in list_methods() if command == "quantize" else ["gptq"]:
+            parser = cli.build_parser(method)
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            for action in sub.choices[command]._actions:
+                if action.option_strings and "-h" not in action.option_strings:
+                    spellings = set(action.option_strings)
+                    assert spellings & tried[command], f"{command} {action.option_strings[0]}"
 
 
 def test_config_errors_are_refused_before_the_model_loads(files, tmp_path, monkeypatch, capsys):
@@ -270,3 +418,140 @@ def test_summary_counts_quantized_and_skipped_layers(files, tmp_path, capsys):
     assert cli.main(_quantize(files, out, "--no-eval", "--skip", "down_proj")) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("quantized 12 layers with gptq, 2 left in float (skipped by pattern")
+
+
+def _one_line(capsys, bars: bool = False) -> str:
+    """The one line of the error; with ``bars``, progress bars may come before it."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if bars:
+        lines = [ln for ln in lines if not re.search(r"\|.*/s\]$", ln)]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("latticequant: error: ")
+    return lines[0].removeprefix("latticequant: error: ")
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+def _unwritable(monkeypatch, folder: Path) -> None:
+    """``folder`` reads as not writable (a read-only mount; root ignores chmod)."""
+    access = cli.os.access
+    monkeypatch.setattr(
+        cli.os,
+        "access",
+        lambda path, mode, **kw: (
+            (os.path.abspath(path) != str(folder)) and access(path, mode, **kw)
+        ),
+    )
+
+
+EARLY = [  # (argv, the one line): refused with the model never loaded
+    (q("--device", "cpu:1"), "--device cpu:1: the CPU takes no index; use --device cpu"),
+    (
+        q("--device", "cuda:2"),
+        "--device cuda:2: this machine has 2 CUDA devices (cuda:0 to cuda:1)",
+    ),
+    (q("--refine-sweeps", "3"), "--refine-sweeps 3 needs --refine cd and/or scales"),
+    (q("--refine-rounds", "2"), "--refine-rounds 2 needs --refine cd and/or scales"),
+    (q("--offload-dir", "ROOT/off"), "--offload-dir ROOT/off needs --offload"),
+    (q("--offload", "--offload-dir", "ROOT/a-file"), "--offload-dir ROOT/a-file is a file"),
+    (q("--text", "ROOT/none.txt"), "--text 'ROOT/none.txt' is neither a file"),
+    (q("--eval-text", "ROOT/none.txt"), "--eval-text 'ROOT/none.txt' is neither a file"),
+    (raw("quantize", "--out", "ROOT/a-file/x/y"), "--out ROOT/a-file/x/y: ROOT/a-file is a file"),
+    (raw("quantize", "--out", "ROOT/readonly/x/y"), "cannot write in ROOT/readonly (permission"),
+    (raw("eval", "ROOT/model", "--device", "cpu:1"), "--device cpu:1: the CPU takes no index"),
+    (raw("eval", "--offload-dir", "ROOT/off"), "--offload-dir ROOT/off needs --offload"),
+    (raw("eval", "--offload", "--offload-dir", "ROOT/a-file"), "ROOT/a-file is a file, not a"),
+    (raw("generate", "--prompt", "x", "--device", "cpu:1"), "the CPU takes no index"),
+    (raw("generate", "--prompt", "x", "--device", "cuda:2"), "this machine has 2 CUDA devices"),
+    (raw("generate", "--prompt", "x", "--top-p", "0.5"), "--top-p 0.5 only applies to sampling"),
+]
+
+
+@pytest.mark.parametrize(
+    "make_argv,expected", EARLY, ids=[f"{c[0](Path(), Path())[0]}: {c[1][:40]}" for c in EARLY]
+)
+def test_silently_ignored_or_unwritable_is_refused_before_the_model_loads(
+    files, tmp_path, monkeypatch, capsys, make_argv, expected
+):
+    monkeypatch.setattr(cli, "load_model", _no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    _unwritable(monkeypatch, files / "exists")
+    argv = make_argv(files, tmp_path / "o")
+    argv = [a.replace(f"{files}/readonly", str(files / "exists")) for a in argv]
+    expected = expected.replace("ROOT/readonly", "ROOT/exists")
+    assert cli.main(argv) != 0
+    assert expected.replace("ROOT", str(files)) in _one_line(capsys)
+    assert not (tmp_path / "o").exists() and not (files / "exists" / "x").exists()
+
+
+def test_out_in_missing_folders_makes_them(files, tmp_path, capsys):
+    """``--out runs/x`` where ``runs/`` does not exist yet: made like ``mkdir -p``."""
+    out = tmp_path / "runs" / "deeper" / "x"
+    assert cli.main(_quantize(files, out, "--no-eval")) == 0
+    assert (out / "quant_log.json").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x"]  # no lock, no .partial left
+
+
+def test_a_second_run_on_one_out_is_refused_before_it_touches_anything(
+    files, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial" / "state"
+    partial.mkdir(parents=True)
+    (partial / "run.json").write_text('{"fingerprint": "another run"}')
+    lock = tmp_path / "out.lock"  # held by this process, which is alive
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    monkeypatch.setattr(cli, "load_model", _no_load)
+    assert cli.main(_quantize(files, out, "--no-resume", "--overwrite")) == 1
+    line = _one_line(capsys)
+    assert line.startswith(f"another run (pid {os.getpid()}) is writing {out}; wait for it")
+    assert (partial / "run.json").read_text() == '{"fingerprint": "another run"}'
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_the_lock_of_a_run_that_exited_is_taken_over(files, tmp_path, capsys):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    out = tmp_path / "out"
+    lock = tmp_path / "out.lock"
+    lock.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname()}))
+    assert cli.main(_quantize(files, out, "--no-eval")) == 0
+    assert (out / "quant_log.json").is_file() and not lock.exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        pytest.param("safetensors", id="SafetensorError"),
+    ],
+)
+def test_a_full_disk_is_one_sentence_and_the_run_resumable(
+    files, tmp_path, monkeypatch, capsys, error
+):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    if error == "safetensors":  # what safetensors 0.x raises on a full disk
+        error = SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    def full(*args, **kwargs):
+        raise error
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert cli.main(_quantize(files, out, "--no-eval")) == 1
+    assert _one_line(capsys, bars=True) == (
+        f"no space left on device while writing {out} (the unfinished run in {out}.partial is "
+        "resumable: free space and rerun the same command)"
+    )
+    assert not out.exists() and not (tmp_path / "out.lock").exists()
+    monkeypatch.undo()  # space freed: the same command finishes the run
+    assert cli.main(_quantize(files, out, "--no-eval")) == 0
+    assert (out / "quant_log.json").is_file()

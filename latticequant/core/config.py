@@ -83,8 +83,8 @@ class QuantConfig:
             raise ValueError(
                 f"scale_method must be one of {SCALE_METHODS}, got {self.scale_method!r}"
             )
-        if not (isinstance(self.damp, (int, float)) and self.damp >= 0 and self.damp == self.damp):
-            raise ValueError(f"damp must be a non-negative number, got {self.damp!r}")
+        if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < float("inf")):
+            raise ValueError(f"damp must be a finite non-negative number, got {self.damp!r}")
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         if not isinstance(self.refine, str) or (
@@ -100,6 +100,8 @@ class QuantConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 < self.mse_maxshrink < 1 or self.mse_grid < 1:
             raise ValueError("mse_maxshrink must lie in (0, 1) and mse_grid be positive")
+        if not (isinstance(self.mse_norm, (int, float)) and 0 < self.mse_norm < float("inf")):
+            raise ValueError(f"mse_norm must be a finite positive number, got {self.mse_norm!r}")
 
     @property
     def maxq(self) -> int:

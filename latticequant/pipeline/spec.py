@@ -114,7 +114,7 @@ class RunSpec:
                     method.refuse(changed, fmt)
             except ValueError as exc:
                 raise UnsupportedConfigError(f"--override {ov.pattern!r}: {exc}") from None
-        check_refine(config)
+        check_refine(config, self.overrides)
         return method, config, fmt
 
     def check(self) -> None:
@@ -146,17 +146,27 @@ class RunSpec:
         }
 
 
-def check_refine(config) -> None:
-    """Refine settings without refinement would be recorded and never run: refuse them."""
-    if getattr(config, "refine", None) != "":
-        return
-    for name in ("refine_sweeps", "refine_rounds"):
-        value = getattr(config, name, 1)
-        if value != 1:
-            flag = "--" + name.replace("_", "-")
-            raise UnsupportedConfigError(
-                f"{flag} {value} needs --refine (cd, scales or cd,scales); add it or drop {flag}"
-            )
+def check_refine(config, overrides: tuple[Override, ...] = ()) -> None:
+    """Refinement settings without refinement would be recorded and never run: refuse them,
+    on the config and in every override."""
+    if getattr(config, "refine", None) == "":
+        for name in ("refine_sweeps", "refine_rounds"):
+            value = getattr(config, name, 1)
+            if value != 1:
+                flag = "--" + name.replace("_", "-")
+                raise UnsupportedConfigError(
+                    f"{flag} {value} needs --refine cd and/or scales (without it no refinement "
+                    "runs)"
+                )
+    for ov in overrides:
+        for name in ("refine_sweeps", "refine_rounds"):
+            if name in ov.changes:
+                resolved = resolve_config(ov.pattern, config, [ov])
+                if resolved is not None and not resolved.refine:
+                    raise UnsupportedConfigError(
+                        f"--override {ov.pattern!r}: {name} needs refine (cd and/or scales), in "
+                        "the override or as --refine"
+                    )
 
 
 def check_device(name: str | torch.device) -> torch.device:
@@ -167,14 +177,16 @@ def check_device(name: str | torch.device) -> torch.device:
         raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise ValueError(f"--device {name}: the CPU has no index; use --device cpu")
+    if device.type == "cpu" and device.index is not None:
+        raise ValueError(f"--device {name}: the CPU takes no index; use --device cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
             raise ValueError(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices"
+                f"--device {name}: this machine has {count} CUDA device{'s' * (count != 1)} "
+                f"(cuda:0 to cuda:{count - 1}); use one of those"
             )
     return device
 

@@ -8,11 +8,16 @@ when complete, so ``OUT`` never holds a half-written checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +33,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "OutputExistsError",
+    "OutputLockedError",
+    "output_lock",
+    "lock_file",
     "ResumeMismatchError",
     "RunState",
     "fingerprint",
@@ -38,11 +46,16 @@ __all__ = [
 
 STATE_DIR = "state"
 PARTIAL_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
 HIDDEN_FILE = "hidden.safetensors"
 
 
 class OutputExistsError(ValueError):
     """The output folder exists and overwriting was not asked for."""
+
+
+class OutputLockedError(ValueError):
+    """Another run, still alive, holds the lock on the output folder."""
 
 
 class ResumeMismatchError(ValueError):
@@ -195,3 +208,119 @@ def finish_output(final: Path, work: Path) -> None:
     """Drop the run state and make the finished work folder the output folder."""
     shutil.rmtree(work / STATE_DIR)
     replace_folder(work, final)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def lock_file(out_dir: str | Path) -> Path:
+    """The lock of the run writing ``out_dir``: ``OUT.lock``, beside ``OUT`` and ``OUT.partial``
+    (inside ``OUT.partial`` it would go with ``--no-resume``'s fresh start)."""
+    final = Path(out_dir)
+    return final.with_name(final.name + LOCK_SUFFIX)
+
+
+def _owner(path: Path) -> dict | None:
+    """The ``{"pid", "host"}`` a lock file names; None when it is gone or is not such a file."""
+    try:
+        with open(path) as fh:
+            owner = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _stale(owner: dict) -> bool:
+    """A lock whose owner ran on this host and has exited: safe to take over."""
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if owner.get("host") != socket.gethostname():  # its process cannot be looked up here
+        return False
+    return pid != os.getpid() and not _alive(pid)
+
+
+def _try_create(path: Path, owner: dict) -> bool:
+    """Create ``path`` holding ``owner``, whole, unless it exists (True when created here).
+
+    The content is written under a temporary name and hard-linked to ``path``: the link fails
+    when ``path`` exists, like ``O_CREAT | O_EXCL``, and a reader never sees a half-written lock.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # this process's own name
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(owner, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:  # a file system without hard links: create it exclusively
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as fh:
+                json.dump(owner, fh)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: str | Path) -> Iterator[Path]:
+    """Hold ``OUT.lock`` while a run writes ``out_dir`` (and its ``OUT.partial``).
+
+    The lock file names its owner's pid and host. A second run while the owner lives is refused
+    with :class:`OutputLockedError` before it touches anything; a lock whose owner exited on
+    this host (killed, power cut) is taken over. The lock is released when the block ends, by
+    success, error or interrupt. The parent folders of ``out_dir`` are made when missing. Under
+    ``torch.distributed`` only the rank that writes (rank 0) takes it.
+    """
+    path = lock_file(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):  # a stale lock is removed, then created again; a racing run may win
+        if _try_create(path, me):
+            break
+        owner = _owner(path)
+        if owner is None:  # released meanwhile
+            continue
+        if not owner.get("pid"):
+            raise OutputLockedError(
+                f"{path} is not a lock file latticequant wrote; delete it if no run is writing "
+                f"{out_dir}"
+            )
+        if not _stale(owner):
+            who = f"pid {owner.get('pid', '?')}"
+            if owner.get("host") not in (None, socket.gethostname()):
+                who += f" on {owner['host']}"
+            raise OutputLockedError(
+                f"another run ({who}) is writing {out_dir}; wait for it to finish, or if no run "
+                f"is writing there, delete {path}"
+            )
+        log.info("taking over %s from exited run (pid %s)", path, owner.get("pid"))
+        path.unlink(missing_ok=True)
+    else:
+        raise OutputLockedError(f"could not take the lock {path}; another run keeps taking it")
+    try:
+        yield path
+    finally:
+        if _owner(path) == me:  # never remove a lock that another run took over
+            path.unlink(missing_ok=True)

@@ -22,6 +22,11 @@ QUANTIZERS = [lq.gptq_quantize, lq.babai_quantize, lq.rtn_quantize]
         ({"order": torch.tensor([0.0, 1.0])}, "order"),
         ({"scale_method": "l1"}, "scale_method"),
         ({"damp": -0.1}, "damp"),
+        ({"damp": float("inf")}, "damp must be a finite"),
+        ({"damp": float("nan")}, "damp must be a finite"),
+        ({"mse_norm": -1.0}, "mse_norm must be a finite positive"),
+        ({"mse_norm": 0}, "mse_norm must be a finite positive"),
+        ({"mse_norm": float("nan")}, "mse_norm must be a finite positive"),
         ({"block_size": 0}, "block_size"),
     ],
 )

@@ -232,7 +232,10 @@ def test_cli_offload_matches_in_memory(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("".join(chr(32 + (7 * i) % 90) for i in range(6000)))
     results = {}
-    for mode, extra in (("mem", []), ("off", ["--offload-dir", str(tmp_path / "store")])):
+    for mode, extra in (
+        ("mem", []),
+        ("off", ["--offload", "--offload-dir", str(tmp_path / "store")]),
+    ):
         args = ["quantize", str(tmp_path / "m"), "--out", str(tmp_path / mode), "--json"]
         args += ["--bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "64"]
         args += ["--text", str(text), "--eval-text", str(text), "--eval-seqlen", "64"]

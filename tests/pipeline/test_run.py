@@ -310,7 +310,7 @@ def test_bad_inputs(calib_ids):
         run_quantize(model, None, calib_ids, "nope", None, None, progress=False)
     with pytest.raises(ValueError, match="'nodevice' is not a device"):
         run_quantize(model, None, calib_ids, "rtn", None, None, device="nodevice")
-    with pytest.raises(ValueError, match="the CPU has no index"):
+    with pytest.raises(ValueError, match="the CPU takes no index"):
         run_quantize(model, None, calib_ids, "rtn", None, None, device="cpu:1")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
