@@ -232,10 +232,20 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         "files and checkpoints)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    q = _add_quantize(sub, [common, loading])
+    _add_quantize_run(q)
+    _add_config_flags(q, get_method(method_name).config_cls)
+    _add_eval(sub, [common, loading])
+    _add_generate(sub, [common, loading])
+    _add_report(sub, [common])
+    return parser
 
+
+def _add_quantize(sub, parents) -> argparse.ArgumentParser:
+    """The quantize command: the model, the method, the calibration and the output."""
     q = sub.add_parser(
         "quantize",
-        parents=[common, loading],
+        parents=parents,
         help="quantize a model block by block and save a checkpoint",
     )
     q.add_argument(
@@ -285,6 +295,12 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
         metavar="PATTERN:FIELD=VALUE",
         help="other settings for matching modules, e.g. 'down_proj:bits=8'",
     )
+    return q
+
+
+def _add_quantize_run(q: argparse.ArgumentParser) -> None:
+    """How a quantize run executes: batches, blocks, the problem each layer solves, experts,
+    offload and the perplexity around it."""
     q.add_argument(
         "--batch-size",
         type=_positive("--batch-size"),
@@ -351,11 +367,10 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     )
     _add_bos_flag(q, "auto")
     q.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_config_flags(q, get_method(method_name).config_cls)
 
-    e = sub.add_parser(
-        "eval", parents=[common, loading], help="perplexity of a float or quantized model"
-    )
+
+def _add_eval(sub, parents) -> None:
+    e = sub.add_parser("eval", parents=parents, help="perplexity of a float or quantized model")
     e.add_argument("model", nargs="?", help="HF folder, .gguf file, checkpoint or hub id")
     e.add_argument("--text", help="text file or folder (default: the protocol's held-out 20%%)")
     e.add_argument(
@@ -366,9 +381,11 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     _add_bos_flag(e, None)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
+
+def _add_generate(sub, parents) -> None:
     g = sub.add_parser(
         "generate",
-        parents=[common, loading],
+        parents=parents,
         help="generate text from a float model or a checkpoint",
     )
     g.add_argument("model", nargs="?", help="HF folder, .gguf file, checkpoint or hub id")
@@ -401,13 +418,14 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     _add_cache_flag(g)
     g.add_argument("--json", action="store_true", help="print one JSON object")
 
+
+def _add_report(sub, parents) -> None:
     r = sub.add_parser(
-        "report", parents=[common], help="per-layer table of a checkpoint's quantization log"
+        "report", parents=parents, help="per-layer table of a checkpoint's quantization log"
     )
     r.add_argument("dir", help="checkpoint folder written by latticequant quantize")
     r.add_argument("--plot", metavar="PNG", help="also draw loss and bound per layer")
     r.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
 
 
 def _method_name(argv: list[str]) -> str:

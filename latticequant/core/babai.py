@@ -76,11 +76,7 @@ def babai_quantize(
     refit = g != -1 and not cfg.static_groups and scales is None
 
     if refit:
-        # decode position t = d-1-i of basis index i; groups are runs of g positions
-        g_idx = torch.empty(d, dtype=torch.long, device=W.device)
-        g_idx[Q] = (d - 1 - torch.arange(d, device=W.device)) // g
-        S = torch.empty(d_out, n_groups(d, g), dtype=W.dtype, device=W.device)
-        Z = torch.empty_like(S)
+        g_idx, S, Z = _decode_groups(W, Q, g)
     else:
         g_idx = group_index(d, g).to(W.device)
         S, Z = static_grid(W, cfg, scales, zeros, min_zero)
@@ -130,6 +126,16 @@ def babai_quantize(
         clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=targets, t0=t0,
         projected=(W, damp * float(h.mean())),
     )  # fmt: skip
+
+
+def _decode_groups(W: torch.Tensor, Q: torch.Tensor, g: int):
+    """Groups along the decode, with empty grids the decode fills: decode position
+    ``t = d-1-i`` of basis index ``i``; groups are runs of ``g`` positions."""
+    d_out, d = W.shape
+    g_idx = torch.empty(d, dtype=torch.long, device=W.device)
+    g_idx[Q] = (d - 1 - torch.arange(d, device=W.device)) // g
+    S = torch.empty(d_out, n_groups(d, g), dtype=W.dtype, device=W.device)
+    return g_idx, S, torch.empty_like(S)
 
 
 def _refit(

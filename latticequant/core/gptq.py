@@ -94,27 +94,12 @@ def gptq_decode(
     d_out, d_in = W.shape
     maxq, g = cfg.maxq, cfg.group_size
     refit = scales is None
-    if refit:
-        if g == -1 or cfg.static_groups:
-            raise ValueError("gptq_decode needs a static grid unless groups are refitted")
-        g_idx = torch.empty(d_in, dtype=torch.long, device=W.device)
-        g_idx[P] = torch.arange(d_in, device=W.device) // g
-        S = torch.empty(d_out, n_groups(d_in, g), dtype=W.dtype, device=W.device)
-        Z = torch.empty_like(S)
-    else:
-        g_idx = group_index(d_in, g).to(W.device)
-        S, Z = scales, zeros
-        # one grid row per group, looked up per column: a (d_in, d_out) expansion of the
-        # scales and zeros would be two more W-sized float64 matrices
+    g_idx, S, Z = _decode_grid(W, P, cfg, scales, zeros)
+    if not refit:  # one grid row per group, looked up per column: a (d_in, d_out) expansion
+        # of the scales and zeros would be two more W-sized float64 matrices
         S_g, Z_g, g_of = S.T.contiguous(), Z.T.contiguous(), g_idx[P].tolist()
-
-    # columns become rows: every per-column read and write below is contiguous. Wt holds the
-    # columns in processing order (gathered by blocks: no W-sized temporary beside it); the
-    # outputs are written to row P[p], their column's own, so none needs reordering after.
     U = U.to(W.dtype)
-    Wt = torch.empty(d_in, d_out, dtype=W.dtype, device=W.device)
-    for a in range(0, d_in, GATHER_COLUMNS):
-        Wt[a : a + GATHER_COLUMNS] = W[:, P[a : a + GATHER_COLUMNS]].T
+    Wt = columns_in_order(W, P)
     col = P.tolist()
     # clipped codes (and SSQR's, whose outliers take the zero point) lie in [0, maxq]: int16
     # holds them in a quarter of a float64 matrix; unclipped codes keep W's dtype
@@ -158,6 +143,31 @@ def gptq_decode(
     del Wt
     outliers = None if out_t is None else out_t.T
     return Decoded(codes_t.T, targets_t.T, S, Z, g_idx, clipped, outliers)
+
+
+def _decode_grid(W, P, cfg: QuantConfig, scales, zeros):
+    """``(g_idx, S, Z)`` of a decode: the static grid given, or empty grids that the loop fills
+    as it reaches each group (groups then follow processing positions)."""
+    d_out, d_in = W.shape
+    g = cfg.group_size
+    if scales is not None:
+        return group_index(d_in, g).to(W.device), scales, zeros
+    if g == -1 or cfg.static_groups:
+        raise ValueError("gptq_decode needs a static grid unless groups are refitted")
+    g_idx = torch.empty(d_in, dtype=torch.long, device=W.device)
+    g_idx[P] = torch.arange(d_in, device=W.device) // g
+    S = torch.empty(d_out, n_groups(d_in, g), dtype=W.dtype, device=W.device)
+    return g_idx, S, torch.empty_like(S)
+
+
+def columns_in_order(W: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """``W[:, P]^T``: columns become rows, so every per-column read and write of a decode is
+    contiguous; gathered by blocks, with no W-sized temporary beside it."""
+    d_out, d_in = W.shape
+    Wt = torch.empty(d_in, d_out, dtype=W.dtype, device=W.device)
+    for a in range(0, d_in, GATHER_COLUMNS):
+        Wt[a : a + GATHER_COLUMNS] = W[:, P[a : a + GATHER_COLUMNS]].T
+    return Wt
 
 
 def gptq_quantize(

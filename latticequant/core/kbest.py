@@ -57,6 +57,17 @@ def _children(u: torch.Tensor, maxq: int, clip: bool) -> tuple[torch.Tensor, tor
     return first, second
 
 
+def _best_children(first, second, t, s, z, cost, D_i, K: int):
+    """The ``K`` children of lowest objective among every candidate's two nearest codes:
+    ``(codes, parents, costs)``, each ``(rows, K)``; a stable sort prefers nearest on ties."""
+    options = torch.cat([first, second], dim=1)  # (rows, 2K): nearest ones first
+    err = t.repeat(1, 2) - s * (options - z)
+    total = cost.repeat(1, 2) + D_i * (err.to(torch.float64) ** 2)
+    total, pick = torch.sort(total, dim=1, stable=True)
+    pick = pick[:, :K]
+    return options.gather(1, pick), pick % K, total[:, :K]
+
+
 def _beam_decode(
     x: torch.Tensor,
     Un: torch.Tensor,
@@ -105,14 +116,7 @@ def _beam_decode(
             if generator is None and K == 1:  # nearest plane itself
                 code, parent = first, keep
             elif generator is None:
-                options = torch.cat([first, second], dim=1)  # (rows, 2K): nearest ones first
-                err = t.repeat(1, 2) - s * (options - z)
-                total = cost.repeat(1, 2) + Dq[i] * (err.to(torch.float64) ** 2)
-                total, pick = torch.sort(total, dim=1, stable=True)
-                pick = pick[:, :K]
-                cost = total[:, :K]
-                parent = pick % K
-                code = options.gather(1, pick)
+                code, parent, cost = _best_children(first, second, t, s, z, cost, Dq[i], K)
             else:
                 d1, d2 = (u - first) ** 2, (u - second) ** 2
                 p_second = torch.sigmoid((d1 - d2) / (2 * KLEIN_SIGMA**2))

@@ -65,43 +65,11 @@ def meet_target(
     if not slope < 0:
         raise ValueError("meet_target needs a negative first slope (a falling curve)")
     aim = transform(target - tol / 2)
-    evals = 0
-    lo: SearchResult | None = None  # value above the target
-    hi: SearchResult | None = None  # value at most the target
-
-    def run(x: float) -> SearchResult:
-        nonlocal evals, lo, hi
-        evals += 1
-        value, payload = evaluate(x)
-        point = SearchResult(x, value, payload, evals)
-        point.landed = early_stop and target - tol <= value <= target
-        if value > target:
-            if lo is None or x > lo.x:
-                lo = point
-        elif hi is None or x < hi.x:
-            hi = point
-        return point
-
-    x, prev = min(max(x0, x_min), x_max), None
-    for _ in range(max_iter):  # bracket the target by secant steps
-        point = run(x)
-        if point.landed:
-            return point
-        if lo is not None and hi is not None:
-            break
-        if prev is not None and prev.x != point.x:
-            secant = (transform(point.value) - transform(prev.value)) / (point.x - prev.x)
-            if secant < 0:
-                slope = secant
-        prev = point
-        step = (aim - transform(point.value)) / slope
-        step = math.copysign(min(max(abs(step), 0.05), 4.0), step)
-        nxt = min(max(x + step, x_min), x_max)
-        if nxt == x:
-            raise OutOfReach(point)
-        x = nxt
-    else:
-        raise OutOfReach(point)
+    points = _Points(evaluate, target, tol, early_stop)
+    landed = _bracket(points, x0, aim, transform, slope, x_min, x_max, max_iter)
+    if landed is not None:
+        return landed
+    lo, hi = points.lo, points.hi
     bisect = False
     for _ in range(max_iter):  # shrink the bracket
         a, b = sorted((lo.x, hi.x))
@@ -116,8 +84,58 @@ def meet_target(
             x = min(max(x, a + 0.05 * width), b - 0.05 * width)
         if x in (a, b):
             break
-        point = run(x)
+        point = points.run(x)
         if point.landed:
             return point
+        lo, hi = points.lo, points.hi
         bisect = abs(hi.x - lo.x) > width / 2
-    return hi
+    return points.hi
+
+
+class _Points:
+    """The evaluations of one search: the closest point above the target (``lo``) and the
+    closest at most the target (``hi``)."""
+
+    def __init__(self, evaluate, target: float, tol: float, early_stop: bool) -> None:
+        self.evaluate, self.target, self.tol, self.early_stop = evaluate, target, tol, early_stop
+        self.evals = 0
+        self.lo: SearchResult | None = None  # value above the target
+        self.hi: SearchResult | None = None  # value at most the target
+
+    def run(self, x: float) -> SearchResult:
+        self.evals += 1
+        value, payload = self.evaluate(x)
+        point = SearchResult(x, value, payload, self.evals)
+        point.landed = self.early_stop and self.target - self.tol <= value <= self.target
+        if value > self.target:
+            if self.lo is None or x > self.lo.x:
+                self.lo = point
+        elif self.hi is None or x < self.hi.x:
+            self.hi = point
+        return point
+
+
+def _bracket(
+    points: _Points, x0, aim, transform, slope, x_min, x_max, max_iter
+) -> SearchResult | None:
+    """Secant steps (at most 4 units) from ``x0`` until the target is bracketed; returns a point
+    that lands on the way, else None with ``points.lo`` and ``points.hi`` set."""
+    x, prev = min(max(x0, x_min), x_max), None
+    for _ in range(max_iter):
+        point = points.run(x)
+        if point.landed:
+            return point
+        if points.lo is not None and points.hi is not None:
+            return None
+        if prev is not None and prev.x != point.x:
+            secant = (transform(point.value) - transform(prev.value)) / (point.x - prev.x)
+            if secant < 0:
+                slope = secant
+        prev = point
+        step = (aim - transform(point.value)) / slope
+        step = math.copysign(min(max(abs(step), 0.05), 4.0), step)
+        nxt = min(max(x + step, x_min), x_max)
+        if nxt == x:
+            raise OutOfReach(point)
+        x = nxt
+    raise OutOfReach(point)

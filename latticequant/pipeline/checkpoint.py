@@ -134,6 +134,94 @@ def _dynamic_overrides(modules: dict, skipped: list[str], base: dict) -> dict:
     return dynamic
 
 
+def _split_layers(layers: Mapping, skipped: Mapping[str, str] | None, layout):
+    """``(quantized layers, why each other linear layer stays in float, those layers)``: the
+    experts the float fallback kept join the skipped ones; a linear layer neither quantized
+    nor skipped on request is an error, never a float layer written by accident."""
+    kept = {n: float_reason(q.stats) for n, q in layers.items() if q.format == FLOAT_FORMAT}
+    layers = {n: layer for n, layer in layers.items() if n not in kept}
+    reasons = {**(skipped or {}), **kept}
+    not_quantized = [n for n in layout.linear_names() if n not in layers]
+    unexplained = [n for n in not_quantized if n not in reasons]
+    if unexplained:
+        raise CheckpointError(
+            f"layer {unexplained[0]} is neither quantized nor skipped on request "
+            f"({len(unexplained)} such layers): refusing to write it in float"
+        )
+    return layers, reasons, not_quantized
+
+
+def _module_entries(
+    model: nn.Module, layers: Mapping[str, QuantizedLayer], tensors: dict[str, torch.Tensor]
+) -> dict[str, dict]:
+    """The checkpoint's module table; each quantized layer's tensors replace its weight in
+    ``tensors``."""
+    modules = {}
+    for name, layer in layers.items():
+        tensors.pop(f"{name}.weight", None)
+        d_out, d_in = linear_weight(model.get_submodule(name)).shape
+        for key, t in layer.tensors.items():
+            tensors[f"{name}.{key}"] = t
+        modules[name] = {
+            "format": layer.format,
+            "bits": layer.config.get("bits"),
+            "group_size": layer.config.get("group_size"),
+            "sym": layer.config.get("sym"),
+            "desc_act": bool(layer.desc_act),
+            "in_features": int(d_in),
+            "out_features": int(d_out),
+            "keys": {k: list(v) for k, v in layer.shapes.items()},
+        }
+    return modules
+
+
+def _file_config(
+    fmt: Format, method, cfg: dict, overrides, aliases: dict, modules: dict, skipped: list[str]
+) -> dict:
+    """The checkpoint's ``quantization_config``: the format's own file-level config, GPTQModel's
+    ``dynamic`` rules for skipped and overridden modules, and our section with the module
+    table (what our loader checks a checkpoint against)."""
+    base = {
+        "bits": cfg.get("bits"),
+        "group_size": cfg.get("group_size", -1),
+        "sym": bool(cfg.get("sym", True)),
+        "desc_act": any(m["desc_act"] for m in modules.values()),
+    }
+    qconfig = fmt.file_config(base, {**cfg, "method": method.name})
+    dynamic = _dynamic_overrides(modules, skipped, base)
+    if dynamic:
+        qconfig["dynamic"] = dynamic
+    qconfig["latticequant"] = {
+        "method": method.name,
+        "format": fmt.name,
+        "config": cfg,
+        "overrides": [
+            {"pattern": o.pattern, "skip": o.skip, "changes": dict(o.changes)} for o in overrides
+        ],
+        "tied": aliases,
+        "modules": modules,
+    }
+    return qconfig
+
+
+def _block_shards(tensors: dict, store, layout, block_tensors: Callable[[int], Mapping]):
+    """The shards of a model kept on disk: what is outside the blocks, then one block at a
+    time, read from the store, its quantized layers' tensors from ``block_tensors``."""
+    yield tensors
+    for index in range(len(store)):
+        prefix = layout.block_name(index)
+        quantized = block_tensors(index)
+        with store.block(index) as block:
+            shard = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+        for name, layer in quantized.items():
+            if layer.format == FLOAT_FORMAT:
+                continue
+            del shard[f"{name}.weight"]
+            for key, t in layer.tensors.items():
+                shard[f"{name}.{key}"] = t
+        yield shard
+
+
 def _write_weights(folder: Path, shards: Iterable[dict], n_shards: int = 1) -> None:
     """``model.safetensors``, or one file per shard and their index, each written durably.
 
@@ -184,11 +272,7 @@ def save_quantized(
     fmt = method.format() if fmt is None else fmt
     layout = describe_model(model)
     store = store_of(model)
-    kept = {
-        n: float_reason(layer.stats) for n, layer in layers.items() if layer.format == FLOAT_FORMAT
-    }
-    layers = {n: layer for n, layer in layers.items() if n not in kept}
-    skipped = {**(skipped or {}), **kept}
+    layers, reasons, not_quantized = _split_layers(layers, skipped, layout)
     if store is not None and block_tensors is None:
         raise ValueError("a model kept on disk needs block_tensors to write its quantized layers")
     state = model.state_dict()
@@ -204,75 +288,16 @@ def save_quantized(
         if name in aliases:
             continue
         tensors[name] = t
-    modules = {}
-    for name, layer in layers.items():
-        tensors.pop(f"{name}.weight", None)
-        d_out, d_in = linear_weight(model.get_submodule(name)).shape
-        for key, t in layer.tensors.items():
-            tensors[f"{name}.{key}"] = t
-        modules[name] = {
-            "format": layer.format,
-            "bits": layer.config.get("bits"),
-            "group_size": layer.config.get("group_size"),
-            "sym": layer.config.get("sym"),
-            "desc_act": bool(layer.desc_act),
-            "in_features": int(d_in),
-            "out_features": int(d_out),
-            "keys": {k: list(v) for k, v in layer.shapes.items()},
-        }
-    not_quantized = [n for n in layout.linear_names() if n not in layers]
-    reasons = dict(skipped or {})
-    unexplained = [n for n in not_quantized if n not in reasons]
-    if unexplained:
-        raise CheckpointError(
-            f"layer {unexplained[0]} is neither quantized nor skipped on request "
-            f"({len(unexplained)} such layers): refusing to write it in float"
-        )
+    modules = _module_entries(model, layers, tensors)
 
     cfg = config_to_dict(config)
-    base = {
-        "bits": cfg.get("bits"),
-        "group_size": cfg.get("group_size", -1),
-        "sym": bool(cfg.get("sym", True)),
-        "desc_act": any(m["desc_act"] for m in modules.values()),
-    }
-    section = {
-        "method": method.name,
-        "format": fmt.name,
-        "config": cfg,
-        "overrides": [
-            {"pattern": o.pattern, "skip": o.skip, "changes": dict(o.changes)} for o in overrides
-        ],
-        "tied": aliases,
-        "modules": modules,
-    }
-    qconfig = fmt.file_config(base, {**cfg, "method": method.name})
-    dynamic = _dynamic_overrides(modules, not_quantized, base)
-    if dynamic:
-        qconfig["dynamic"] = dynamic
-    qconfig["latticequant"] = section
+    qconfig = _file_config(fmt, method, cfg, overrides, aliases, modules, not_quantized)
 
     if store is None:
         _write_weights(folder, [tensors])
     else:
-
-        def shards():
-            yield tensors
-            for index in range(len(store)):
-                prefix = layout.block_name(index)
-                quantized = block_tensors(index)
-                with store.block(index) as block:
-                    shard = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
-                for name, layer in quantized.items():
-                    if layer.format == FLOAT_FORMAT:
-                        continue
-                    del shard[f"{name}.weight"]
-                    for key, t in layer.tensors.items():
-                        shard[f"{name}.{key}"] = t
-                yield shard
-
-        _write_weights(folder, shards(), n_shards=1 + len(store))
-
+        shards = _block_shards(tensors, store, layout, block_tensors)
+        _write_weights(folder, shards, n_shards=1 + len(store))
     model_config = model.config.to_dict() if hasattr(model, "config") else {}
     model_config["quantization_config"] = qconfig
     write_json(model_config, folder / "config.json")

@@ -340,16 +340,40 @@ def _quantize_model(
     work = None if output is None else output[1]
     layers, start = _resume(model, state, store, batches, work, world)
 
+    time_s, timings = _quantize_blocks(
+        model, plan, batches, layers, range(start, last + 1), state, store, on_block_done
+    )
+    summary = _summarize(layout, plan.layers, layers, time_s, start, timings)
+    if out_dir is not None:
+        _save(model, plan, calibration, layers, output, summary, run_info, last, store)
+    return summary
+
+
+def _quantize_blocks(
+    model: nn.Module,
+    plan: Plan,
+    batches: list[BlockInputs],
+    layers: dict[str, QuantizedLayer],
+    indices: range,
+    state: RunState | None,
+    store: BlockStore | None,
+    on_block_done: Callable[[int], None] | None,
+) -> tuple[float, dict[str, float]]:
+    """Quantize the blocks ``indices`` in turn, recording each (``layers`` receives them);
+    returns the seconds they took and how those split into forwards, solves and exchanges."""
+    world = plan.world
     t_start = time.perf_counter()
     comm_before = dict(world.timings)
     solve_s = 0.0
     parked = contextlib.nullcontext() if store is None else store.parked_outside()
     bar = tqdm(
-        range(start, last + 1),
+        indices,
         desc=f"quantize ({plan.method.name})",
         unit="block",
-        disable=not spec.execution.progress or world.rank != 0,
+        disable=not plan.spec.execution.progress or world.rank != 0,
     )
+    saving = plan.spec.output.out is not None
+    n_windows = plan.spec.calibration.nsamples
     with parked:  # embeddings and head go back to disk while the blocks are quantized
         for index in bar:
             if store is not None:
@@ -358,15 +382,7 @@ def _quantize_model(
             solve_s += block_solve_s
             layers.update(
                 _keep_block(
-                    index,
-                    block_layers,
-                    Qs,
-                    batches,
-                    state,
-                    store,
-                    world,
-                    out_dir is not None,
-                    calib_ids.shape[0],
+                    index, block_layers, Qs, batches, state, store, world, saving, n_windows
                 )
             )
             del block_layers, Qs  # the block's quantized weights are on disk or in the model now
@@ -381,10 +397,7 @@ def _quantize_model(
         **{f"{kind}_s": t for kind, t in comm.items()},
         "ranks": world.size,
     }
-    summary = _summarize(layout, plan.layers, layers, time_s, start, timings)
-    if out_dir is not None:
-        _save(model, plan, calibration, layers, output, summary, run_info, last, store)
-    return summary
+    return time_s, timings
 
 
 def _save(model, plan, calibration, layers, output, summary, run_info, last, store) -> None:

@@ -139,25 +139,7 @@ def gptq_matmul(
     ``path``: "auto" (GEMV for M <= 8, else GEMM), "gemv" or "gemm".
     Returns ``(M, N)`` in ``out_dtype`` (default ``x.dtype``).
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    M, K = x.shape
-    N = qweight.shape[1]
-    if qweight.dtype != torch.int32 or qweight.shape[0] * 32 != K * bits:
-        raise ValueError(
-            f"qweight must be int32 ({K * bits // 32}, N) for K={K} at {bits} bits, "
-            f"got {qweight.dtype} {tuple(qweight.shape)}"
-        )
-    if scales.shape != zeros.shape or scales.dim() != 2 or scales.shape[1] != N:
-        raise ValueError(f"scales and zeros must both be (G, {N})")
-    if g_idx.shape != (K,):
-        raise ValueError(f"g_idx must have shape ({K},)")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if path not in ("auto", "gemv", "gemm"):
-        raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
+    M, K, N = _check_gptq_operands(x, qweight, scales, zeros, g_idx, bits, path)
     _check_device(x, qweight, scales, zeros, g_idx)
     kern = _kernels()
     out_dtype = out_dtype or x.dtype
@@ -166,38 +148,7 @@ def gptq_matmul(
     g_idx = g_idx.to(torch.int32).contiguous()
     blocks = dict(block_sizes or {})
     if path == "gemv" or (path == "auto" and M <= GEMV_MAX_BATCH):
-        if M > GEMV_MAX_BATCH:
-            raise ValueError(f"the GEMV path takes at most {GEMV_MAX_BATCH} rows, got {M}")
-        block_m = max(1, 1 << (M - 1).bit_length())
-        block_n, block_k, split = _gemv_tiles(N, K, group_size, x.device, blocks)
-        k_per = _cdiv(_cdiv(K, block_k), split) * block_k
-        split = _cdiv(K, k_per)
-        atomic = split > 1
-        if atomic:  # partial sums of the K slices meet in a float32 buffer
-            out = torch.zeros(M, N, device=x.device, dtype=torch.float32)
-        else:  # one program per column tile: store the result directly
-            out = torch.empty(M, N, device=x.device, dtype=out_dtype)
-        kern.gptq_gemv_kernel[(_cdiv(N, block_n), split)](
-            x,
-            qweight,
-            scales,
-            zeros,
-            g_idx,
-            out,
-            M,
-            N,
-            K,
-            k_per,
-            BITS=bits,
-            GROUP_SIZE=max(group_size, 1),
-            TILE_IN_GROUP=tile_in_group(group_size, block_k),
-            ATOMIC=atomic,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            num_warps=blocks.get("num_warps", 4),
-        )
-        return out if out.dtype == out_dtype else out.to(out_dtype)
+        return _gptq_gemv(x, qweight, scales, zeros, g_idx, bits, group_size, out_dtype, blocks)
     block_m = blocks.get("BLOCK_M", 64 if M >= 64 else (32 if M >= 32 else 16))
     block_n = blocks.get("BLOCK_N", 64 if N >= 64 else _pow2_at_most(N, 64))
     block_k = blocks.get("BLOCK_K", _pow2_at_most(K, 64))
@@ -229,6 +180,69 @@ def gptq_matmul(
         num_stages=blocks.get("num_stages", 3),
     )
     return out
+
+
+def _check_gptq_operands(x, qweight, scales, zeros, g_idx, bits: int, path: str):
+    """``(M, K, N)`` of valid operands of :func:`gptq_matmul`; a one-line error otherwise."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    M, K = x.shape
+    N = qweight.shape[1]
+    if qweight.dtype != torch.int32 or qweight.shape[0] * 32 != K * bits:
+        raise ValueError(
+            f"qweight must be int32 ({K * bits // 32}, N) for K={K} at {bits} bits, "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    if scales.shape != zeros.shape or scales.dim() != 2 or scales.shape[1] != N:
+        raise ValueError(f"scales and zeros must both be (G, {N})")
+    if g_idx.shape != (K,):
+        raise ValueError(f"g_idx must have shape ({K},)")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if path not in ("auto", "gemv", "gemm"):
+        raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
+    return M, K, N
+
+
+def _gptq_gemv(x, qweight, scales, zeros, g_idx, bits, group_size, out_dtype, blocks):
+    """The GEMV path of :func:`gptq_matmul` (at most ``GEMV_MAX_BATCH`` rows of x)."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    kern = _kernels()
+    if M > GEMV_MAX_BATCH:
+        raise ValueError(f"the GEMV path takes at most {GEMV_MAX_BATCH} rows, got {M}")
+    block_m = max(1, 1 << (M - 1).bit_length())
+    block_n, block_k, split = _gemv_tiles(N, K, group_size, x.device, blocks)
+    k_per = _cdiv(_cdiv(K, block_k), split) * block_k
+    split = _cdiv(K, k_per)
+    atomic = split > 1
+    if atomic:  # partial sums of the K slices meet in a float32 buffer
+        out = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    else:  # one program per column tile: store the result directly
+        out = torch.empty(M, N, device=x.device, dtype=out_dtype)
+    kern.gptq_gemv_kernel[(_cdiv(N, block_n), split)](
+        x,
+        qweight,
+        scales,
+        zeros,
+        g_idx,
+        out,
+        M,
+        N,
+        K,
+        k_per,
+        BITS=bits,
+        GROUP_SIZE=max(group_size, 1),
+        TILE_IN_GROUP=tile_in_group(group_size, block_k),
+        ATOMIC=atomic,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=blocks.get("num_warps", 4),
+    )
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def csr_matmul_add(
