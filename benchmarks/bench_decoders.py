@@ -161,24 +161,26 @@ def reference_runs(todo, runs, results: dict, invocation: str, json_path: Path, 
 def quantize_run(
     run: Run, model, float_state, tokenizer, windows, args, **options
 ) -> tuple[list, float]:
-    """Quantize the float model with ``run``'s method and config (``options``: more keywords
-    of ``quantize_model``); its layer stats and wall time."""
+    """Quantize the float model with ``run``'s method and config (``options``: more fields of
+    its ``RunSpec``, such as ``target``); its layer stats and wall time."""
+    import latticequant as lq
     from latticequant.methods import get_method
-    from latticequant.pipeline import Override, quantize_model
+    from latticequant.pipeline import Override
 
     model.load_state_dict(float_state)
     method = get_method(run.method)
     overrides = [Override(r"layers\.([1-9]|[1-9][0-9])\.", skip=True)] if args.smoke else []
-    t0 = time.perf_counter()
-    stats = quantize_model(
-        model,
-        tokenizer,
-        windows,
-        method,
-        method.config_cls(**run.config),
-        overrides=overrides,
-        progress=not args.quiet,
+    spec = lq.RunSpec(
+        method=method.name,
+        config=method.config_cls(**run.config),
+        overrides=tuple(overrides),
+        calibration=lq.CalibrationSpec(nsamples=windows.shape[0], seqlen=windows.shape[1]),
+        execution=lq.ExecutionSpec(progress=not args.quiet),
         **options,
+    )
+    t0 = time.perf_counter()
+    stats = lq.quantize_model(
+        model, lq.Calibration(windows, tokenizer=tokenizer), lq.prepare(model, spec)
     )
     return stats, time.perf_counter() - t0
 

@@ -189,7 +189,6 @@ def run_job(job: dict) -> dict:
         return row
 
     import latticequant as lq
-    from latticequant.pipeline import quantize_model
     from latticequant.pipeline.models import load_model
 
     cfg = lq.QuantConfig(
@@ -204,18 +203,16 @@ def run_job(job: dict) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_model(job["model"])
     t1 = time.perf_counter()
-    quantize_model(
-        model,
-        tokenizer,
-        windows,
-        tool,
-        cfg,
-        out,
-        resume=False,
-        overwrite=True,
-        progress=False,
-        checkpoint_format=job.get("checkpoint_format", "gptq"),
+    spec = lq.RunSpec(
+        method=tool,
+        config=cfg,
+        calibration=lq.CalibrationSpec(nsamples=windows.shape[0], seqlen=windows.shape[1]),
+        output=lq.OutputSpec(
+            str(out), job.get("checkpoint_format", "gptq"), overwrite=True, resume=False
+        ),
+        execution=lq.ExecutionSpec(progress=False),
     )
+    lq.quantize_model(model, lq.Calibration(windows, tokenizer=tokenizer), lq.prepare(model, spec))
     t2 = time.perf_counter()
     row.update(
         {

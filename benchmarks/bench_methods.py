@@ -3,7 +3,7 @@
 The protocol of docs/protocol.md: SmolLM2-135M-Instruct in float32, 64 calibration windows of 512
 tokens drawn with seed 0 from the first 80% of the ``pydoc_data`` text, perplexity on the held-out
 20%. Every run starts from the float weights and quantizes every linear layer of the decoder
-blocks with ``latticequant.pipeline.quantize_model``; perplexity is taken on the in-memory model
+blocks with ``latticequant.quantize_model``; perplexity is taken on the in-memory model
 (its weights are the dequantized ``Q`` of each layer, which the checkpoint reproduces exactly).
 
 Effective bits are what the layers store, counted by each method (``bits_per_weight`` of every
@@ -138,7 +138,8 @@ def build_config(run: Run):
 
 
 def run_one(run: Run, model, float_state, tokenizer, windows, heldout, args) -> dict:
-    from latticequant.pipeline import Override, data, quantize_model
+    import latticequant as lq
+    from latticequant.pipeline import Override, data
 
     model.load_state_dict(float_state)  # every run starts from the float weights
     method, config = build_config(run)
@@ -146,16 +147,15 @@ def run_one(run: Run, model, float_state, tokenizer, windows, heldout, args) -> 
     if args.smoke:
         overrides.append(Override(r"layers\.([1-9]|[1-9][0-9])\.", skip=True))
     t0 = time.perf_counter()
-    stats = quantize_model(
-        model,
-        tokenizer,
-        windows,
-        method,
-        config,
-        out_dir=None,
-        overrides=overrides,
-        device=args.device,
-        progress=not args.quiet,
+    spec = lq.RunSpec(
+        method=method.name,
+        config=config,
+        overrides=tuple(overrides),
+        calibration=lq.CalibrationSpec(nsamples=windows.shape[0], seqlen=windows.shape[1]),
+        execution=lq.ExecutionSpec(device=args.device, progress=not args.quiet),
+    )
+    stats = lq.quantize_model(
+        model, lq.Calibration(windows, tokenizer=tokenizer), lq.prepare(model, spec)
     )
     wall = time.perf_counter() - t0
     model.to(args.device)
