@@ -164,6 +164,10 @@ class RotatedFormat(Format):
     def min_zero(self, config) -> int:
         return self.inner.min_zero(config)
 
+    def unpack(self, tensors, meta):
+        """The inner format's parts (of ``W R``)."""
+        return self.inner.unpack(tensors, meta)
+
     def dequantize(self, tensors, meta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(W R) R^T``: the layer's weight in its own input basis."""
         stored = self.inner.dequantize(tensors, meta, torch.float64)

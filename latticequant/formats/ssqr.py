@@ -24,6 +24,7 @@ from latticequant.formats.gptq import (
     dequantize_gptq,
     module_options,
     pack_gptq_parts,
+    unpack_gptq,
 )
 from latticequant.formats.packing import (
     CHECKPOINT_FORMATS,
@@ -227,6 +228,10 @@ class SSQRFormat(Format):
 
     def pack(self, result) -> dict[str, torch.Tensor]:
         return pack_ssqr(result, result.outliers, result.values, checkpoint_format="gptq")
+
+    def unpack(self, tensors, meta):
+        """The dense part's ``(codes, scales, zeros, g_idx)``; the outliers are CSR tensors."""
+        return unpack_gptq(tensors, int(meta["bits"]), _zeros_convention(meta))
 
     def dequantize(self, tensors, meta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_ssqr(tensors, int(meta["bits"]), _zeros_convention(meta), dtype)
