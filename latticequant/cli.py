@@ -252,6 +252,12 @@ def _add_quantize(sub, parents) -> argparse.ArgumentParser:
         "model", nargs="?", help="HF folder, .gguf file or hub id org/name (default: SmolLM2-135M)"
     )
     q.add_argument("--method", default="gptq", help=f"one of {', '.join(list_methods())}")
+    q.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="settings chosen for you, each named in the summary; flags given beside it win: "
+        + "; ".join(f"{name}: {describe_preset(name)}" for name in PRESETS),
+    )
     q.add_argument("--out", required=True, help="output checkpoint folder")
     q.add_argument(
         "--nsamples", type=_positive("--nsamples"), default=64, help="calibration windows (64)"
@@ -323,14 +329,14 @@ def _add_quantize_run(q: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--objective",
         choices=OBJECTIVES,
-        default="layer",
+        default=None,
         help="what each layer matches: its float weights on its own inputs (layer, the default) "
         "or the float model's outputs (float-outputs: a float copy of each block runs beside it)",
     )
     q.add_argument(
         "--rotate",
         choices=ROTATIONS,
-        default="none",
+        default=None,
         help="hadamard: quantize every layer in a randomised Hadamard basis of its inputs, drawn "
         "from --seed (stored in the checkpoint, applied at run time); none (default)",
     )
@@ -581,8 +587,44 @@ def _emit(args, payload: dict, lines: list[str]) -> None:
         print("\n".join(lines))
 
 
+PRESETS: dict[str, dict[str, str]] = {
+    "fast": {"refine": "", "objective": "layer", "rotate": "none"},
+    "best": {
+        "order": "act",
+        "refine": "cd,scales",
+        "objective": "float-outputs",
+        "rotate": "hadamard",
+    },
+}
+"""What ``--preset`` sets: config fields (where the method's config has them) and the target.
+``fast`` leaves out everything that costs time beyond the decode; ``best`` takes the
+highest-quality settings whatever the cost (the per-layer rotation: a checkpoint only our loader
+runs)."""
+
+TARGET_FLAGS = ("objective", "rotate")
+
+
+def describe_preset(name: str) -> str:
+    return " ".join(f"--{k} {v!r}" if not v else f"--{k} {v}" for k, v in PRESETS[name].items())
+
+
+def apply_preset(args) -> dict[str, str]:
+    """Fill the flags the user left out with the preset's values; returns what it set."""
+    preset = PRESETS.get(getattr(args, "preset", None) or "", {})
+    fields = {f.name for f in settable_fields(get_method(args.method).config_cls)}
+    chosen = {}
+    for key, value in preset.items():
+        attr = key if key in TARGET_FLAGS else f"cfg_{key}"
+        if key not in TARGET_FLAGS and key not in fields:
+            continue  # the method has no such setting
+        if getattr(args, attr, None) is None:
+            setattr(args, attr, value)
+            chosen[key] = value
+    return chosen
+
+
 def run_spec(args) -> RunSpec:
-    """The run the quantize command's flags describe."""
+    """The run the quantize command's flags describe (after ``--preset`` filled its part)."""
     method = get_method(args.method)
     overrides = [Override(p, skip=True) for p in args.skip]
     for text in args.override:
@@ -591,7 +633,7 @@ def run_spec(args) -> RunSpec:
         method=method.name,
         config=config_from_args(method.config_cls, args),
         overrides=tuple(overrides),
-        target=TargetConfig(args.objective, args.rotate, args.seed),
+        target=TargetConfig(args.objective or "layer", args.rotate or "none", args.seed),
         experts=ExpertPolicy(args.min_expert_tokens, args.expert_fallback),
         calibration=CalibrationSpec(args.text, args.nsamples, args.seqlen, args.seed, args.bos),
         output=OutputSpec(args.out, args.checkpoint_format, args.overwrite, args.resume),
@@ -601,6 +643,7 @@ def run_spec(args) -> RunSpec:
 
 def cmd_quantize(args) -> int:
     """Quantize; under torchrun every rank runs this with the same arguments."""
+    args.preset_settings = apply_preset(args)
     spec = run_spec(args)
     _check_out(args.out, args.overwrite)
     _check_device(args.device)
@@ -667,6 +710,8 @@ def _quantize(args, spec: RunSpec, world: World) -> int:
         "ppl_after": ppl_after,
         "timings": summary.timings,
         "checkpoint_format": plan.stored_format.name,
+        "preset": args.preset,
+        "preset_settings": args.preset_settings,
         "target": {"objective": spec.target.objective, "rotate": spec.target.rotate},
     }
     skipped = ""
@@ -683,6 +728,11 @@ def _quantize(args, spec: RunSpec, world: World) -> int:
         f"quantized {len(summary)} layers with {method.name}{skipped} in {quantize_s:.1f} s "
         f"(total {total_s:.1f} s); checkpoint: {args.out}"
     ]
+    if args.preset:
+        chosen = " ".join(f"--{k} {v or repr(v)}" for k, v in args.preset_settings.items())
+        lines.append(f"preset {args.preset}: {chosen or 'every setting given by a flag'}")
+        if spec.target.rotate == "hadamard":
+            lines.append("the per-layer rotation's checkpoint runs in latticequant's loader only")
     if world.distributed:
         t = summary.timings
         lines.append(

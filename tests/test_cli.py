@@ -361,3 +361,37 @@ def test_a_mixture_of_experts_folder_from_the_command_line(cli_files, tmp_path, 
     offload = _quantize_args(folder, cli_files / "text.txt", tmp_path / "o", "--offload")
     assert main(offload) != 0
     assert "drop --offload" in capsys.readouterr().err
+
+
+def _json_run(argv) -> dict:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    return json.loads(buf.getvalue())
+
+
+def test_presets_fill_only_what_no_flag_gave_and_the_summary_names_them(cli_files, tmp_path):
+    base = [
+        a for a in _quantize_args(cli_files / "model", cli_files / "text.txt", tmp_path / "b")
+        if a not in ("--order", "act")
+    ]
+    best = _json_run([*base, "--preset", "best", "--no-eval", "--json"])
+    assert best["preset_settings"] == {
+        "order": "act",
+        "refine": "cd,scales",
+        "objective": "float-outputs",
+        "rotate": "hadamard",
+    }
+    assert best["config"]["refine"] == "cd,scales" and best["config"]["order"] == "act"
+    assert best["target"] == {"objective": "float-outputs", "rotate": "hadamard"}
+    assert best["checkpoint_format"] == "gptq+hadamard"
+    qlog = json.loads((tmp_path / "b" / "quant_log.json").read_text())
+    assert all(layer["rotation"] == "hadamard" for layer in qlog["layers"])
+    # a flag beside the preset wins, and the preset says it set nothing there
+    out = [a if a != str(tmp_path / "b") else str(tmp_path / "c") for a in base]
+    mine = _json_run([*out, "--preset", "best", "--rotate", "none", "--no-eval", "--json"])
+    assert mine["target"]["rotate"] == "none" and "rotate" not in mine["preset_settings"]
+    assert mine["checkpoint_format"] == "gptq"
+    fast = [a if a != str(tmp_path / "b") else str(tmp_path / "d") for a in base]
+    fast_run = _json_run([*fast, "--preset", "fast", "--no-eval", "--json"])
+    assert fast_run["config"]["refine"] == "" and fast_run["target"]["rotate"] == "none"

@@ -249,6 +249,7 @@ CORPUS = [
             ("quantize", ("--blocks", "2:1"), "expects START:END with 0 <= START < END, got 2:1"),
             ("quantize", ("--blocks", "one"), "--blocks expects START:END (two integers"),
             ("quantize", ("--hessian-dtype", "float16"), "invalid choice: 'float16'"),
+            ("quantize", ("--preset", "fastest"), "invalid choice: 'fastest'"),
             ("quantize", ("--min-expert-tokens", "-1"), "--min-expert-tokens must be at least 0"),
             ("quantize", ("--expert-fallback", "zero"), "invalid choice: 'zero'"),
             ("quantize", ("--offload=yes",), "ignored explicit argument 'yes'"),
