@@ -61,13 +61,14 @@ FLAG_ALIASES = {"group_size": ["--group-size", "--groupsize"], "bits": ["--bits"
 SHARED_FLAGS = {"seed": "seed"}
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, method) -> None:
+    config_cls = method.config_cls
     group = parser.add_argument_group(f"{config_cls.__name__} fields")
     for f in settable_fields(config_cls):
         if f.name in SHARED_FLAGS:
             continue
         flags = FLAG_ALIASES.get(f.name, [f"--{f.name.replace('_', '-')}"])
-        default = f.default
+        default = method.defaults.get(f.name, f.default)
         helptext = f"(default: {default})"
         if isinstance(default, bool):
             group.add_argument(
@@ -87,9 +88,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
             )
 
 
-def config_from_args(config_cls, args: argparse.Namespace):
-    """The method's config with the defaults of its dataclass, changed by the flags given."""
-    changes = {
+def config_from_args(method, args: argparse.Namespace):
+    """The method's config with the method's defaults, changed by the flags given."""
+    config_cls = method.config_cls
+    changes = dict(method.defaults)
+    changes |= {
         f.name: getattr(args, f"cfg_{f.name}")
         for f in settable_fields(config_cls)
         if getattr(args, f"cfg_{f.name}", None) is not None
@@ -234,7 +237,7 @@ def build_parser(method_name: str = "gptq") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     q = _add_quantize(sub, [common, loading])
     _add_quantize_run(q)
-    _add_config_flags(q, get_method(method_name).config_cls)
+    _add_config_flags(q, get_method(method_name))
     _add_eval(sub, [common, loading])
     _add_generate(sub, [common, loading])
     _add_report(sub, [common])
@@ -631,7 +634,7 @@ def run_spec(args) -> RunSpec:
         overrides.append(parse_override(text, method.config_cls))
     return RunSpec(
         method=method.name,
-        config=config_from_args(method.config_cls, args),
+        config=config_from_args(method, args),
         overrides=tuple(overrides),
         target=TargetConfig(args.objective or "layer", args.rotate or "none", args.seed),
         experts=ExpertPolicy(args.min_expert_tokens, args.expert_fallback),

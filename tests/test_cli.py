@@ -372,7 +372,8 @@ def _json_run(argv) -> dict:
 
 def test_presets_fill_only_what_no_flag_gave_and_the_summary_names_them(cli_files, tmp_path):
     base = [
-        a for a in _quantize_args(cli_files / "model", cli_files / "text.txt", tmp_path / "b")
+        a
+        for a in _quantize_args(cli_files / "model", cli_files / "text.txt", tmp_path / "b")
         if a not in ("--order", "act")
     ]
     best = _json_run([*base, "--preset", "best", "--no-eval", "--json"])
@@ -395,3 +396,21 @@ def test_presets_fill_only_what_no_flag_gave_and_the_summary_names_them(cli_file
     fast = [a if a != str(tmp_path / "b") else str(tmp_path / "d") for a in base]
     fast_run = _json_run([*fast, "--preset", "fast", "--no-eval", "--json"])
     assert fast_run["config"]["refine"] == "" and fast_run["target"]["rotate"] == "none"
+
+
+def test_a_run_without_flags_uses_the_methods_defaults_not_the_cores(cli_files, tmp_path):
+    """A grid method's run decodes in act-order by default (static groups: the natural g_idx
+    every GPTQ reader loads); the core's QuantConfig keeps its literal natural order."""
+    import latticequant as lq
+    from latticequant.methods import get_method
+
+    args = [a for a in _quantize_args(cli_files / "model", cli_files / "text.txt", tmp_path / "q")]
+    i = args.index("--order")
+    del args[i : i + 2]
+    payload = _json_run([*args, "--no-eval", "--json"])
+    assert payload["config"]["order"] == "act" and payload["config"]["static_groups"] is True
+    assert lq.QuantConfig().order == "natural"
+    assert get_method("gptq").default_config().order == "act"
+    assert lq.RunSpec().resolved()[1].order == "act"
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is False  # static groups keep g_idx natural

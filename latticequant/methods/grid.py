@@ -153,6 +153,10 @@ def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig
 
 
 GRID_FORMATS = ("gptq", "gptq_v2")
+GRID_DEFAULTS = {"order": "act"}
+"""Act-order with static groups (the config's own default) decodes in the order GPTQ's users
+expect at no extra cost and still writes the natural ``g_idx`` every GPTQ reader loads; it is
+what a run uses unless told otherwise (measured in docs/bench_defaults.md)."""
 
 for _name, _description, _config, _check in (
     ("rtn", "round to nearest on the grid (baseline, no Hessian)", QuantConfig, None),
@@ -177,6 +181,7 @@ for _name, _description, _config, _check in (
             quantize=_grid_method(_name),
             formats=GRID_FORMATS,
             description=_description,
+            defaults=GRID_DEFAULTS,
             **({"check": _check} if _check else {}),
         )
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,6 +73,8 @@ class Method:
     """A registered method: its name, its config dataclass, the layer function, its format.
 
     formats: the registered formats it can write, its default first.
+    defaults: what a run uses where the user sets nothing, when it differs from the config
+      class's own defaults (the core's functions keep theirs: literal and reproducible).
     check: ``check(config, d_out=None, d_in=None)`` raises :class:`UnsupportedConfigError` for
     what the method itself cannot do (beyond its format's limits, which :meth:`refuse` adds).
     The run's preflight calls :meth:`refuse` on the config and on every layer before any
@@ -86,6 +88,11 @@ class Method:
     formats: tuple[str, ...]
     description: str = ""
     check: Callable[..., None] = _accept_all
+    defaults: dict = field(default_factory=dict)
+
+    def default_config(self):
+        """The config a run uses where the user sets nothing."""
+        return self.config_cls(**self.defaults)
 
     def __post_init__(self) -> None:
         if isinstance(self.formats, str):  # one format named alone

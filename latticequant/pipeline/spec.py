@@ -99,7 +99,7 @@ class RunSpec:
         format; refuses a config the method or the format cannot take, and every override
         that would produce one. Needs no model: the command line calls it before loading."""
         method = self.method if isinstance(self.method, Method) else get_method(self.method)
-        config = method.config_cls() if self.config is None else self.config
+        config = method.default_config() if self.config is None else self.config
         if not isinstance(config, method.config_cls):
             raise ValueError(
                 f"method {method.name!r} needs a {method.config_cls.__name__}, got "
