@@ -44,7 +44,7 @@ from latticequant.pipeline.target import layer_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FOLD_FAMILIES", "FoldReport", "check_foldable", "fold_rotations"]
+__all__ = ["FOLD_FAMILIES", "FoldPlan", "FoldReport", "check_foldable", "fold_rotations"]
 
 #: Families whose blocks are exactly ``h + attn(norm(h))`` then ``h + mlp(norm(h))`` with
 #: ``norm(x) = x / rms(x) * g``: the residual rotation passes through them unchanged.
@@ -119,8 +119,8 @@ class FoldReport:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """Everything found before the first weight changes."""
+class FoldPlan:
+    """Every module the fold touches, found (and the model accepted) before the first write."""
 
     family: str
     blocks: nn.ModuleList
@@ -154,7 +154,7 @@ def _is_rms_norm(module: nn.Module | None, size: int) -> bool:
     )
 
 
-def check_foldable(model: nn.Module, online_down: bool = False) -> _Plan:
+def check_foldable(model: nn.Module, online_down: bool = False) -> FoldPlan:
     """Find every module the fold touches and refuse, in one line, a model it does not fit.
 
     Nothing is modified; :func:`fold_rotations` calls it before its first write.
@@ -201,7 +201,7 @@ def check_foldable(model: nn.Module, online_down: bool = False) -> _Plan:
     if embed.weight.is_meta or lm_head.weight.is_meta:
         raise _fail(model_type, "the embeddings are not in memory")
     tied = lm_head.weight is embed.weight or (lm_head.weight.data_ptr() == embed.weight.data_ptr())
-    return _Plan(model_type, blocks, embed, final_norm, lm_head, head_dim, tied)
+    return FoldPlan(model_type, blocks, embed, final_norm, lm_head, head_dim, tied)
 
 
 def _check_size(model_type: str, what: str, size: int) -> None:
@@ -293,19 +293,20 @@ def fold_rotations(model: nn.Module, seed: int, online_down: bool = False) -> Fo
     r1 = hadamard_rotation(n, residual_seed)
     r2 = hadamard_rotation(plan.head_dim, head_seed)
     with torch.no_grad():
-        g = plan.final_norm.weight.to(torch.float64)
+        g = plan.final_norm.weight.to(plan.lm_head.weight.device, torch.float64)
         untie = plan.tied and not bool((g == 1).all())
         if untie:
             plan.lm_head.weight = nn.Parameter(
                 plan.embed.weight.detach().clone(), requires_grad=plan.embed.weight.requires_grad
             )
             _untie_config(model)
-        _update_(plan.embed.weight, r1.apply, 0)
+        _update_(plan.embed.weight, _on(r1, plan.embed.weight.device).apply, 0)
         if not plan.tied or untie:  # still tied: one tensor, E R1, is what both read
-            _read(plan.lm_head, r1, g)
+            _read(plan.lm_head, _on(r1, plan.lm_head.weight.device), g)
         plan.final_norm.weight.fill_(1.0)
         for block in plan.blocks:
-            _fold_block(block, r1, r2, plan.head_dim)
+            device = block.self_attn.q_proj.weight.device  # blocks may sit on several devices
+            _fold_block(block, _on(r1, device), _on(r2, device), plan.head_dim)
     online = {}
     if online_down:
         prefix = "model.layers"
@@ -334,6 +335,11 @@ def fold_rotations(model: nn.Module, seed: int, online_down: bool = False) -> Fo
         ", lm_head untied from the embeddings" if untie else "",
     )
     return report
+
+
+def _on(rotation: Rotation, device: torch.device) -> Rotation:
+    """The rotation's signs and factor where the weights are (they are drawn on the CPU)."""
+    return Rotation(rotation.signs.to(device), rotation.factor.to(device))
 
 
 def _untie_config(model: nn.Module) -> None:

@@ -247,3 +247,15 @@ def test_folded_float32_model_quantizes_and_reloads(tmp_path):
     assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     assert _rel(_logits(loaded), logits) < 1e-5
+
+
+def test_low_precision_weights_are_rounded_once():
+    """Every product in float64 and one rounding to the model's dtype: a bfloat16 model folds
+    to exactly its float64 fold rounded to bfloat16."""
+    model = make_family("qwen2", dtype=torch.bfloat16)
+    wide = copy.deepcopy(model).to(torch.float64)
+    fold_rotations(model, seed=2)
+    fold_rotations(wide, seed=2)
+    for name, p in model.state_dict().items():
+        assert p.dtype == torch.bfloat16, name
+        assert torch.equal(p, wide.state_dict()[name].to(torch.bfloat16)), name
