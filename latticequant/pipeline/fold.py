@@ -51,7 +51,6 @@ __all__ = ["FOLD_FAMILIES", "FoldPlan", "FoldReport", "check_foldable", "fold_ro
 FOLD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 _REFUSED = {
-    "gemma": "its norms scale by 1 + w and its embeddings by sqrt(hidden_size)",
     "gemma2": (
         "its post-attention and post-feedforward norms rescale each branch after o_proj and "
         "down_proj, where no linear layer can absorb their scale, so R1 cannot pass them"
