@@ -194,6 +194,16 @@ def test_other_architectures_are_refused_untouched(build, words):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_wrapped_layer_is_refused_untouched():
+    """A quantized or wrapped layer holds no float matrix to rotate: nothing is folded."""
+    model = make_family("qwen3")
+    model.model.layers[1].mlp.up_proj = torch.nn.Sequential(model.model.layers[1].mlp.up_proj)
+    before = _state(model)
+    with pytest.raises(UnsupportedModelError, match="block 1's mlp.up_proj is not a float"):
+        fold_rotations(model, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_online_down_rotations_are_recorded_and_apply_online():
     model = _exact_norms(make_family("mistral"))
     ref = copy.deepcopy(model)
@@ -201,6 +211,7 @@ def test_online_down_rotations_are_recorded_and_apply_online():
     folded = _state(model)
     names = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     assert list(report.online) == names
+    assert report.as_dict()["online"] == dict.fromkeys(names, 160)
     for name in names:  # what --rotate hadamard draws for that layer
         expected = hadamard_rotation(160, layer_seed(4, name))
         assert torch.equal(report.online[name].matrix(), expected.matrix())
