@@ -340,8 +340,11 @@ def _add_quantize_run(q: argparse.ArgumentParser) -> None:
         "--rotate",
         choices=ROTATIONS,
         default=None,
-        help="hadamard: quantize every layer in a randomised Hadamard basis of its inputs, drawn "
-        "from --seed (stored in the checkpoint, applied at run time); none (default)",
+        help="folded: rotations of the residual stream and the attention heads, drawn from "
+        "--seed, folded into the float weights before quantizing (an ordinary checkpoint every "
+        "reader runs); folded+online: also down_proj's input rotated at run time; hadamard: "
+        "every layer in a randomised Hadamard basis of its inputs, applied at run time "
+        "(latticequant's loader only); none (default)",
     )
     q.add_argument(
         "--min-expert-tokens",
@@ -713,10 +716,24 @@ def _quantize(args, spec: RunSpec, world: World) -> int:
         "ppl_after": ppl_after,
         "timings": summary.timings,
         "checkpoint_format": plan.stored_format.name,
+        "rotation": None if plan.fold is None else plan.fold.as_dict(),
         "preset": args.preset,
         "preset_settings": args.preset_settings,
         "target": {"objective": spec.target.objective, "rotate": spec.target.rotate},
     }
+    lines = _summary_lines(args, spec, plan, summary, quantize_s, total_s, world)
+    if args.evaluate:
+        lines.append(f"perplexity before: {ppl_before:.4f}")
+        lines.append(f"perplexity after:  {ppl_after:.4f}")
+    if world.rank == 0:
+        _emit(args, payload, lines)
+    return 0
+
+
+def _summary_lines(args, spec, plan, summary, quantize_s, total_s, world) -> list[str]:
+    """What a quantize run prints: the layers, what stayed in float and why, the rotation, the
+    preset's choices and, across ranks, where the time went."""
+    method = plan.method
     skipped = ""
     if summary.skipped:
         reasons = sorted({r.split(" (")[0] for r in summary.skipped.values()})
@@ -731,6 +748,16 @@ def _quantize(args, spec: RunSpec, world: World) -> int:
         f"quantized {len(summary)} layers with {method.name}{skipped} in {quantize_s:.1f} s "
         f"(total {total_s:.1f} s); checkpoint: {args.out}"
     ]
+    if plan.fold is not None:
+        lines.append(
+            f"rotations folded into the weights (--rotate {spec.target.rotate}, seed "
+            f"{plan.fold.seed})"
+            + (
+                "; the tied embeddings were untied: the checkpoint holds the head's own matrix"
+                if plan.fold.untied
+                else ""
+            )
+        )
     if args.preset:
         chosen = " ".join(f"--{k} {v or repr(v)}" for k, v in args.preset_settings.items())
         lines.append(f"preset {args.preset}: {chosen or 'every setting given by a flag'}")
@@ -743,12 +770,7 @@ def _quantize(args, spec: RunSpec, world: World) -> int:
             f"{t['solve_s']:.1f} s, exchanges "
             f"{sum(v for k, v in t.items() if k not in ('forward_s', 'solve_s', 'ranks')):.1f} s"
         )
-    if args.evaluate:
-        lines.append(f"perplexity before: {ppl_before:.4f}")
-        lines.append(f"perplexity after:  {ppl_after:.4f}")
-    if world.rank == 0:
-        _emit(args, payload, lines)
-    return 0
+    return lines
 
 
 def cmd_eval(args) -> int:

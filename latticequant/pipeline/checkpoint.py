@@ -255,6 +255,7 @@ def save_quantized(
     skipped: Mapping[str, str] | None = None,
     run: dict | None = None,
     block_tensors: Callable[[int], Mapping] | None = None,
+    rotation: dict | None = None,
 ) -> None:
     """Write the checkpoint of ``model`` whose quantized layers are ``layers`` into ``folder``.
 
@@ -266,7 +267,9 @@ def save_quantized(
     A model whose blocks are kept on disk (:mod:`latticequant.pipeline.offload`) is written one
     block per shard, with ``model.safetensors.index.json``: each block is read back from the store,
     and its quantized layers' tensors from ``block_tensors(index)`` (the same mapping as
-    ``layers``, for that block), so only one block is ever in memory.
+    ``layers``, for that block), so only one block is ever in memory. ``rotation``: the
+    rotations folded into the model's weights, recorded in the config (and by the caller in
+    ``run``, the log's).
     """
     folder = Path(folder)
     fmt = method.format() if fmt is None else fmt
@@ -292,6 +295,8 @@ def save_quantized(
 
     cfg = config_to_dict(config)
     qconfig = _file_config(fmt, method, cfg, overrides, aliases, modules, not_quantized)
+    if rotation is not None:
+        qconfig["latticequant"]["rotation"] = rotation
 
     if store is None:
         _write_weights(folder, [tensors])

@@ -50,6 +50,7 @@ from latticequant.pipeline.state import (
     finish_output,
     prepare_output,
 )
+from latticequant.pipeline.target import layer_format
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def _quantize_block(
         entry = {"name": name, "block": index, "method": method.name, "shape": list(W.shape)}
         layers[name] = QuantizedLayer(
             name,
-            plan.stored_format.name,
+            layer_format(plan.format, target, name).name,
             {k: v.cpu() for k, v in lq.tensors.items()},
             {**entry, **lq.stats},
             config_to_dict(configs[local]),
@@ -433,7 +434,9 @@ def _save(model, plan, calibration, layers, output, summary, run_info, last, sto
                         if spec.target.is_default
                         else {"target": dataclasses.asdict(spec.target)}
                     ),
+                    **({} if plan.fold is None else {"rotation": plan.fold.as_dict()}),
                 },
+                rotation=None if plan.fold is None else plan.fold.as_dict(),
             )
             finish_output(final, work)
         except (OSError, ValueError) as exc:

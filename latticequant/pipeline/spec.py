@@ -21,8 +21,10 @@ from latticequant.formats.protocol import Format
 from latticequant.methods import Method, UnsupportedConfigError, get_method
 from latticequant.pipeline.distributed import World
 from latticequant.pipeline.experts import ExpertPolicy, has_experts, unfuse_experts
+from latticequant.pipeline.fold import FoldReport, check_foldable, fold_rotations
 from latticequant.pipeline.layout import ModelLayout, describe_model, linear_weight
 from latticequant.pipeline.memory import BlockMemory, check_run_memory
+from latticequant.pipeline.offload import store_of
 from latticequant.pipeline.overrides import Override, resolve_config, skip_reason
 from latticequant.pipeline.target import TargetConfig, check_target, layer_format
 
@@ -221,7 +223,8 @@ class Plan:
 
     format: the format each layer's method packs (``layer_format`` wraps it when the target
     rotates); layers: each linear layer's config or why it is skipped; memory: one block's
-    estimated peak; world: the ranks sharing the run.
+    estimated peak; world: the ranks sharing the run; fold: what folding the rotations into
+    the float model did (``--rotate folded``), recorded in the checkpoint.
     """
 
     spec: RunSpec
@@ -234,6 +237,7 @@ class Plan:
     hessian_dtype: torch.dtype
     world: World
     memory: BlockMemory
+    fold: FoldReport | None = None
 
     @property
     def stored_format(self) -> Format:
@@ -254,7 +258,7 @@ def prepare(model: nn.Module, spec: RunSpec, world: World | None = None) -> Plan
     unfuse_experts(model)
     layout = describe_model(model)
     model.eval()
-    check_target_model(layout, spec.target)
+    check_target_model(model, layout, spec.target)
     layers = plan_layers(layout, method, config, fmt, spec)
     device = torch.device(spec.execution.device)
     hessian_dtype = HESSIAN_DTYPES[spec.execution.hessian_dtype]
@@ -270,11 +274,23 @@ def prepare(model: nn.Module, spec: RunSpec, world: World | None = None) -> Plan
         spec.target.float_outputs,
         spec.target.rotated,
     )
-    return Plan(spec, method, config, fmt, layout, layers, device, hessian_dtype, world, memory)
+    fold = None
+    if spec.target.folded:  # every check passed: the float model's weights are rotated now
+        fold = fold_rotations(model, spec.target.seed, spec.target.rotate == "folded+online")
+    return Plan(
+        spec, method, config, fmt, layout, layers, device, hessian_dtype, world, memory, fold
+    )
 
 
-def check_target_model(layout: ModelLayout, target: TargetConfig) -> None:
+def check_target_model(model: nn.Module, layout: ModelLayout, target: TargetConfig) -> None:
     """Refuse a target the model's architecture cannot take, before any slow work."""
+    if target.folded:
+        if store_of(model) is not None:
+            raise ValueError(
+                f"--rotate {target.rotate} rewrites every weight of the model in memory, which "
+                "--offload cannot do yet; drop --offload or use --rotate hadamard"
+            )
+        check_foldable(model, target.rotate == "folded+online")
     if target.float_outputs and any(has_experts(b) for b in layout.blocks):
         raise ValueError(
             "--objective float-outputs is not supported for mixture-of-experts models (the "

@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 OBJECTIVES = ("layer", "float-outputs")
-ROTATIONS = ("none", "hadamard")
+ROTATIONS = ("none", "hadamard", "folded", "folded+online")
+ONLINE_FOLDED = ("mlp.down_proj",)  # where folded+online keeps a rotation at run time
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,12 @@ class TargetConfig:
     objective: ``"layer"`` (each layer matches its float weights on its own inputs) or
       ``"float-outputs"`` (each layer matches the float model's outputs; one float copy of the
       block runs beside the quantized one).
-    rotate: ``"none"`` or ``"hadamard"`` (incoherence processing of the input dimension).
-    seed: the seed every layer's rotation is drawn from (with the layer's name).
+    rotate: ``"none"``; ``"hadamard"`` (every layer quantized in a randomised Hadamard basis
+      of its inputs, applied at run time); ``"folded"`` (rotations of the residual stream and of
+      each head's values folded into the float weights before quantizing: an ordinary model);
+      ``"folded+online"`` (folded, and ``down_proj``'s input rotated at run time, the one place
+      the nonlinearity stops folding).
+    seed: the seed every rotation is drawn from (with the layer's name).
     damp: relative damping of the float-outputs target's solve.
     """
 
@@ -79,7 +84,19 @@ class TargetConfig:
 
     @property
     def rotated(self) -> bool:
-        return self.rotate != "none"
+        """Whether some layer is quantized in a rotated basis applied at run time."""
+        return self.rotate in ("hadamard", "folded+online")
+
+    @property
+    def folded(self) -> bool:
+        """Whether rotations are folded into the float model before quantizing."""
+        return self.rotate.startswith("folded")
+
+    def rotates(self, name: str) -> bool:
+        """Whether layer ``name`` (its full name) is quantized in a rotated basis."""
+        if self.rotate == "folded+online":
+            return name.endswith(ONLINE_FOLDED)
+        return self.rotate == "hadamard"
 
     @property
     def is_default(self) -> bool:
@@ -94,17 +111,19 @@ def layer_seed(seed: int, name: str) -> int:
 
 def check_target(target: TargetConfig, name: str, d_in: int) -> None:
     """Refuse, before any forward pass, a layer the rotation cannot take (its size)."""
-    if target.rotated:
+    if target.rotates(name):
         try:
             split_size(int(d_in))
         except ValueError as exc:
             raise UnsupportedConfigError(f"{name}: {exc}") from None
 
 
-def layer_format(fmt: Format, target: TargetConfig) -> Format:
-    """The format a layer is written in: ``fmt``, or its rotated variant when the target
-    rotates (the method packs ``fmt``; the transform's tensors ride beside)."""
-    return rotated(fmt) if target.rotated else fmt
+def layer_format(fmt: Format, target: TargetConfig, name: str | None = None) -> Format:
+    """The format layer ``name`` is written in: ``fmt``, or its rotated variant when the target
+    rotates it (the method packs ``fmt``; the transform's tensors ride beside). Without a name:
+    the checkpoint's, rotated when any layer is."""
+    rotates = target.rotated if name is None else target.rotates(name)
+    return rotated(fmt) if rotates else fmt
 
 
 def solve_layer(
@@ -139,7 +158,7 @@ def solve_layer(
         stats["target_damp"] = used
         T = T64.to(W.dtype)
     rotation = None
-    if target.rotated:
+    if target.rotates(name):
         seed = layer_seed(target.seed, name)
         rotation = hadamard_rotation(W.shape[1], seed)
         stored = pack_rotation(rotation, seed)
@@ -149,6 +168,8 @@ def solve_layer(
         context = dataclasses.replace(context, reserved_bits=reserved)
     lq = method.quantize(T, H, config, context)
     lq.stats.update(stats)
+    if target.folded:  # the model's float weights it was handed were rotated
+        lq.stats["rotation"] = target.rotate
     if rotation is not None:
         Q = rotation.apply_transpose(lq.Q.to(torch.float64)).to(lq.Q.dtype)
         lq = LayerQuant(Q=Q, tensors={**lq.tensors, **stored}, stats=lq.stats)

@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from runs import run_quantize
 from tiny import (
     VOCAB,
     id_stream,
@@ -18,7 +19,7 @@ from tiny import (
 
 import latticequant as lq
 from latticequant.core.rotation import hadamard_rotation
-from latticequant.pipeline import load_quantized, quantize_model
+from latticequant.pipeline import load_quantized
 from latticequant.pipeline.fold import FOLD_FAMILIES, fold_rotations
 from latticequant.pipeline.layout import UnsupportedModelError
 from latticequant.pipeline.target import layer_seed
@@ -249,7 +250,7 @@ def test_folded_float32_model_quantizes_and_reloads(tmp_path):
     calib = id_stream(8 * 32).view(8, 32)
     config = lq.QuantConfig(bits=4, group_size=32)
     out = tmp_path / "folded"
-    quantize_model(model, make_char_tokenizer(), calib, "gptq", config, out, progress=False)
+    run_quantize(model, make_char_tokenizer(), calib, "gptq", config, out)
     logits = _logits(model)
     assert torch.isfinite(logits).all()
     assert _rel(logits, _logits(ref)) < 0.5  # 4 bits on a tiny random model: a smoke test
@@ -270,3 +271,34 @@ def test_low_precision_weights_are_rounded_once():
     for name, p in model.state_dict().items():
         assert p.dtype == torch.bfloat16, name
         assert torch.equal(p, wide.state_dict()[name].to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("rotate", ["folded", "folded+online"])
+def test_a_folded_run_writes_an_ordinary_checkpoint_that_records_its_rotation(tmp_path, rotate):
+    """--rotate folded through the run: the plan folds the float model (same function), the
+    layers are quantized in the rotated basis, and the checkpoint loads to the very model the
+    run left; folded+online stores down_proj's online rotation, and only down_proj's."""
+    import json
+
+    from latticequant.pipeline.target import TargetConfig
+
+    model = _randomise(make_tiny_llama(0), 1, scale=1.0)
+    calib = id_stream(8 * 32).view(8, 32)
+    out = tmp_path / "q"
+    config = lq.QuantConfig(bits=4, group_size=32)
+    target = TargetConfig(rotate=rotate, seed=3)
+    run_quantize(model, make_char_tokenizer(), calib, "gptq", config, out, target=target)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    record = qc["latticequant"]["rotation"]
+    assert record["rotate"] == rotate and record["seed"] == 3
+    log = json.loads((out / "quant_log.json").read_text())
+    assert log["run"]["rotation"] == record
+    formats = {n: m["format"] for n, m in qc["latticequant"]["modules"].items()}
+    if rotate == "folded":
+        assert set(formats.values()) == {"gptq"} and qc["quant_method"] == "gptq"
+    else:
+        assert {f for n, f in formats.items() if n.endswith("down_proj")} == {"gptq+hadamard"}
+        assert {f for n, f in formats.items() if not n.endswith("down_proj")} == {"gptq"}
+        assert qc["quant_method"] == "latticequant"
+    loaded = load_quantized(out)
+    assert _rel(_logits(loaded), _logits(model)) < 1e-5
