@@ -206,6 +206,13 @@ CORPUS = [
         q("--objective", "float-outputs", model="moe"),
         "use --objective layer",
     ),
+    ("folded rotation of an opt", q("--rotate", "folded", model="opt"), "cannot fold rotations"),
+    ("folded rotation of experts", q("--rotate", "folded+online", model="moe"), "cannot fold"),
+    (
+        "folded rotation kept on disk",
+        q("--rotate", "folded", "--offload"),
+        "--offload cannot do yet",
+    ),
     ("unknown device", q("--device", "toaster"), "--device"),
     ("cuda without a gpu", q("--device", "cuda:0"), "CUDA is not available"),
     ("eval missing", raw("eval", "ROOT/nope"), "does not exist"),
