@@ -111,7 +111,9 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Ten
     if not 1 <= bits <= 8:
         raise FormatError(f"bits must lie in [1, 8] for int32 packing, got {bits}")
     if packed.dtype != torch.int32 or packed.dim() != 2:
-        raise FormatError(f"packed values must be 2-D int32, got {packed.dtype} {tuple(packed.shape)}")
+        raise FormatError(
+            f"packed values must be 2-D int32, got {packed.dtype} {tuple(packed.shape)}"
+        )
     p = packed.movedim(dim, -1)
     need = packed_words(n, bits)
     if p.shape[-1] != need:
@@ -154,7 +156,9 @@ class WeightArgs:
         if self.strategy == "group" and (
             not isinstance(self.group_size, int) or self.group_size <= 0
         ):
-            raise FormatError(f"strategy 'group' needs a positive group_size, got {self.group_size!r}")
+            raise FormatError(
+                f"strategy 'group' needs a positive group_size, got {self.group_size!r}"
+            )
         if self.strategy == "channel" and self.group_size not in (None, -1):
             raise FormatError(f"strategy 'channel' takes no group_size, got {self.group_size!r}")
         if self.actorder not in ACTORDERS:
@@ -203,7 +207,9 @@ def pack_compressed_tensors(
     if scales.dim() != 2 or scales.shape[0] != d_out or scales.shape[1] == 0:
         raise FormatError(f"scales must be (d_out={d_out}, n_groups), got {tuple(scales.shape)}")
     if zeros.shape != scales.shape:
-        raise FormatError(f"zeros must have the shape of scales {tuple(scales.shape)}, got {tuple(zeros.shape)}")
+        raise FormatError(
+            f"zeros must have the shape of scales {tuple(scales.shape)}, got {tuple(zeros.shape)}"
+        )
     if not scales.is_floating_point() or not bool(torch.isfinite(scales).all()):
         raise FormatError("scales must be finite floating-point values")
     if scale_dtype not in SCALE_DTYPES:
@@ -305,7 +311,9 @@ def validate_compressed_tensors(tensors: Mapping[str, torch.Tensor], args: Weigh
         if d_in and (int(gi.min()) < 0 or int(gi.max()) >= n_groups):
             raise FormatError(f"'weight_g_idx' values must lie in [0, {n_groups})")
     elif "weight_g_idx" in tensors:
-        raise FormatError(f"'weight_g_idx' is stored but the scheme's actorder is {args.actorder!r}")
+        raise FormatError(
+            f"'weight_g_idx' is stored but the scheme's actorder is {args.actorder!r}"
+        )
     return CTShape(d_out=d_out, d_in=d_in, n_groups=n_groups)
 
 
@@ -466,7 +474,9 @@ def check_quantization_config(
     ignored, and its tensors must match that group's ``weights``.
     """
     if config.get("quant_method") != "compressed-tensors":
-        raise FormatError(f"quant_method must be 'compressed-tensors', got {config.get('quant_method')!r}")
+        raise FormatError(
+            f"quant_method must be 'compressed-tensors', got {config.get('quant_method')!r}"
+        )
     if config.get("format") != "pack-quantized":
         raise FormatError(f"format must be 'pack-quantized', got {config.get('format')!r}")
     if config.get("quantization_status") != "compressed":
@@ -482,7 +492,9 @@ def check_quantization_config(
             raise FormatError(f"config group {name!r} has format {group.get('format')!r}")
         for side in ("input_activations", "output_activations"):
             if group.get(side) is not None:
-                raise FormatError(f"config group {name!r} quantizes {side}: not a weight-only scheme")
+                raise FormatError(
+                    f"config group {name!r} quantizes {side}: not a weight-only scheme"
+                )
         try:
             args = parse_weight_args(group.get("weights"))
         except FormatError as e:
@@ -514,4 +526,6 @@ def weight_args_for(
     """The :class:`WeightArgs` that describe a packed layer (``act_order``: say ``weight``)."""
     strategy, size, permuted = _group_layout(integer_tensor(g_idx, "g_idx"), scales.shape[1])
     actorder = "group" if permuted else ("weight" if act_order else None)
-    return WeightArgs(bits=bits, symmetric=sym, strategy=strategy, group_size=size, actorder=actorder)
+    return WeightArgs(
+        bits=bits, symmetric=sym, strategy=strategy, group_size=size, actorder=actorder
+    )
