@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latticequant.formats.gptq import pack_gptq_parts, unpack_gptq
 from latticequant.formats.packing import FormatError, integer_tensor, require_tensor
 
 #: Code widths this layout stores (compressed-tensors packs 1 to 8; the quantizers give 2 to 8).
@@ -529,3 +530,68 @@ def weight_args_for(
     return WeightArgs(
         bits=bits, symmetric=sym, strategy=strategy, group_size=size, actorder=actorder
     )
+
+
+# -- from and to the GPTQ tensors the methods produce ----------------------------------------
+
+
+def compressed_tensors_from_gptq(
+    tensors: Mapping[str, torch.Tensor],
+    bits: int,
+    sym: bool,
+    checkpoint_format: str = "gptq",
+    scale_dtype: torch.dtype | None = None,
+    allow_g_idx: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One layer's GPTQ tensors (``qweight/qzeros/scales/g_idx``) as pack-quantized tensors.
+
+    Exact: the codes, zero points and ``g_idx`` carry over; the scales keep their stored dtype
+    unless ``scale_dtype`` says otherwise.
+    """
+    codes, scales, zeros, g_idx = unpack_gptq(tensors, bits, checkpoint_format)
+    return pack_compressed_tensors(
+        codes,
+        scales,
+        zeros,
+        g_idx,
+        bits,
+        sym,
+        scale_dtype=scales.dtype if scale_dtype is None else scale_dtype,
+        allow_g_idx=allow_g_idx,
+    )
+
+
+def gptq_from_compressed_tensors(
+    tensors: Mapping[str, torch.Tensor], args: WeightArgs, checkpoint_format: str = "gptq_v2"
+) -> dict[str, torch.Tensor]:
+    """One layer's pack-quantized tensors as GPTQ tensors, for the modules that run GPTQ layers.
+
+    ``gptq_v2`` by default: a zero point of 0, which pack-quantized allows, has no v1 encoding.
+    GPTQ packing needs ``bits`` in (2, 3, 4, 8) and dimensions it can pack.
+    """
+    codes, scales, zeros, g_idx = unpack_compressed_tensors(tensors, args)
+    return pack_gptq_parts(
+        codes, scales, zeros, g_idx, args.bits, checkpoint_format, scale_dtype=scales.dtype
+    )
+
+
+def quantization_config_for_layers(
+    layer_args: Mapping[str, WeightArgs],
+    ignore: Iterable[str] = ("lm_head",),
+    observer: str | None = None,
+) -> dict:
+    """The ``quantization_config`` of a checkpoint whose layers have the given args.
+
+    One scheme for every layer: one group on ``["Linear"]`` (linear layers left in float must
+    then be in ``ignore``). Several: one group per scheme, each naming its modules.
+    """
+    if not layer_args:
+        raise FormatError("no quantized layers to describe")
+    schemes: dict[WeightArgs, list[str]] = {}
+    for name, args in layer_args.items():
+        schemes.setdefault(args, []).append(name)
+    if len(schemes) == 1:
+        (args,) = schemes
+        return quantization_config_dict(args=args, ignore=ignore, observer=observer)
+    groups = {f"group_{i}": (sorted(names), a) for i, (a, names) in enumerate(schemes.items())}
+    return quantization_config_dict(groups=groups, ignore=ignore, observer=observer)

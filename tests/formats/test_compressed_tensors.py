@@ -7,18 +7,21 @@ import pytest
 import torch
 from cases import bit_fields, make_result
 
-from latticequant.formats import FormatError, pack_codes
+from latticequant.formats import FormatError, dequantize_gptq, pack_codes, pack_gptq
 from latticequant.formats.compressed_tensors import (
     CT_BITS,
     WeightArgs,
     check_quantization_config,
+    compressed_tensors_from_gptq,
     dequantize_compressed_tensors,
+    gptq_from_compressed_tensors,
     pack_compressed_tensors,
     pack_compressed_tensors_result,
     pack_int32,
     packed_words,
     parse_weight_args,
     quantization_config_dict,
+    quantization_config_for_layers,
     unpack_compressed_tensors,
     unpack_int32,
     validate_compressed_tensors,
@@ -276,3 +279,37 @@ def test_check_config_against_tensors():
         with pytest.raises(FormatError, match=message) as e:
             check_quantization_config(cfg, state)
         assert "\n" not in str(e.value)
+
+
+# -- GPTQ tensors <-> pack-quantized ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_gptq_tensors_convert_exactly(bits, sym, checkpoint_format):
+    r = make_result(32, D_IN, bits, group_size=32, sym=sym, seed=bits)
+    gptq = pack_gptq(r, checkpoint_format=checkpoint_format)
+    ct_tensors = compressed_tensors_from_gptq(gptq, bits, sym, checkpoint_format)
+    args = weight_args_for(bits, sym, r.scales, r.g_idx)
+    assert ct_tensors["weight_scale"].dtype == torch.float16
+    ours = dequantize_compressed_tensors(ct_tensors, args, dtype=torch.float64)
+    assert torch.equal(ours, dequantize_gptq(gptq, bits, checkpoint_format, dtype=torch.float64))
+    back = gptq_from_compressed_tensors(ct_tensors, args, checkpoint_format)
+    for key in gptq:
+        assert torch.equal(back[key], gptq[key]), key
+
+
+def test_config_for_layers_one_scheme_or_one_group_per_scheme():
+    a4 = WeightArgs(4, True, "group", 128)
+    a8 = WeightArgs(8, False, "channel")
+    one = quantization_config_for_layers({"m.q": a4, "m.k": a4}, ignore=["lm_head", "m.v"])
+    assert list(one["config_groups"]) == ["group_0"] and one["ignore"] == ["lm_head", "m.v"]
+    assert one["config_groups"]["group_0"]["targets"] == ["Linear"]
+    mixed = quantization_config_for_layers({"m.q": a4, "m.v": a8, "m.k": a4})
+    groups = mixed["config_groups"]
+    assert groups["group_0"]["targets"] == ["m.k", "m.q"] and groups["group_1"]["targets"] == [
+        "m.v"
+    ]
+    assert groups["group_1"]["weights"]["num_bits"] == 8
+    QuantizationConfig.model_validate(mixed)

@@ -19,7 +19,7 @@ from latticequant.formats.compressed_tensors import (
     check_quantization_config,
     dequantize_compressed_tensors,
     pack_compressed_tensors_result,
-    quantization_config_dict,
+    quantization_config_for_layers,
     weight_args_for,
 )
 
@@ -38,14 +38,16 @@ def write_checkpoint(
     static_groups: bool = True,
     scale_dtype: torch.dtype = torch.float32,
     weight_dtype: torch.dtype = torch.float32,
+    mlp_bits: int | None = None,
 ):
     """Quantize every decoder linear layer of a tiny Llama with GPTQ on a random Hessian and
     write the checkpoint folder; return the float model holding the weights a loader computes
-    (in ``weight_dtype``, then float32) and the layers' args."""
+    (in ``weight_dtype``, then float32) and the layers' args (one scheme) or their map.
+    ``mlp_bits`` quantizes the MLP layers at another width: two config groups."""
     model = make_tiny_llama(0)
     reference = copy.deepcopy(model)
     state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    config = lq.QuantConfig(
+    base = lq.QuantConfig(
         bits=bits, group_size=group_size, sym=sym, order=order, static_groups=static_groups
     )
     g = torch.Generator().manual_seed(1)
@@ -53,11 +55,12 @@ def write_checkpoint(
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or name == "lm_head":
             continue
+        config = base.replace(bits=mlp_bits) if mlp_bits and ".mlp." in name else base
         W = module.weight.detach()
         X = torch.randn(4 * W.shape[1], W.shape[1], generator=g)
         result = lq.gptq_quantize(W, X.T @ X, config)
         tensors = pack_compressed_tensors_result(result, sym, scale_dtype, allow_g_idx=True)
-        args = weight_args_for(bits, sym, result.scales, result.g_idx, order != "natural")
+        args = weight_args_for(config.bits, sym, result.scales, result.g_idx, order != "natural")
         layer_args[name] = args
         W_hat = dequantize_compressed_tensors(tensors, args, dtype=weight_dtype).float()
         if scale_dtype == torch.float32:
@@ -65,15 +68,15 @@ def write_checkpoint(
         reference.get_submodule(name).weight.data = W_hat
         del state[f"{name}.weight"]
         state.update({f"{name}.{key}": t for key, t in tensors.items()})
-    (args,) = set(layer_args.values())
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_dict()
-    cfg["quantization_config"] = quantization_config_dict(args=args, ignore=["lm_head"])
+    cfg["quantization_config"] = quantization_config_for_layers(layer_args, ignore=["lm_head"])
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     make_char_tokenizer().save_pretrained(folder)
     assert check_quantization_config(cfg["quantization_config"], state) == layer_args
-    return reference, args
+    schemes = set(layer_args.values())
+    return reference, (schemes.pop() if len(schemes) == 1 else layer_args)
 
 
 def relative_error(model, reference) -> float:
@@ -162,3 +165,11 @@ def test_actorder_group_is_refused_by_the_loader(tmp_path):
     assert args.actorder == "group"
     with pytest.raises(ValueError, match="actorder='group' has been removed"):
         AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_two_config_groups_by_module_name(tmp_path):
+    """4-bit attention and 8-bit MLP layers: one config group per scheme, naming its modules."""
+    reference, layer_args = write_checkpoint(tmp_path, 4, True, 32, mlp_bits=8)
+    assert {a.bits for a in layer_args.values()} == {4, 8}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert relative_error(model, reference) < RTOL
