@@ -39,9 +39,24 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from latticequant.formats.gptq import pack_gptq_parts, unpack_gptq
-from latticequant.formats.packing import FormatError, integer_tensor, require_tensor
+from latticequant.formats.gptq import (
+    GPTQFormat,
+    QuantLinear,
+    check_meta_dims,
+    check_packable,
+    module_options,
+    pack_gptq_parts,
+    unpack_gptq,
+)
+from latticequant.formats.packing import (
+    SUPPORTED_BITS,
+    FormatError,
+    integer_tensor,
+    require_tensor,
+)
+from latticequant.formats.protocol import Format, UnsupportedConfigError, register_format
 
 #: Code widths this layout stores (compressed-tensors packs 1 to 8; the quantizers give 2 to 8).
 CT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -595,3 +610,192 @@ def quantization_config_for_layers(
         return quantization_config_dict(args=args, ignore=ignore, observer=observer)
     groups = {f"group_{i}": (sorted(names), a) for i, (a, names) in enumerate(schemes.items())}
     return quantization_config_dict(groups=groups, ignore=ignore, observer=observer)
+
+
+# -- the registered format -------------------------------------------------------------------
+
+FORMAT_NAME = "compressed-tensors"
+CT_REQUIRED_KEYS = ("weight_packed", "weight_scale", "weight_shape")
+CT_OPTIONAL_KEYS = ("weight_zero_point", "weight_g_idx")
+#: Widths a checkpoint of ours stores: those our loader's module (GPTQ packing) runs.
+CT_WRITE_BITS = tuple(b for b in CT_BITS if b in SUPPORTED_BITS)
+
+
+def stored_args(tensors: Mapping[str, torch.Tensor], bits: int) -> WeightArgs:
+    """A layer's :class:`WeightArgs` read off its tensors: symmetric when it stores no zero
+    point, ``channel`` with one scale per row, groups of ``d_in / G`` columns otherwise,
+    ``actorder: group`` when it stores a ``weight_g_idx``."""
+    shape = require_tensor(tensors, "weight_shape", (torch.int64, torch.int32), 1)
+    scale = require_tensor(tensors, "weight_scale", SCALE_DTYPES, 2)
+    if shape.numel() != 2:
+        raise FormatError(f"'weight_shape' must hold [d_out, d_in], got {shape.tolist()}")
+    d_in, n_groups = int(shape[1]), int(scale.shape[1])
+    if n_groups < 1 or d_in % n_groups:
+        raise FormatError(f"{n_groups} scales per row do not split d_in = {d_in} evenly")
+    channel = n_groups == 1
+    return WeightArgs(
+        bits=bits,
+        symmetric="weight_zero_point" not in tensors,
+        strategy="channel" if channel else "group",
+        group_size=None if channel else d_in // n_groups,
+        actorder="group" if "weight_g_idx" in tensors else None,
+    )
+
+
+def _bits(meta: Mapping) -> int:
+    try:
+        bits = int(meta["bits"])
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"module meta must give an integer 'bits', got {dict(meta)!r}") from None
+    check_ct_bits(bits)
+    return bits
+
+
+def _is_natural(order) -> bool:
+    return isinstance(order, str) and order == "natural"
+
+
+def entry_args(entry: Mapping, actorder: str | None = None) -> WeightArgs:
+    """The :class:`WeightArgs` of one module table entry (what the file-level config says)."""
+    group_size = entry.get("group_size")
+    channel = group_size in (None, -1)
+    keys = entry.get("keys") or {}
+    return WeightArgs(
+        bits=int(entry["bits"]),
+        symmetric="weight_zero_point" not in keys if keys else bool(entry.get("sym", True)),
+        strategy="channel" if channel else "group",
+        group_size=None if channel else int(group_size),
+        actorder="group" if "weight_g_idx" in keys else actorder,
+    )
+
+
+class CompressedTensorsFormat(Format):
+    """The pack-quantized layout that llm-compressor writes and vLLM serves.
+
+    A layer's scales are stored in float32: a loader casts them to the model's dtype (vLLM,
+    transformers' default route) or computes in theirs (``CompressedTensorsConfig(
+    dequantize=True)``), so float32 leaves the one rounding to the reader's dtype, which is
+    also the dtype the pipeline feeds the quantized weight forward in. Loaded by us, a layer
+    runs as a GPTQ ``QuantLinear`` (``gptq_v2`` zero points), so a checkpoint of ours stores
+    the widths that module packs.
+    """
+
+    name = FORMAT_NAME
+    keys = CT_REQUIRED_KEYS
+    optional_keys = CT_OPTIONAL_KEYS
+    key_kinds = {
+        "weight_packed": "codes",
+        "weight_scale": "scales",
+        "weight_zero_point": "zeros",
+        "weight_shape": "shape",
+        "weight_g_idx": "g_idx",
+    }
+    kernels = GPTQFormat.kernels
+    quant_method = "compressed-tensors"
+    writes_quantize_config = False
+    rotation_hint = (
+        "online rotations in compressed-tensors need transform configs; use --rotate none"
+    )
+    scale_dtype = torch.float32
+
+    def check(self, config, d_out: int | None = None, d_in: int | None = None) -> None:
+        bits = config.bits
+        if bits not in CT_WRITE_BITS:
+            usable = ", ".join(str(b) for b in CT_WRITE_BITS)
+            raise UnsupportedConfigError(
+                f"bits={bits} (--bits {bits}) cannot be stored in the compressed-tensors format "
+                f"here, which writes {usable} bits (vLLM serves 4 and 8); use one of those"
+            )
+        if not config.clip:
+            raise UnsupportedConfigError(
+                "clip=False (--no-clip) leaves codes off the b-bit grid, which the "
+                "compressed-tensors format cannot store; drop --no-clip"
+            )
+        grouped = config.group_size != -1
+        if grouped and not config.static_groups and not _is_natural(config.order):
+            raise UnsupportedConfigError(
+                "act-order without static groups permutes g_idx (actorder: group), which "
+                "compressed-tensors 0.20 refuses; use --static-groups (the default)"
+            )
+        if grouped and d_in is not None and d_in % config.group_size:
+            raise UnsupportedConfigError(
+                f"group_size={config.group_size} does not divide d_in={d_in}, which "
+                "compressed-tensors needs (groups of one size); use a group size that divides "
+                "it, or skip this layer (--skip)"
+            )
+        check_packable(bits, d_out, d_in)
+
+    def pack(self, result) -> dict[str, torch.Tensor]:
+        """Symmetric (no zero point) when every zero point is the grid's middle."""
+        bits = int(result.bits)
+        sym = bool((integer_tensor(result.zeros, "zeros") == 1 << (bits - 1)).all())
+        return pack_compressed_tensors_result(result, sym, scale_dtype=self.scale_dtype)
+
+    def unpack(self, tensors, meta):
+        return unpack_compressed_tensors(tensors, stored_args(tensors, _bits(meta)))
+
+    def dequantize(self, tensors, meta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_compressed_tensors(tensors, stored_args(tensors, _bits(meta)), dtype)
+
+    def module(self, tensors, meta, bias=None) -> nn.Module:
+        bits = _bits(meta)
+        if bits not in SUPPORTED_BITS:
+            raise FormatError(
+                f"{bits}-bit compressed-tensors layers have no module here (it runs "
+                f"{', '.join(map(str, SUPPORTED_BITS))} bits)"
+            )
+        gptq = gptq_from_compressed_tensors(tensors, stored_args(tensors, bits), "gptq_v2")
+        module = QuantLinear(gptq, bits, "gptq_v2", bias, **module_options(meta))
+        check_meta_dims(meta, module.in_features, module.out_features)
+        return module
+
+    def file_config(self, base, meta) -> dict:
+        """One scheme on every ``Linear`` (``lm_head`` ignored): the run's base config."""
+        group_size = base.get("group_size", -1)
+        args = WeightArgs(
+            bits=int(base["bits"]),
+            symmetric=bool(base.get("sym", True)),
+            strategy="channel" if group_size == -1 else "group",
+            group_size=None if group_size == -1 else int(group_size),
+            actorder=_actorder(meta),
+        )
+        return quantization_config_dict(args=args)
+
+    def layers_config(self, base, meta, modules, skipped, float_linears) -> dict:
+        """One config group per scheme the layers use (one group on ``Linear`` when they all
+        share one), every linear layer left in float in ``ignore``."""
+        if not modules:
+            return self.file_config(base, meta)
+        actorder = _actorder(meta)
+        layer_args = {name: entry_args(entry, actorder) for name, entry in modules.items()}
+        ignore = sorted(set(float_linears) | set(skipped))
+        return quantization_config_for_layers(layer_args, ignore=ignore)
+
+    def infer_modules(self, file_config, tensors) -> dict:
+        """Each module holding ``weight_packed``, with the config group that claims it."""
+        modules = {}
+        for name, args in check_quantization_config(file_config, tensors).items():
+            d_out, d_in = (int(x) for x in tensors[f"{name}.weight_shape"].tolist())
+            modules[name] = {
+                "format": self.name,
+                "bits": args.bits,
+                "group_size": -1 if args.strategy == "channel" else args.group_size,
+                "sym": args.symmetric,
+                "in_features": d_in,
+                "out_features": d_out,
+                "keys": {
+                    k: list(tensors[f"{name}.{k}"].shape)
+                    for k in CT_KEYS
+                    if f"{name}.{k}" in tensors
+                },
+            }
+        return modules
+
+
+def _actorder(meta: Mapping) -> str | None:
+    """``weight`` for act-order with static groups (nothing stored), else none."""
+    order = meta.get("order", "natural")
+    return None if _is_natural(order) else "weight"
+
+
+COMPRESSED_TENSORS = register_format(CompressedTensorsFormat())

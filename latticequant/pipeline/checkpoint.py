@@ -32,6 +32,7 @@ from latticequant.formats import (
     get_format,
     is_permuted,
 )
+from latticequant.formats.protocol import formats_of_quant_method, quant_methods
 from latticequant.methods.registry import config_to_dict
 from latticequant.pipeline.experts import unfuse_experts
 from latticequant.pipeline.files import (
@@ -59,7 +60,7 @@ __all__ = [
 
 LOG_FILE = "quant_log.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
-QUANT_METHODS = ("gptq", "latticequant")  # file-level quant_method values the loader reads
+QUANT_METHODS = quant_methods()  # file-level quant_method values the loader reads
 
 
 class CheckpointError(ValueError):
@@ -116,22 +117,6 @@ def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
         else:
             first[key] = name
     return aliases
-
-
-def _dynamic_overrides(modules: dict, skipped: list[str], base: dict) -> dict:
-    """GPTQModel's ``dynamic`` rules: ``-:`` skips a module, ``+:`` gives it other settings.
-
-    ``desc_act`` needs no rule: the base value is true whenever any module's ``g_idx`` is
-    permuted, and a reader that honours ``g_idx`` reads every module right.
-    """
-    dynamic: dict[str, dict] = {}
-    for name in skipped:
-        dynamic[f"-:^{name.replace('.', '[.]')}$"] = {}
-    for name, m in modules.items():
-        diff = {k: m[k] for k in ("bits", "group_size", "sym") if m.get(k) != base[k]}
-        if diff:
-            dynamic[f"+:^{name.replace('.', '[.]')}$"] = diff
-    return dynamic
 
 
 def _write_weights(folder: Path, shards: Iterable[dict], n_shards: int = 1) -> None:
@@ -246,10 +231,12 @@ def save_quantized(
         "tied": aliases,
         "modules": modules,
     }
-    qconfig = fmt.file_config(base, {**cfg, "method": method.name})
-    dynamic = _dynamic_overrides(modules, not_quantized, base)
-    if dynamic:
-        qconfig["dynamic"] = dynamic
+    float_linears = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers
+    ]
+    qconfig = fmt.layers_config(
+        base, {**cfg, "method": method.name}, modules, not_quantized, float_linears
+    )
     qconfig["latticequant"] = section
 
     if store is None:
@@ -276,7 +263,8 @@ def save_quantized(
     model_config = model.config.to_dict() if hasattr(model, "config") else {}
     model_config["quantization_config"] = qconfig
     write_json(model_config, folder / "config.json")
-    write_json(qconfig, folder / QUANTIZE_CONFIG_FILE)
+    if fmt.writes_quantize_config:
+        write_json(qconfig, folder / QUANTIZE_CONFIG_FILE)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     stats = [layers[n].stats for n in layout.linear_names() if n in layers]
@@ -314,7 +302,8 @@ def _read_json(path: Path):
 
 
 def is_quantized_checkpoint(folder: str | os.PathLike) -> bool:
-    """True for a folder whose config.json carries a GPTQ or latticequant quantization config."""
+    """True for a folder whose config.json carries a quantization config the loader reads (GPTQ,
+    compressed-tensors or ours)."""
     folder = Path(folder)
     try:
         config = _read_config(folder)
@@ -342,10 +331,18 @@ def read_quant_log(folder: str | os.PathLike) -> dict:
 
 
 def _module_table(qc: dict, tensors: Mapping[str, torch.Tensor]) -> dict:
-    """Quantized modules from our section, or inferred from ``.qweight`` keys (other tools)."""
+    """Quantized modules from our section, or inferred (other tools' checkpoints) by the
+    formats of the file's ``quant_method``, else from ``.qweight`` keys (GPTQ)."""
     section = qc.get("latticequant")
     if section and "modules" in section:
         return section["modules"]
+    for fmt in formats_of_quant_method(qc.get("quant_method")):
+        try:
+            modules = fmt.infer_modules(qc, tensors)
+        except FormatError as exc:
+            raise CheckpointError(f"{fmt.name} checkpoint: {exc}") from None
+        if modules:
+            return modules
     modules = {}
     for key in tensors:
         if key.endswith(".qweight"):
