@@ -220,3 +220,24 @@ def test_quantize_and_eval_from_the_command_line(tmp_path, tiny_llama_dir, sampl
     done = subprocess.run(evaluate, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("perplexity: ")
+
+
+def test_a_model_kept_on_disk_writes_the_same_checkpoint(tmp_path, calib_ids):
+    """Blocks kept on disk (``--offload``) are written shard by shard; the file-level config
+    and the logits are those of the in-memory run."""
+    from latticequant.pipeline.offload import load_offloaded
+
+    make_tiny_llama().save_pretrained(tmp_path / "m")
+    cfg = lq.QuantConfig(bits=4, group_size=GROUP, sym=True)
+    _quantize(tmp_path / "mem", calib_ids, cfg)
+    model = load_offloaded(tmp_path / "m")
+    run_quantize(model, None, calib_ids, "gptq", cfg, tmp_path / "off", checkpoint_format=CT)
+    assert (tmp_path / "off" / "model.safetensors.index.json").is_file()
+    a, b = _qconfig(tmp_path / "mem"), _qconfig(tmp_path / "off")
+    assert {k: v for k, v in a.items() if k != "latticequant"} == {
+        k: v for k, v in b.items() if k != "latticequant"
+    }
+    ids = calib_ids[:2]
+    ours = _logits(load_quantized(tmp_path / "off"), ids)
+    assert torch.equal(ours, _logits(load_quantized(tmp_path / "mem"), ids))
+    assert _rel(_logits(_transformers(tmp_path / "off", dequantize=False), ids), ours) < RTOL
