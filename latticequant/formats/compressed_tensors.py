@@ -771,6 +771,11 @@ class CompressedTensorsFormat(Format):
         ignore = sorted(set(float_linears) | set(skipped))
         return quantization_config_for_layers(layer_args, ignore=ignore)
 
+    def reads(self, file_config) -> bool:
+        """Only ``pack-quantized`` (other compressed-tensors formats, FP8 or W8A8, are not
+        ours to load: transformers reads them)."""
+        return super().reads(file_config) and file_config.get("format") == "pack-quantized"
+
     def infer_modules(self, file_config, tensors) -> dict:
         """Each module holding ``weight_packed``, with the config group that claims it."""
         modules = {}

@@ -28,7 +28,7 @@ __all__ = [
     "format_names",
     "formats_storing",
     "quant_methods",
-    "formats_of_quant_method",
+    "formats_reading",
     "key_kind",
     "kernel_description",
 ]
@@ -143,6 +143,10 @@ class Format:
             config["dynamic"] = dynamic
         return config
 
+    def reads(self, file_config: Mapping) -> bool:
+        """Whether a checkpoint with this file-level config may hold layers of this format."""
+        return file_config.get("quant_method") == self.quant_method
+
     def infer_modules(self, file_config: Mapping, tensors: Mapping[str, torch.Tensor]) -> dict:
         """The module table of a checkpoint of this format written without our section (by
         another tool), from its file-level config and tensor names; empty when it cannot."""
@@ -188,9 +192,12 @@ def formats_storing(keys: set[str]) -> list[Format]:
     return [fmt for fmt in _FORMATS.values() if fmt.owns(set(keys))]
 
 
-def formats_of_quant_method(quant_method) -> list[Format]:
-    """The registered formats whose checkpoints carry ``quant_method``."""
-    return [fmt for fmt in _FORMATS.values() if fmt.quant_method == quant_method]
+def formats_reading(file_config) -> list[Format]:
+    """The registered formats a checkpoint with this file-level config may hold (none: not a
+    checkpoint the loader reads)."""
+    if not isinstance(file_config, Mapping):
+        return []
+    return [fmt for fmt in _FORMATS.values() if fmt.reads(file_config)]
 
 
 def quant_methods() -> tuple[str, ...]:

@@ -32,7 +32,7 @@ from latticequant.formats import (
     get_format,
     is_permuted,
 )
-from latticequant.formats.protocol import formats_of_quant_method, quant_methods
+from latticequant.formats.protocol import formats_reading, quant_methods
 from latticequant.methods.registry import config_to_dict
 from latticequant.pipeline.experts import unfuse_experts
 from latticequant.pipeline.files import (
@@ -310,7 +310,7 @@ def is_quantized_checkpoint(folder: str | os.PathLike) -> bool:
     except CheckpointError:
         return False
     qc = config.get("quantization_config") or {}
-    return isinstance(qc, dict) and qc.get("quant_method") in QUANT_METHODS
+    return bool(formats_reading(qc))
 
 
 def read_quant_log(folder: str | os.PathLike) -> dict:
@@ -336,7 +336,7 @@ def _module_table(qc: dict, tensors: Mapping[str, torch.Tensor]) -> dict:
     section = qc.get("latticequant")
     if section and "modules" in section:
         return section["modules"]
-    for fmt in formats_of_quant_method(qc.get("quant_method")):
+    for fmt in formats_reading(qc):
         try:
             modules = fmt.infer_modules(qc, tensors)
         except FormatError as exc:
@@ -430,8 +430,11 @@ def load_quantized(
     folder = Path(folder)
     config = _read_config(folder)
     qc = config.pop("quantization_config", None)
-    if not qc or qc.get("quant_method") not in QUANT_METHODS:
-        raise CheckpointError(f"{folder}/config.json has no GPTQ quantization_config")
+    if not formats_reading(qc or {}):
+        raise CheckpointError(
+            f"{folder}/config.json has no quantization_config latticequant reads (GPTQ, "
+            "compressed-tensors pack-quantized or its own)"
+        )
     tensors = _load_weights(folder)
 
     model_type = config.pop("model_type", None)

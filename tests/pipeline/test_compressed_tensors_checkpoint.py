@@ -241,3 +241,15 @@ def test_a_model_kept_on_disk_writes_the_same_checkpoint(tmp_path, calib_ids):
     ours = _logits(load_quantized(tmp_path / "off"), ids)
     assert torch.equal(ours, _logits(load_quantized(tmp_path / "mem"), ids))
     assert _rel(_logits(_transformers(tmp_path / "off", dequantize=False), ids), ours) < RTOL
+
+
+def test_other_compressed_tensors_formats_are_left_to_transformers(tmp_path):
+    """FP8 or W8A8 checkpoints (``float-quantized``, ``int-quantized``) are not ours to load."""
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    config = make_tiny_llama().config.to_dict()
+    config["quantization_config"] = {"quant_method": CT, "format": "float-quantized"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert not is_quantized_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="no quantization_config latticequant reads"):
+        load_quantized(folder)
