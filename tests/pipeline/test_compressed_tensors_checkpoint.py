@@ -91,6 +91,9 @@ def test_transformers_and_our_loader_give_the_same_logits(tmp_path, calib_ids, v
     qc = _qconfig(out)
     assert qc["quant_method"] == CT and qc["format"] == "pack-quantized"
     assert "latticequant" in qc  # our module table: transformers loaded the folder with it
+    from compressed_tensors.quantization import QuantizationConfig
+
+    assert QuantizationConfig.model_validate(qc).quant_method == CT  # unknown keys ignored
     assert qc["ignore"] == ["lm_head"]
     (group,) = qc["config_groups"].values()
     weights = group["weights"]
