@@ -173,3 +173,20 @@ def test_two_config_groups_by_module_name(tmp_path):
     assert {a.bits for a in layer_args.values()} == {4, 8}
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert relative_error(model, reference) < RTOL
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [(4, True, 32, "natural", True), (8, False, -1, "natural", True), (4, False, 32, "act", False)],
+    ids=["b4-sym-g32", "b8-asym-channel", "b4-asym-actorder-group"],
+)
+def test_our_loader_reads_a_checkpoint_written_without_our_section(tmp_path, variant):
+    """The folder holds only what llm-compressor writes (no ``latticequant`` section, no
+    quant_log): our loader infers the module table from the tensors and the config groups,
+    ``actorder: group`` (``weight_g_idx``, which compressed-tensors 0.20 refuses) included."""
+    from latticequant.checkpoint import is_quantized_checkpoint, load_quantized
+
+    bits, sym, group_size, order, static_groups = variant
+    reference, _ = write_checkpoint(tmp_path, bits, sym, group_size, order, static_groups)
+    assert is_quantized_checkpoint(tmp_path)
+    assert relative_error(load_quantized(tmp_path), reference) < RTOL
