@@ -281,7 +281,7 @@ def _add_quantize(sub, parents) -> argparse.ArgumentParser:
         choices=format_names(),
         default=None,
         help="the format the layers are stored in (default: the method's own; the grid "
-        "methods write gptq, v1, or gptq_v2)",
+        "methods write gptq, v1, gptq_v2 or compressed-tensors, which vLLM serves)",
     )
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     q.add_argument(

@@ -166,6 +166,21 @@ CORPUS = [
     ("opt seqlen past positions", q("--seqlen", "4096", model="opt"), "positions"),
     ("eval seqlen past positions", q("--eval-seqlen", "1000"), "--eval-seqlen 1000"),
     ("unknown checkpoint format", q("--checkpoint-format", "gptq_v3"), "invalid choice"),
+    (
+        "compressed-tensors rotated",
+        q("--checkpoint-format", "compressed-tensors", "--rotate", "hadamard"),
+        "need transform configs; use --rotate none",
+    ),
+    (
+        "compressed-tensors refitted act-order",
+        q("--checkpoint-format", "compressed-tensors", "--order", "act", "--no-static-groups"),
+        "use --static-groups (the default)",
+    ),
+    (
+        "compressed-tensors from ssqr",
+        q("--checkpoint-format", "compressed-tensors", "--method", "ssqr"),
+        "method ssqr writes ssqr",
+    ),
     ("override unknown field", q("--override", "q_proj:extra=foo"), "unknown field 'extra'"),
     ("override without pattern", q("--override", "bits=3"), "PATTERN"),
     ("override wrong type", q("--override", "q_proj:bits=foo"), "bits expects an integer"),

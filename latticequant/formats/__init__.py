@@ -3,11 +3,13 @@
 Layer 1 of the package: imports only :mod:`latticequant.core`. ``protocol`` defines a
 :class:`Format` and its registry; each format is one module holding its layout, the module that
 runs it and its registration (``gptq``: GPTQ v1 and v2, ``ssqr``, ``hptq``, ``rotation``: the
-rotated variant of each); ``packing`` holds the bit streams, ``bits`` the effective-bits count,
+rotated variant of each, ``compressed_tensors``: the pack-quantized layout vLLM serves);
+``packing`` holds the bit streams, ``bits`` the effective-bits count,
 ``quantize_config`` the ecosystem's config file, ``kernels`` the Triton kernels.
 """
 
 from latticequant.formats.bits import bits_breakdown, effective_bits, tensor_bits, total_bits
+from latticequant.formats.compressed_tensors import COMPRESSED_TENSORS, CompressedTensorsFormat
 from latticequant.formats.gptq import (
     GPTQ_KEYS,
     GPTQFormat,
@@ -71,6 +73,8 @@ from latticequant.formats.ssqr import (
 
 __all__ = [
     "CHECKPOINT_FORMATS",
+    "COMPRESSED_TENSORS",
+    "CompressedTensorsFormat",
     "GPTQ_KEYS",
     "HPTQ_KEYS",
     "SSQR_KEYS",

@@ -18,6 +18,7 @@ from torch import nn
 
 from latticequant.formats.bits import effective_bits
 from latticequant.formats.packing import FormatError
+from latticequant.formats.quantize_config import dynamic_overrides
 
 __all__ = [
     "Format",
@@ -26,6 +27,8 @@ __all__ = [
     "get_format",
     "format_names",
     "formats_storing",
+    "quant_methods",
+    "formats_reading",
     "key_kind",
     "kernel_description",
 ]
@@ -45,6 +48,9 @@ class Format:
     kernels: what each ``last_kernel`` value of its module means, for ``eval``/``generate``.
     quant_method: the file-level ``quant_method`` of a checkpoint made of this format: "gptq"
       only where every GPTQ reader may take the file.
+    writes_quantize_config: whether the checkpoint also holds ``quantize_config.json`` (the
+      GPTQ ecosystem's file; compressed-tensors checkpoints have none).
+    rotation_hint: what ``--rotate`` is told when the format has no rotated variant.
     """
 
     name: str = ""
@@ -53,6 +59,8 @@ class Format:
     key_kinds: Mapping[str, str] = {}
     kernels: Mapping[str, str] = {}
     quant_method: str = "latticequant"
+    writes_quantize_config: bool = True
+    rotation_hint: str = "use --rotate none"
 
     # -- what the grid can represent -----------------------------------------------------------
 
@@ -114,6 +122,36 @@ class Format:
             "quant_method": self.quant_method,
         }
 
+    def layers_config(
+        self,
+        base: Mapping,
+        meta: Mapping,
+        modules: Mapping[str, Mapping],
+        skipped: list[str],
+        float_linears: list[str],
+    ) -> dict:
+        """The checkpoint's ``quantization_config`` once every layer is known.
+
+        modules: the module table (name -> ``bits``, ``group_size``, ``sym``, ``keys``...);
+        skipped: the blocks' linear layers left in float; float_linears: every linear layer of
+        the model left in float (``lm_head`` included). By default :meth:`file_config` plus
+        GPTQModel's ``dynamic`` rules for the layers that differ from ``base``.
+        """
+        config = self.file_config(base, meta)
+        dynamic = dynamic_overrides(modules, skipped, base)
+        if dynamic:
+            config["dynamic"] = dynamic
+        return config
+
+    def reads(self, file_config: Mapping) -> bool:
+        """Whether a checkpoint with this file-level config may hold layers of this format."""
+        return file_config.get("quant_method") == self.quant_method
+
+    def infer_modules(self, file_config: Mapping, tensors: Mapping[str, torch.Tensor]) -> dict:
+        """The module table of a checkpoint of this format written without our section (by
+        another tool), from its file-level config and tensor names; empty when it cannot."""
+        return {}
+
     def module_meta(self, entry: Mapping, file_config: Mapping) -> dict:
         """What :meth:`module` and :meth:`dequantize` need of one layer, from its entry in the
         checkpoint's module table and the file-level config."""
@@ -152,6 +190,19 @@ def formats_storing(keys: set[str]) -> list[Format]:
     """The registered formats whose layers store exactly ``keys`` (several formats may share a
     layout, as GPTQ v1 and v2 do: the file-level config tells them apart)."""
     return [fmt for fmt in _FORMATS.values() if fmt.owns(set(keys))]
+
+
+def formats_reading(file_config) -> list[Format]:
+    """The registered formats a checkpoint with this file-level config may hold (none: not a
+    checkpoint the loader reads)."""
+    if not isinstance(file_config, Mapping):
+        return []
+    return [fmt for fmt in _FORMATS.values() if fmt.reads(file_config)]
+
+
+def quant_methods() -> tuple[str, ...]:
+    """The file-level ``quant_method`` values of the registered formats."""
+    return tuple(sorted({fmt.quant_method for fmt in _FORMATS.values()}))
 
 
 def key_kind(key: str) -> str:

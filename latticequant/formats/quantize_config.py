@@ -57,3 +57,19 @@ def quantize_config_dict(
     if 0 < damp_percent < 1:
         out["damp_percent"] = damp_percent
     return out
+
+
+def dynamic_overrides(modules: Mapping, skipped, base: Mapping) -> dict:
+    """GPTQModel's ``dynamic`` rules: ``-:`` skips a module, ``+:`` gives it other settings.
+
+    ``desc_act`` needs no rule: the base value is true whenever any module's ``g_idx`` is
+    permuted, and a reader that honours ``g_idx`` reads every module right.
+    """
+    dynamic: dict[str, dict] = {}
+    for name in skipped:
+        dynamic[f"-:^{name.replace('.', '[.]')}$"] = {}
+    for name, m in modules.items():
+        diff = {k: m[k] for k in ("bits", "group_size", "sym") if m.get(k) != base[k]}
+        if diff:
+            dynamic[f"+:^{name.replace('.', '[.]')}$"] = diff
+    return dynamic

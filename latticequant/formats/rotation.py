@@ -26,7 +26,7 @@ from latticequant.formats.dispatch import BACKENDS, use_kernels
 from latticequant.formats.gptq import GPTQ_V1, GPTQ_V2
 from latticequant.formats.hptq import HPTQ
 from latticequant.formats.packing import FormatError
-from latticequant.formats.protocol import Format, register_format
+from latticequant.formats.protocol import Format, UnsupportedConfigError, register_format
 from latticequant.formats.ssqr import SSQR
 
 __all__ = [
@@ -192,5 +192,9 @@ ROTATED = {f.name: register_format(RotatedFormat(f)) for f in (GPTQ_V1, GPTQ_V2,
 
 
 def rotated(fmt: Format) -> Format:
-    """The registered rotated variant of ``fmt``."""
+    """The registered rotated variant of ``fmt``; a one-line refusal for a format without one."""
+    if fmt.name not in ROTATED:
+        raise UnsupportedConfigError(
+            f"--rotate hadamard cannot be stored in the {fmt.name} format: {fmt.rotation_hint}"
+        )
     return ROTATED[fmt.name]

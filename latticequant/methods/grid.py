@@ -1,5 +1,5 @@
 """The grid methods ``rtn``, ``gptq``, ``babai`` and ``kbest``: the core's quantizers on a b-bit
-grid, stored in a grid format (GPTQ v1 or v2).
+grid, stored in a grid format (GPTQ v1 or v2, compressed-tensors).
 
 Each layer is solved in float64 (the layers are small enough that it costs little, and the two
 derivations, GPTQ and Babai, then round every weight the same way, ties included), on the grid its
@@ -152,7 +152,7 @@ def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig
     return quantize
 
 
-GRID_FORMATS = ("gptq", "gptq_v2")
+GRID_FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
 GRID_DEFAULTS = {"order": "act"}
 """Act-order with static groups (the config's own default) decodes in the order GPTQ's users
 expect at no extra cost and still writes the natural ``g_idx`` every GPTQ reader loads; it is

@@ -32,6 +32,7 @@ from latticequant.formats import (
     get_format,
     is_permuted,
 )
+from latticequant.formats.protocol import formats_reading, quant_methods
 from latticequant.methods.registry import config_to_dict
 from latticequant.pipeline.experts import unfuse_experts
 from latticequant.pipeline.files import (
@@ -59,7 +60,7 @@ __all__ = [
 
 LOG_FILE = "quant_log.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
-QUANT_METHODS = ("gptq", "latticequant")  # file-level quant_method values the loader reads
+QUANT_METHODS = quant_methods()  # file-level quant_method values the loader reads
 
 
 class CheckpointError(ValueError):
@@ -118,22 +119,6 @@ def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def _dynamic_overrides(modules: dict, skipped: list[str], base: dict) -> dict:
-    """GPTQModel's ``dynamic`` rules: ``-:`` skips a module, ``+:`` gives it other settings.
-
-    ``desc_act`` needs no rule: the base value is true whenever any module's ``g_idx`` is
-    permuted, and a reader that honours ``g_idx`` reads every module right.
-    """
-    dynamic: dict[str, dict] = {}
-    for name in skipped:
-        dynamic[f"-:^{name.replace('.', '[.]')}$"] = {}
-    for name, m in modules.items():
-        diff = {k: m[k] for k in ("bits", "group_size", "sym") if m.get(k) != base[k]}
-        if diff:
-            dynamic[f"+:^{name.replace('.', '[.]')}$"] = diff
-    return dynamic
-
-
 def _split_layers(layers: Mapping, skipped: Mapping[str, str] | None, layout):
     """``(quantized layers, why each other linear layer stays in float, those layers)``: the
     experts the float fallback kept join the skipped ones; a linear layer neither quantized
@@ -176,21 +161,27 @@ def _module_entries(
 
 
 def _file_config(
-    fmt: Format, method, cfg: dict, overrides, aliases: dict, modules: dict, skipped: list[str]
+    fmt: Format,
+    method,
+    cfg: dict,
+    overrides,
+    aliases: dict,
+    modules: dict,
+    skipped: list[str],
+    float_linears: list[str],
 ) -> dict:
-    """The checkpoint's ``quantization_config``: the format's own file-level config, GPTQModel's
-    ``dynamic`` rules for skipped and overridden modules, and our section with the module
-    table (what our loader checks a checkpoint against)."""
+    """The checkpoint's ``quantization_config``: the format's own file-level config for these
+    layers (with, for GPTQ, GPTQModel's ``dynamic`` rules for skipped and overridden modules;
+    for compressed-tensors, its ``ignore`` list), and our section with the module table (what
+    our loader checks a checkpoint against)."""
     base = {
         "bits": cfg.get("bits"),
         "group_size": cfg.get("group_size", -1),
         "sym": bool(cfg.get("sym", True)),
         "desc_act": any(m["desc_act"] for m in modules.values()),
     }
-    qconfig = fmt.file_config(base, {**cfg, "method": method.name})
-    dynamic = _dynamic_overrides(modules, skipped, base)
-    if dynamic:
-        qconfig["dynamic"] = dynamic
+    meta = {**cfg, "method": method.name}
+    qconfig = fmt.layers_config(base, meta, modules, skipped, float_linears)
     qconfig["latticequant"] = {
         "method": method.name,
         "format": fmt.name,
@@ -294,7 +285,12 @@ def save_quantized(
     modules = _module_entries(model, layers, tensors)
 
     cfg = config_to_dict(config)
-    qconfig = _file_config(fmt, method, cfg, overrides, aliases, modules, not_quantized)
+    float_linears = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers
+    ]
+    qconfig = _file_config(
+        fmt, method, cfg, overrides, aliases, modules, not_quantized, float_linears
+    )
     if rotation is not None:
         qconfig["latticequant"]["rotation"] = rotation
 
@@ -306,7 +302,8 @@ def save_quantized(
     model_config = model.config.to_dict() if hasattr(model, "config") else {}
     model_config["quantization_config"] = qconfig
     write_json(model_config, folder / "config.json")
-    write_json(qconfig, folder / QUANTIZE_CONFIG_FILE)
+    if fmt.writes_quantize_config:
+        write_json(qconfig, folder / QUANTIZE_CONFIG_FILE)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     stats = [layers[n].stats for n in layout.linear_names() if n in layers]
@@ -344,14 +341,15 @@ def _read_json(path: Path):
 
 
 def is_quantized_checkpoint(folder: str | os.PathLike) -> bool:
-    """True for a folder whose config.json carries a GPTQ or latticequant quantization config."""
+    """True for a folder whose config.json carries a quantization config the loader reads (GPTQ,
+    compressed-tensors or ours)."""
     folder = Path(folder)
     try:
         config = _read_config(folder)
     except CheckpointError:
         return False
     qc = config.get("quantization_config") or {}
-    return isinstance(qc, dict) and qc.get("quant_method") in QUANT_METHODS
+    return bool(formats_reading(qc))
 
 
 def read_quant_log(folder: str | os.PathLike) -> dict:
@@ -372,10 +370,18 @@ def read_quant_log(folder: str | os.PathLike) -> dict:
 
 
 def _module_table(qc: dict, tensors: Mapping[str, torch.Tensor]) -> dict:
-    """Quantized modules from our section, or inferred from ``.qweight`` keys (other tools)."""
+    """Quantized modules from our section, or inferred (other tools' checkpoints) by the
+    formats of the file's ``quant_method``, else from ``.qweight`` keys (GPTQ)."""
     section = qc.get("latticequant")
     if section and "modules" in section:
         return section["modules"]
+    for fmt in formats_reading(qc):
+        try:
+            modules = fmt.infer_modules(qc, tensors)
+        except FormatError as exc:
+            raise CheckpointError(f"{fmt.name} checkpoint: {exc}") from None
+        if modules:
+            return modules
     modules = {}
     for key in tensors:
         if key.endswith(".qweight"):
@@ -463,8 +469,11 @@ def load_quantized(
     folder = Path(folder)
     config = _read_config(folder)
     qc = config.pop("quantization_config", None)
-    if not qc or qc.get("quant_method") not in QUANT_METHODS:
-        raise CheckpointError(f"{folder}/config.json has no GPTQ quantization_config")
+    if not formats_reading(qc or {}):
+        raise CheckpointError(
+            f"{folder}/config.json has no quantization_config latticequant reads (GPTQ, "
+            "compressed-tensors pack-quantized or its own)"
+        )
     tensors = _load_weights(folder)
 
     model_type = config.pop("model_type", None)

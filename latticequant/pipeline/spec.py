@@ -109,6 +109,7 @@ class RunSpec:
             )
         fmt = method.format(self.output.checkpoint_format)
         method.refuse(config, fmt)
+        layer_format(fmt, self.target)  # a format without a rotated variant refuses --rotate
         for ov in self.overrides:
             try:
                 changed = resolve_config(ov.pattern, config, [ov])

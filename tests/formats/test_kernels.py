@@ -130,6 +130,25 @@ def test_quantlinear_kernel_path_matches_dequantized_reference(
         assert _close(y, ref), (batch, float((y.double() - ref).abs().max()))
 
 
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, False), (2, True)])
+def test_compressed_tensors_layer_runs_on_the_kernel(bits, sym, request, child_run):
+    """A compressed-tensors layer (float32 scales) runs as a GPTQ module on the kernel path."""
+    if not run_here(request, child_run):
+        return
+    from latticequant.formats import get_format
+
+    fmt = get_format("compressed-tensors")
+    r = make_result(48, 128, bits, 32, False, seed=bits, sym=sym)
+    t = fmt.pack(r)
+    assert ("weight_zero_point" in t) != sym and t["weight_scale"].dtype == torch.float32
+    m = fmt.module(t, {"bits": bits, "backend": "triton"})
+    W = fmt.dequantize(t, {"bits": bits}, torch.float64)
+    for batch in (1, 16):
+        x = _x(batch, 128, seed=batch)
+        assert _close(m(x), x.double() @ W.T)
+    assert m.last_kernel == "triton"
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8, 16, 64])
 def test_batch_sizes_both_paths(batch, request, child_run):
     if not run_here(request, child_run):

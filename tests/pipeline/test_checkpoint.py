@@ -153,7 +153,7 @@ def test_not_a_checkpoint(tmp_path):
         load_quantized(tmp_path / "empty")
     assert not is_quantized_checkpoint(tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(CheckpointError, match="no GPTQ quantization_config"):
+    with pytest.raises(CheckpointError, match="no quantization_config latticequant reads"):
         load_quantized(tmp_path / "empty")
 
 
