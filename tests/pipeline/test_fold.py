@@ -302,3 +302,27 @@ def test_a_folded_run_writes_an_ordinary_checkpoint_that_records_its_rotation(tm
         assert qc["quant_method"] == "latticequant"
     loaded = load_quantized(out)
     assert _rel(_logits(loaded), _logits(model)) < 1e-5
+
+
+def test_a_folded_checkpoint_runs_in_plain_transformers(tmp_path):
+    """The folded model quantized into a format transformers reads itself (compressed-tensors,
+    symmetric): transformers' own loader and ours give the same logits, with nothing applied
+    at run time and the head untied."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from latticequant.pipeline.target import TargetConfig
+
+    model = _randomise(make_tiny_llama(0), 1, scale=1.0)
+    calib = id_stream(8 * 32).view(8, 32)
+    out = tmp_path / "q"
+    config = lq.QuantConfig(bits=4, group_size=32, sym=True)
+    run_quantize(
+        model, make_char_tokenizer(), calib, "gptq", config, out,
+        checkpoint_format="compressed-tensors", target=TargetConfig(rotate="folded", seed=1),
+    )  # fmt: skip
+    ours = load_quantized(out)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert theirs.config.tie_word_embeddings is False
+    assert _rel(_logits(theirs), _logits(ours)) < 1e-5
+    assert _rel(_logits(ours), _logits(model)) < 1e-5
