@@ -168,6 +168,7 @@ def gptq_quantize(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
+    factor: tuple | None = None,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) against the Hessian H (d_in, d_in) with GPTQ.
 
@@ -175,13 +176,16 @@ def gptq_quantize(
     grid instead of fitting one. With ``static_groups=False`` and groups, each group's grid is
     fitted when the loop reaches its first column, on the weights updated by every column
     quantized before it (groups then follow processing positions, ``g_idx[P[p]] = p // g``).
+    ``factor``: :func:`gptq_factor`'s ``((P, U), damp)`` for this H and config, computed once
+    when several row blocks of one layer (or layers of one H) are solved; read, never written.
     """
     t0 = time.perf_counter()
     if isinstance(cfg.order, torch.Tensor):
         check_permutation(cfg.order, H.shape[0] if H.dim() == 2 else -1)
     W0 = W
     W, h = prepare_diagonal(W, H)
-    (P, U), damp = gptq_factor(H, cfg, h)  # the only float64 n x n matrix of the solve
+    # the only float64 n x n matrix of the solve
+    (P, U), damp = factor if factor is not None else gptq_factor(H, cfg, h)
     lam = damp * float(h.mean())
     D = torch.empty(W.shape[1], dtype=torch.float64, device=W.device)
     D[P] = 1.0 / torch.diagonal(U) ** 2
