@@ -185,14 +185,13 @@ def _grid_rows(name: str):
         config: QuantConfig,
         context: LayerContext | None,
         start: int,
-        stop: int,
         cache: dict,
     ) -> GridRows:
         fmt = (context or LayerContext(GPTQ_V1)).format
         min_zero = fmt.min_zero(config)  # what the format's zero points can hold
         # W's rows in float64; H as given: every core function takes its own float64 copy
         # of what it needs, and a second one here would be 1.6 GB at Llama-3-8B's down_proj
-        W64 = W[start:stop].to(torch.float64)
+        W64 = W.to(torch.float64)
         check_inputs(W64, H)  # before any factor: a bad input is named as such
         kw = {"min_zero": min_zero, "factor": _factor(cache, kind, H, config)}
         if name == "kbest":
@@ -221,7 +220,7 @@ def _grid_rows(name: str):
             sums.update(refined)
         return GridRows(
             start=start,
-            stop=stop,
+            stop=start + W.shape[0],
             codes=_codes_for_transfer(result.codes, config).cpu(),
             scales=result.scales.cpu(),
             zeros=result.zeros.cpu(),

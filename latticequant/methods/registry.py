@@ -88,10 +88,10 @@ def row_chunks(d_out: int) -> list[tuple[int, int]]:
 class RowSolver:
     """How a method whose rows are independent given H solves a layer by row blocks.
 
-    solve: ``solve(W, H, config, context, start, stop, cache)`` -> one block's part (a
-      picklable object of CPU tensors and numbers), rows ``[start, stop)`` of W; ``cache``, a
-      dict shared by the blocks (and the layers) solved on the same H and config, keeps what
-      is computed once per H (the factor).
+    solve: ``solve(rows, H, config, context, start, cache)`` -> one block's part (a
+      picklable object of CPU tensors and numbers) for ``rows``, the rows of W from row
+      ``start`` on; ``cache``, a dict shared by the blocks (and the layers) solved on the same
+      H and config, keeps what is computed once per H (the factor).
     combine: ``combine(parts, W, config, context)`` -> the layer's :class:`LayerQuant`, from
       every block's part in row order; it needs no H, so every rank can combine what the
       others solved.
@@ -103,7 +103,9 @@ class RowSolver:
     def quantize(self, W, H, config, context: LayerContext) -> LayerQuant:
         """The whole layer in one process: every block in order, then combined."""
         cache: dict = {}
-        parts = [self.solve(W, H, config, context, a, b, cache) for a, b in row_chunks(W.shape[0])]
+        parts = [
+            self.solve(W[a:b], H, config, context, a, cache) for a, b in row_chunks(W.shape[0])
+        ]
         return self.combine(parts, W, config, context)
 
 

@@ -310,7 +310,7 @@ class BlockQuantizer:
         release_freed_memory()
         t0 = time.perf_counter()
         try:
-            part = rows.solve(W, H, config, context, chunk[0], chunk[1], cache)
+            part = rows.solve(W[chunk[0] : chunk[1]], H, config, context, chunk[0], cache)
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
         elapsed = time.perf_counter() - t0
