@@ -136,7 +136,8 @@ class BlockQuantizer:
 
     Layers are quantized a group at a time (:meth:`quantize_group`); across ranks
     (:class:`~latticequant.pipeline.distributed.World`), the group's Hessians are reduced first,
-    each layer is solved by the rank the balance assigns, and every rank receives every result.
+    each row block (or whole layer) is solved by the rank the balance assigns, and every rank
+    receives every result.
     ``solve_s`` adds up this rank's solve seconds. ``floats``: expert layers kept in float by
     the ``float`` fallback, with their stats.
     """
