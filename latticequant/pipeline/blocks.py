@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from latticequant.core.hessian import CrossGramAccumulator, HessianAccumulator
+from latticequant.core.objective import output_factor, output_target
+from latticequant.core.result import row_losses
 from latticequant.formats.protocol import Format
 from latticequant.methods.registry import LayerQuant, Method, row_chunks
 from latticequant.pipeline.distributed import World, assign_owners, solve_cost
@@ -235,9 +237,9 @@ class BlockQuantizer:
         self._solve_units(block, accs, solve_on, cross_on, extra)
 
     def _row_solver(self):
-        """The method's row solver when its layers are solved by row blocks: the layer
-        objective without rotation (the targets of the others are made from the whole W)."""
-        return self.method.rows if self.target.is_default else None
+        """The method's row solver when its layers are solved by row blocks: every target but
+        the rotated one (whose rotation is drawn for the whole layer's problem)."""
+        return None if self.target.rotated else self.method.rows
 
     def _solve_units(self, block, accs, solve_on, cross_on, extra) -> None:
         """Solve the group's layers, a row block or a whole layer per unit of work, each unit
@@ -280,7 +282,9 @@ class BlockQuantizer:
                     )
                     mine[key].stats.update(extra.get(name, {}))
                 else:
-                    mine[key] = self._solve_rows(block, name, solve_on[name], chunk, caches)
+                    mine[key] = self._solve_rows(
+                        block, name, solve_on[name], chunk, caches, cross_on[name]
+                    )
             except ValueError as exc:
                 error = str(exc)
                 break
@@ -298,8 +302,11 @@ class BlockQuantizer:
         for name in accs:
             self._finish(block, name, units, done, solve_on, extra)
 
-    def _solve_rows(self, block, name: str, acc, chunk: tuple[int, int], caches: dict):
-        """One row block of a layer: ``(rank, seconds, part)``."""
+    def _solve_rows(self, block, name: str, acc, chunk: tuple[int, int], caches: dict, cross):
+        """One row block of a layer: ``(rank, seconds, part, target stats)``. With the
+        float-outputs objective the block's rows of the target are made first, on a factor
+        of H~ shared by the layer's blocks (:func:`~latticequant.core.objective.output_target`
+        is row by row)."""
         rows = self.method.rows
         W = linear_weight(block.get_submodule(name)).detach()
         if W.dtype not in (torch.float32, torch.float64):
@@ -308,15 +315,28 @@ class BlockQuantizer:
         config = self.configs[name]
         cache = caches.setdefault((id(acc), _config_key(config)), {})
         context = self.method.context(self.format, self.full_name(name))
+        a, b = chunk
         release_freed_memory()
         t0 = time.perf_counter()
         try:
-            part = rows.solve(W[chunk[0] : chunk[1]], H, config, context, chunk[0], cache)
+            T, shift = W[a:b], None
+            if self.target.float_outputs:
+                if cross is None:
+                    raise RuntimeError(f"{name}: the float-outputs objective needs C")
+                key = ("C", id(cross))
+                if key not in cache:
+                    C = cross.H
+                    cache[key] = (C, output_factor(H, C, self.target.damp))
+                C, factor = cache[key]
+                T64, used = output_target(T, H, C, self.target.damp, factor)
+                shift = (float(row_losses(T64, H, T.to(torch.float64)).sum()), used)
+                T = T64.to(W.dtype)
+            part = rows.solve(T, H, config, context, a, cache)
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
         elapsed = time.perf_counter() - t0
         self.solve_s += elapsed
-        return (self.world.rank, elapsed, part)
+        return (self.world.rank, elapsed, part, shift)
 
     def _finish(self, block, name, units, done, solve_on, extra) -> None:
         """Write layer ``name`` from its solved units: the whole layer's result, or its row
@@ -331,13 +351,19 @@ class BlockQuantizer:
             W = W.float()
         context = self.method.context(self.format, self.full_name(name))
         try:
-            lq = self.method.rows.combine([p for _, _, p in solved], W, self.configs[name], context)
+            parts = [p for _, _, p, _ in solved]
+            lq = self.method.rows.combine(parts, W, self.configs[name], context)
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
-        elapsed = sum(t for _, t, _ in solved)
+        if self.target.float_outputs:  # added block by block in row order, as one process does
+            shifts = [s for *_, s in sorted(solved, key=lambda x: x[2].start)]
+            lq.stats["objective"] = self.target.objective
+            lq.stats["target_shift"] = sum(s for s, _ in shifts)
+            lq.stats["target_damp"] = shifts[0][1]
+        elapsed = sum(t for _, t, _, _ in solved)
         lq.stats["layer_time_s"] = elapsed
         lq.stats["n_tokens"] = int(solve_on[name].n_tokens)
-        ranks = sorted({r for r, _, _ in solved})
+        ranks = sorted({r for r, *_ in solved})
         lq.stats["rank"] = solved[0][0]
         lq.stats["row_ranks"] = len(ranks)
         lq.stats.update(extra.get(name, {}))

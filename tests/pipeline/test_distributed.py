@@ -300,12 +300,14 @@ def test_a_mixture_of_experts_across_ranks(files, tmp_path):
         (3, "babai", []),
         (2, "kbest", ["--beam", "2", "--klein-paths", "3", "--refine", "cd,scales"]),
         (3, "kbest", ["--beam", "2", "--klein-paths", "3"]),
+        (3, "gptq", ["--objective", "float-outputs", "--batch-size", "2"]),
     ],
-    ids=["rtn-3", "babai-3", "kbest-refine-2", "kbest-klein-3"],
+    ids=["rtn-3", "babai-3", "kbest-refine-2", "kbest-klein-3", "float-outputs-3"],
 )
 def test_every_grid_method_splits_rows_across_ranks(files, tmp_path, ranks, method, extra):
     """Each layer's row blocks are shared by all ranks (4 blocks of 16 rows over 3 ranks for
-    q_proj, 2 for k/v_proj): the checkpoint of one process, byte for byte."""
+    q_proj, 2 for k/v_proj), the float-outputs target made block by block too: the checkpoint
+    of one process, byte for byte."""
     import contextlib
     import io
 
