@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from latticequant.core.triangular import factor_tile  # noqa: E402
 from latticequant.methods.registry import row_chunks  # noqa: E402
 from latticequant.pipeline.distributed import assign_owners, solve_cost  # noqa: E402
 
@@ -126,11 +127,13 @@ def group_solves(groups, n: int, unit_s: float, split: str) -> float:
     """Modelled seconds of one block's solves on ``n`` ranks (the slowest rank of each group).
 
     ``split``: ``"layers"`` gives each layer whole to one rank (the balance of
-    :func:`assign_owners`, each layer factoring its own H); ``"rows"`` shares every layer's
-    fixed row blocks (:func:`row_chunks`, ``rows d_in^2`` each) out by the same balance, and
-    each rank factors every H it solves blocks of, once (``d_in^3 / 3``), as the pipeline
-    does; ``"rows+factor"`` is the same with the factorization itself shared out evenly,
-    which the pipeline does not do.
+    :func:`assign_owners`, each layer factoring its own H), as before row blocks;
+    ``"rows-own-factor"`` shares every layer's fixed row blocks (:func:`row_chunks`,
+    ``rows d_in^2`` each) out by the same balance, each rank factoring every H it solves on
+    (``d_in^3 / 3``); ``"rows"`` is what the pipeline does: the same blocks, and each H's
+    factorization shared out by panels (``d_in^3 / (3 n)`` per rank, plus the panels' own
+    factorizations and solves, ``d_in^2 t / 2`` for panels of ``t`` columns, which one rank
+    at a time makes while the others wait).
     """
     total, loads = 0.0, [0.0] * n
     for g in groups:
@@ -147,14 +150,14 @@ def group_solves(groups, n: int, unit_s: float, split: str) -> float:
             for a, b in row_chunks(o)
         }
         owners = assign_owners(costs, n, loads)
+        if split == "rows-own-factor" or n == 1:
+            factor = d_in**3 / 3
+        else:
+            factor = d_in**3 / 3 / n + d_in**2 * factor_tile(d_in) / 2
         per_rank = []
         for r in range(n):
             rows = sum(c for k, c in costs.items() if owners[k] == r)
-            if split == "rows":
-                factor = d_in**3 / 3 if rows else 0.0
-            else:
-                factor = d_in**3 / 3 / n
-            per_rank.append(rows + factor)
+            per_rank.append(rows + (factor if rows or split == "rows" else 0.0))
         total += unit_s * max(per_rank)
     return total
 
@@ -174,12 +177,16 @@ def project(parts: dict, tokens: int, bandwidth: float) -> dict:
         for n in (1, 2, 4, 8):
             forward = parts["forward_s_per_token_param"] * tokens * params / n
             hessian_bytes = sum(g[0][1] ** 2 * 4 for g in groups) * n
+            # the factor's panels sent to every rank, and GPTQ's inverse gathered: float64
+            factor_bytes = sum(g[0][1] ** 2 * 8 for g in groups)
             row[n] = {
                 "forward_s": forward,
                 "solve_s": group_solves(groups, n, unit, "rows"),
                 "solve_layers_s": group_solves(groups, n, unit, "layers"),
-                "solve_rows_factor_s": group_solves(groups, n, unit, "rows+factor"),
-                "comm_s": 0.0 if n == 1 else (hessian_bytes + params * 1.0) / bandwidth,
+                "solve_own_factor_s": group_solves(groups, n, unit, "rows-own-factor"),
+                "comm_s": 0.0
+                if n == 1
+                else (hessian_bytes + factor_bytes + params * 1.0) / bandwidth,
                 "comm_layers_s": 0.0 if n == 1 else (hessian_bytes + params * 4.5) / bandwidth,
             }
         table[model] = {"blocks": shape[4], "per_block": row}
@@ -226,23 +233,24 @@ def write_table(results: dict, path: Path) -> None:
         f"{results['model']['bandwidth'] / 1e9:.1f} GB/s:",
         "",
         "Solves per block three ways: whole layers to one rank each (before row blocks), "
-        "every layer's row blocks shared out with each rank factoring the H it solves on "
-        "(what the pipeline does), and, not implemented, the same with the factorization "
-        "shared out too. All modelled, none measured at these shapes.",
+        "every layer's row blocks shared out with each rank factoring the H it solves on, "
+        "and row blocks with each factorization shared out by panels (what the pipeline "
+        "does). All modelled, none measured at these shapes.",
         "",
-        "| model | ranks | forwards s/block | solves s/block: whole layers | row blocks "
-        "| vs 1 rank | row blocks + shared factor | exchanges s/block | whole model h |",
+        "| model | ranks | forwards s/block | solves s/block: whole layers | row blocks, "
+        "factor repeated | row blocks, factor shared | vs 1 rank | exchanges s/block "
+        "| whole model h |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, m in results["model"]["projection"].items():
-        one = m["per_block"][1]["solve_s"] if 1 in m["per_block"] else None
-        one = one if one is not None else m["per_block"]["1"]["solve_s"]
-        for n, row in m["per_block"].items():
+        per_block = m["per_block"]
+        one = (per_block[1] if 1 in per_block else per_block["1"])["solve_s"]
+        for n, row in per_block.items():
             total = (row["forward_s"] + row["solve_s"] + row["comm_s"]) * m["blocks"] / 3600
             lines.append(
                 f"| {model} | {n} | {row['forward_s']:.1f} | {row['solve_layers_s']:.1f} | "
-                f"{row['solve_s']:.1f} | {row['solve_s'] / one:.2f} | "
-                f"{row['solve_rows_factor_s']:.1f} | {row['comm_s']:.2f} | {total:.2f} |"
+                f"{row['solve_own_factor_s']:.1f} | {row['solve_s']:.1f} | "
+                f"{row['solve_s'] / one:.2f} | {row['comm_s']:.2f} | {total:.2f} |"
             )
     path.write_text("\n".join(lines) + "\n")
 

@@ -29,7 +29,7 @@ from latticequant.core.triangular import cholesky_lower_, permuted
 
 
 def babai_factor(
-    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor | None = None
+    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor | None = None, team=None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
     """Basis order ``Q`` and upper factor ``U`` of ``H_Q`` in float64, damping raised as needed.
 
@@ -43,18 +43,22 @@ def babai_factor(
         if Q is None:
             return None
         L = permuted(H, Q, diagonal=hd, dtype=torch.float64)
-        return (Q, L.mT) if cholesky_lower_(L) else None  # U = L^T, the upper factor of H_Q
+        return (Q, L.mT) if cholesky_lower_(L, team) else None  # U = L^T, the upper factor of H_Q
 
     return with_damped_diagonal(h, cfg.damp, factor)
 
 
 def babai_basis(
-    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor, dtype: torch.dtype = torch.float64
+    H: torch.Tensor,
+    cfg: QuantConfig,
+    diagonal: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+    team=None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float]:
     """What the nearest-plane decoders read of H: the basis order ``Q``, ``Un[k, j] =
     U_kj / U_kk`` in ``dtype`` and U's float64 diagonal ``u`` (``D = u^2``), with the damping
     used. Computed once per H and config; the decoders only read it."""
-    (Q, U64), damp = babai_factor(H, cfg, diagonal)
+    (Q, U64), damp = babai_factor(H, cfg, diagonal, team)
     U = U64.to(dtype)
     u = torch.diagonal(U64).clone()
     Un = U.div_(torch.diagonal(U).clone()[:, None])  # in U's memory

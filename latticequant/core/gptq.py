@@ -29,7 +29,7 @@ from latticequant.core.triangular import (
 
 
 def gptq_factor(
-    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor | None = None
+    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor | None = None, team=None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
     """Processing order ``P`` and upper factor ``U`` of ``H_P^-1`` in float64, damping raised
     as needed.
@@ -37,7 +37,8 @@ def gptq_factor(
     H is read, never written nor copied whole: U is gathered from it into one new ``n x n``
     float64 matrix and factored there. ``diagonal`` is the float64 diagonal the solve uses
     (:func:`~latticequant.core.hessian.prepare_diagonal`'s, dead columns set to 1); H's own by
-    default.
+    default. ``team``: ranks that share the factorization and the inverse out
+    (:func:`~latticequant.core.triangular.cholesky_lower_`); each gets the whole factor.
     """
     h = torch.diagonal(H).to(torch.float64) if diagonal is None else diagonal
 
@@ -48,9 +49,9 @@ def gptq_factor(
         # U^T U = H_P^-1 without forming the inverse: with J the reversal and J H_P J = L L^T,
         # H_P = (J L J)(J L J)^T, so U = (J L J)^-1 = J L^-1 J.
         U = permuted(H, P.flip(0), diagonal=hd, dtype=torch.float64)  # J H_P J
-        if not cholesky_lower_(U):
+        if not cholesky_lower_(U, team):
             return None
-        reverse_(invert_lower_(U))
+        reverse_(invert_lower_(U, team=team))
         return (P, U) if all_finite(U) else None
 
     return with_damped_diagonal(h, cfg.damp, factor)

@@ -126,13 +126,14 @@ def chunk_seed(seed: int, start: int) -> int:
     return (int(seed) * 0x9E3779B97F4A7C15 + start * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
-def _factor(cache: dict, kind: str, H: torch.Tensor, config: QuantConfig):
-    """The factor of ``kind`` for H and config, computed on first use and kept in ``cache``."""
+def _factor(cache: dict, kind: str, H: torch.Tensor, config: QuantConfig, team=None):
+    """The factor of ``kind`` for H and config, computed on first use and kept in ``cache``
+    (by the ``team`` of ranks together, when one is given)."""
     if kind not in cache:
         h, _ = solve_diagonal(H)
         make = {
-            "gptq": lambda: gptq_factor(H, config, h),
-            "babai": lambda: babai_basis(H, config, h, torch.float64),
+            "gptq": lambda: gptq_factor(H, config, h, team),
+            "babai": lambda: babai_basis(H, config, h, torch.float64, team),
             "rtn": lambda: rtn_factor(H, config, h),
         }[kind]
         cache[kind] = make()
@@ -237,6 +238,13 @@ def _grid_rows(name: str):
             time_s=float(result.time_s),
         )
 
+    def prepare(H: torch.Tensor, config: QuantConfig, cache: dict, team=None) -> None:
+        """The factors the blocks read, made by every rank of ``team`` together (each rank
+        calls it, in the same order): the factorization is shared out, not repeated."""
+        if name != "gptq" or config.refine_steps:  # for the GPTQ loss it is read against
+            _factor(cache, "gptq", H, config, team)
+        _factor(cache, kind, H, config, team)
+
     def combine(
         parts: list[GridRows], W: torch.Tensor, config: QuantConfig, context: LayerContext | None
     ) -> LayerQuant:
@@ -280,7 +288,7 @@ def _grid_rows(name: str):
         stats["bits_per_weight"] = fmt.effective_bits(tensors, W.numel())
         return LayerQuant(Q=Q, tensors=tensors, stats=stats)
 
-    return RowSolver(solve=solve, combine=combine)
+    return RowSolver(solve=solve, combine=combine, prepare=prepare)
 
 
 def _grid_method(name: str) -> tuple[Callable[..., LayerQuant], RowSolver]:

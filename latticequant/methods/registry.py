@@ -95,10 +95,14 @@ class RowSolver:
     combine: ``combine(parts, W, config, context)`` -> the layer's :class:`LayerQuant`, from
       every block's part in row order; it needs no H, so every rank can combine what the
       others solved.
+    prepare: ``prepare(H, config, cache, team)`` fills ``cache`` with what the blocks read of H,
+      every rank of ``team`` calling it together (the factorization shared out); None when
+      ``solve`` makes it on first use.
     """
 
     solve: Callable[..., object]
     combine: Callable[..., LayerQuant]
+    prepare: Callable[..., None] | None = None
 
     def quantize(self, W, H, config, context: LayerContext) -> LayerQuant:
         """The whole layer in one process: every block in order, then combined."""

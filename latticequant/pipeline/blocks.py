@@ -267,6 +267,21 @@ class BlockQuantizer:
         else:
             owners = dict.fromkeys(units, 0)
         caches: dict = {}
+        if world.distributed and rows is not None and rows.prepare is not None:
+            # the factors of the group's Hessians, made by all ranks together, in layer order
+            for name in accs:
+                cache_key = (id(solve_on[name]), _config_key(self.configs[name]))
+                if cache_key in caches:
+                    continue
+                H, _ = _hessian(solve_on[name])
+                caches[cache_key] = {}
+                t0, sent = time.perf_counter(), world.timings["factor"]
+                try:
+                    rows.prepare(H, self.configs[name], caches[cache_key], world)
+                except ValueError as exc:  # every rank takes the same decisions: all raise
+                    raise ValueError(f"cannot quantize {name}: {exc}") from exc
+                # the exchanges count as such (``timings["factor"]``), the rest as solving
+                self.solve_s += time.perf_counter() - t0 - (world.timings["factor"] - sent)
         mine: dict[str, object] = {}
         error = None
         pending = dict.fromkeys(accs, 0)

@@ -10,7 +10,9 @@ pipeline on its contiguous share of the calibration windows:
   one process's, and so are the codes;
 - the group's work is shared out by a greedy balance of its cost (:func:`assign_owners`): the
   fixed row blocks of every layer of a row-separable method
-  (:func:`~latticequant.methods.registry.row_chunks`), or whole layers for the others; each
+  (:func:`~latticequant.methods.registry.row_chunks`), or whole layers for the others; the
+  factor of each Hessian the row blocks read is made by all ranks together, panel by panel
+  (:func:`~latticequant.core.triangular.cholesky_lower_` with the world as its team); each
   rank sends what it solved to every rank, and all ranks continue with the same quantized
   block;
 - rank 0 alone writes the run state and the checkpoint (it gathers the block outputs).
