@@ -17,6 +17,7 @@ shapes on 1 to 8 ranks. Results go to docs/bench_distributed.json and .md.
 
     python benchmarks/bench_distributed.py                 # 1x2 and 2x1 (about 8 minutes)
     python benchmarks/bench_distributed.py --runs 1x2,2x1,1x1
+    python benchmarks/bench_distributed.py --project-only   # the model alone, from the JSON
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from latticequant.core.triangular import factor_tile  # noqa: E402
+from latticequant.methods.registry import row_chunks  # noqa: E402
 from latticequant.pipeline.distributed import assign_owners, solve_cost  # noqa: E402
 
 DOCS = ROOT / "docs"
@@ -120,27 +123,72 @@ def fit(result: dict, tokens: int) -> dict:
     }
 
 
+def group_solves(groups, n: int, unit_s: float, split: str) -> float:
+    """Modelled seconds of one block's solves on ``n`` ranks (the slowest rank of each group).
+
+    ``split``: ``"layers"`` gives each layer whole to one rank (the balance of
+    :func:`assign_owners`, each layer factoring its own H), as before row blocks;
+    ``"rows-own-factor"`` shares every layer's fixed row blocks (:func:`row_chunks`,
+    ``rows d_in^2`` each) out by the same balance, each rank factoring every H it solves on
+    (``d_in^3 / 3``); ``"rows"`` is what the pipeline does: the same blocks, and each H's
+    factorization shared out by panels (``d_in^3 / (3 n)`` per rank, plus the panels' own
+    factorizations and solves, ``d_in^2 t / 2`` for panels of ``t`` columns, which one rank
+    at a time makes while the others wait).
+    """
+    total, loads = 0.0, [0.0] * n
+    for g in groups:
+        if split == "layers":
+            costs = {f"l{j}": solve_cost(o, i) for j, (o, i) in enumerate(g)}
+            owners = assign_owners(costs, n, loads)
+            per_rank = [sum(c for k, c in costs.items() if owners[k] == r) for r in range(n)]
+            total += unit_s * max(per_rank)
+            continue
+        d_in = g[0][1]  # a group's layers read one input: one H
+        costs = {
+            f"l{j}#{a}": float((b - a) * i * i)
+            for j, (o, i) in enumerate(g)
+            for a, b in row_chunks(o)
+        }
+        owners = assign_owners(costs, n, loads)
+        if split == "rows-own-factor" or n == 1:
+            factor = d_in**3 / 3
+        else:
+            factor = d_in**3 / 3 / n + d_in**2 * factor_tile(d_in) / 2
+        per_rank = []
+        for r in range(n):
+            rows = sum(c for k, c in costs.items() if owners[k] == r)
+            per_rank.append(rows + (factor if rows or split == "rows" else 0.0))
+        total += unit_s * max(per_rank)
+    return total
+
+
 def project(parts: dict, tokens: int, bandwidth: float) -> dict:
-    """Seconds per block for each shape and number of ranks: forwards shared out, each group's
-    solves balanced (the group's slowest rank counts), and the bytes exchanged at
-    ``bandwidth`` bytes/s (float32 Hessian subtrees to every rank, results to every rank)."""
+    """Seconds per block for each shape and number of ranks: forwards shared out, the solves
+    of :func:`group_solves` for each way of sharing them, and the bytes exchanged at
+    ``bandwidth`` bytes/s (float32 Hessian subtrees to every rank; whole layers' results,
+    codes and dequantized weight, 4.5 bytes per weight, or row blocks' codes, one byte per
+    weight, to every rank)."""
     table = {}
+    unit = parts["solve_s_per_unit"]
     for model, shape in SHAPES.items():
         groups = block_layers(*shape)
         params = sum(o * i for g in groups for o, i in g)
         row = {}
         for n in (1, 2, 4, 8):
             forward = parts["forward_s_per_token_param"] * tokens * params / n
-            solve, loads = 0.0, [0.0] * n
-            for g in groups:
-                costs = {f"l{j}": solve_cost(o, i) for j, (o, i) in enumerate(g)}
-                owners = assign_owners(costs, n, loads)
-                per_rank = [sum(c for k, c in costs.items() if owners[k] == r) for r in range(n)]
-                solve += parts["solve_s_per_unit"] * max(per_rank)
             hessian_bytes = sum(g[0][1] ** 2 * 4 for g in groups) * n
-            result_bytes = sum(o * i * (4 + 0.5) for g in groups for o, i in g)
-            comm = 0.0 if n == 1 else (hessian_bytes + result_bytes) / bandwidth
-            row[n] = {"forward_s": forward, "solve_s": solve, "comm_s": comm}
+            # the factor's panels sent to every rank, and GPTQ's inverse gathered: float64
+            factor_bytes = sum(g[0][1] ** 2 * 8 for g in groups)
+            row[n] = {
+                "forward_s": forward,
+                "solve_s": group_solves(groups, n, unit, "rows"),
+                "solve_layers_s": group_solves(groups, n, unit, "layers"),
+                "solve_own_factor_s": group_solves(groups, n, unit, "rows-own-factor"),
+                "comm_s": 0.0
+                if n == 1
+                else (hessian_bytes + factor_bytes + params * 1.0) / bandwidth,
+                "comm_layers_s": 0.0 if n == 1 else (hessian_bytes + params * 4.5) / bandwidth,
+            }
         table[model] = {"blocks": shape[4], "per_block": row}
     return table
 
@@ -184,15 +232,25 @@ def write_table(results: dict, path: Path) -> None:
         "`d_in^3/3 + d_out d_in^2`. Per block and rank count, the same tokens, exchanges at "
         f"{results['model']['bandwidth'] / 1e9:.1f} GB/s:",
         "",
-        "| model | ranks | forwards s/block | solves s/block | exchanges s/block | whole model h |",
-        "|---|---|---|---|---|---|",
+        "Solves per block three ways: whole layers to one rank each (before row blocks), "
+        "every layer's row blocks shared out with each rank factoring the H it solves on, "
+        "and row blocks with each factorization shared out by panels (what the pipeline "
+        "does). All modelled, none measured at these shapes.",
+        "",
+        "| model | ranks | forwards s/block | solves s/block: whole layers | row blocks, "
+        "factor repeated | row blocks, factor shared | vs 1 rank | exchanges s/block "
+        "| whole model h |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, m in results["model"]["projection"].items():
-        for n, row in m["per_block"].items():
-            total = sum(row.values()) * m["blocks"] / 3600
+        per_block = m["per_block"]
+        one = (per_block[1] if 1 in per_block else per_block["1"])["solve_s"]
+        for n, row in per_block.items():
+            total = (row["forward_s"] + row["solve_s"] + row["comm_s"]) * m["blocks"] / 3600
             lines.append(
-                f"| {model} | {n} | {row['forward_s']:.1f} | {row['solve_s']:.1f} | "
-                f"{row['comm_s']:.2f} | {total:.2f} |"
+                f"| {model} | {n} | {row['forward_s']:.1f} | {row['solve_layers_s']:.1f} | "
+                f"{row['solve_own_factor_s']:.1f} | {row['solve_s']:.1f} | "
+                f"{row['solve_s'] / one:.2f} | {row['comm_s']:.2f} | {total:.2f} |"
             )
     path.write_text("\n".join(lines) + "\n")
 
@@ -204,7 +262,22 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--out", type=Path, default=DOCS)
+    p.add_argument(
+        "--project-only",
+        action="store_true",
+        help="run nothing: redo the projection from the fitted rates in OUT/bench_distributed.json",
+    )
     args = p.parse_args(argv)
+    if args.project_only:
+        results = json.loads((args.out / "bench_distributed.json").read_text())
+        n, seqlen = (int(x) for x in results["env"]["tokens"].split(" x "))
+        results["model"]["projection"] = project(
+            results["model"]["parts"], n * seqlen, results["model"]["bandwidth"]
+        )
+        (args.out / "bench_distributed.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_table(results, args.out / "bench_distributed.md")
+        print((args.out / "bench_distributed.md").read_text())
+        return 0
     names = [n.strip() for n in args.runs.split(",")]
     bad = [n for n in names if n not in RUNS]
     if bad:

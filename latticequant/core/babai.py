@@ -29,7 +29,7 @@ from latticequant.core.triangular import cholesky_lower_, permuted
 
 
 def babai_factor(
-    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor | None = None
+    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor | None = None, team=None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
     """Basis order ``Q`` and upper factor ``U`` of ``H_Q`` in float64, damping raised as needed.
 
@@ -43,9 +43,26 @@ def babai_factor(
         if Q is None:
             return None
         L = permuted(H, Q, diagonal=hd, dtype=torch.float64)
-        return (Q, L.mT) if cholesky_lower_(L) else None  # U = L^T, the upper factor of H_Q
+        return (Q, L.mT) if cholesky_lower_(L, team) else None  # U = L^T, the upper factor of H_Q
 
     return with_damped_diagonal(h, cfg.damp, factor)
+
+
+def babai_basis(
+    H: torch.Tensor,
+    cfg: QuantConfig,
+    diagonal: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+    team=None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float]:
+    """What the nearest-plane decoders read of H: the basis order ``Q``, ``Un[k, j] =
+    U_kj / U_kk`` in ``dtype`` and U's float64 diagonal ``u`` (``D = u^2``), with the damping
+    used. Computed once per H and config; the decoders only read it."""
+    (Q, U64), damp = babai_factor(H, cfg, diagonal, team)
+    U = U64.to(dtype)
+    u = torch.diagonal(U64).clone()
+    Un = U.div_(torch.diagonal(U).clone()[:, None])  # in U's memory
+    return (Q, Un, u), damp
 
 
 def babai_quantize(
@@ -56,6 +73,7 @@ def babai_quantize(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
+    factor: tuple | None = None,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) by nearest plane on the lattice of H, every row at once.
 
@@ -63,7 +81,9 @@ def babai_quantize(
     is blocked: targets of a block of ``block_size`` basis vectors receive the contribution of
     all vectors decoded before the block in one product, and each other within the block.
     With ``static_groups=False`` a group's grid is fitted on its error-updated weights when the
-    decode reaches it, groups following decode positions as GPTQ's do.
+    decode reaches it, groups following decode positions as GPTQ's do. ``factor``:
+    :func:`babai_basis`'s result for this H and config (W's dtype), computed once for several
+    row blocks.
     """
     t0 = time.perf_counter()
     if isinstance(cfg.order, torch.Tensor):
@@ -71,7 +91,7 @@ def babai_quantize(
     W0 = W
     W, h = prepare_diagonal(W, H)
     d_out, d = W.shape
-    (Q, U64), damp = babai_factor(H, cfg, h)
+    (Q, Un, u), damp = factor if factor is not None else babai_basis(H, cfg, h, W.dtype)
     maxq, g = cfg.maxq, cfg.group_size
     refit = g != -1 and not cfg.static_groups and scales is None
 
@@ -82,10 +102,6 @@ def babai_quantize(
         S, Z = static_grid(W, cfg, scales, zeros, min_zero)
 
     # basis vectors become rows: every per-vector read and write below is contiguous
-    U = U64.to(W.dtype)
-    u = torch.diagonal(U64).clone()  # R's diagonal, for D
-    Un = U.div_(torch.diagonal(U).clone()[:, None])  # Un[k, j] = U_kj / U_kk, in U's memory
-    del U, U64
     if not refit:  # one grid row per group, looked up per basis vector (no W-sized expansion)
         S_g, Z_g, g_of = S.T.contiguous(), Z.T.contiguous(), g_idx[Q].tolist()
     x = W[:, Q].T.contiguous()

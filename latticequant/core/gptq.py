@@ -29,7 +29,7 @@ from latticequant.core.triangular import (
 
 
 def gptq_factor(
-    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor | None = None
+    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor | None = None, team=None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
     """Processing order ``P`` and upper factor ``U`` of ``H_P^-1`` in float64, damping raised
     as needed.
@@ -37,7 +37,8 @@ def gptq_factor(
     H is read, never written nor copied whole: U is gathered from it into one new ``n x n``
     float64 matrix and factored there. ``diagonal`` is the float64 diagonal the solve uses
     (:func:`~latticequant.core.hessian.prepare_diagonal`'s, dead columns set to 1); H's own by
-    default.
+    default. ``team``: ranks that share the factorization and the inverse out
+    (:func:`~latticequant.core.triangular.cholesky_lower_`); each gets the whole factor.
     """
     h = torch.diagonal(H).to(torch.float64) if diagonal is None else diagonal
 
@@ -48,9 +49,9 @@ def gptq_factor(
         # U^T U = H_P^-1 without forming the inverse: with J the reversal and J H_P J = L L^T,
         # H_P = (J L J)(J L J)^T, so U = (J L J)^-1 = J L^-1 J.
         U = permuted(H, P.flip(0), diagonal=hd, dtype=torch.float64)  # J H_P J
-        if not cholesky_lower_(U):
+        if not cholesky_lower_(U, team):
             return None
-        reverse_(invert_lower_(U))
+        reverse_(invert_lower_(U, team=team))
         return (P, U) if all_finite(U) else None
 
     return with_damped_diagonal(h, cfg.damp, factor)
@@ -178,6 +179,7 @@ def gptq_quantize(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
+    factor: tuple | None = None,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) against the Hessian H (d_in, d_in) with GPTQ.
 
@@ -185,13 +187,16 @@ def gptq_quantize(
     grid instead of fitting one. With ``static_groups=False`` and groups, each group's grid is
     fitted when the loop reaches its first column, on the weights updated by every column
     quantized before it (groups then follow processing positions, ``g_idx[P[p]] = p // g``).
+    ``factor``: :func:`gptq_factor`'s ``((P, U), damp)`` for this H and config, computed once
+    when several row blocks of one layer (or layers of one H) are solved; read, never written.
     """
     t0 = time.perf_counter()
     if isinstance(cfg.order, torch.Tensor):
         check_permutation(cfg.order, H.shape[0] if H.dim() == 2 else -1)
     W0 = W
     W, h = prepare_diagonal(W, H)
-    (P, U), damp = gptq_factor(H, cfg, h)  # the only float64 n x n matrix of the solve
+    # the only float64 n x n matrix of the solve
+    (P, U), damp = factor if factor is not None else gptq_factor(H, cfg, h)
     lam = damp * float(h.mean())
     D = torch.empty(W.shape[1], dtype=torch.float64, device=W.device)
     D[P] = 1.0 / torch.diagonal(U) ** 2

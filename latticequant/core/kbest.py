@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from latticequant.core.babai import babai_factor
+from latticequant.core.babai import babai_basis
 from latticequant.core.config import QuantConfig
 from latticequant.core.grid import dequantize, group_index, static_grid
 from latticequant.core.hessian import prepare_diagonal
@@ -156,6 +156,7 @@ def kbest_quantize(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
+    factor: tuple | None = None,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) by K-best decoding on the lattice of H, every row at once.
 
@@ -164,6 +165,7 @@ def kbest_quantize(
     differ between candidates). ``klein_paths`` randomised nearest-plane paths (seeded by
     ``seed``) join the candidates. Each row keeps the candidate of lowest loss
     ``(w - q)^T H (w - q)`` among the K-best winner, Babai's point and the paths.
+    ``factor``: :func:`~latticequant.core.babai.babai_basis`'s result, as for Babai.
     """
     if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
         raise ValueError(f"beam must be a positive integer, got {beam!r}")
@@ -180,13 +182,10 @@ def kbest_quantize(
     W0 = W
     W, h = prepare_diagonal(W, H)
     d_out, d = W.shape
-    (Q, U64), damp = babai_factor(H, cfg, h)
+    (Q, Un, u), damp = factor if factor is not None else babai_basis(H, cfg, h, W.dtype)
     g_idx = group_index(d, cfg.group_size).to(W.device)
     S, Z = static_grid(W, cfg, scales, zeros, min_zero)
-    U = U64.to(W.dtype)
-    Dq = torch.diagonal(U64) ** 2
-    Un = U.div_(torch.diagonal(U).clone()[:, None])  # in U's memory
-    del U, U64
+    Dq = u**2
     S_g, Z_g, g_of = S.T.contiguous(), Z.T.contiguous(), g_idx[Q].tolist()
     x = W[:, Q].T.contiguous()
 

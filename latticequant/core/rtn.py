@@ -26,15 +26,30 @@ def rtn_quantize(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
+    factor: tuple | None = None,
 ) -> QuantResult:
     """Round every weight to its static grid, ignoring H for the codes.
 
     H still gives the loss, and the bound reported is the Babai bound of the same grid in the
     decode sequence ``cfg.order`` names for GPTQ, so RTN's loss can be read against it.
+    ``factor``: :func:`rtn_factor`'s ``((P, D), damp)``, computed once for several row blocks.
     """
     t0 = time.perf_counter()
     W0 = W
     W, h = prepare_diagonal(W, H)
+
+    (P, D), damp = factor if factor is not None else rtn_factor(H, cfg, h)
+    codes, S, Z, g_idx, clipped = _rounded(W, cfg, scales, zeros, min_zero)
+    return assemble(
+        W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=P, D=D,
+        clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=W.clone(), t0=t0,
+    )  # fmt: skip
+
+
+def rtn_factor(
+    H: torch.Tensor, cfg: QuantConfig, diagonal: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """The order GPTQ would use and the LDL diagonal in it: what RTN's bound reads of H."""
 
     def factor(hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         P = resolve_order_or_none(cfg.order, H, "gptq", hd)
@@ -43,12 +58,7 @@ def rtn_quantize(
         D = ldl_diagonal(H, P.flip(0), hd)
         return None if D is None else (P, D)
 
-    (P, D), damp = with_damped_diagonal(h, cfg.damp, factor)
-    codes, S, Z, g_idx, clipped = _rounded(W, cfg, scales, zeros, min_zero)
-    return assemble(
-        W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=P, D=D,
-        clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=W.clone(), t0=t0,
-    )  # fmt: skip
+    return with_damped_diagonal(diagonal, cfg.damp, factor)
 
 
 def rtn_loss(

@@ -14,23 +14,28 @@ from dataclasses import dataclass
 
 import torch
 
-from latticequant.core.babai import babai_quantize
+from latticequant.core.babai import babai_basis, babai_quantize
 from latticequant.core.config import QuantConfig
-from latticequant.core.gptq import gptq_quantize
+from latticequant.core.gptq import gptq_factor, gptq_quantize
+from latticequant.core.hessian import check_inputs, solve_diagonal
 from latticequant.core.kbest import kbest_quantize
 from latticequant.core.refine import refine
 from latticequant.core.result import QuantResult
-from latticequant.core.rtn import rtn_loss, rtn_quantize
+from latticequant.core.rtn import rtn_factor, rtn_loss, rtn_quantize
 from latticequant.formats.gptq import GPTQ_V1
 from latticequant.methods.registry import (
     LayerContext,
     LayerQuant,
     Method,
+    RowSolver,
     UnsupportedConfigError,
     register_method,
+    row_chunks,
 )
 
 __all__ = [
+    "GridRows",
+    "chunk_seed",
     "KBestConfig",
     "grid_layer_stats",
     "CORE_QUANTIZERS",
@@ -61,10 +66,18 @@ class KBestConfig(QuantConfig):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
-def _kbest(W: torch.Tensor, H: torch.Tensor, cfg: KBestConfig, min_zero: int = 0) -> QuantResult:
+def _kbest(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: KBestConfig,
+    min_zero: int = 0,
+    seed: int | None = None,
+    factor: tuple | None = None,
+) -> QuantResult:
     return kbest_quantize(
-        W, H, cfg, beam=cfg.beam, klein_paths=cfg.klein_paths, seed=cfg.seed, min_zero=min_zero
-    )
+        W, H, cfg, beam=cfg.beam, klein_paths=cfg.klein_paths,
+        seed=cfg.seed if seed is None else seed, min_zero=min_zero, factor=factor,
+    )  # fmt: skip
 
 
 CORE_QUANTIZERS: dict[str, Callable[..., QuantResult]] = {
@@ -107,26 +120,93 @@ def _rtn_baseline(
     return rtn_loss(W, H, config, min_zero=min_zero)
 
 
-def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig], LayerQuant]:
-    core = CORE_QUANTIZERS[name]
+def chunk_seed(seed: int, start: int) -> int:
+    """The seed of the Klein paths of the row block starting at row ``start``: per block, so a
+    block draws the same paths whichever rank solves it."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + start * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
-    def quantize(
-        W: torch.Tensor, H: torch.Tensor, config: QuantConfig, context: LayerContext | None = None
-    ) -> LayerQuant:
+
+def _factor(cache: dict, kind: str, H: torch.Tensor, config: QuantConfig, team=None):
+    """The factor of ``kind`` for H and config, computed on first use and kept in ``cache``
+    (by the ``team`` of ranks together, when one is given)."""
+    if kind not in cache:
+        h, _ = solve_diagonal(H)
+        make = {
+            "gptq": lambda: gptq_factor(H, config, h, team),
+            "babai": lambda: babai_basis(H, config, h, torch.float64, team),
+            "rtn": lambda: rtn_factor(H, config, h),
+        }[kind]
+        cache[kind] = make()
+    return cache[kind]
+
+
+_FACTOR_OF = {"rtn": "rtn", "gptq": "gptq", "babai": "babai", "kbest": "babai"}
+
+
+@dataclass
+class GridRows:
+    """One row block's solution: its rows of the codes and grid, and its share of the stats
+    (per-row tensors, and the sums over its rows). ``g_idx``, ``order``, ``D`` and ``damp``
+    are the layer's, the same in every block."""
+
+    start: int
+    stop: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    loss: torch.Tensor
+    bound: torch.Tensor
+    clipped: int
+    overflow: int
+    g_idx: torch.Tensor
+    order: torch.Tensor
+    D: torch.Tensor
+    damp: float
+    bits: int
+    sums: dict[str, float]
+    time_s: float
+
+
+def _codes_for_transfer(codes: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """Codes in the narrowest integer type that holds them (a quarter of int32 when clipped)."""
+    if config.clip and config.bits <= 8:
+        return codes.to(torch.uint8)
+    if config.clip and config.bits <= 15:
+        return codes.to(torch.int16)
+    return codes.to(torch.int32)
+
+
+def _grid_rows(name: str):
+    core = CORE_QUANTIZERS[name]
+    kind = _FACTOR_OF[name]
+
+    def solve(
+        W: torch.Tensor,
+        H: torch.Tensor,
+        config: QuantConfig,
+        context: LayerContext | None,
+        start: int,
+        cache: dict,
+    ) -> GridRows:
         fmt = (context or LayerContext(GPTQ_V1)).format
         min_zero = fmt.min_zero(config)  # what the format's zero points can hold
-        # W in float64; H as given: every core function takes its own float64 copy, and a
-        # second one here would be 1.6 GB at Llama-3-8B's down_proj
+        # W's rows in float64; H as given: every core function takes its own float64 copy
+        # of what it needs, and a second one here would be 1.6 GB at Llama-3-8B's down_proj
         W64 = W.to(torch.float64)
-        result = core(W64, H, config, min_zero=min_zero)
+        check_inputs(W64, H)  # before any factor: a bad input is named as such
+        kw = {"min_zero": min_zero, "factor": _factor(cache, kind, H, config)}
+        if name == "kbest":
+            kw["seed"] = chunk_seed(config.seed, start)
+        result = core(W64, H, config, **kw)
         base = (
             result.proxy_loss if name == "rtn" else _rtn_baseline(W64, H, config, result, min_zero)
         )
-        extra: dict[str, float] = {}
+        sums: dict[str, float] = {"rtn_loss": float(base)}
         if name != "gptq" or config.refine_steps:  # GPTQ's loss, to read this one against
-            extra["gptq_loss"] = gptq_quantize(W64, H, config, min_zero=min_zero).proxy_loss
-        else:
-            extra["gptq_loss"] = result.proxy_loss
+            gptq = gptq_quantize(
+                W64, H, config, min_zero=min_zero, factor=_factor(cache, "gptq", H, config)
+            )
+            sums["gptq_loss"] = gptq.proxy_loss
         if config.refine_steps:
             result, refined = refine(
                 W64,
@@ -138,18 +218,93 @@ def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig
                 rounds=config.refine_rounds,
                 min_zero=min_zero,
             )
-            extra.update(refined)
-        del W64  # 470 MB at 4096 x 14336, before the packing's and Q's own buffers
+            sums.update(refined)
+        return GridRows(
+            start=start,
+            stop=start + W.shape[0],
+            codes=_codes_for_transfer(result.codes, config).cpu(),
+            scales=result.scales.cpu(),
+            zeros=result.zeros.cpu(),
+            loss=result.loss.cpu(),
+            bound=result.bound.cpu(),
+            clipped=int(result.clipped),
+            overflow=int(result.overflow),
+            g_idx=result.g_idx.cpu(),
+            order=result.order.cpu(),
+            D=result.D.cpu(),
+            damp=float(result.damp),
+            bits=int(result.bits),
+            sums=sums,
+            time_s=float(result.time_s),
+        )
+
+    def prepare(H: torch.Tensor, config: QuantConfig, cache: dict, team=None) -> None:
+        """The factors the blocks read, made by every rank of ``team`` together (each rank
+        calls it, in the same order): the factorization is shared out, not repeated."""
+        if name != "gptq" or config.refine_steps:  # for the GPTQ loss it is read against
+            _factor(cache, "gptq", H, config, team)
+        _factor(cache, kind, H, config, team)
+
+    def combine(
+        parts: list[GridRows], W: torch.Tensor, config: QuantConfig, context: LayerContext | None
+    ) -> LayerQuant:
+        fmt = (context or LayerContext(GPTQ_V1)).format
+        parts = sorted(parts, key=lambda p: p.start)
+        if [(p.start, p.stop) for p in parts] != row_chunks(W.shape[0]):
+            raise RuntimeError("the row blocks of a layer do not cover its rows")
+        dev, first = W.device, parts[0]
+
+        def cat(field: str, dtype=None) -> torch.Tensor:
+            t = torch.cat([getattr(p, field) for p in parts])
+            return t.to(device=dev, dtype=dtype)
+
+        result = QuantResult(
+            codes=cat("codes", torch.int64),
+            scales=cat("scales"),
+            zeros=cat("zeros"),
+            g_idx=first.g_idx.to(dev),
+            Q=None,
+            order=first.order.to(dev),
+            loss=cat("loss"),
+            bound=cat("bound"),
+            clipped=sum(p.clipped for p in parts),
+            overflow=sum(p.overflow for p in parts),
+            damp=first.damp,
+            D=first.D.to(dev),
+            bits=first.bits,
+            time_s=sum(p.time_s for p in parts),
+        )
         tensors = fmt.pack(result)
         Q = fmt.dequantize(tensors, {"bits": config.bits}, W.dtype)  # as a loader reads it
-        stats = grid_layer_stats(result, base)
-        stats.update(extra)
+        totals: dict[str, float] = {}
+        for p in parts:  # block by block, in row order: the same additions on any rank count
+            for key, value in p.sums.items():
+                totals[key] = totals.get(key, 0.0) + value
+        stats = grid_layer_stats(result, totals.pop("rtn_loss"))
+        if "gptq_loss" not in totals:  # GPTQ itself, unrefined
+            totals["gptq_loss"] = result.proxy_loss
+        stats.update(totals)
+        stats["row_blocks"] = len(parts)
         stats["bits_per_weight"] = fmt.effective_bits(tensors, W.numel())
         return LayerQuant(Q=Q, tensors=tensors, stats=stats)
 
+    return RowSolver(solve=solve, combine=combine, prepare=prepare)
+
+
+def _grid_method(name: str) -> tuple[Callable[..., LayerQuant], RowSolver]:
+    rows = _grid_rows(name)
+
+    def quantize(
+        W: torch.Tensor, H: torch.Tensor, config: QuantConfig, context: LayerContext | None = None
+    ) -> LayerQuant:
+        return rows.quantize(W, H, config, context or LayerContext(GPTQ_V1))
+
     quantize.__name__ = f"{name}_layer"
-    quantize.__doc__ = f"One layer by ``latticequant.{name}_quantize``, in the context's format."
-    return quantize
+    quantize.__doc__ = (
+        f"One layer by ``latticequant.{name}_quantize``, in the context's format, solved in the "
+        "fixed row blocks of :func:`~latticequant.methods.registry.row_chunks`."
+    )
+    return quantize, rows
 
 
 GRID_FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
@@ -174,11 +329,13 @@ for _name, _description, _config, _check in (
         check_kbest_layer,
     ),
 ):
+    _quantize, _rows = _grid_method(_name)
     register_method(
         Method(
             name=_name,
             config_cls=_config,
-            quantize=_grid_method(_name),
+            quantize=_quantize,
+            rows=_rows,
             formats=GRID_FORMATS,
             description=_description,
             defaults=GRID_DEFAULTS,

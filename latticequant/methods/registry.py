@@ -19,6 +19,10 @@ import torch
 from latticequant.formats.protocol import Format, UnsupportedConfigError, get_format
 
 __all__ = [
+    "ROW_CHUNKS",
+    "CHUNK_MIN_ROWS",
+    "RowSolver",
+    "row_chunks",
     "LayerContext",
     "LayerQuant",
     "Method",
@@ -64,6 +68,51 @@ class LayerContext:
     reserved_bits: float = 0.0
 
 
+#: Most row blocks a layer's rows are solved in, and the fewest rows a block has.
+ROW_CHUNKS = 8
+CHUNK_MIN_ROWS = 16
+
+
+def row_chunks(d_out: int) -> list[tuple[int, int]]:
+    """The fixed row blocks ``[start, stop)`` a row-separable layer is solved in.
+
+    They depend on ``d_out`` alone, never on the number of ranks: one process solves the same
+    blocks one after the other that ranks solve side by side, so every product has the same
+    shape either way and the codes are the same bit for bit, whatever the BLAS's blocking.
+    """
+    n = max(1, min(ROW_CHUNKS, d_out // CHUNK_MIN_ROWS))
+    return [(i * d_out // n, (i + 1) * d_out // n) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class RowSolver:
+    """How a method whose rows are independent given H solves a layer by row blocks.
+
+    solve: ``solve(rows, H, config, context, start, cache)`` -> one block's part (a
+      picklable object of CPU tensors and numbers) for ``rows``, the rows of W from row
+      ``start`` on; ``cache``, a dict shared by the blocks (and the layers) solved on the same
+      H and config, keeps what is computed once per H (the factor).
+    combine: ``combine(parts, W, config, context)`` -> the layer's :class:`LayerQuant`, from
+      every block's part in row order; it needs no H, so every rank can combine what the
+      others solved.
+    prepare: ``prepare(H, config, cache, team)`` fills ``cache`` with what the blocks read of H,
+      every rank of ``team`` calling it together (the factorization shared out); None when
+      ``solve`` makes it on first use.
+    """
+
+    solve: Callable[..., object]
+    combine: Callable[..., LayerQuant]
+    prepare: Callable[..., None] | None = None
+
+    def quantize(self, W, H, config, context: LayerContext) -> LayerQuant:
+        """The whole layer in one process: every block in order, then combined."""
+        cache: dict = {}
+        parts = [
+            self.solve(W[a:b], H, config, context, a, cache) for a, b in row_chunks(W.shape[0])
+        ]
+        return self.combine(parts, W, config, context)
+
+
 def _accept_all(config, d_out: int | None = None, d_in: int | None = None) -> None:
     return None
 
@@ -80,6 +129,9 @@ class Method:
     The run's preflight calls :meth:`refuse` on the config and on every layer before any
     forward pass, so an impossible combination is refused up front, never turned into a layer
     left in float.
+    rows: set for a method whose rows are independent once H's factor is known; the pipeline
+    then shares one layer's row blocks out across ranks (``quantize`` must equal
+    ``rows.quantize``). None for methods whose rows are coupled (a common scale search).
     """
 
     name: str
@@ -89,6 +141,7 @@ class Method:
     description: str = ""
     check: Callable[..., None] = _accept_all
     defaults: dict = field(default_factory=dict)
+    rows: RowSolver | None = None
 
     def default_config(self):
         """The config a run uses where the user sets nothing."""

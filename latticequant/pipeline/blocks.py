@@ -26,8 +26,10 @@ import torch
 from torch import nn
 
 from latticequant.core.hessian import CrossGramAccumulator, HessianAccumulator
+from latticequant.core.objective import output_factor, output_target
+from latticequant.core.result import row_losses
 from latticequant.formats.protocol import Format
-from latticequant.methods.registry import LayerQuant, Method
+from latticequant.methods.registry import LayerQuant, Method, row_chunks
 from latticequant.pipeline.distributed import World, assign_owners, solve_cost
 from latticequant.pipeline.experts import (
     ExpertPolicy,
@@ -136,7 +138,8 @@ class BlockQuantizer:
 
     Layers are quantized a group at a time (:meth:`quantize_group`); across ranks
     (:class:`~latticequant.pipeline.distributed.World`), the group's Hessians are reduced first,
-    each layer is solved by the rank the balance assigns, and every rank receives every result.
+    each row block (or whole layer) is solved by the rank the balance assigns, and every rank
+    receives every result.
     ``solve_s`` adds up this rank's solve seconds. ``floats``: expert layers kept in float by
     the ``float`` fallback, with their stats.
     """
@@ -231,31 +234,155 @@ class BlockQuantizer:
                 if id(c) not in done:
                     done[id(c)] = world.reduce_hessian(c) if world.distributed else c
                 cross_on[name] = done[id(c)]
-        if not world.distributed:
-            for name in accs:
-                lq = self._solve(
-                    name, block.get_submodule(name), _hessian(solve_on[name]), cross_on[name]
-                )
-                lq.stats.update(extra.get(name, {}))
-                self._write(block, name, lq)
-            return
-        costs = {name: solve_cost(*linear_weight(block.get_submodule(name)).shape) for name in accs}
-        owners = assign_owners(costs, world.size, world.loads)
-        mine, error = {}, None
+        self._solve_units(block, accs, solve_on, cross_on, extra)
+
+    def _row_solver(self):
+        """The method's row solver when its layers are solved by row blocks: every target but
+        the rotated one (whose rotation is drawn for the whole layer's problem)."""
+        return None if self.target.rotated else self.method.rows
+
+    def _solve_units(self, block, accs, solve_on, cross_on, extra) -> None:
+        """Solve the group's layers, a row block or a whole layer per unit of work, each unit
+        on the rank the balance assigns it; every rank combines and writes every layer.
+
+        A row-separable method's layer is cut into the fixed blocks of
+        :func:`~latticequant.methods.registry.row_chunks`, each costing ``rows d_in^2``; a
+        rank solving any block of a layer factors its H once for the whole group (layers that
+        share an input share the factor). One process solves the same blocks in order."""
+        world, rows = self.world, self._row_solver()
+        units: dict[str, tuple[str, tuple[int, int] | None]] = {}
+        costs: dict[str, float] = {}
         for name in accs:
-            if owners[name] != world.rank:
+            d_out, d_in = linear_weight(block.get_submodule(name)).shape
+            if rows is None:
+                units[name] = (name, None)
+                costs[name] = solve_cost(d_out, d_in)
+                continue
+            for a, b in row_chunks(d_out):
+                key = f"{name}#{a}"
+                units[key] = (name, (a, b))
+                costs[key] = float((b - a) * d_in * d_in)
+        if world.distributed:
+            owners = assign_owners(costs, world.size, world.loads)
+        else:
+            owners = dict.fromkeys(units, 0)
+        caches: dict = {}
+        if world.distributed and rows is not None and rows.prepare is not None:
+            # the factors of the group's Hessians, made by all ranks together, in layer order
+            for name in accs:
+                cache_key = (id(solve_on[name]), _config_key(self.configs[name]))
+                if cache_key in caches:
+                    continue
+                H, _ = _hessian(solve_on[name])
+                caches[cache_key] = {}
+                t0, sent = time.perf_counter(), world.timings["factor"]
+                try:
+                    rows.prepare(H, self.configs[name], caches[cache_key], world)
+                except ValueError as exc:  # every rank takes the same decisions: all raise
+                    raise ValueError(f"cannot quantize {name}: {exc}") from exc
+                # the exchanges count as such (``timings["factor"]``), the rest as solving
+                self.solve_s += time.perf_counter() - t0 - (world.timings["factor"] - sent)
+        mine: dict[str, object] = {}
+        error = None
+        pending = dict.fromkeys(accs, 0)
+        for name, _ in units.values():
+            pending[name] += 1
+        for key, (name, chunk) in units.items():
+            if owners[key] != world.rank:
                 continue
             try:
-                mine[name] = self._solve(
-                    name, block.get_submodule(name), _hessian(solve_on[name]), cross_on[name]
-                )
-                mine[name].stats.update(extra.get(name, {}))
+                if chunk is None:
+                    mine[key] = self._solve(
+                        name, block.get_submodule(name), _hessian(solve_on[name]), cross_on[name]
+                    )
+                    mine[key].stats.update(extra.get(name, {}))
+                else:
+                    mine[key] = self._solve_rows(
+                        block, name, solve_on[name], chunk, caches, cross_on[name]
+                    )
             except ValueError as exc:
                 error = str(exc)
                 break
+            pending[name] -= 1
+            if not world.distributed and not pending[name]:  # write before the next layer
+                self._finish(block, name, units, mine, solve_on, extra)
+                mine = {}
+        if not world.distributed:
+            if error is not None:
+                raise ValueError(error)
+            return
+        done: dict[str, object] = {}
         for part in world.all_gather(mine, "results", error):
-            for name, lq in part.items():
-                self._write(block, name, lq)
+            done.update(part)
+        for name in accs:
+            self._finish(block, name, units, done, solve_on, extra)
+
+    def _solve_rows(self, block, name: str, acc, chunk: tuple[int, int], caches: dict, cross):
+        """One row block of a layer: ``(rank, seconds, part, target stats)``. With the
+        float-outputs objective the block's rows of the target are made first, on a factor
+        of H~ shared by the layer's blocks (:func:`~latticequant.core.objective.output_target`
+        is row by row)."""
+        rows = self.method.rows
+        W = linear_weight(block.get_submodule(name)).detach()
+        if W.dtype not in (torch.float32, torch.float64):
+            W = W.float()
+        H, _ = _hessian(acc)
+        config = self.configs[name]
+        cache = caches.setdefault((id(acc), _config_key(config)), {})
+        context = self.method.context(self.format, self.full_name(name))
+        a, b = chunk
+        release_freed_memory()
+        t0 = time.perf_counter()
+        try:
+            T, shift = W[a:b], None
+            if self.target.float_outputs:
+                if cross is None:
+                    raise RuntimeError(f"{name}: the float-outputs objective needs C")
+                key = ("C", id(cross))
+                if key not in cache:
+                    C = cross.H
+                    cache[key] = (C, output_factor(H, C, self.target.damp))
+                C, factor = cache[key]
+                T64, used = output_target(T, H, C, self.target.damp, factor)
+                shift = (float(row_losses(T64, H, T.to(torch.float64)).sum()), used)
+                T = T64.to(W.dtype)
+            part = rows.solve(T, H, config, context, a, cache)
+        except ValueError as exc:
+            raise ValueError(f"cannot quantize {name}: {exc}") from exc
+        elapsed = time.perf_counter() - t0
+        self.solve_s += elapsed
+        return (self.world.rank, elapsed, part, shift)
+
+    def _finish(self, block, name, units, done, solve_on, extra) -> None:
+        """Write layer ``name`` from its solved units: the whole layer's result, or its row
+        blocks combined (the same on every rank: the combination reads no H)."""
+        keys = [k for k, (n, _) in units.items() if n == name]
+        if units[keys[0]][1] is None:
+            self._write(block, name, done[keys[0]])
+            return
+        solved = [done[k] for k in keys]
+        W = linear_weight(block.get_submodule(name)).detach()
+        if W.dtype not in (torch.float32, torch.float64):
+            W = W.float()
+        context = self.method.context(self.format, self.full_name(name))
+        try:
+            parts = [p for _, _, p, _ in solved]
+            lq = self.method.rows.combine(parts, W, self.configs[name], context)
+        except ValueError as exc:
+            raise ValueError(f"cannot quantize {name}: {exc}") from exc
+        if self.target.float_outputs:  # added block by block in row order, as one process does
+            shifts = [s for *_, s in sorted(solved, key=lambda x: x[2].start)]
+            lq.stats["objective"] = self.target.objective
+            lq.stats["target_shift"] = sum(s for s, _ in shifts)
+            lq.stats["target_damp"] = shifts[0][1]
+        elapsed = sum(t for _, t, _, _ in solved)
+        lq.stats["layer_time_s"] = elapsed
+        lq.stats["n_tokens"] = int(solve_on[name].n_tokens)
+        ranks = sorted({r for r, *_ in solved})
+        lq.stats["rank"] = solved[0][0]
+        lq.stats["row_ranks"] = len(ranks)
+        lq.stats.update(extra.get(name, {}))
+        self._write(block, name, lq)
 
     def _write(self, block: nn.Module, name: str, lq: LayerQuant) -> None:
         """Write Q into its layer and keep the rest: from here on the layer's own weight is
@@ -297,6 +424,16 @@ class BlockQuantizer:
             for name in short:
                 self.floats[name] = extra[name]
         return solve_on, extra
+
+
+def _config_key(config) -> object:
+    """A key under which layers with equal configs share a factor (identity for configs that
+    hold tensors, whose equality is not a truth value)."""
+    try:
+        hash(config)
+        return (type(config), repr(config), hash(config))
+    except TypeError:
+        return id(config)
 
 
 def _hessian(acc) -> tuple[torch.Tensor, int]:

@@ -8,9 +8,13 @@ pipeline on its contiguous share of the calibration windows:
   ranks' partial sums, exchanged as subtrees of the fixed summation tree of
   :class:`~latticequant.core.hessian.HessianAccumulator`, so it is the same float for float as
   one process's, and so are the codes;
-- the group's layers are shared out by a greedy balance of their solve cost
-  (:func:`assign_owners`); each owner solves its layers and sends codes, scales and zeros to
-  every rank, and all ranks continue with the same quantized block;
+- the group's work is shared out by a greedy balance of its cost (:func:`assign_owners`): the
+  fixed row blocks of every layer of a row-separable method
+  (:func:`~latticequant.methods.registry.row_chunks`), or whole layers for the others; the
+  factor of each Hessian the row blocks read is made by all ranks together, panel by panel
+  (:func:`~latticequant.core.triangular.cholesky_lower_` with the world as its team); each
+  rank sends what it solved to every rank, and all ranks continue with the same quantized
+  block;
 - rank 0 alone writes the run state and the checkpoint (it gathers the block outputs).
 
 Every exchange polls the rendezvous store while it waits: a rank that fails posts its one-line

@@ -153,6 +153,9 @@ def _unfused(fused: nn.Module) -> RoutedExperts:
     experts = []
     for e in range(n):
         expert = ExpertMLP(hidden, inter, fused.act_fn, gate_up.dtype, gate_up.device)
+        if gate_up.device.type == "meta":  # a model whose blocks wait on disk: names only
+            experts.append(expert)
+            continue
         with torch.no_grad():  # gate first, then up: the order of ``.chunk(2, dim=-1)``
             expert.gate_proj.weight.copy_(gate_up[e, :inter])
             expert.up_proj.weight.copy_(gate_up[e, inter:])
@@ -163,13 +166,12 @@ def _unfused(fused: nn.Module) -> RoutedExperts:
 
 def unfuse_experts(model: nn.Module) -> int:
     """Replace every fused experts module of ``model`` by :class:`RoutedExperts`, in place;
-    returns how many were replaced (0 for a dense model, and when done already)."""
+    returns how many were replaced (0 for a dense model, and when done already).
+
+    Fused tensors on ``meta`` (a model loaded with its blocks on disk) give experts on
+    ``meta``: the block store reads each expert's matrices from the files, as the per-expert
+    tensors they hold or as slices of fused ones (:mod:`latticequant.pipeline.offload`)."""
     targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ in FUSED_EXPERTS]
-    if any(m.gate_up_proj.device.type == "meta" for _, m in targets):
-        raise ValueError(
-            "--offload does not take mixture-of-experts models yet (their fused experts are "
-            "split into per-expert layers in memory); drop --offload"
-        )
     for name, fused in targets:
         _set_module(model, name, _unfused(fused))
     return len(targets)

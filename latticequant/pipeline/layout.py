@@ -200,9 +200,9 @@ def _refuse_fused_experts(blocks: nn.ModuleList, model_type: str | None = None) 
         if fused and model_type in MOE_FAMILIES:
             raise UnsupportedModelError(
                 f"block {i} of this {model_type} model still holds fused experts "
-                f"({', '.join(fused[:2])}): quantize splits them in memory, which --offload "
-                "cannot do yet (drop --offload); in Python call "
-                "latticequant.pipeline.experts.unfuse_experts(model) first"
+                f"({', '.join(fused[:2])}): in Python call "
+                "latticequant.pipeline.experts.unfuse_experts(model) first (quantize and "
+                "load_model(..., offload=True) do it)"
             )
         if fused:
             raise UnsupportedModelError(

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import weakref
@@ -28,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from latticequant.pipeline.experts import unfuse_experts
 from latticequant.pipeline.files import (
     INDEX_FILE,
     WEIGHTS_FILE,
@@ -155,9 +157,13 @@ class BlockStore:
         return self.model.get_submodule(module_name), leaf
 
     def _read(self, name: str) -> torch.Tensor:
-        path, key = self.sources[name]
+        path, key, *part = self.sources[name]
         with safe_open(str(path), "pt") as f:
-            t = f.get_tensor(key)
+            if part:  # one expert's rows of a fused tensor: (expert, first row, end row)
+                e, a, b = part[0]
+                t = f.get_slice(key)[e : e + 1, a:b][0].contiguous()
+            else:
+                t = f.get_tensor(key)
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def load(self, index: int) -> nn.Module:
@@ -259,12 +265,12 @@ class BlockStore:
         h = hashlib.sha256()
         headers: dict[Path, bytes] = {}
         for name in sorted(self.sources):
-            path, key = self.sources[name]
+            path, key, *part = self.sources[name]
             if path not in headers:
                 with open(path, "rb") as fh:
                     n = int.from_bytes(fh.read(8), "little")
                     headers[path] = fh.read(min(n, 100_000_000)) + str(path.stat().st_size).encode()
-            h.update(f"{name}={key}".encode())
+            h.update(f"{name}={key}{part[0] if part else ''}".encode())
         for path in sorted(headers):
             h.update(headers[path])
         return h.hexdigest()
@@ -310,15 +316,29 @@ def load_offloaded(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as exc:  # transformers raises many types for a bad config
         raise OffloadError(f"cannot build a model from {folder}/config.json: {exc}") from exc
+    unfuse_experts(model)  # per-expert layers on meta, read from the files block by block
     layout = describe_model(model)
 
     prefix = getattr(model, "base_model_prefix", "")
-    sources: dict[str, tuple[Path, str]] = {}
-    for name, _ in model.named_parameters(remove_duplicate=False):
+    sources: dict[str, tuple] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
         for key in (name, name.removeprefix(f"{prefix}."), f"{prefix}.{name}"):
             if key in files:
                 sources[name] = (files[key], key)
                 break
+        else:
+            for key, part in _expert_keys(name, tuple(p.shape)):
+                found = next(
+                    (
+                        k
+                        for k in (key, key.removeprefix(f"{prefix}."), f"{prefix}.{key}")
+                        if k in files
+                    ),
+                    None,
+                )
+                if found is not None:
+                    sources[name] = (files[found], found) + ((part,) if part else ())
+                    break
     store = BlockStore(model, sources, store_folder, dtype)
 
     in_blocks = f"{layout.block_path}."
@@ -342,6 +362,35 @@ def load_offloaded(
         raise OffloadError(f"the weight files in {folder} hold no tensor for {left[0]}")
     setattr(model, STORE_ATTRIBUTE, store)
     return model.eval()
+
+
+_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+#: Mixtral's files name an expert's matrices w1 (gate), w3 (up) and w2 (down), under
+#: ``block_sparse_moe``.
+_MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _expert_keys(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple | None]]:
+    """Where the files may hold parameter ``name`` (of ``shape``) of a mixture-of-experts
+    model whose fused experts were split (:func:`~latticequant.pipeline.experts.unfuse_experts`)
+    when not under its own name: Mixtral's names (``block_sparse_moe``, an expert's
+    ``w1``/``w3``/``w2``), or an expert's rows of the fused tensors
+    (``gate_up_proj``: gate rows first, then up; ``down_proj``), as ``(key, part)`` with
+    ``part = (expert, first row, end row)``."""
+    m = _EXPERT.match(name)
+    if m is None:  # the router and other parts of a Mixtral block's MLP
+        return [(name.replace(".mlp.", ".block_sparse_moe.", 1), None)] if ".mlp." in name else []
+    mlp, e, proj = m.group(1), int(m.group(2)), m.group(3)
+    keys: list[tuple[str, tuple | None]] = []
+    moe = mlp.removesuffix(".mlp") + ".block_sparse_moe"
+    keys.append((f"{moe}.experts.{e}.{_MIXTRAL[proj]}.weight", None))
+    rows = shape[0]
+    if proj == "down_proj":
+        keys.append((f"{mlp}.experts.down_proj", (e, 0, rows)))
+    else:
+        a = 0 if proj == "gate_proj" else rows
+        keys.append((f"{mlp}.experts.gate_up_proj", (e, a, a + rows)))
+    return keys
 
 
 class _Replay(nn.Module):

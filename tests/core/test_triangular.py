@@ -129,3 +129,71 @@ def test_factor_through_a_diagonal_equals_the_float64_copy(order, factor):
     HP = Hd[P][:, P]
     want = torch.linalg.inv(HP) if factor == "gptq" else HP  # U^T U, torch's dense route
     torch.testing.assert_close(U.T @ U, want, rtol=1e-9, atol=1e-9)
+
+
+class ThreadTeam:
+    """Ranks as threads of one process, exchanging through shared slots (tests only)."""
+
+    def __init__(self, rank: int, size: int, shared: dict) -> None:
+        self.rank, self.size, self.shared = rank, size, shared
+
+    def broadcast(self, obj, kind: str, src: int = 0):
+        if self.rank == src:
+            self.shared["slots"][src] = obj
+        self.shared["barrier"].wait()
+        value = self.shared["slots"][src]
+        self.shared["barrier"].wait()
+        return value
+
+    def all_gather(self, obj, kind: str) -> list:
+        self.shared["slots"][self.rank] = obj
+        self.shared["barrier"].wait()
+        values = list(self.shared["slots"])
+        self.shared["barrier"].wait()
+        return values
+
+
+def _on_team(size: int, work):
+    import threading
+
+    shared = {"barrier": threading.Barrier(size), "slots": [None] * size}
+    out = [None] * size
+
+    def run(rank):
+        out[rank] = work(ThreadTeam(rank, size, shared))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("n", [70, 200])
+def test_a_team_factors_and_inverts_to_one_process_bits(n, size):
+    """Panels shared out over 2 or 3 ranks (uneven: 3 and 7 panels of 32 columns): every rank
+    ends with one process's factor and inverse, bit for bit."""
+    A = spd(n, seed=n)
+    one = A.clone()
+    assert cholesky_lower_(one)
+    inv = invert_lower_(one.clone(), block=32)
+
+    def work(team):
+        L = A.clone()
+        ok = cholesky_lower_(L, team)
+        return ok, L, invert_lower_(L.clone(), block=32, team=team)
+
+    for ok, L, Li in _on_team(size, work):
+        assert ok and torch.equal(L, one) and torch.equal(Li, inv)
+
+
+def test_a_team_refuses_an_indefinite_matrix_together():
+    A = spd(100)
+    A[70, 70] = -1.0  # in the third panel
+
+    def work(team):
+        return cholesky_lower_(A.clone(), team)
+
+    assert _on_team(3, work) == [False, False, False]

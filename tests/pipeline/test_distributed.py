@@ -167,8 +167,8 @@ def test_two_ranks_write_the_checkpoint_of_one_process(files, single, tmp_path):
     payload = json.loads(proc.stdout)  # rank 0 alone prints
     _same_checkpoint(single[0], out)
     assert payload["timings"]["ranks"] == 2
-    ranks = {x["rank"] for x in json.loads((out / "quant_log.json").read_text())["layers"]}
-    assert ranks == {0, 1}  # both ranks solved layers
+    layers = json.loads((out / "quant_log.json").read_text())["layers"]
+    assert all(x["row_ranks"] == 2 for x in layers)  # both ranks solved rows of every layer
     for key in ("ppl_before", "ppl_after"):  # perplexity shared out too
         assert payload[key] == pytest.approx(single[1][key], rel=1e-9)
 
@@ -291,3 +291,34 @@ def test_a_mixture_of_experts_across_ranks(files, tmp_path):
             torch.testing.assert_close(tb[k], ta[k], rtol=1e-3, atol=1e-5)
         else:
             assert (ta[k] == tb[k]).double().mean() > 0.99, k
+
+
+@pytest.mark.parametrize(
+    ("ranks", "method", "extra"),
+    [
+        (3, "rtn", []),
+        (3, "babai", []),
+        (2, "kbest", ["--beam", "2", "--klein-paths", "3", "--refine", "cd,scales"]),
+        (3, "kbest", ["--beam", "2", "--klein-paths", "3"]),
+        (3, "gptq", ["--objective", "float-outputs", "--batch-size", "2"]),
+    ],
+    ids=["rtn-3", "babai-3", "kbest-refine-2", "kbest-klein-3", "float-outputs-3"],
+)
+def test_every_grid_method_splits_rows_across_ranks(files, tmp_path, ranks, method, extra):
+    """Each layer's row blocks are shared by all ranks (4 blocks of 16 rows over 3 ranks for
+    q_proj, 2 for k/v_proj), the float-outputs target made block by block too: the checkpoint
+    of one process, byte for byte."""
+    import contextlib
+    import io
+
+    argv = _args(files, tmp_path / "one", "--method", method, "--no-eval", *extra)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    argv[argv.index("--out") + 1] = str(tmp_path / "many")
+    proc = _torchrun(ranks, argv)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _same_checkpoint(tmp_path / "one", tmp_path / "many")
+    for f in sorted((tmp_path / "one").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "many" / f.name).read_bytes()
+    layers = json.loads((tmp_path / "many" / "quant_log.json").read_text())["layers"]
+    assert max(x["row_ranks"] for x in layers) == ranks
