@@ -177,3 +177,37 @@ def test_the_checker_finds_each_kind_of_violation(sources, expected):
             sources.setdefault(".".join(parts[:i]), "")
     found = violations(sources)
     assert any(expected in p for p in found), found
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """``(name, lines)`` of every function of ``source`` longer than ``limit`` lines."""
+    return [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_no_library_function_is_longer_than_80_lines():
+    found = [
+        f"{path.relative_to(ROOT.parent)}: {name} ({n} lines)"
+        for path in sorted(ROOT.rglob("*.py"))
+        for name, n in long_functions(path.read_text())
+    ]
+    assert not found, found
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(f"def f():\n{body}\n") == [("f", MAX_FUNCTION_LINES + 1)]
+
+
+def test_the_architecture_document_has_a_row_for_every_registered_format():
+    from latticequant.formats import format_names
+
+    doc = (ROOT.parent / "docs" / "architecture.md").read_text()
+    table = doc[doc.index("The registered formats:") :]
+    table = table[: table.index("\n\n", table.index("|"))]
+    missing = [name for name in format_names() if f"`{name}`" not in table]
+    assert not missing, f"docs/architecture.md's format table lacks {missing}"

@@ -176,6 +176,52 @@ def _codes_for_transfer(codes: torch.Tensor, config: QuantConfig) -> torch.Tenso
     return codes.to(torch.int32)
 
 
+def combine_rows(
+    parts: list[GridRows], W: torch.Tensor, config: QuantConfig, context: LayerContext | None
+) -> LayerQuant:
+    """One layer's result from its row blocks (solved by any ranks, in any order): packed by
+    the context's format and fed forward as the format dequantizes it."""
+    fmt = (context or LayerContext(GPTQ_V1)).format
+    parts = sorted(parts, key=lambda p: p.start)
+    if [(p.start, p.stop) for p in parts] != row_chunks(W.shape[0]):
+        raise RuntimeError("the row blocks of a layer do not cover its rows")
+    dev, first = W.device, parts[0]
+
+    def cat(field: str, dtype=None) -> torch.Tensor:
+        t = torch.cat([getattr(p, field) for p in parts])
+        return t.to(device=dev, dtype=dtype)
+
+    result = QuantResult(
+        codes=cat("codes", torch.int64),
+        scales=cat("scales"),
+        zeros=cat("zeros"),
+        g_idx=first.g_idx.to(dev),
+        Q=None,
+        order=first.order.to(dev),
+        loss=cat("loss"),
+        bound=cat("bound"),
+        clipped=sum(p.clipped for p in parts),
+        overflow=sum(p.overflow for p in parts),
+        damp=first.damp,
+        D=first.D.to(dev),
+        bits=first.bits,
+        time_s=sum(p.time_s for p in parts),
+    )
+    tensors = fmt.pack(result)
+    Q = fmt.dequantize(tensors, {"bits": config.bits}, W.dtype)  # as a loader reads it
+    totals: dict[str, float] = {}
+    for p in parts:  # block by block, in row order: the same additions on any rank count
+        for key, value in p.sums.items():
+            totals[key] = totals.get(key, 0.0) + value
+    stats = grid_layer_stats(result, totals.pop("rtn_loss"))
+    if "gptq_loss" not in totals:  # GPTQ itself, unrefined
+        totals["gptq_loss"] = result.proxy_loss
+    stats.update(totals)
+    stats["row_blocks"] = len(parts)
+    stats["bits_per_weight"] = fmt.effective_bits(tensors, W.numel())
+    return LayerQuant(Q=Q, tensors=tensors, stats=stats)
+
+
 def _grid_rows(name: str):
     core = CORE_QUANTIZERS[name]
     kind = _FACTOR_OF[name]
@@ -245,50 +291,7 @@ def _grid_rows(name: str):
             _factor(cache, "gptq", H, config, team)
         _factor(cache, kind, H, config, team)
 
-    def combine(
-        parts: list[GridRows], W: torch.Tensor, config: QuantConfig, context: LayerContext | None
-    ) -> LayerQuant:
-        fmt = (context or LayerContext(GPTQ_V1)).format
-        parts = sorted(parts, key=lambda p: p.start)
-        if [(p.start, p.stop) for p in parts] != row_chunks(W.shape[0]):
-            raise RuntimeError("the row blocks of a layer do not cover its rows")
-        dev, first = W.device, parts[0]
-
-        def cat(field: str, dtype=None) -> torch.Tensor:
-            t = torch.cat([getattr(p, field) for p in parts])
-            return t.to(device=dev, dtype=dtype)
-
-        result = QuantResult(
-            codes=cat("codes", torch.int64),
-            scales=cat("scales"),
-            zeros=cat("zeros"),
-            g_idx=first.g_idx.to(dev),
-            Q=None,
-            order=first.order.to(dev),
-            loss=cat("loss"),
-            bound=cat("bound"),
-            clipped=sum(p.clipped for p in parts),
-            overflow=sum(p.overflow for p in parts),
-            damp=first.damp,
-            D=first.D.to(dev),
-            bits=first.bits,
-            time_s=sum(p.time_s for p in parts),
-        )
-        tensors = fmt.pack(result)
-        Q = fmt.dequantize(tensors, {"bits": config.bits}, W.dtype)  # as a loader reads it
-        totals: dict[str, float] = {}
-        for p in parts:  # block by block, in row order: the same additions on any rank count
-            for key, value in p.sums.items():
-                totals[key] = totals.get(key, 0.0) + value
-        stats = grid_layer_stats(result, totals.pop("rtn_loss"))
-        if "gptq_loss" not in totals:  # GPTQ itself, unrefined
-            totals["gptq_loss"] = result.proxy_loss
-        stats.update(totals)
-        stats["row_blocks"] = len(parts)
-        stats["bits_per_weight"] = fmt.effective_bits(tensors, W.numel())
-        return LayerQuant(Q=Q, tensors=tensors, stats=stats)
-
-    return RowSolver(solve=solve, combine=combine, prepare=prepare)
+    return RowSolver(solve=solve, combine=combine_rows, prepare=prepare)
 
 
 def _grid_method(name: str) -> tuple[Callable[..., LayerQuant], RowSolver]:

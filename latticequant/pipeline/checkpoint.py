@@ -136,6 +136,20 @@ def _split_layers(layers: Mapping, skipped: Mapping[str, str] | None, layout):
     return layers, reasons, not_quantized
 
 
+def _model_tensors(model, layers, layout, store) -> tuple[dict[str, torch.Tensor], dict]:
+    """The model's tensors to write (a tied one once; the blocks of a model kept on disk are
+    written shard by shard instead) and the tied aliases."""
+    state = model.state_dict()
+    for name in layers:
+        if f"{name}.weight" not in state:
+            raise CheckpointError(f"quantized layer {name} has no weight in the model")
+    in_blocks = f"{layout.block_path}."
+    if store is not None:  # the blocks are on ``meta``
+        state = {k: v for k, v in state.items() if not k.startswith(in_blocks)}
+    aliases = _tied_aliases(state)
+    return {name: t for name, t in state.items() if name not in aliases}, aliases
+
+
 def _module_entries(
     model: nn.Module, layers: Mapping[str, QuantizedLayer], tensors: dict[str, torch.Tensor]
 ) -> dict[str, dict]:
@@ -269,19 +283,7 @@ def save_quantized(
     layers, reasons, not_quantized = _split_layers(layers, skipped, layout)
     if store is not None and block_tensors is None:
         raise ValueError("a model kept on disk needs block_tensors to write its quantized layers")
-    state = model.state_dict()
-    for name in layers:
-        if f"{name}.weight" not in state:
-            raise CheckpointError(f"quantized layer {name} has no weight in the model")
-    in_blocks = f"{layout.block_path}."
-    if store is not None:  # the blocks are on ``meta``; they are written shard by shard below
-        state = {k: v for k, v in state.items() if not k.startswith(in_blocks)}
-    aliases = _tied_aliases(state)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        if name in aliases:
-            continue
-        tensors[name] = t
+    tensors, aliases = _model_tensors(model, layers, layout, store)
     modules = _module_entries(model, layers, tensors)
 
     cfg = config_to_dict(config)
@@ -307,17 +309,9 @@ def save_quantized(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     stats = [layers[n].stats for n in layout.linear_names() if n in layers]
-    write_json(
-        {
-            "method": method.name,
-            "config": cfg,
-            "checkpoint_format": fmt.name,
-            "run": run or {},
-            "skipped": {n: reasons[n] for n in not_quantized},
-            "layers": stats,
-        },
-        folder / LOG_FILE,
-    )
+    log = {"method": method.name, "config": cfg, "checkpoint_format": fmt.name, "run": run or {}}
+    log.update(skipped={n: reasons[n] for n in not_quantized}, layers=stats)
+    write_json(log, folder / LOG_FILE)
 
 
 def _read_config(folder: Path) -> dict:
@@ -464,8 +458,6 @@ def load_quantized(
     Every expected tensor is checked for presence and shape before anything is used; a
     truncated or mismatched checkpoint raises :class:`CheckpointError` naming the tensor.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     folder = Path(folder)
     config = _read_config(folder)
     qc = config.pop("quantization_config", None)
@@ -475,6 +467,28 @@ def load_quantized(
             "compressed-tensors pack-quantized or its own)"
         )
     tensors = _load_weights(folder)
+    model, hf_config = _build_model(folder, config)
+    modules = _module_table(qc, tensors)
+    expected = model.state_dict()
+    tied = set((qc.get("latticequant") or {}).get("tied", {}))
+    if not tied and getattr(hf_config, "tie_word_embeddings", False):
+        tied = set(_tied_aliases(expected))
+    formats = {
+        name: _checked_module(model, name, entry, qc, tensors, expected)
+        for name, entry in modules.items()
+    }
+    _load_float_state(model, tensors, expected, modules, tied)
+    for name, entry in modules.items():
+        _set_module(
+            model, name, _module(model, name, entry, qc, formats[name], tensors, cache_weight)
+        )
+    return model.to(device).eval()
+
+
+def _build_model(folder: Path, config: dict):
+    """The model ``config.json`` describes (experts split into one layer per matrix, as they
+    are stored) and its transformers config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = config.pop("model_type", None)
     if model_type is None:
@@ -485,40 +499,41 @@ def load_quantized(
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"cannot build a model from {folder}/config.json: {exc}") from None
     unfuse_experts(model)  # experts are stored one linear layer per expert matrix
+    return model, hf_config
 
-    modules = _module_table(qc, tensors)
-    expected = model.state_dict()
-    tied = set((qc.get("latticequant") or {}).get("tied", {}))
-    if not tied and getattr(hf_config, "tie_word_embeddings", False):
-        tied = set(_tied_aliases(expected))
 
-    formats: dict[str, Format] = {}
-    for name, entry in modules.items():
-        fmt = formats[name] = _entry_format(name, entry, qc)
-        if isinstance(fmt, RotatedFormat) and qc.get("format") != ROTATED_FORMAT:
+def _checked_module(model, name: str, entry: Mapping, qc: Mapping, tensors, expected) -> Format:
+    """The format of module ``name``, its tensors checked for presence and shape against its
+    entry and its shape against the model config.json builds."""
+    fmt = _entry_format(name, entry, qc)
+    if isinstance(fmt, RotatedFormat) and qc.get("format") != ROTATED_FORMAT:
+        raise CheckpointError(
+            f"module {name} is rotated but quantize config's format is "
+            f"{qc.get('format')!r}, not {ROTATED_FORMAT!r}: the checkpoint is inconsistent"
+        )
+    for key in fmt.keys:
+        full = f"{name}.{key}"
+        if full not in tensors:
+            raise CheckpointError(f"checkpoint is missing tensor {full}")
+        want = entry.get("keys", {}).get(key)
+        if want is not None and list(tensors[full].shape) != list(want):
             raise CheckpointError(
-                f"module {name} is rotated but quantize config's format is "
-                f"{qc.get('format')!r}, not {ROTATED_FORMAT!r}: the checkpoint is inconsistent"
+                f"tensor {full} has shape {list(tensors[full].shape)}, expected {want}"
             )
-        for key in fmt.keys:
-            full = f"{name}.{key}"
-            if full not in tensors:
-                raise CheckpointError(f"checkpoint is missing tensor {full}")
-            want = entry.get("keys", {}).get(key)
-            if want is not None and list(tensors[full].shape) != list(want):
-                raise CheckpointError(
-                    f"tensor {full} has shape {list(tensors[full].shape)}, expected {want}"
-                )
-        if f"{name}.weight" not in expected:
-            raise CheckpointError(f"model built from config.json has no linear layer {name}")
-        want_shape = tuple(linear_weight(model.get_submodule(name)).shape)
-        have_shape = (entry.get("out_features"), entry.get("in_features"))
-        if None not in have_shape and tuple(have_shape) != want_shape:
-            raise CheckpointError(
-                f"layer {name} is stored with shape {list(have_shape)} (out, in), config.json "
-                f"gives {list(want_shape)}: checkpoint does not match config.json"
-            )
+    if f"{name}.weight" not in expected:
+        raise CheckpointError(f"model built from config.json has no linear layer {name}")
+    want_shape = tuple(linear_weight(model.get_submodule(name)).shape)
+    have_shape = (entry.get("out_features"), entry.get("in_features"))
+    if None not in have_shape and tuple(have_shape) != want_shape:
+        raise CheckpointError(
+            f"layer {name} is stored with shape {list(have_shape)} (out, in), config.json "
+            f"gives {list(want_shape)}: checkpoint does not match config.json"
+        )
+    return fmt
 
+
+def _load_float_state(model, tensors, expected, modules, tied) -> None:
+    """Every tensor the model has outside its quantized layers, read from the checkpoint."""
     float_state = {}
     quantized_params = {f"{n}.weight" for n in modules} | {f"{n}.bias" for n in modules}
     for key, t in expected.items():
@@ -536,20 +551,19 @@ def load_quantized(
     if tied:
         model.tie_weights()
 
-    for name, entry in modules.items():
-        original = model.get_submodule(name)
-        fmt = formats[name]
-        layer_tensors = {k: tensors[f"{name}.{k}"] for k in fmt.keys}
-        layer_tensors.update(
-            {k: tensors[f"{name}.{k}"] for k in fmt.optional_keys if f"{name}.{k}" in tensors}
-        )
-        bias = tensors.get(f"{name}.bias")
-        if bias is None and getattr(original, "bias", None) is not None:
-            raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
-        meta = {**fmt.module_meta(entry, qc), "cache_weight": cache_weight}
-        try:
-            module = fmt.module(layer_tensors, meta, bias)
-        except FormatError as exc:
-            raise CheckpointError(f"module {name}: {exc}") from None
-        _set_module(model, name, module)
-    return model.to(device).eval()
+
+def _module(model, name, entry, qc, fmt: Format, tensors, cache_weight) -> nn.Module:
+    """The inference module of one quantized layer, built by its format."""
+    original = model.get_submodule(name)
+    layer_tensors = {k: tensors[f"{name}.{k}"] for k in fmt.keys}
+    layer_tensors.update(
+        {k: tensors[f"{name}.{k}"] for k in fmt.optional_keys if f"{name}.{k}" in tensors}
+    )
+    bias = tensors.get(f"{name}.bias")
+    if bias is None and getattr(original, "bias", None) is not None:
+        raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
+    meta = {**fmt.module_meta(entry, qc), "cache_weight": cache_weight}
+    try:
+        return fmt.module(layer_tensors, meta, bias)
+    except FormatError as exc:
+        raise CheckpointError(f"module {name}: {exc}") from None
