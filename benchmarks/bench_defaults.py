@@ -174,7 +174,7 @@ def table(results: dict) -> list[str]:
                     f" The lowest perplexity measured, {o['ppl_after']:.4f}, is "
                     f"{SETTINGS[overall][0]}'s, at {o['quantize_s'] / base['quantize_s']:.2f}x."
                 )
-        else:
+        elif len(measured) > 1:
             o = runs[overall]
             sentence += (
                 " The times of this invocation do not compare; by perplexity the best setting "
