@@ -314,7 +314,8 @@ GRID_FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
 GRID_DEFAULTS = {"order": "act"}
 """Act-order with static groups (the config's own default) decodes in the order GPTQ's users
 expect at no extra cost and still writes the natural ``g_idx`` every GPTQ reader loads; it is
-what a run uses unless told otherwise (measured in docs/bench_defaults.md)."""
+what a run uses unless told otherwise (``benchmarks/bench_defaults.py`` compares it with the
+natural order and the costlier settings, docs/bench_defaults.md)."""
 
 for _name, _description, _config, _check in (
     ("rtn", "round to nearest on the grid (baseline, no Hessian)", QuantConfig, None),
