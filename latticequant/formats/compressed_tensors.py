@@ -43,6 +43,7 @@ from torch import nn
 
 from latticequant.formats.gptq import (
     GPTQFormat,
+    GPTQShape,
     QuantLinear,
     check_meta_dims,
     check_packable,
@@ -282,16 +283,7 @@ def pack_compressed_tensors_result(
     )
 
 
-@dataclass(frozen=True)
-class CTShape:
-    """Dimensions of a validated pack-quantized tensor set."""
-
-    d_out: int
-    d_in: int
-    n_groups: int
-
-
-def validate_compressed_tensors(tensors: Mapping[str, torch.Tensor], args: WeightArgs) -> CTShape:
+def validate_compressed_tensors(tensors: Mapping[str, torch.Tensor], args: WeightArgs) -> GPTQShape:
     """Check keys, dtypes and shapes of one layer's tensors against its ``weights`` args."""
     bits = args.bits
     shape = require_tensor(tensors, "weight_shape", (torch.int64, torch.int32), 1)
@@ -330,7 +322,7 @@ def validate_compressed_tensors(tensors: Mapping[str, torch.Tensor], args: Weigh
         raise FormatError(
             f"'weight_g_idx' is stored but the scheme's actorder is {args.actorder!r}"
         )
-    return CTShape(d_out=d_out, d_in=d_in, n_groups=n_groups)
+    return GPTQShape(d_in=d_in, d_out=d_out, n_groups=n_groups)
 
 
 def unpack_compressed_tensors(
