@@ -1,0 +1,433 @@
+"""llama.cpp's own choice of each block's scales, and its round-to-nearest codes.
+
+A port of ggml-quants.c's reference quantizers, the ones ``llama-quantize`` runs without an
+importance matrix: ``quantize_row_{q8_0,q5_0,q5_1,q4_0,q4_1,q2_0}_ref``,
+``quantize_row_{q6_K,q5_K,q4_K,q3_K,q2_K}_ref`` (with their helpers ``make_qx_quants``,
+``make_q3_quants``, ``make_qkx2_quants``) and ``quantize_iq4_nl`` (``quantize_row_iq4_nl_impl``
+with ``ntry = 7``). Every block of every row is handled at once: the C loops over the weights
+of a block become loops over block positions on arrays of blocks, in float32 and in the C
+order of operations (sums accumulated weight by weight, ``nearest_int`` rounding half to even),
+so that the bytes equal ggml's.
+
+:func:`quantize_reference` returns the grid (the stored ``d``, ``dmin``, ``sc``, ``m``) and the
+codes llama.cpp writes; :func:`fit_grid` only the grid, the static grid on which a decoder with
+error feedback then chooses its own codes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from latticequant.formats.gguf.types import (
+    KVALUES_IQ4NL,
+    QK_K,
+    GGMLType,
+    GgufGrid,
+    as_type,
+    type_info,
+)
+from latticequant.formats.packing import FormatError
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def nearest_int(x: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int``: float32 rounded half to even, as int64 (non-finite values give 0;
+    they occur only where the C code never looks)."""
+    x = np.where(np.isfinite(x), x, 0)
+    return np.rint(x).astype(np.int64)
+
+
+def _fp16(x: np.ndarray) -> np.ndarray:
+    """``GGML_FP32_TO_FP16``: float32 rounded to the nearest float16 (ties to even)."""
+    return np.asarray(x, dtype=F32).astype(np.float16)
+
+
+def _absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``amax = max |x|`` and ``max``, the first weight reaching it (signed), per block."""
+    i = np.abs(x).argmax(axis=1)
+    mx = np.take_along_axis(x, i[:, None], axis=1)[:, 0]
+    return np.abs(mx), mx
+
+
+def _roundf(x: np.ndarray) -> np.ndarray:
+    """C's ``roundf``: half away from zero."""
+    a = np.abs(x)
+    f = np.floor(a)
+    return np.sign(x) * (f + np.floor(2 * (a - f)))
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return a / b
+
+
+# ---------------------------------------------------------------- the block-32 (and 64) types
+
+
+def _q8_0(x):
+    amax = np.abs(x).max(axis=1)
+    d = amax / F32(127)
+    id_ = np.where(d != 0, _safe_div(F32(1), d), F32(0)).astype(F32)
+    q = _roundf(x * id_[:, None])
+    return q.astype(np.int64) + 128, {"d": _fp16(d)}
+
+
+def _qx_0(x, nmax):
+    """Q4_0 (``nmax = 8``) and Q5_0 (``nmax = 16``): ``d = max / -nmax``."""
+    _, mx = _absmax(x)
+    d = mx / F32(-nmax)
+    id_ = np.where(d != 0, _safe_div(F32(1), d), F32(0)).astype(F32)
+    q = np.trunc(x * id_[:, None] + F32(nmax + 0.5)).astype(np.int64)
+    return np.minimum(2 * nmax - 1, q), {"d": _fp16(d)}
+
+
+def _qx_1(x, maxq):
+    """Q4_1 (``maxq = 15``) and Q5_1 (``maxq = 31``): ``d = (max - min) / maxq``, ``m = min``."""
+    mn, mx = x.min(axis=1), x.max(axis=1)
+    d = (mx - mn) / F32(maxq)
+    id_ = np.where(d != 0, _safe_div(F32(1), d), F32(0)).astype(F32)
+    q = np.trunc((x - mn[:, None]) * id_[:, None] + F32(0.5)).astype(np.int64)
+    return np.minimum(maxq, q), {"d": _fp16(d), "m": _fp16(mn)}
+
+
+def _q2_0(x):
+    d = np.abs(x).max(axis=1)
+    id_ = np.where(d > 0, _safe_div(F32(1), d), F32(0)).astype(F32)
+    q = _roundf(x * id_[:, None]).astype(np.int64) + 1
+    return np.clip(q, 0, 3), {"d": _fp16(d)}
+
+
+def best_index_int8(values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """ggml's ``best_index_int8``: the index of the nearest of the sorted ``values`` (the upper
+    one on a tie)."""
+    v = values.astype(F32)
+    mu = np.clip(np.searchsorted(v, x, side="right"), 1, len(v) - 1)
+    lower = (x - v[mu - 1]) < (v[mu] - x)
+    return np.where(lower, mu - 1, mu).astype(np.int64)
+
+
+def _iq4_nl(x, ntry=7):
+    """``quantize_row_iq4_nl_impl`` on one 32-weight block per row of ``x`` (weights ``x^2``)."""
+    values = KVALUES_IQ4NL
+    v0 = F32(values[0])
+    n = x.shape[1]
+    w = x * x
+    amax, mx = _absmax(x)
+    zero = amax < GROUP_MAX_EPS
+
+    def sums(id_):
+        q = values[best_index_int8(values, id_[:, None] * x)].astype(F32)
+        sumqx = np.zeros(len(x), F32)
+        sumq2 = np.zeros(len(x), F32)
+        for j in range(n):
+            sumqx = sumqx + w[:, j] * q[:, j] * x[:, j]
+            sumq2 = sumq2 + w[:, j] * q[:, j] * q[:, j]
+        return sumqx, sumq2
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = (-mx / v0) if ntry > 0 else (mx / v0)
+        sumqx, sumq2 = sums(F32(1) / d)
+        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0)).astype(F32)
+        best = d * sumqx
+        for itry in range(-ntry, ntry + 1):
+            sumqx, sumq2 = sums(F32(itry + int(values[0])) / mx)
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, sumqx / sumq2, d).astype(F32)
+            best = np.where(better, d * sumqx, best).astype(F32)
+        d = np.where(zero, F32(0), d).astype(F32)
+        id_ = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+    return best_index_int8(values, id_[:, None] * x), {"d": _fp16(d)}
+
+
+# ---------------------------------------------------------------- helpers of the K types
+
+
+def make_qx_quants(x, nmax, rmse_type=1):
+    """``make_qx_quants(n, nmax, x, L, rmse_type, NULL)`` on each row of ``x``: (scale, L)."""
+    N, n = x.shape
+    amax, mx = _absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    w = x * x if rmse_type == 1 else np.ones_like(x)
+
+    def quants(iscale):
+        return np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+
+    def sums(lv):
+        sumlx = np.zeros(N, F32)
+        suml2 = np.zeros(N, F32)
+        for i in range(n):
+            li = lv[:, i].astype(F32)
+            sumlx = sumlx + w[:, i] * x[:, i] * li
+            suml2 = suml2 + w[:, i] * li * li
+        return sumlx, suml2
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-nmax) / mx
+        lv = quants(iscale)
+        L = lv + nmax
+        sumlx, suml2 = sums(lv)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
+        best = scale * sumlx
+        for is_ in range(-9, 10):
+            if is_ == 0:
+                continue
+            iscale = -(F32(nmax) + F32(0.1) * F32(is_)) / mx
+            lv = quants(iscale)
+            sumlx, suml2 = sums(lv)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            L = np.where(better[:, None], lv + nmax, L)
+            scale = np.where(better, sumlx / suml2, scale).astype(F32)
+            best = np.where(better, scale * sumlx, best).astype(F32)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L)
+
+
+def make_q3_quants(x, nmax):
+    """``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on each row of ``x``: (scale, L)."""
+    N, n = x.shape
+    amax, mx = _absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    w = x * x
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-nmax) / mx
+        L = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        sumlx = np.zeros(N, F32)
+        suml2 = np.zeros(N, F32)
+        for i in range(n):
+            li = L[:, i].astype(F32)
+            sumlx = sumlx + w[:, i] * x[:, i] * li
+            suml2 = suml2 + w[:, i] * li * li
+        active = ~zero
+        for _ in range(5):
+            n_changed = np.zeros(N, dtype=np.int64)
+            for i in range(n):
+                wi, xi, li = w[:, i], x[:, i], L[:, i].astype(F32)
+                slx = sumlx - wi * xi * li
+                sl2 = suml2 - wi * li * li
+                new_l = np.clip(nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
+                changed = active & (slx > 0) & (new_l != L[:, i])
+                nl = new_l.astype(F32)
+                slx = slx + wi * xi * nl
+                sl2 = sl2 + wi * nl * nl
+                accept = changed & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+                L[:, i] = np.where(accept, new_l, L[:, i])
+                sumlx = np.where(accept, slx, sumlx).astype(F32)
+                suml2 = np.where(accept, sl2, suml2).astype(F32)
+                n_changed += accept
+            active &= n_changed > 0
+            if not active.any():
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L + nmax)
+
+
+def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
+    """``make_qkx2_quants`` on each row of ``x``: (scale, the_min, L), ``x = scale L - the_min``."""
+    N, n = x.shape
+    mn = x[:, 0].copy()
+    mx = x[:, 0].copy()
+    sum_w = weights[:, 0].copy()
+    sum_x = sum_w * x[:, 0]
+    for i in range(1, n):
+        mn = np.minimum(mn, x[:, i])
+        mx = np.maximum(mx, x[:, i])
+        sum_w = sum_w + weights[:, i]
+        sum_x = sum_x + weights[:, i] * x[:, i]
+    mn = np.minimum(mn, F32(0))
+    flat = mx == mn
+
+    def error(scale, lv, the_min):
+        err = np.zeros(N, F32)
+        for i in range(n):
+            diff = scale * lv[:, i].astype(F32) + the_min - x[:, i]
+            diff = np.abs(diff) if use_mad else diff * diff
+            err = err + weights[:, i] * diff
+        return err
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(nmax) / (mx - mn)
+        scale = F32(1) / iscale
+        L = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+        best_error = error(scale, L, mn)
+        for is_ in range(nstep + 1):
+            # min is the best one so far: later steps measure from it, as the C loop does
+            iscale = (F32(rmin) + F32(rdelta) * F32(is_) + F32(nmax)) / (mx - mn)
+            lv = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+            sum_l = np.zeros(N, F32)
+            sum_l2 = np.zeros(N, F32)
+            sum_xl = np.zeros(N, F32)
+            for i in range(n):
+                wl = weights[:, i] * lv[:, i].astype(F32)
+                sum_l = sum_l + wl
+                sum_l2 = sum_l2 + wl * lv[:, i].astype(F32)
+                sum_xl = sum_xl + wl * x[:, i]
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            positive = this_min > 0
+            this_min = np.where(positive, F32(0), this_min).astype(F32)
+            this_scale = np.where(positive, sum_xl / sum_l2, this_scale).astype(F32)
+            cur_error = error(this_scale, lv, this_min)
+            better = (D > 0) & (cur_error < best_error)
+            L = np.where(better[:, None], lv, L)
+            best_error = np.where(better, cur_error, best_error).astype(F32)
+            scale = np.where(better, this_scale, scale).astype(F32)
+            mn = np.where(better, this_min, mn).astype(F32)
+    scale = np.where(flat, F32(0), scale).astype(F32)
+    L = np.where(flat[:, None], 0, L)
+    return scale, -mn, L
+
+
+def _requant(x, dl, dm, lo, hi, L):
+    """The final pass of the K types: ``l = nearest_int((x + dm) / dl)`` clipped to ``lo..hi``
+    in every sub-block whose ``dl`` is not 0 (the others keep the first pass's ``L``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lv = np.clip(nearest_int((x + dm[..., None]) / dl[..., None]), lo, hi)
+    return np.where((dl != 0)[..., None], lv - lo, L)
+
+
+def _sub(x, g):
+    """Blocks ``(N, 256)`` as sub-blocks ``(N * 256 / g, g)``."""
+    return x.reshape(-1, g)
+
+
+# ---------------------------------------------------------------- the K types
+
+
+def _q2_K(x):
+    N = x.shape[0]
+    xs = _sub(x, 16)
+    scales, mins, L = make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+    scales, mins, L = scales.reshape(N, 16), mins.reshape(N, 16), L.reshape(N, 16, 16)
+    max_scale = np.maximum(scales.max(axis=1), F32(0))
+    max_min = np.maximum(mins.max(axis=1), F32(0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ls = nearest_int((F32(15) / max_scale)[:, None] * scales)
+        lm = nearest_int((F32(15) / max_min)[:, None] * mins)
+    ls = np.where((max_scale > 0)[:, None], ls, 0)
+    lm = np.where((max_min > 0)[:, None], lm, 0)
+    byte = ((ls & 0xFF) | ((lm << 4) & 0xFF)).astype(np.int16)
+    sc, m = byte & 0xF, byte >> 4
+    d = _fp16(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
+    dmin = _fp16(np.where(max_min > 0, max_min / F32(15), F32(0)))
+    dl = d.astype(F32)[:, None] * sc.astype(F32)
+    dm = dmin.astype(F32)[:, None] * m.astype(F32)
+    L = _requant(x.reshape(N, 16, 16), dl, dm, 0, 3, L)
+    return L.reshape(N, QK_K), {"d": d, "dmin": dmin, "sc": sc, "m": m}
+
+
+def _q3_K(x):
+    N = x.shape[0]
+    scales, L = make_q3_quants(_sub(x, 16), 4)
+    scales, L = scales.reshape(N, 16), L.reshape(N, 16, 16)
+    i = np.abs(scales).argmax(axis=1)
+    max_scale = np.take_along_axis(scales, i[:, None], axis=1)[:, 0]
+    nonzero = max_scale != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-32) / max_scale
+        l8 = ((nearest_int(iscale[:, None] * scales) + 128) & 0xFF) - 128  # int8_t l
+        d = _fp16(np.where(nonzero, F32(1) / iscale, F32(0)))
+    sc = np.where(nonzero[:, None], np.clip(l8, -32, 31), -32).astype(np.int16)
+    dl = d.astype(F32)[:, None] * sc.astype(F32)
+    L = _requant(x.reshape(N, 16, 16), dl, np.zeros_like(dl), -4, 3, L)
+    return L.reshape(N, QK_K), {"d": d, "sc": sc}
+
+
+def _qx_K(x, nmax, rmin, rdelta, nstep):
+    """Q4_K (``nmax = 15``) and Q5_K (``nmax = 31``): 8 sub-blocks of 32, 6-bit ``sc`` and ``m``."""
+    N = x.shape[0]
+    xs = _sub(x, 32)
+    sum_x2 = np.zeros(len(xs), F32)
+    for i in range(32):
+        sum_x2 = sum_x2 + xs[:, i] * xs[:, i]
+    av_x = np.sqrt(sum_x2 / F32(32))
+    weights = av_x[:, None] + np.abs(xs)
+    scales, mins, L = make_qkx2_quants(xs, weights, nmax, rmin, rdelta, nstep, False)
+    scales, mins, L = scales.reshape(N, 8), mins.reshape(N, 8), L.reshape(N, 8, 32)
+    max_scale = np.maximum(scales.max(axis=1), F32(0))
+    max_min = np.maximum(mins.max(axis=1), F32(0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
+        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
+    sc = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.int16)
+    m = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.int16)
+    d = _fp16(max_scale / F32(63))
+    dmin = _fp16(max_min / F32(63))
+    dl = d.astype(F32)[:, None] * sc.astype(F32)
+    dm = dmin.astype(F32)[:, None] * m.astype(F32)
+    L = _requant(x.reshape(N, 8, 32), dl, dm, 0, nmax, L)
+    return L.reshape(N, QK_K), {"d": d, "dmin": dmin, "sc": sc, "m": m}
+
+
+def _q6_K(x):
+    N = x.shape[0]
+    scales, L = make_qx_quants(_sub(x, 16), 32, 1)
+    scales, L = scales.reshape(N, 16), L.reshape(N, 16, 16)
+    i = np.abs(scales).argmax(axis=1)
+    max_scale = np.take_along_axis(scales, i[:, None], axis=1)[:, 0]
+    zero = np.abs(max_scale) < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-128) / max_scale
+        d = _fp16(np.where(zero, F32(0), F32(1) / iscale))
+        sc = np.minimum(127, nearest_int(iscale[:, None] * scales))
+    sc = np.where(zero[:, None], 0, sc).astype(np.int16)
+    dl = d.astype(F32)[:, None] * sc.astype(F32)
+    L = _requant(x.reshape(N, 16, 16), dl, np.zeros_like(dl), -32, 31, L)
+    L = np.where(zero[:, None, None], 0, L)  # the block is zeroed whole
+    return L.reshape(N, QK_K), {"d": d, "sc": sc}
+
+
+_QUANTIZERS = {
+    GGMLType.Q8_0: _q8_0,
+    GGMLType.Q5_0: lambda x: _qx_0(x, 16),
+    GGMLType.Q4_0: lambda x: _qx_0(x, 8),
+    GGMLType.Q5_1: lambda x: _qx_1(x, 31),
+    GGMLType.Q4_1: lambda x: _qx_1(x, 15),
+    GGMLType.IQ4_NL: _iq4_nl,
+    GGMLType.Q2_0: _q2_0,
+    GGMLType.Q6_K: _q6_K,
+    GGMLType.Q5_K: lambda x: _qx_K(x, 31, -0.5, 0.1, 15),
+    GGMLType.Q4_K: lambda x: _qx_K(x, 15, -1.0, 0.1, 20),
+    GGMLType.Q3_K: _q3_K,
+    GGMLType.Q2_K: _q2_K,
+}
+
+#: Blocks handled per call, bounding the float32 temporaries.
+CHUNK_BLOCKS = 1 << 14
+
+
+def quantize_reference(qtype: GGMLType | str | int, W) -> tuple[np.ndarray, GgufGrid]:
+    """llama.cpp's codes (int64 ``(rows, cols)``) and grid for ``W`` (``rows x cols``, ``cols``
+    a multiple of the type's block size), as ``llama-quantize`` writes them without an
+    importance matrix."""
+    t = as_type(qtype)
+    info = type_info(t)
+    x = np.asarray(W, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] % info.block_size:
+        raise FormatError(
+            f"{t.name} needs a matrix whose rows are a multiple of {info.block_size} long, "
+            f"got shape {x.shape}"
+        )
+    if not np.isfinite(x).all():
+        raise ValueError("W must be finite")
+    rows, cols = x.shape
+    blocks = x.reshape(-1, info.block_size)
+    codes, parts = [], []
+    for a in range(0, len(blocks), CHUNK_BLOCKS):
+        L, p = _QUANTIZERS[t](np.ascontiguousarray(blocks[a : a + CHUNK_BLOCKS]))
+        codes.append(L)
+        parts.append(p)
+    nb = cols // info.block_size
+    fields = {}
+    for name in parts[0] if parts else info.params:
+        value = np.concatenate([p[name] for p in parts]) if parts else np.zeros(0)
+        fields[name] = value.reshape(rows, nb, -1) if value.ndim == 2 else value.reshape(rows, nb)
+    grid = GgufGrid(t, (rows, cols), **fields)
+    return np.concatenate(codes).reshape(rows, cols).astype(np.int64), grid
+
+
+def fit_grid(qtype: GGMLType | str | int, W) -> GgufGrid:
+    """The grid llama.cpp chooses for ``W``: each block's ``d`` (and ``dmin``, ``sc``, ``m``),
+    fixed before any code is decoded."""
+    return quantize_reference(qtype, W)[1]
