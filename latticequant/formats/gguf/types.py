@@ -47,8 +47,11 @@ from latticequant.formats.packing import FormatError
 
 
 class GGMLType(IntEnum):
-    """ggml's type ids (``enum ggml_type`` in ggml.h) of the types implemented here."""
+    """ggml's type ids (``enum ggml_type`` in ggml.h): the quantized types implemented here, and
+    the float types a tensor may be left in."""
 
+    F32 = 0
+    F16 = 1
     Q4_0 = 2
     Q4_1 = 3
     Q5_0 = 6
@@ -130,8 +133,11 @@ def as_type(qtype: GGMLType | str | int) -> GGMLType:
 
 
 def type_info(qtype: GGMLType | str | int) -> TypeInfo:
-    """:class:`TypeInfo` of a type."""
-    return TYPES[as_type(qtype)]
+    """:class:`TypeInfo` of a quantized type (:class:`FormatError` for F32 and F16)."""
+    t = as_type(qtype)
+    if t not in TYPES:
+        raise FormatError(f"{t.name} is not a quantized type")
+    return TYPES[t]
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,7 +161,7 @@ class GgufGrid:
     def __post_init__(self) -> None:
         qtype = as_type(self.qtype)
         object.__setattr__(self, "qtype", qtype)
-        info = TYPES[qtype]
+        info = type_info(qtype)
         object.__setattr__(self, "info", info)
         rows, cols = self.shape
         if cols % info.block_size:
