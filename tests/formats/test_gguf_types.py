@@ -67,6 +67,24 @@ def test_reference_bytes_equal_ggml(t):
     np.testing.assert_array_equal(pack(codes, grid), REFERENCE[t.name])
 
 
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_importance_weighted_bytes_equal_ggml(t):
+    """With an importance matrix (the Hessian's diagonal) the fit is ggml's ``quantize_<type>``
+    with ``quant_weights``, byte for byte; for the types that use it, it changes the grid."""
+    codes, grid = quantize_reference(t, REFERENCE["W"], REFERENCE["importance"])
+    np.testing.assert_array_equal(pack(codes, grid), REFERENCE[f"{t.name}/imatrix"])
+    if t not in (GGMLType.Q8_0, GGMLType.Q2_0):
+        assert not np.array_equal(REFERENCE[f"{t.name}/imatrix"], REFERENCE[t.name])
+
+
+def test_importance_refused_when_malformed():
+    W = REFERENCE["W"]
+    with pytest.raises(ValueError, match="512 finite non-negative"):
+        fit_grid("Q4_K", W, np.ones(256))
+    with pytest.raises(ValueError, match="non-negative"):
+        fit_grid("Q4_K", W, -np.ones(512))
+
+
 @pytest.mark.parametrize("t", GGUF_QUANTIZES, ids=lambda t: t.name)
 def test_reference_bytes_equal_gguf_quantize(t):
     W = weights(t, rows=16, seed=1)

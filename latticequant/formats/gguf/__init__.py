@@ -8,6 +8,14 @@ quantizers); ``mix`` is llama.cpp's choice of a type per tensor for each file ty
 """
 
 from latticequant.formats.gguf.blocks import get_scale_min_k4, pack, unpack, zero_code
+from latticequant.formats.gguf.mix import (
+    FileType,
+    ModelShape,
+    as_file_type,
+    fallback,
+    llama_tensor_shapes,
+    tensor_types,
+)
 from latticequant.formats.gguf.reference import fit_grid, quantize_reference
 from latticequant.formats.gguf.types import (
     KVALUES_IQ4NL,
@@ -26,6 +34,12 @@ from latticequant.formats.gguf.types import (
 )
 
 __all__ = [
+    "FileType",
+    "ModelShape",
+    "as_file_type",
+    "fallback",
+    "llama_tensor_shapes",
+    "tensor_types",
     "KVALUES_IQ4NL",
     "QK_K",
     "TYPES",

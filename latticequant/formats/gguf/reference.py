@@ -74,8 +74,12 @@ def _q8_0(x):
     return q.astype(np.int64) + 128, {"d": _fp16(d)}
 
 
-def _qx_0(x, nmax):
-    """Q4_0 (``nmax = 8``) and Q5_0 (``nmax = 16``): ``d = max / -nmax``."""
+def _qx_0(x, nmax, qw=None, sigma2=None):
+    """Q4_0 (``nmax = 8``) and Q5_0 (``nmax = 16``): ``d = max / -nmax``; with an importance
+    matrix ``quantize_row_q{4,5}_0_impl``: the weighted least-squares ``make_qx_quants``."""
+    if qw is not None:
+        d, L = make_qx_quants(x, nmax, 1, _importance(qw, x, sigma2))
+        return L, {"d": _fp16(d)}
     _, mx = _absmax(x)
     d = mx / F32(-nmax)
     id_ = np.where(d != 0, _safe_div(F32(1), d), F32(0)).astype(F32)
@@ -83,8 +87,13 @@ def _qx_0(x, nmax):
     return np.minimum(2 * nmax - 1, q), {"d": _fp16(d)}
 
 
-def _qx_1(x, maxq):
-    """Q4_1 (``maxq = 15``) and Q5_1 (``maxq = 31``): ``d = (max - min) / maxq``, ``m = min``."""
+def _qx_1(x, maxq, qw=None, sigma2=None):
+    """Q4_1 (``maxq = 15``) and Q5_1 (``maxq = 31``): ``d = (max - min) / maxq``, ``m = min``;
+    with an importance matrix ``quantize_row_q{4,5}_1_impl`` (``make_qkx3_quants``)."""
+    if qw is not None:
+        w = _importance(qw, x, sigma2)
+        d, the_min, L = make_qkx2_quants(x, w, maxq, -0.9, 0.05, 36, False)
+        return L, {"d": _fp16(d), "m": _fp16(-the_min)}
     mn, mx = x.min(axis=1), x.max(axis=1)
     d = (mx - mn) / F32(maxq)
     id_ = np.where(d != 0, _safe_div(F32(1), d), F32(0)).astype(F32)
@@ -108,12 +117,16 @@ def best_index_int8(values: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.where(lower, mu - 1, mu).astype(np.int64)
 
 
-def _iq4_nl(x, ntry=7):
-    """``quantize_row_iq4_nl_impl`` on one 32-weight block per row of ``x`` (weights ``x^2``)."""
+def _iq4_nl(x, qw=None, ntry=7):
+    """``quantize_row_iq4_nl_impl`` on one 32-weight block per row of ``x`` (weights ``x^2``, or
+    ``qw sqrt(sigma2 + x^2)`` with an importance matrix)."""
     values = KVALUES_IQ4NL
     v0 = F32(values[0])
     n = x.shape[1]
-    w = x * x
+    if qw is None:
+        w = x * x
+    else:
+        w = _importance(qw, x, sum_sq(x) * (F32(2) / F32(n)))
     amax, mx = _absmax(x)
     zero = amax < GROUP_MAX_EPS
 
@@ -144,12 +157,13 @@ def _iq4_nl(x, ntry=7):
 # ---------------------------------------------------------------- helpers of the K types
 
 
-def make_qx_quants(x, nmax, rmse_type=1):
-    """``make_qx_quants(n, nmax, x, L, rmse_type, NULL)`` on each row of ``x``: (scale, L)."""
+def make_qx_quants(x, nmax, rmse_type=1, qw=None):
+    """``make_qx_quants(n, nmax, x, L, rmse_type, qw)`` on each row of ``x``: (scale, L); the
+    weights are ``qw`` when given, else ``x^2`` (``rmse_type`` 1) or 1."""
     N, n = x.shape
     amax, mx = _absmax(x)
     zero = amax < GROUP_MAX_EPS
-    w = x * x if rmse_type == 1 else np.ones_like(x)
+    w = qw if qw is not None else x * x if rmse_type == 1 else np.ones_like(x)
 
     def quants(iscale):
         return np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
@@ -279,6 +293,86 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     return scale, -mn, L
 
 
+def make_qp_quants(x, nmax, qw):
+    """``make_qp_quants(n, nmax, x, L, qw)`` on each row of ``x`` (non-negative): (scale, L),
+    ``L`` in ``0 .. nmax``; the super-block scale of the sub-block scales with an importance
+    matrix."""
+    N, n = x.shape
+    mx = np.zeros(N, F32)
+    for i in range(n):
+        mx = np.maximum(mx, x[:, i])
+    zero = mx < GROUP_MAX_EPS
+
+    def mse(scale, lv):
+        err = np.zeros(N, F32)
+        for i in range(n):
+            diff = x[:, i] - scale * lv[:, i].astype(F32)
+            err = err + qw[:, i] * diff * diff
+        return err
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(nmax) / mx
+        best_mse = mse(F32(1) / iscale, nearest_int(iscale[:, None] * x))
+        for is_ in range(-4, 5):
+            if is_ == 0:
+                continue
+            iscale_is = (F32(0.1) * F32(is_) + F32(nmax)) / mx
+            err = mse(F32(1) / iscale_is, np.minimum(nmax, nearest_int(iscale_is[:, None] * x)))
+            better = err < best_mse
+            best_mse = np.where(better, err, best_mse).astype(F32)
+            iscale = np.where(better, iscale_is, iscale).astype(F32)
+        L = np.minimum(nmax, nearest_int(iscale[:, None] * x))
+        sumlx = np.zeros(N, F32)
+        suml2 = np.zeros(N, F32)
+        for i in range(n):
+            li = L[:, i].astype(F32)
+            sumlx = sumlx + qw[:, i] * x[:, i] * li
+            suml2 = suml2 + qw[:, i] * li * li
+        active = ~zero
+        for _ in range(5):
+            n_changed = np.zeros(N, dtype=np.int64)
+            for i in range(n):
+                wi, xi, li = qw[:, i], x[:, i], L[:, i].astype(F32)
+                slx = sumlx - wi * xi * li
+                sl2 = suml2 - wi * li * li
+                new_l = np.minimum(nmax, nearest_int(xi * sl2 / slx))
+                changed = active & (slx > 0) & (sl2 > 0) & (new_l != L[:, i])
+                nl = new_l.astype(F32)
+                slx = slx + wi * xi * nl
+                sl2 = sl2 + wi * nl * nl
+                accept = changed & (slx * slx * suml2 > sumlx * sumlx * sl2)
+                L[:, i] = np.where(accept, new_l, L[:, i])
+                sumlx = np.where(accept, slx, sumlx).astype(F32)
+                suml2 = np.where(accept, sl2, suml2).astype(F32)
+                n_changed += accept
+            active &= n_changed > 0
+            if not active.any():
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L)
+
+
+def sum_sq(x: np.ndarray) -> np.ndarray:
+    """``sum x^2`` along each row, accumulated weight by weight in float32 as the C loops do."""
+    total = np.zeros(x.shape[0], F32)
+    for i in range(x.shape[1]):
+        total = total + x[:, i] * x[:, i]
+    return total
+
+
+def seq_sum(x: np.ndarray) -> np.ndarray:
+    """``sum x`` along each row, accumulated in float32 in order."""
+    total = np.zeros(x.shape[0], F32)
+    for i in range(x.shape[1]):
+        total = total + x[:, i]
+    return total
+
+
+def _importance(qw, x, sigma2):
+    """``qw * sqrtf(sigma2 + x^2)``: the weights of a weight given its importance ``qw``."""
+    return qw * np.sqrt(sigma2[:, None] + x * x)
+
+
 def _requant(x, dl, dm, lo, hi, L):
     """The final pass of the K types: ``l = nearest_int((x + dm) / dl)`` clipped to ``lo..hi``
     in every sub-block whose ``dl`` is not 0 (the others keep the first pass's ``L``)."""
@@ -295,9 +389,23 @@ def _sub(x, g):
 # ---------------------------------------------------------------- the K types
 
 
-def _q2_K(x):
+def _q2_K(x, qw=None):
     N = x.shape[0]
     xs = _sub(x, 16)
+    if qw is not None:  # quantize_row_q2_K_impl
+        sigma2 = np.repeat(sum_sq(x) / F32(QK_K), 16)
+        w = _importance(_sub(qw, 16), xs, sigma2)
+        scales, mins, L = make_qkx2_quants(xs, w, 3, -0.9, 0.05, 36, False)
+        sw = seq_sum(w).reshape(N, 16)
+        dm, ls = make_qp_quants(scales.reshape(N, 16), 15, sw)
+        mm, lm = make_qp_quants(mins.reshape(N, 16), 15, sw)
+        byte = ((ls & 0xFF) | ((lm << 4) & 0xFF)).astype(np.int16)
+        d, dmin = _fp16(dm), _fp16(mm)
+        sc, m = byte & 0xF, byte >> 4
+        dl = d.astype(F32)[:, None] * sc.astype(F32)
+        dmf = dmin.astype(F32)[:, None] * m.astype(F32)
+        L = _requant(x.reshape(N, 16, 16), dl, dmf, 0, 3, L.reshape(N, 16, 16))
+        return L.reshape(N, QK_K), {"d": d, "dmin": dmin, "sc": sc, "m": m}
     scales, mins, L = make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
     scales, mins, L = scales.reshape(N, 16), mins.reshape(N, 16), L.reshape(N, 16, 16)
     max_scale = np.maximum(scales.max(axis=1), F32(0))
@@ -317,8 +425,18 @@ def _q2_K(x):
     return L.reshape(N, QK_K), {"d": d, "dmin": dmin, "sc": sc, "m": m}
 
 
-def _q3_K(x):
+def _q3_K(x, qw=None):
     N = x.shape[0]
+    if qw is not None:  # quantize_row_q3_K_impl
+        xs = _sub(x, 16)
+        sigma2 = np.repeat(F32(2) * sum_sq(x) / F32(QK_K), 16)
+        w = _importance(_sub(qw, 16), xs, sigma2)
+        scales, L = make_qx_quants(xs, 4, 1, w)
+        d_block, ls = make_qx_quants(scales.reshape(N, 16), 32, 1, seq_sum(w).reshape(N, 16))
+        d, sc = _fp16(d_block), (ls - 32).astype(np.int16)
+        dl = d.astype(F32)[:, None] * sc.astype(F32)
+        L = _requant(x.reshape(N, 16, 16), dl, np.zeros_like(dl), -4, 3, L.reshape(N, 16, 16))
+        return L.reshape(N, QK_K), {"d": d, "sc": sc}
     scales, L = make_q3_quants(_sub(x, 16), 4)
     scales, L = scales.reshape(N, 16), L.reshape(N, 16, 16)
     i = np.abs(scales).argmax(axis=1)
@@ -334,10 +452,25 @@ def _q3_K(x):
     return L.reshape(N, QK_K), {"d": d, "sc": sc}
 
 
-def _qx_K(x, nmax, rmin, rdelta, nstep):
-    """Q4_K (``nmax = 15``) and Q5_K (``nmax = 31``): 8 sub-blocks of 32, 6-bit ``sc`` and ``m``."""
+def _qx_K(x, nmax, rmin, rdelta, nstep, qw=None):
+    """Q4_K (``nmax = 15``) and Q5_K (``nmax = 31``): 8 sub-blocks of 32, 6-bit ``sc`` and ``m``;
+    with an importance matrix ``quantize_row_q{4,5}_K_impl``."""
     N = x.shape[0]
     xs = _sub(x, 32)
+    if qw is not None:
+        sigma2 = np.repeat(F32(2) * sum_sq(x) / F32(QK_K), 8)
+        w = _importance(_sub(qw, 32), xs, sigma2)
+        scales, mins, L = make_qkx2_quants(xs, w, nmax, -0.9, 0.05, 36, False)
+        sw = seq_sum(w).reshape(N, 8)
+        d_block, ls = make_qp_quants(scales.reshape(N, 8), 63, sw)
+        m_block, lm = make_qp_quants(mins.reshape(N, 8), 63, sw)
+        sc = np.minimum(63, ls & 0xFF).astype(np.int16)
+        m = np.minimum(63, lm & 0xFF).astype(np.int16)
+        d, dmin = _fp16(d_block), _fp16(m_block)
+        dl = d.astype(F32)[:, None] * sc.astype(F32)
+        dm = dmin.astype(F32)[:, None] * m.astype(F32)
+        L = _requant(x.reshape(N, 8, 32), dl, dm, 0, nmax, L.reshape(N, 8, 32))
+        return L.reshape(N, QK_K), {"d": d, "dmin": dmin, "sc": sc, "m": m}
     sum_x2 = np.zeros(len(xs), F32)
     for i in range(32):
         sum_x2 = sum_x2 + xs[:, i] * xs[:, i]
@@ -360,9 +493,9 @@ def _qx_K(x, nmax, rmin, rdelta, nstep):
     return L.reshape(N, QK_K), {"d": d, "dmin": dmin, "sc": sc, "m": m}
 
 
-def _q6_K(x):
+def _q6_K(x, qw=None):
     N = x.shape[0]
-    scales, L = make_qx_quants(_sub(x, 16), 32, 1)
+    scales, L = make_qx_quants(_sub(x, 16), 32, 1, None if qw is None else _sub(qw, 16))
     scales, L = scales.reshape(N, 16), L.reshape(N, 16, 16)
     i = np.abs(scales).argmax(axis=1)
     max_scale = np.take_along_axis(scales, i[:, None], axis=1)[:, 0]
@@ -378,29 +511,40 @@ def _q6_K(x):
     return L.reshape(N, QK_K), {"d": d, "sc": sc}
 
 
+#: Each type's quantizer ``(blocks, qw, sigma2) -> (codes, params)``: ``qw`` the blocks'
+#: importance (None without an importance matrix), ``sigma2`` the mean square of each block's
+#: row (read by the block-32 types' weighted fits).
 _QUANTIZERS = {
-    GGMLType.Q8_0: _q8_0,
-    GGMLType.Q5_0: lambda x: _qx_0(x, 16),
-    GGMLType.Q4_0: lambda x: _qx_0(x, 8),
-    GGMLType.Q5_1: lambda x: _qx_1(x, 31),
-    GGMLType.Q4_1: lambda x: _qx_1(x, 15),
-    GGMLType.IQ4_NL: _iq4_nl,
-    GGMLType.Q2_0: _q2_0,
-    GGMLType.Q6_K: _q6_K,
-    GGMLType.Q5_K: lambda x: _qx_K(x, 31, -0.5, 0.1, 15),
-    GGMLType.Q4_K: lambda x: _qx_K(x, 15, -1.0, 0.1, 20),
-    GGMLType.Q3_K: _q3_K,
-    GGMLType.Q2_K: _q2_K,
+    GGMLType.Q8_0: lambda x, qw, s2: _q8_0(x),
+    GGMLType.Q5_0: lambda x, qw, s2: _qx_0(x, 16, qw, s2),
+    GGMLType.Q4_0: lambda x, qw, s2: _qx_0(x, 8, qw, s2),
+    GGMLType.Q5_1: lambda x, qw, s2: _qx_1(x, 31, qw, s2),
+    GGMLType.Q4_1: lambda x, qw, s2: _qx_1(x, 15, qw, s2),
+    GGMLType.IQ4_NL: lambda x, qw, s2: _iq4_nl(x, qw),
+    GGMLType.Q2_0: lambda x, qw, s2: _q2_0(x),
+    GGMLType.Q6_K: lambda x, qw, s2: _q6_K(x, qw),
+    GGMLType.Q5_K: lambda x, qw, s2: _qx_K(x, 31, -0.5, 0.1, 15, qw),
+    GGMLType.Q4_K: lambda x, qw, s2: _qx_K(x, 15, -1.0, 0.1, 20, qw),
+    GGMLType.Q3_K: lambda x, qw, s2: _q3_K(x, qw),
+    GGMLType.Q2_K: lambda x, qw, s2: _q2_K(x, qw),
 }
 
 #: Blocks handled per call, bounding the float32 temporaries.
 CHUNK_BLOCKS = 1 << 14
 
 
-def quantize_reference(qtype: GGMLType | str | int, W) -> tuple[np.ndarray, GgufGrid]:
+def quantize_reference(
+    qtype: GGMLType | str | int, W, importance=None
+) -> tuple[np.ndarray, GgufGrid]:
     """llama.cpp's codes (int64 ``(rows, cols)``) and grid for ``W`` (``rows x cols``, ``cols``
-    a multiple of the type's block size), as ``llama-quantize`` writes them without an
-    importance matrix."""
+    a multiple of the type's block size), as ``llama-quantize`` writes them.
+
+    ``importance`` is llama.cpp's importance matrix for the layer: one non-negative weight per
+    input column (``cols``), the mean of ``x_j^2`` over the calibration tokens, i.e. the
+    diagonal of the layer's Hessian ``H = X^T X`` up to a factor. With it the scales minimise
+    the error weighted by it (the ``quantize_row_*_impl`` fits; Q8_0 and Q2_0 ignore it, as
+    ggml does); without it they are the ``quantize_row_*_ref`` fits.
+    """
     t = as_type(qtype)
     info = type_info(t)
     x = np.asarray(W, dtype=np.float32)
@@ -412,13 +556,26 @@ def quantize_reference(qtype: GGMLType | str | int, W) -> tuple[np.ndarray, Gguf
     if not np.isfinite(x).all():
         raise ValueError("W must be finite")
     rows, cols = x.shape
+    nb = cols // info.block_size
     blocks = x.reshape(-1, info.block_size)
+    qw = sigma2 = None
+    if importance is not None:
+        qw = np.asarray(importance, dtype=np.float32).reshape(-1)
+        if qw.shape != (cols,) or not np.isfinite(qw).all() or (qw < 0).any():
+            raise ValueError(f"importance must be {cols} finite non-negative weights")
+        qw = np.broadcast_to(qw.reshape(1, nb, info.block_size), (rows, nb, info.block_size))
+        qw = qw.reshape(-1, info.block_size)
+        sigma2 = np.repeat(sum_sq(x) / F32(cols), nb)
     codes, parts = [], []
     for a in range(0, len(blocks), CHUNK_BLOCKS):
-        L, p = _QUANTIZERS[t](np.ascontiguousarray(blocks[a : a + CHUNK_BLOCKS]))
+        chunk = slice(a, a + CHUNK_BLOCKS)
+        L, p = _QUANTIZERS[t](
+            np.ascontiguousarray(blocks[chunk]),
+            None if qw is None else np.ascontiguousarray(qw[chunk]),
+            None if sigma2 is None else sigma2[chunk],
+        )
         codes.append(L)
         parts.append(p)
-    nb = cols // info.block_size
     fields = {}
     for name in parts[0] if parts else info.params:
         value = np.concatenate([p[name] for p in parts]) if parts else np.zeros(0)
@@ -427,7 +584,8 @@ def quantize_reference(qtype: GGMLType | str | int, W) -> tuple[np.ndarray, Gguf
     return np.concatenate(codes).reshape(rows, cols).astype(np.int64), grid
 
 
-def fit_grid(qtype: GGMLType | str | int, W) -> GgufGrid:
-    """The grid llama.cpp chooses for ``W``: each block's ``d`` (and ``dmin``, ``sc``, ``m``),
-    fixed before any code is decoded."""
-    return quantize_reference(qtype, W)[1]
+def fit_grid(qtype: GGMLType | str | int, W, importance=None) -> GgufGrid:
+    """The grid llama.cpp chooses for ``W`` (weighted by ``importance``, the Hessian's diagonal,
+    when given): each block's ``d`` (and ``dmin``, ``sc``, ``m``), fixed before any code is
+    decoded."""
+    return quantize_reference(qtype, W, importance)[1]
