@@ -58,6 +58,17 @@ def _roundf(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * (f + np.floor(2 * (a - f)))
 
 
+def seq_sum(x: np.ndarray) -> np.ndarray:
+    """``sum x`` along each row in float32, added in order from 0 as the C loops do
+    (``add.accumulate`` is sequential, unlike ``sum``'s pairwise summation)."""
+    return F32(0) + np.add.accumulate(x, axis=1, dtype=F32)[:, -1]
+
+
+def sum_sq(x: np.ndarray) -> np.ndarray:
+    """``sum x^2`` along each row, as :func:`seq_sum`."""
+    return seq_sum(x * x)
+
+
 def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return a / b
@@ -132,12 +143,7 @@ def _iq4_nl(x, qw=None, ntry=7):
 
     def sums(id_):
         q = values[best_index_int8(values, id_[:, None] * x)].astype(F32)
-        sumqx = np.zeros(len(x), F32)
-        sumq2 = np.zeros(len(x), F32)
-        for j in range(n):
-            sumqx = sumqx + w[:, j] * q[:, j] * x[:, j]
-            sumq2 = sumq2 + w[:, j] * q[:, j] * q[:, j]
-        return sumqx, sumq2
+        return seq_sum(w * q * x), seq_sum(w * q * q)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         d = (-mx / v0) if ntry > 0 else (mx / v0)
@@ -169,13 +175,8 @@ def make_qx_quants(x, nmax, rmse_type=1, qw=None):
         return np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
 
     def sums(lv):
-        sumlx = np.zeros(N, F32)
-        suml2 = np.zeros(N, F32)
-        for i in range(n):
-            li = lv[:, i].astype(F32)
-            sumlx = sumlx + w[:, i] * x[:, i] * li
-            suml2 = suml2 + w[:, i] * li * li
-        return sumlx, suml2
+        lf = lv.astype(F32)
+        return seq_sum(w * x * lf), seq_sum(w * lf * lf)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(-nmax) / mx
@@ -206,12 +207,8 @@ def make_q3_quants(x, nmax):
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(-nmax) / mx
         L = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-        sumlx = np.zeros(N, F32)
-        suml2 = np.zeros(N, F32)
-        for i in range(n):
-            li = L[:, i].astype(F32)
-            sumlx = sumlx + w[:, i] * x[:, i] * li
-            suml2 = suml2 + w[:, i] * li * li
+        lf = L.astype(F32)
+        sumlx, suml2 = seq_sum(w * x * lf), seq_sum(w * lf * lf)
         active = ~zero
         for _ in range(5):
             n_changed = np.zeros(N, dtype=np.int64)
@@ -239,25 +236,16 @@ def make_q3_quants(x, nmax):
 def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     """``make_qkx2_quants`` on each row of ``x``: (scale, the_min, L), ``x = scale L - the_min``."""
     N, n = x.shape
-    mn = x[:, 0].copy()
-    mx = x[:, 0].copy()
-    sum_w = weights[:, 0].copy()
-    sum_x = sum_w * x[:, 0]
-    for i in range(1, n):
-        mn = np.minimum(mn, x[:, i])
-        mx = np.maximum(mx, x[:, i])
-        sum_w = sum_w + weights[:, i]
-        sum_x = sum_x + weights[:, i] * x[:, i]
+    mn, mx = x.min(axis=1), x.max(axis=1)
+    sum_w = np.add.accumulate(weights, axis=1, dtype=F32)[:, -1]  # from weights[0], as in C
+    sum_x = np.add.accumulate(weights * x, axis=1, dtype=F32)[:, -1]
     mn = np.minimum(mn, F32(0))
     flat = mx == mn
 
     def error(scale, lv, the_min):
-        err = np.zeros(N, F32)
-        for i in range(n):
-            diff = scale * lv[:, i].astype(F32) + the_min - x[:, i]
-            diff = np.abs(diff) if use_mad else diff * diff
-            err = err + weights[:, i] * diff
-        return err
+        diff = scale[:, None] * lv.astype(F32) + the_min[:, None] - x
+        diff = np.abs(diff) if use_mad else diff * diff
+        return seq_sum(weights * diff)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(nmax) / (mx - mn)
@@ -268,14 +256,9 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
             # min is the best one so far: later steps measure from it, as the C loop does
             iscale = (F32(rmin) + F32(rdelta) * F32(is_) + F32(nmax)) / (mx - mn)
             lv = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
-            sum_l = np.zeros(N, F32)
-            sum_l2 = np.zeros(N, F32)
-            sum_xl = np.zeros(N, F32)
-            for i in range(n):
-                wl = weights[:, i] * lv[:, i].astype(F32)
-                sum_l = sum_l + wl
-                sum_l2 = sum_l2 + wl * lv[:, i].astype(F32)
-                sum_xl = sum_xl + wl * x[:, i]
+            lf = lv.astype(F32)
+            wl = weights * lf
+            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * lf), seq_sum(wl * x)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -298,17 +281,12 @@ def make_qp_quants(x, nmax, qw):
     ``L`` in ``0 .. nmax``; the super-block scale of the sub-block scales with an importance
     matrix."""
     N, n = x.shape
-    mx = np.zeros(N, F32)
-    for i in range(n):
-        mx = np.maximum(mx, x[:, i])
+    mx = np.maximum(x.max(axis=1), F32(0))
     zero = mx < GROUP_MAX_EPS
 
     def mse(scale, lv):
-        err = np.zeros(N, F32)
-        for i in range(n):
-            diff = x[:, i] - scale * lv[:, i].astype(F32)
-            err = err + qw[:, i] * diff * diff
-        return err
+        diff = x - scale[:, None] * lv.astype(F32)
+        return seq_sum(qw * diff * diff)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(nmax) / mx
@@ -322,12 +300,8 @@ def make_qp_quants(x, nmax, qw):
             best_mse = np.where(better, err, best_mse).astype(F32)
             iscale = np.where(better, iscale_is, iscale).astype(F32)
         L = np.minimum(nmax, nearest_int(iscale[:, None] * x))
-        sumlx = np.zeros(N, F32)
-        suml2 = np.zeros(N, F32)
-        for i in range(n):
-            li = L[:, i].astype(F32)
-            sumlx = sumlx + qw[:, i] * x[:, i] * li
-            suml2 = suml2 + qw[:, i] * li * li
+        lf = L.astype(F32)
+        sumlx, suml2 = seq_sum(qw * x * lf), seq_sum(qw * lf * lf)
         active = ~zero
         for _ in range(5):
             n_changed = np.zeros(N, dtype=np.int64)
@@ -350,22 +324,6 @@ def make_qp_quants(x, nmax, qw):
                 break
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
     return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L)
-
-
-def sum_sq(x: np.ndarray) -> np.ndarray:
-    """``sum x^2`` along each row, accumulated weight by weight in float32 as the C loops do."""
-    total = np.zeros(x.shape[0], F32)
-    for i in range(x.shape[1]):
-        total = total + x[:, i] * x[:, i]
-    return total
-
-
-def seq_sum(x: np.ndarray) -> np.ndarray:
-    """``sum x`` along each row, accumulated in float32 in order."""
-    total = np.zeros(x.shape[0], F32)
-    for i in range(x.shape[1]):
-        total = total + x[:, i]
-    return total
 
 
 def _importance(qw, x, sigma2):
@@ -471,10 +429,7 @@ def _qx_K(x, nmax, rmin, rdelta, nstep, qw=None):
         dm = dmin.astype(F32)[:, None] * m.astype(F32)
         L = _requant(x.reshape(N, 8, 32), dl, dm, 0, nmax, L.reshape(N, 8, 32))
         return L.reshape(N, QK_K), {"d": d, "dmin": dmin, "sc": sc, "m": m}
-    sum_x2 = np.zeros(len(xs), F32)
-    for i in range(32):
-        sum_x2 = sum_x2 + xs[:, i] * xs[:, i]
-    av_x = np.sqrt(sum_x2 / F32(32))
+    av_x = np.sqrt(sum_sq(xs) / F32(32))
     weights = av_x[:, None] + np.abs(xs)
     scales, mins, L = make_qkx2_quants(xs, weights, nmax, rmin, rdelta, nstep, False)
     scales, mins, L = scales.reshape(N, 8), mins.reshape(N, 8), L.reshape(N, 8, 32)
