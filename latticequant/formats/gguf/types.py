@@ -305,3 +305,39 @@ def nearest_codes(x: np.ndarray, grid: GgufGrid) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(s != 0, np.rint(xg / s + o), np.rint(o))
     return np.clip(z, 0, grid.info.maxq).astype(np.int64).reshape(rows, cols)
+
+
+class ColumnRounder:
+    """The nearest level of column ``j`` in each row's group, one column at a time: the rounding
+    step of a decoder with error feedback (GPTQ, Babai's nearest plane) on a fixed grid.
+
+    ``rounder(x, j)`` takes the ``rows`` values of column ``j`` (after the feedback of the
+    columns decoded before it) and returns their codes (int64) and the exact float32 values of
+    those codes (as float64), the ``q`` whose error the decoder feeds forward.
+    """
+
+    def __init__(self, grid: GgufGrid):
+        self.grid = grid
+        self.params = _group_params(grid)
+        self.uniform = grid.qtype != GGMLType.IQ4_NL
+        if self.uniform:
+            self.s, self.o = scales_offsets(grid)
+        else:
+            self.levels = levels(grid).astype(np.float64)
+
+    def __call__(self, x: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
+        rows, cols = self.grid.shape
+        if not 0 <= j < cols:
+            raise IndexError(f"column {j} out of range for {cols} columns")
+        x = np.asarray(x, dtype=np.float64).reshape(rows)
+        g = j // self.grid.info.group_size
+        if self.uniform:
+            s, o = self.s[:, g], self.o[:, g]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.where(s != 0, np.rint(x / s + o), np.rint(o))
+            z = np.clip(z, 0, self.grid.info.maxq).astype(np.int64)
+        else:
+            z = np.abs(x[:, None] - self.levels[:, g, :]).argmin(axis=1)
+        p = {k: v[:, g : g + 1, :] for k, v in self.params.items()}
+        q = _values(self.grid.qtype, p, z.reshape(rows, 1, 1)).reshape(rows)
+        return z, q.astype(np.float64)
