@@ -284,6 +284,10 @@ def scales_offsets(grid: GgufGrid) -> tuple[np.ndarray, np.ndarray]:
     return s, o
 
 
+#: Rows per step of IQ4_NL's nearest-level search.
+NEAREST_ROWS = 1024
+
+
 def nearest_codes(x: np.ndarray, grid: GgufGrid) -> np.ndarray:
     """Round weights ``x`` (rows, cols) to the nearest level of their group: int64 codes.
 
@@ -298,7 +302,10 @@ def nearest_codes(x: np.ndarray, grid: GgufGrid) -> np.ndarray:
     xg = x.reshape(rows, grid.n_groups, g)
     if grid.qtype == GGMLType.IQ4_NL:
         lv = levels(grid).astype(np.float64)
-        z = np.abs(xg[..., None] - lv[:, :, None, :]).argmin(axis=-1)
+        z = np.empty(xg.shape, dtype=np.int64)
+        for a in range(0, rows, NEAREST_ROWS):  # bounds the (rows, cols, 16) distances
+            b = min(a + NEAREST_ROWS, rows)
+            z[a:b] = np.abs(xg[a:b, ..., None] - lv[a:b, :, None, :]).argmin(axis=-1)
         return z.reshape(rows, cols)
     s, o = scales_offsets(grid)
     s, o = s[..., None], o[..., None]
