@@ -1,13 +1,16 @@
 """llama.cpp's own choice of each block's scales, and its round-to-nearest codes.
 
-A port of ggml-quants.c's reference quantizers, the ones ``llama-quantize`` runs without an
-importance matrix: ``quantize_row_{q8_0,q5_0,q5_1,q4_0,q4_1,q2_0}_ref``,
+A port of ggml-quants.c's quantizers. Without an importance matrix, the ones ``llama-quantize``
+runs then: ``quantize_row_{q8_0,q5_0,q5_1,q4_0,q4_1,q2_0}_ref``,
 ``quantize_row_{q6_K,q5_K,q4_K,q3_K,q2_K}_ref`` (with their helpers ``make_qx_quants``,
 ``make_q3_quants``, ``make_qkx2_quants``) and ``quantize_iq4_nl`` (``quantize_row_iq4_nl_impl``
-with ``ntry = 7``). Every block of every row is handled at once: the C loops over the weights
-of a block become loops over block positions on arrays of blocks, in float32 and in the C
-order of operations (sums accumulated weight by weight, ``nearest_int`` rounding half to even),
-so that the bytes equal ggml's.
+with ``ntry = 7``). With one (one weight per input column, the Hessian's diagonal), the
+``quantize_row_*_impl`` fits that weight each error by it (``make_qx_quants`` with weights,
+``make_qkx3_quants``, ``make_qp_quants`` for the super-block scales).
+
+Every block of every row is handled at once: the C loops over the weights of a block become
+operations on arrays of blocks, in float32 and in the C order of operations (sums accumulated
+weight by weight, ``nearest_int`` rounding half to even), so that the bytes equal ggml's.
 
 :func:`quantize_reference` returns the grid (the stored ``d``, ``dmin``, ``sc``, ``m``) and the
 codes llama.cpp writes; :func:`fit_grid` only the grid, the static grid on which a decoder with

@@ -227,7 +227,7 @@ def _group_params(grid: GgufGrid) -> dict[str, np.ndarray]:
     return out
 
 
-def _values(qtype: GgufGrid, p: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
+def _values(qtype: GGMLType, p: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
     """The float32 value of codes ``z`` (broadcast against ``p``), in ggml's order of operations."""
     t = qtype
     if t in (GGMLType.Q4_1, GGMLType.Q5_1):
