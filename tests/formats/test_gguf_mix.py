@@ -146,3 +146,14 @@ def test_use_more_bits_and_order():
 def test_unknown_file_type():
     with pytest.raises(ValueError, match="unsupported file type"):
         tensor_types("IQ2_XXS", SMOL, SMOL_SHAPE)
+
+
+def test_untied_embeddings_and_output():
+    """Untied, ``output.weight`` takes the output rule (Q6_K, here Q8_0 after the fallback) and
+    ``token_embd`` keeps the default type, but for Q2_0, which raises it to Q4_K (-> Q5_0)."""
+    shapes = llama_tensor_shapes(30, 576, 1536, 9, 3, 64, 49152, tied=False)
+    q4 = tensor_types("Q4_0", shapes, SMOL_SHAPE)
+    assert q4["output.weight"] == T.Q8_0 and q4["token_embd.weight"] == T.Q4_0
+    q2 = tensor_types("Q2_0", shapes, SMOL_SHAPE)
+    assert q2["token_embd.weight"] == T.Q5_0
+    assert tensor_types("Q8_0", shapes, SMOL_SHAPE)["output.weight"] == T.Q8_0
