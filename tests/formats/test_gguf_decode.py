@@ -4,6 +4,7 @@ into bytes that gguf-py reads back as exactly the weights the decoder chose."""
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 
@@ -16,8 +17,6 @@ from latticequant.formats.gguf import (
     nearest_codes,
     pack,
 )
-
-gguf = pytest.importorskip("gguf")
 
 
 def problem(t: GGMLType, rows: int = 8, seed: int = 0):

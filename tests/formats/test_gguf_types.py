@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
@@ -22,8 +23,6 @@ from latticequant.formats.gguf import (
     scales_offsets,
     unpack,
 )
-
-gguf = pytest.importorskip("gguf")
 
 ALL = list(TYPES)
 REFERENCE = np.load(Path(__file__).parent / "data" / "gguf_reference.npz")
