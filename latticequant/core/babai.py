@@ -56,6 +56,7 @@ def babai_quantize(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
+    integer_zeros: bool = True,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) by nearest plane on the lattice of H, every row at once.
 
@@ -83,7 +84,7 @@ def babai_quantize(
         Z = torch.empty_like(S)
     else:
         g_idx = group_index(d, g).to(W.device)
-        S, Z = static_grid(W, cfg, scales, zeros, min_zero)
+        S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
 
     # basis vectors become rows: every per-vector read and write below is contiguous
     U = U64.to(W.dtype)

@@ -152,6 +152,7 @@ def kbest_quantize(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
+    integer_zeros: bool = True,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) by K-best decoding on the lattice of H, every row at once.
 
@@ -178,7 +179,7 @@ def kbest_quantize(
     d_out, d = W.shape
     (Q, U64), damp = babai_factor(H, cfg, h)
     g_idx = group_index(d, cfg.group_size).to(W.device)
-    S, Z = static_grid(W, cfg, scales, zeros, min_zero)
+    S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
     U = U64.to(W.dtype)
     Dq = torch.diagonal(U64) ** 2
     Un = U.div_(torch.diagonal(U).clone()[:, None])  # in U's memory

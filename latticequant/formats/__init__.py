@@ -8,6 +8,7 @@ rotated variant of each); ``packing`` holds the bit streams, ``bits`` the effect
 """
 
 from latticequant.formats.bits import bits_breakdown, effective_bits, tensor_bits, total_bits
+from latticequant.formats.gguf.format import GGUF, GgufFormat
 from latticequant.formats.gptq import (
     GPTQ_KEYS,
     GPTQFormat,
@@ -41,6 +42,7 @@ from latticequant.formats.packing import (
 )
 from latticequant.formats.protocol import (
     Format,
+    LayerGrid,
     UnsupportedConfigError,
     format_names,
     formats_storing,
@@ -70,6 +72,9 @@ from latticequant.formats.ssqr import (
 )
 
 __all__ = [
+    "GGUF",
+    "GgufFormat",
+    "LayerGrid",
     "CHECKPOINT_FORMATS",
     "GPTQ_KEYS",
     "HPTQ_KEYS",

@@ -61,9 +61,18 @@ class KBestConfig(QuantConfig):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
-def _kbest(W: torch.Tensor, H: torch.Tensor, cfg: KBestConfig, min_zero: int = 0) -> QuantResult:
+def _kbest(
+    W: torch.Tensor, H: torch.Tensor, cfg: KBestConfig, min_zero: int = 0, **grid
+) -> QuantResult:
     return kbest_quantize(
-        W, H, cfg, beam=cfg.beam, klein_paths=cfg.klein_paths, seed=cfg.seed, min_zero=min_zero
+        W,
+        H,
+        cfg,
+        beam=cfg.beam,
+        klein_paths=cfg.klein_paths,
+        seed=cfg.seed,
+        min_zero=min_zero,
+        **grid,
     )
 
 
@@ -99,11 +108,18 @@ def grid_layer_stats(result: QuantResult, rtn_loss: float) -> dict[str, float]:
 
 
 def _rtn_baseline(
-    W: torch.Tensor, H: torch.Tensor, config: QuantConfig, result: QuantResult, min_zero: int
+    W: torch.Tensor,
+    H: torch.Tensor,
+    config: QuantConfig,
+    result: QuantResult,
+    min_zero: int,
+    integer_zeros: bool = True,
 ):
     """RTN's loss on the method's own static grid (or its own fit when grids are refitted)."""
     if config.static_groups:
-        return rtn_loss(W, H, config, scales=result.scales, zeros=result.zeros)
+        return rtn_loss(
+            W, H, config, scales=result.scales, zeros=result.zeros, integer_zeros=integer_zeros
+        )
     return rtn_loss(W, H, config, min_zero=min_zero)
 
 
@@ -118,13 +134,22 @@ def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig
         # W in float64; H as given: every core function takes its own float64 copy, and a
         # second one here would be 1.6 GB at Llama-3-8B's down_proj
         W64 = W.to(torch.float64)
-        result = core(W64, H, config, min_zero=min_zero)
+        # a format with its own scale choice (GGUF) fixes the grid; the method decodes on it
+        fixed = fmt.layer_grid(W64, H, config, context.name if context else "")
+        grid: dict = {}
+        if fixed is not None:
+            config = fixed.config
+            grid = {"scales": fixed.scales, "zeros": fixed.zeros, "integer_zeros": False}
+        result = core(W64, H, config, min_zero=min_zero, **grid)
+        integer = fixed is None
         base = (
-            result.proxy_loss if name == "rtn" else _rtn_baseline(W64, H, config, result, min_zero)
+            result.proxy_loss
+            if name == "rtn"
+            else _rtn_baseline(W64, H, config, result, min_zero, integer)
         )
         extra: dict[str, float] = {}
         if name != "gptq" or config.refine_steps:  # GPTQ's loss, to read this one against
-            extra["gptq_loss"] = gptq_quantize(W64, H, config, min_zero=min_zero).proxy_loss
+            extra["gptq_loss"] = gptq_quantize(W64, H, config, min_zero=min_zero, **grid).proxy_loss
         else:
             extra["gptq_loss"] = result.proxy_loss
         if config.refine_steps:
@@ -140,7 +165,7 @@ def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig
             )
             extra.update(refined)
         del W64  # 470 MB at 4096 x 14336, before the packing's and Q's own buffers
-        tensors = fmt.pack(result)
+        tensors = fmt.pack(result) if fixed is None else fixed.pack(result)
         Q = fmt.dequantize(tensors, {"bits": config.bits}, W.dtype)  # as a loader reads it
         stats = grid_layer_stats(result, base)
         stats.update(extra)
@@ -152,7 +177,7 @@ def _grid_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, QuantConfig
     return quantize
 
 
-GRID_FORMATS = ("gptq", "gptq_v2")
+GRID_FORMATS = ("gptq", "gptq_v2", "gguf")
 
 for _name, _description, _config, _check in (
     ("rtn", "round to nearest on the grid (baseline, no Hessian)", QuantConfig, None),
