@@ -24,7 +24,7 @@ from latticequant.formats.gguf.blocks import pack as pack_blocks
 from latticequant.formats.gguf.format import GGUF_ARCHITECTURES, gguf_tensor_name
 from latticequant.formats.gguf.mix import FileType
 from latticequant.formats.gguf.reference import quantize_reference
-from latticequant.formats.gguf.types import GGMLType
+from latticequant.formats.gguf.types import GGMLType, type_info
 from latticequant.pipeline.files import atomic_write
 from latticequant.pipeline.state import OutputExistsError
 
@@ -124,10 +124,17 @@ def _add(writer, name: str, data: np.ndarray, t: GGMLType | None, rows_of=None) 
     if rows_of is not None:
         data = data[rows_of]
     data = np.ascontiguousarray(data)
+    known = {int(q) for q in gguf.GGMLQuantizationType}
     if t is None:
         writer.add_tensor(name, data)
-    else:
+    elif int(t) in known:
         writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(int(t)))
+    else:  # a type this gguf package does not list (Q2_0): its shape and id given as they are
+        info = type_info(t)
+        cols = data.shape[1] // info.type_size * info.block_size
+        writer.add_tensor(
+            name, data.view(np.int8), raw_shape=(data.shape[0], cols), raw_dtype=int(t)
+        )
 
 
 def write_gguf(

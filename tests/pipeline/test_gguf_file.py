@@ -172,3 +172,35 @@ def test_truncated_file_is_a_one_line_error(tmp_path, source):
     with pytest.raises(ModelLoadError) as err:
         load_model(str(bad))
     assert "\n" not in str(err.value).strip()
+
+
+def test_q2_0_blocks_written_as_they_are(tmp_path, source):
+    """gguf 0.19 does not list Q2_0 (ggml type 42): the file holds the blocks byte for byte
+    under that type id, for llama.cpp builds that know it."""
+    from latticequant.formats.gguf.blocks import unpack
+    from latticequant.formats.gguf.types import dequantize
+
+    model = make_tiny_llama(**SHAPE)
+    out = tmp_path / "q.gguf"
+    _, plan = _run(model, source, out, "Q2_0", method="babai")
+    data = np.frombuffer(out.read_bytes(), dtype=np.uint8)
+    assert data[:4].tobytes() == b"GGUF"
+    starts = np.arange(0, len(data) - 18, 32)  # tensor data is 32-byte aligned
+    first = data[starts[:, None] + np.arange(18)]  # the first block at every aligned offset
+    with np.errstate(all="ignore"):
+        codes, grid = unpack(42, first)
+        values = dequantize(codes, grid)
+    for name, module in model.named_modules():
+        gname = gguf_tensor_name(name)
+        if gname is None or name.endswith(("q_proj", "k_proj")):
+            continue
+        assert int(plan.format.types[gname]) == 42
+        W = module.weight.detach().numpy()
+        n = W.shape[0] * (W.shape[1] // 64 * 18)
+        found = False
+        for start in starts[(values == W[0, :64]).all(axis=1)]:
+            if len(data) - start < n:
+                continue
+            chunk = data[start : start + n].reshape(W.shape[0], -1)
+            found = found or np.array_equal(dequantize(*unpack(42, chunk)), W)
+        assert found, name
