@@ -32,7 +32,7 @@ def test_core_methods_are_registered():
     for name in ("rtn", "gptq", "babai"):
         assert name in names
         m = get_method(name)
-        assert m.config_cls is lq.QuantConfig and m.formats == ("gptq", "gptq_v2")
+        assert m.config_cls is lq.QuantConfig and m.formats == ("gptq", "gptq_v2", "gguf")
 
 
 def test_unknown_method_lists_known_names():
