@@ -25,6 +25,7 @@ from latticequant.pipeline.experts import ExpertPolicy, has_experts, unfuse_expe
 from latticequant.pipeline.gguf_file import check_gguf_output
 from latticequant.pipeline.layout import ModelLayout, describe_model, linear_weight
 from latticequant.pipeline.memory import BlockMemory, check_run_memory
+from latticequant.pipeline.offload import store_of
 from latticequant.pipeline.overrides import Override, resolve_config, skip_reason
 from latticequant.pipeline.target import TargetConfig, check_target, layer_format
 
@@ -294,6 +295,10 @@ def prepare(model: nn.Module, spec: RunSpec, world: World | None = None) -> Plan
     fmt = fmt.for_model(getattr(model, "config", None), spec.output.format_options())
     if fmt.container == "gguf" and spec.output.out is not None:
         check_gguf_output(spec.output.out, spec.output.overwrite, spec.output.gguf_source)
+    if fmt.container != "folder" and store_of(model) is not None:
+        raise UnsupportedConfigError(
+            f"a {fmt.container} file is not written from a model kept on disk yet; drop --offload"
+        )
     layers = plan_layers(layout, method, config, fmt, spec)
     device = torch.device(spec.execution.device)
     hessian_dtype = HESSIAN_DTYPES[spec.execution.hessian_dtype]
