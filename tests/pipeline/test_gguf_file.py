@@ -4,6 +4,7 @@ back by gguf's reader and by transformers' GGUF loader to the model the run quan
 from __future__ import annotations
 
 import os
+import string
 
 import gguf
 import numpy as np
@@ -36,12 +37,16 @@ def write_source_gguf(model, path) -> str:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
+    toks = ["<unk>", "<s>", "</s>", *string.ascii_letters, *string.digits, *" .,!?'\n"]
+    toks += [f"<{i}>" for i in range(cfg.vocab_size - len(toks))]
+    w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
-    w.add_token_list([f"<{i}>" for i in range(cfg.vocab_size)])
-    w.add_token_types([1] * cfg.vocab_size)
+    w.add_token_list(toks)
+    w.add_token_scores([0.0] * len(toks))
+    w.add_token_types([1] * len(toks))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
@@ -105,7 +110,7 @@ def test_file_reads_back_to_the_quantized_model(tmp_path, source, gguf_type):
     tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" not in tensors  # tied embeddings
     assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
-    assert str(reader.fields["tokenizer.ggml.model"].contents()) == "gpt2"
+    assert str(reader.fields["tokenizer.ggml.model"].contents()) == "llama"
     # every quantized layer's file tensor dequantizes, by gguf's own code, to the weight the
     # run put into the model (query and key rows in llama.cpp's order)
     cfg = model.config
@@ -204,3 +209,18 @@ def test_q2_0_blocks_written_as_they_are(tmp_path, source):
             chunk = data[start : start + n].reshape(W.shape[0], -1)
             found = found or np.array_equal(dequantize(*unpack(42, chunk)), W)
         assert found, name
+
+
+def test_command_line_quantize_then_eval(tmp_path, source, capsys):
+    from latticequant import cli
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "m.gguf"
+    args = ["quantize", source, "--method", "babai", "--checkpoint-format", "gguf"]
+    args += ["--gguf-type", "Q4_K_S", "--out", str(out), "--nsamples", "4", "--seqlen", "32"]
+    assert cli.main([*args, "--text", str(text), "--no-eval"]) == 0
+    assert gguf.GGUFReader(str(out)).fields["general.file_type"].contents() == 14
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--seqlen", "32", "--text", str(text), "--json"]) == 0
+    assert '"perplexity"' in capsys.readouterr().out
