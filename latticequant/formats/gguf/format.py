@@ -164,7 +164,9 @@ class GgufFormat(Format):
         if ftype in NOT_DECODED:
             raise UnsupportedConfigError(NOT_DECODED[ftype])
         shapes, shape = llama_gguf_shapes(config)
-        return GgufFormat(ftype, tensor_types(ftype, shapes, shape))
+        # the grids are fitted with an importance matrix (the Hessian's diagonal): the mix is
+        # llama-quantize's with --imatrix
+        return GgufFormat(ftype, tensor_types(ftype, shapes, shape, imatrix=True))
 
     def layer_type(self, name: str, d_in: int) -> GGMLType:
         """The type of layer ``name`` (its Hugging Face name) of ``d_in`` columns."""
