@@ -17,6 +17,7 @@ import sys
 import time
 
 from latticequant.formats import format_names, kernel_description
+from latticequant.formats.gguf.format import GGUF_TYPES
 from latticequant.methods import get_method, list_methods, settable_fields
 from latticequant.pipeline.checkpoint import is_quantized_checkpoint, read_quant_log
 from latticequant.pipeline.data import (
@@ -35,7 +36,8 @@ from latticequant.pipeline.experts import (
     ExpertPolicy,
 )
 from latticequant.pipeline.generate import GenerationConfig, generate, weight_memory
-from latticequant.pipeline.models import DTYPE_CHOICES, load_model
+from latticequant.pipeline.gguf_file import check_gguf_output
+from latticequant.pipeline.models import DTYPE_CHOICES, default_model_path, load_model
 from latticequant.pipeline.offload import store_of
 from latticequant.pipeline.overrides import Override, parse_override
 from latticequant.pipeline.run import Calibration, quantize_model
@@ -282,6 +284,13 @@ def _add_quantize(sub, parents) -> argparse.ArgumentParser:
         default=None,
         help="the format the layers are stored in (default: the method's own; the grid "
         "methods write gptq, v1, gptq_v2 or compressed-tensors, which vLLM serves)",
+    )
+    q.add_argument(
+        "--gguf-type",
+        default=None,
+        metavar="TYPE",
+        help="llama.cpp's file type of a --checkpoint-format gguf output (--out FILE.gguf): "
+        f"{', '.join(GGUF_TYPES)}",
     )
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     q.add_argument(
@@ -642,16 +651,41 @@ def run_spec(args) -> RunSpec:
         target=TargetConfig(args.objective or "layer", args.rotate or "none", args.seed),
         experts=ExpertPolicy(args.min_expert_tokens, args.expert_fallback),
         calibration=CalibrationSpec(args.text, args.nsamples, args.seqlen, args.seed, args.bos),
-        output=OutputSpec(args.out, args.checkpoint_format, args.overwrite, args.resume),
+        output=OutputSpec(
+            args.out,
+            args.checkpoint_format,
+            args.overwrite,
+            args.resume,
+            gguf_type=args.gguf_type,
+            gguf_source=_gguf_source(args.model) if args.checkpoint_format == "gguf" else None,
+        ),
         execution=ExecutionSpec(args.device, args.batch_size, args.blocks, args.hessian_dtype),
     )
+
+
+def _gguf_source(model: str | None) -> str | None:
+    """The GGUF file a model argument reads (the default model's included), else None."""
+    if model is None:
+        return default_model_path()
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        return model
+    if os.path.isdir(model):
+        ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+        files = os.listdir(model)
+        if len(ggufs) == 1 and "config.json" not in files:
+            return os.path.join(model, ggufs[0])
+    return None
 
 
 def cmd_quantize(args) -> int:
     """Quantize; under torchrun every rank runs this with the same arguments."""
     args.preset_settings = apply_preset(args)
     spec = run_spec(args)
-    _check_out(args.out, args.overwrite)
+    container = spec.resolved()[2].container  # refuses a wrong --gguf-type in one line
+    if container == "folder":
+        _check_out(args.out, args.overwrite)
+    else:
+        check_gguf_output(args.out, args.overwrite, spec.output.gguf_source)
     _check_device(args.device)
     _check_offload(args)
     _check_text("--text", args.text)

@@ -74,6 +74,7 @@ def babai_quantize(
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
     factor: tuple | None = None,
+    integer_zeros: bool = True,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) by nearest plane on the lattice of H, every row at once.
 
@@ -99,7 +100,7 @@ def babai_quantize(
         g_idx, S, Z = _decode_groups(W, Q, g)
     else:
         g_idx = group_index(d, g).to(W.device)
-        S, Z = static_grid(W, cfg, scales, zeros, min_zero)
+        S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
 
     # basis vectors become rows: every per-vector read and write below is contiguous
     if not refit:  # one grid row per group, looked up per basis vector (no W-sized expansion)

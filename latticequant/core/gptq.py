@@ -180,6 +180,7 @@ def gptq_quantize(
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
     factor: tuple | None = None,
+    integer_zeros: bool = True,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) against the Hessian H (d_in, d_in) with GPTQ.
 
@@ -204,7 +205,7 @@ def gptq_quantize(
     if cfg.group_size != -1 and not cfg.static_groups and scales is None:
         S = Z = None
     else:
-        S, Z = static_grid(W, cfg, scales, zeros, min_zero)
+        S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
     dec = gptq_decode(W, P, U, cfg, S, Z, min_zero=min_zero)
     del U
     return assemble(

@@ -128,11 +128,17 @@ def static_grid(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
+    integer_zeros: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid fixed before any update: fitted on W, or pinned by the caller.
 
     Pinned scales let a method choose the grid itself (one scale per matrix for HPTQ, a
     common factor for SSQR). ``zeros`` may be omitted for a symmetric grid.
+
+    ``integer_zeros=False`` takes a pinned grid as a file format defines it (GGUF's K types:
+    ``q = s * (z - o)`` with ``o = dmin * m / (d * sc)``): real offsets, and scales of either
+    sign (a negative ``sc``), only nonzero. Rounding ``w / s + o`` to the nearest code in
+    ``{0 .. maxq}`` still picks the nearest level, the levels being ``|s|`` apart.
     """
     d_out, d_in = W.shape
     shape = (d_out, n_groups(d_in, cfg.group_size))
@@ -143,8 +149,12 @@ def static_grid(
     scales = torch.as_tensor(scales, dtype=W.dtype, device=W.device)
     if scales.shape != shape:
         raise ValueError(f"scales must have shape {shape}, got {tuple(scales.shape)}")
-    if not torch.isfinite(scales).all() or not (scales > 0).all():
-        raise ValueError("scales must be finite and positive")
+    if not torch.isfinite(scales).all():
+        raise ValueError("scales must be finite")
+    if integer_zeros and not (scales > 0).all():
+        raise ValueError("scales must be positive")
+    if not (scales != 0).all():
+        raise ValueError("scales must be nonzero")
     if zeros is None:
         if not cfg.sym:
             raise ValueError("an asymmetric grid needs zeros along with scales")
@@ -152,6 +162,8 @@ def static_grid(
     zeros = torch.as_tensor(zeros, dtype=W.dtype, device=W.device)
     if zeros.shape != shape:
         raise ValueError(f"zeros must have shape {shape}, got {tuple(zeros.shape)}")
-    if not torch.equal(zeros, torch.round(zeros)):
-        raise ValueError("zeros must be integers")
+    if not torch.isfinite(zeros).all():
+        raise ValueError("zeros must be finite")
+    if integer_zeros and not torch.equal(zeros, torch.round(zeros)):
+        raise ValueError("zeros must be integers (integer_zeros=False takes real offsets)")
     return scales, zeros

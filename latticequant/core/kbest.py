@@ -157,6 +157,7 @@ def kbest_quantize(
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
     factor: tuple | None = None,
+    integer_zeros: bool = True,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) by K-best decoding on the lattice of H, every row at once.
 
@@ -184,7 +185,7 @@ def kbest_quantize(
     d_out, d = W.shape
     (Q, Un, u), damp = factor if factor is not None else babai_basis(H, cfg, h, W.dtype)
     g_idx = group_index(d, cfg.group_size).to(W.device)
-    S, Z = static_grid(W, cfg, scales, zeros, min_zero)
+    S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
     Dq = u**2
     S_g, Z_g, g_of = S.T.contiguous(), Z.T.contiguous(), g_idx[Q].tolist()
     x = W[:, Q].T.contiguous()

@@ -27,6 +27,7 @@ def rtn_quantize(
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
     factor: tuple | None = None,
+    integer_zeros: bool = True,
 ) -> QuantResult:
     """Round every weight to its static grid, ignoring H for the codes.
 
@@ -39,7 +40,7 @@ def rtn_quantize(
     W, h = prepare_diagonal(W, H)
 
     (P, D), damp = factor if factor is not None else rtn_factor(H, cfg, h)
-    codes, S, Z, g_idx, clipped = _rounded(W, cfg, scales, zeros, min_zero)
+    codes, S, Z, g_idx, clipped = _rounded(W, cfg, scales, zeros, min_zero, integer_zeros)
     return assemble(
         W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=P, D=D,
         clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=W.clone(), t0=t0,
@@ -69,6 +70,7 @@ def rtn_loss(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
+    integer_zeros: bool = True,
 ) -> float:
     """RTN's total loss ``tr((W - Q) H (W - Q)^T)``, the same figure as
     ``rtn_quantize(...).proxy_loss`` without its bound: a baseline to read another method's loss
@@ -81,7 +83,7 @@ def rtn_loss(
         Wd = W[a:b].clone()
         Wd[:, dead] = 0  # as prepare_diagonal() does, so a fitted grid is the same
         rows = (None, None) if scales is None else (scales[a:b], zeros[a:b])
-        codes, S, Z, g_idx, _ = _rounded(Wd, cfg, *rows, min_zero)
+        codes, S, Z, g_idx, _ = _rounded(Wd, cfg, *rows, min_zero, integer_zeros)
         Q = dequantize(codes, S, Z, g_idx).to(W.dtype)
         total += float(row_losses(W[a:b], H, Q).sum())
     return total
@@ -93,10 +95,11 @@ def _rounded(
     scales: torch.Tensor | None,
     zeros: torch.Tensor | None,
     min_zero: int = 0,
+    integer_zeros: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Codes of W on its static grid (given or fitted), the grid, and the clipped count."""
     g_idx = group_index(W.shape[1], cfg.group_size).to(W.device)
-    S, Z = static_grid(W, cfg, scales, zeros, min_zero)
+    S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
     raw = round_to_grid(W, S[:, g_idx], Z[:, g_idx], cfg.maxq, clip=False)
     clipped = int(((raw < 0) | (raw > cfg.maxq)).sum()) if cfg.clip else 0
     codes = raw.clamp(0, cfg.maxq) if cfg.clip else raw

@@ -10,6 +10,7 @@ rotated variant of each, ``compressed_tensors``: the pack-quantized layout vLLM 
 
 from latticequant.formats.bits import bits_breakdown, effective_bits, tensor_bits, total_bits
 from latticequant.formats.compressed_tensors import COMPRESSED_TENSORS, CompressedTensorsFormat
+from latticequant.formats.gguf.format import GGUF, GgufFormat
 from latticequant.formats.gptq import (
     GPTQ_KEYS,
     GPTQFormat,
@@ -43,6 +44,7 @@ from latticequant.formats.packing import (
 )
 from latticequant.formats.protocol import (
     Format,
+    LayerGrid,
     UnsupportedConfigError,
     format_names,
     formats_storing,
@@ -72,6 +74,9 @@ from latticequant.formats.ssqr import (
 )
 
 __all__ = [
+    "GGUF",
+    "GgufFormat",
+    "LayerGrid",
     "CHECKPOINT_FORMATS",
     "COMPRESSED_TENSORS",
     "CompressedTensorsFormat",

@@ -11,7 +11,8 @@ is one module that defines a :class:`Format` and one :func:`register_format` cal
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from latticequant.formats.quantize_config import dynamic_overrides
 
 __all__ = [
     "Format",
+    "LayerGrid",
     "UnsupportedConfigError",
     "register_format",
     "get_format",
@@ -38,6 +40,23 @@ class UnsupportedConfigError(ValueError):
     """A config (or a layer's shape) that a format cannot store; says what to use instead."""
 
 
+@dataclass(frozen=True)
+class LayerGrid:
+    """A grid a format fixes for one layer before the decode (:meth:`Format.layer_grid`).
+
+    config: the layer's config on that grid (its bits and group size); scales, zeros:
+    ``(d_out, n_groups)`` real scales and offsets, ``q = s * (z - o)`` (offsets need not be
+    integers: the core's ``integer_zeros=False``); pack: the layer's tensors from a core
+    result decoded on that grid; kind: what the grid is, for the log.
+    """
+
+    config: object
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    pack: Callable[..., dict]
+    kind: str = ""
+
+
 class Format:
     """One registered way of storing a quantized linear layer.
 
@@ -51,6 +70,8 @@ class Format:
     writes_quantize_config: whether the checkpoint also holds ``quantize_config.json`` (the
       GPTQ ecosystem's file; compressed-tensors checkpoints have none).
     rotation_hint: what ``--rotate`` is told when the format has no rotated variant.
+    container: what a run writes: ``"folder"`` (a checkpoint folder) or the name of a
+      single-file container the pipeline knows how to write (``"gguf"``).
     """
 
     name: str = ""
@@ -61,6 +82,19 @@ class Format:
     quant_method: str = "latticequant"
     writes_quantize_config: bool = True
     rotation_hint: str = "use --rotate none"
+    container: str = "folder"
+    fixes_grid: bool = False  # it chooses each layer's grid itself (layer_grid): whole layers
+
+    def for_model(self, config, options: Mapping) -> Format:
+        """This format bound to one model (its Hugging Face ``config``) and the run's output
+        ``options`` (a format whose layers depend on the whole model, as GGUF's type mix does);
+        refuses what it cannot write in one line. The format itself by default."""
+        return self
+
+    def layer_grid(self, W: torch.Tensor, H: torch.Tensor, config, name: str) -> LayerGrid | None:
+        """The grid this format fixes for layer ``name`` before the decode, or None when the
+        method fits its own (every format but a file format with its own scale choice)."""
+        return None
 
     # -- what the grid can represent -----------------------------------------------------------
 

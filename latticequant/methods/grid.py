@@ -73,10 +73,11 @@ def _kbest(
     min_zero: int = 0,
     seed: int | None = None,
     factor: tuple | None = None,
+    **grid,
 ) -> QuantResult:
     return kbest_quantize(
         W, H, cfg, beam=cfg.beam, klein_paths=cfg.klein_paths,
-        seed=cfg.seed if seed is None else seed, min_zero=min_zero, factor=factor,
+        seed=cfg.seed if seed is None else seed, min_zero=min_zero, factor=factor, **grid,
     )  # fmt: skip
 
 
@@ -112,11 +113,18 @@ def grid_layer_stats(result: QuantResult, rtn_loss: float) -> dict[str, float]:
 
 
 def _rtn_baseline(
-    W: torch.Tensor, H: torch.Tensor, config: QuantConfig, result: QuantResult, min_zero: int
+    W: torch.Tensor,
+    H: torch.Tensor,
+    config: QuantConfig,
+    result: QuantResult,
+    min_zero: int,
+    integer_zeros: bool = True,
 ):
     """RTN's loss on the method's own static grid (or its own fit when grids are refitted)."""
     if config.static_groups:
-        return rtn_loss(W, H, config, scales=result.scales, zeros=result.zeros)
+        return rtn_loss(
+            W, H, config, scales=result.scales, zeros=result.zeros, integer_zeros=integer_zeros
+        )
     return rtn_loss(W, H, config, min_zero=min_zero)
 
 
@@ -294,13 +302,36 @@ def _grid_rows(name: str):
     return RowSolver(solve=solve, combine=combine_rows, prepare=prepare)
 
 
+def _on_fixed_grid(name: str, W: torch.Tensor, H: torch.Tensor, fixed, fmt) -> LayerQuant:
+    """One whole layer decoded on the grid its format fixed (real offsets, blocks of the
+    format's own), packed by that grid: the decode's error feedback on a file format's scales."""
+    core, config = CORE_QUANTIZERS[name], fixed.config
+    W64 = W.to(torch.float64)
+    grid = {"scales": fixed.scales, "zeros": fixed.zeros, "integer_zeros": False}
+    result = core(W64, H, config, **grid)
+    base = result.proxy_loss if name == "rtn" else _rtn_baseline(W64, H, config, result, 0, False)
+    gptq = result if name == "gptq" else gptq_quantize(W64, H, config, **grid)
+    del W64
+    tensors = fixed.pack(result)
+    Q = fmt.dequantize(tensors, {"bits": config.bits}, W.dtype)  # as a loader reads it
+    stats = grid_layer_stats(result, base)
+    stats["gptq_loss"] = gptq.proxy_loss
+    stats["bits_per_weight"] = fmt.effective_bits(tensors, W.numel())
+    return LayerQuant(Q=Q, tensors=tensors, stats=stats)
+
+
 def _grid_method(name: str) -> tuple[Callable[..., LayerQuant], RowSolver]:
     rows = _grid_rows(name)
 
     def quantize(
         W: torch.Tensor, H: torch.Tensor, config: QuantConfig, context: LayerContext | None = None
     ) -> LayerQuant:
-        return rows.quantize(W, H, config, context or LayerContext(GPTQ_V1))
+        context = context or LayerContext(GPTQ_V1)
+        # a format with its own scale choice (GGUF) fixes the grid; the method decodes on it
+        fixed = context.format.layer_grid(W.to(torch.float64), H, config, context.name)
+        if fixed is not None:
+            return _on_fixed_grid(name, W, H, fixed, context.format)
+        return rows.quantize(W, H, config, context)
 
     quantize.__name__ = f"{name}_layer"
     quantize.__doc__ = (
@@ -310,7 +341,7 @@ def _grid_method(name: str) -> tuple[Callable[..., LayerQuant], RowSolver]:
     return quantize, rows
 
 
-GRID_FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
+GRID_FORMATS = ("gptq", "gptq_v2", "compressed-tensors", "gguf")
 GRID_DEFAULTS = {"order": "act"}
 """Act-order with static groups (the config's own default) decodes in the order GPTQ's users
 expect at no extra cost and still writes the natural ``g_idx`` every GPTQ reader loads; it is

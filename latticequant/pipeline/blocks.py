@@ -238,8 +238,11 @@ class BlockQuantizer:
 
     def _row_solver(self):
         """The method's row solver when its layers are solved by row blocks: every target but
-        the rotated one (whose rotation is drawn for the whole layer's problem)."""
-        return None if self.target.rotated else self.method.rows
+        the rotated one (whose rotation is drawn for the whole layer's problem), every format
+        but one that fixes each layer's grid itself (GGUF)."""
+        if self.target.rotated or (self.format is not None and self.format.fixes_grid):
+            return None  # a rotation or a file format's own grid is drawn for the whole layer
+        return self.method.rows
 
     def _solve_units(self, block, accs, solve_on, cross_on, extra) -> None:
         """Solve the group's layers, a row block or a whole layer per unit of work, each unit

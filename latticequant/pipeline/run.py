@@ -39,6 +39,7 @@ from latticequant.pipeline.checkpoint import (
 from latticequant.pipeline.distributed import World, shard_range
 from latticequant.pipeline.experts import has_experts
 from latticequant.pipeline.forward import BlockInputs, capture_first_block_inputs
+from latticequant.pipeline.gguf_file import write_gguf
 from latticequant.pipeline.layout import ModelLayout, linear_weight, set_linear_weight
 from latticequant.pipeline.memory import release_freed_memory
 from latticequant.pipeline.offload import BlockStore, store_of
@@ -317,7 +318,8 @@ def _quantize_model(
     store = store_of(model)  # blocks kept on disk: one in memory at a time
 
     output = None
-    if out_dir is not None and world.rank == 0:
+    folder = plan.stored_format.container == "folder"  # else one file, written at the end
+    if out_dir is not None and world.rank == 0 and folder:
         run_fingerprint = fingerprint(
             model,
             plan.method,
@@ -345,8 +347,10 @@ def _quantize_model(
         model, plan, batches, layers, range(start, last + 1), state, store, on_block_done
     )
     summary = _summarize(layout, plan.layers, layers, time_s, start, timings)
-    if out_dir is not None:
+    if out_dir is not None and folder:
         _save(model, plan, calibration, layers, output, summary, run_info, last, store)
+    elif out_dir is not None:
+        _save_container(model, plan, layers, store)
     return summary
 
 
@@ -399,6 +403,34 @@ def _quantize_blocks(
         "ranks": world.size,
     }
     return time_s, timings
+
+
+def _write_gguf(model, plan, layers) -> None:
+    spec = plan.spec
+    write_gguf(
+        model,
+        layers,
+        plan.stored_format,
+        spec.output.out,
+        spec.output.gguf_source,
+        plan.stored_format.name,
+    )
+
+
+#: The single-file containers a format may write (:attr:`Format.container`), by container.
+CONTAINER_WRITERS = {"gguf": _write_gguf}
+
+
+def _save_container(model, plan, layers, store) -> None:
+    """Rank 0 writes the single file of a format whose container is not a folder."""
+    container = plan.stored_format.container
+    if store is not None:
+        raise ValueError(f"a {container} file is not written from a model kept on disk yet")
+    if container not in CONTAINER_WRITERS:
+        raise ValueError(f"no writer for the {container} container")
+    if plan.world.rank == 0:
+        CONTAINER_WRITERS[container](model, plan, layers)
+    plan.world.barrier(None)
 
 
 def _save(model, plan, calibration, layers, output, summary, run_info, last, store) -> None:

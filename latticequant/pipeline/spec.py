@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from latticequant.formats.gguf.format import GGUF_TYPES, check_gguf_type
 from latticequant.formats.protocol import Format
 from latticequant.methods import Method, UnsupportedConfigError, get_method
 from latticequant.pipeline.distributed import World
 from latticequant.pipeline.experts import ExpertPolicy, has_experts, unfuse_experts
 from latticequant.pipeline.fold import FoldReport, check_foldable, fold_rotations
+from latticequant.pipeline.gguf_file import check_gguf_output
 from latticequant.pipeline.layout import ModelLayout, describe_model, linear_weight
 from latticequant.pipeline.memory import BlockMemory, check_run_memory
 from latticequant.pipeline.offload import store_of
@@ -62,12 +64,22 @@ class CalibrationSpec:
 @dataclass(frozen=True)
 class OutputSpec:
     """Where the checkpoint goes: ``out`` (None writes nothing), its format (None: the
-    method's default), whether an existing ``out`` is replaced and an unfinished run resumed."""
+    method's default), whether an existing ``out`` is replaced and an unfinished run resumed.
+
+    gguf_type: llama.cpp's file type (``Q4_K_M``, ...) of a ``gguf`` output, which is one file;
+    gguf_source: the GGUF the model was read from, whose tokenizer metadata the file copies.
+    """
 
     out: str | None = None
     checkpoint_format: str | None = None
     overwrite: bool = False
     resume: bool = True
+    gguf_type: str | None = None
+    gguf_source: str | None = None
+
+    def format_options(self) -> dict:
+        """What a format bound to the run reads (:meth:`Format.for_model`)."""
+        return {"gguf_type": self.gguf_type}
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,7 @@ class RunSpec:
                 f"{type(config).__name__}"
             )
         fmt = method.format(self.output.checkpoint_format)
+        check_container(fmt, self.output, self.target)
         method.refuse(config, fmt)
         layer_format(fmt, self.target)  # a format without a rotated variant refuses --rotate
         for ov in self.overrides:
@@ -147,6 +160,28 @@ class RunSpec:
                 else {}
             ),
         }
+
+
+def check_container(fmt: Format, output: OutputSpec, target: TargetConfig) -> None:
+    """A single-file container (GGUF) takes ``--gguf-type`` and no online rotation; a folder
+    takes no ``--gguf-type``."""
+    gguf = fmt.container == "gguf"
+    if gguf and output.gguf_type is None:
+        raise UnsupportedConfigError(
+            f"--checkpoint-format {fmt.name} needs --gguf-type TYPE (valid: "
+            f"{', '.join(GGUF_TYPES)})"
+        )
+    if output.gguf_type is not None:
+        if not gguf:
+            raise UnsupportedConfigError(
+                "--gguf-type needs --checkpoint-format gguf (the other formats write a folder)"
+            )
+        check_gguf_type(output.gguf_type)
+    if fmt.container != "folder" and target.rotated:
+        raise UnsupportedConfigError(
+            f"--rotate {target.rotate}: online rotations cannot go into a {fmt.container} file; "
+            "drop --rotate"
+        )
 
 
 def check_refine(config, overrides: tuple[Override, ...] = ()) -> None:
@@ -260,6 +295,14 @@ def prepare(model: nn.Module, spec: RunSpec, world: World | None = None) -> Plan
     layout = describe_model(model)
     model.eval()
     check_target_model(model, layout, spec.target)
+    # a format whose layers depend on the whole model (GGUF's type mix) binds to it here
+    fmt = fmt.for_model(getattr(model, "config", None), spec.output.format_options())
+    if fmt.container == "gguf" and spec.output.out is not None:
+        check_gguf_output(spec.output.out, spec.output.overwrite, spec.output.gguf_source)
+    if fmt.container != "folder" and store_of(model) is not None:
+        raise UnsupportedConfigError(
+            f"a {fmt.container} file is not written from a model kept on disk yet; drop --offload"
+        )
     layers = plan_layers(layout, method, config, fmt, spec)
     device = torch.device(spec.execution.device)
     hessian_dtype = HESSIAN_DTYPES[spec.execution.hessian_dtype]

@@ -33,7 +33,7 @@ def test_core_methods_are_registered():
         assert name in names
         m = get_method(name)
         assert m.config_cls is lq.QuantConfig
-        assert m.formats == ("gptq", "gptq_v2", "compressed-tensors")
+        assert m.formats == ("gptq", "gptq_v2", "compressed-tensors", "gguf")
 
 
 def test_unknown_method_lists_known_names():

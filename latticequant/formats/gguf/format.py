@@ -1,0 +1,283 @@
+"""The ``gguf`` format: a linear layer on the exact grid of one of llama.cpp's types.
+
+The grid of every block is chosen first, as llama.cpp chooses it (:func:`fit_grid`, weighted by
+the Hessian's diagonal, llama.cpp's importance matrix); the method then decodes the codes on that
+fixed grid with error feedback (:meth:`GgufFormat.layer_grid` hands it the real scales and
+offsets), and :meth:`GgufFormat.pack` writes the type's blocks byte for byte. Which type a layer
+gets follows llama.cpp's mix of the file type (``--gguf-type``): :meth:`GgufFormat.for_model`
+binds the format to a model's tensors. The layers go into one ``.gguf`` file (``container``), not
+a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from latticequant.formats.gguf.blocks import pack as pack_blocks
+from latticequant.formats.gguf.blocks import unpack as unpack_blocks
+from latticequant.formats.gguf.mix import FileType, ModelShape, fallback, tensor_types
+from latticequant.formats.gguf.reference import fit_grid
+from latticequant.formats.gguf.types import GGMLType, GgufGrid, dequantize, scales_offsets
+from latticequant.formats.gguf.types import type_info as _type_info
+from latticequant.formats.packing import FormatError
+from latticequant.formats.protocol import (
+    Format,
+    LayerGrid,
+    UnsupportedConfigError,
+    register_format,
+)
+
+__all__ = [
+    "GGUF_TYPES",
+    "GGUF_ARCHITECTURES",
+    "GgufFormat",
+    "check_gguf_type",
+    "gguf_tensor_name",
+    "llama_gguf_shapes",
+    "GGUF",
+]
+
+#: The ``--gguf-type`` names: llama.cpp's own file types, exactly as ``llama-quantize`` spells
+#: them.
+GGUF_TYPES = (
+    "Q8_0",
+    "Q6_K",
+    "Q5_K_M",
+    "Q5_0",
+    "Q4_K_M",
+    "Q4_K_S",
+    "Q4_0",
+    "IQ4_NL",
+    "Q3_K_M",
+    "Q3_K_S",
+    "Q2_K",
+    "Q2_0",
+)
+
+#: File types whose tensors the lattice methods cannot decode yet (a codebook, not a uniform
+#: grid), with what to use instead.
+NOT_DECODED = {
+    "IQ4_NL": "IQ4_NL is a 16-level codebook the decoders do not round to yet; use Q4_0 or Q4_K_M"
+}
+
+#: Hugging Face ``model_type`` -> GGUF ``general.architecture`` (Mistral is written as Llama,
+#: as llama.cpp's converter does).
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+#: A tiny scale standing for a group whose levels are one value (``d = 0`` or ``sc = 0``): its
+#: offset makes ``s * (z - o)`` that value to float64 rounding, whatever the code.
+DEGENERATE_SCALE = 1e-20
+
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def check_gguf_type(name: str | None) -> str:
+    """``name`` when it is one of :data:`GGUF_TYPES`; one line listing them otherwise."""
+    if name not in GGUF_TYPES:
+        raise UnsupportedConfigError(
+            f"unknown --gguf-type {name!r}; valid: {', '.join(GGUF_TYPES)}"
+        )
+    return name
+
+
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """The GGUF name of a decoder linear layer (``model.layers.3.mlp.down_proj`` ->
+    ``blk.3.ffn_down.weight``); None for a name outside the llama family's blocks."""
+    parts = hf_name.split(".")
+    for i, part in enumerate(parts):
+        if part == "layers" and i + 1 < len(parts) and parts[i + 1].isdigit():
+            local = ".".join(parts[i + 2 :])
+            if local in _LAYER_NAMES:
+                return f"blk.{parts[i + 1]}.{_LAYER_NAMES[local]}.weight"
+    return None
+
+
+def llama_gguf_shapes(config) -> tuple[dict[str, tuple[int, ...]], ModelShape]:
+    """The GGUF tensors (names and ``ne``) of a llama-family Hugging Face ``config`` and the
+    :class:`ModelShape` llama.cpp's mix reads."""
+    from latticequant.formats.gguf.mix import llama_tensor_shapes
+
+    n_head = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
+    shapes = llama_tensor_shapes(
+        n_layer=int(config.num_hidden_layers),
+        hidden=int(config.hidden_size),
+        intermediate=int(config.intermediate_size),
+        n_head=n_head,
+        n_head_kv=n_kv,
+        head_dim=head_dim,
+        vocab=int(config.vocab_size),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+    shape = ModelShape(n_layer=int(config.num_hidden_layers), n_head=n_head, n_head_kv=n_kv)
+    return shapes, shape
+
+
+def _gguf_type_of_ftype(ftype: str, d_in: int) -> GGMLType:
+    """The type a layer of ``d_in`` columns gets from the file type's default (fallback
+    included)."""
+    return fallback(FileType[ftype].default_type, d_in)
+
+
+class GgufFormat(Format):
+    """One linear layer as one GGUF tensor of a llama.cpp type (see the module docstring).
+
+    file_type: the ``--gguf-type`` (a llama.cpp file type); types: GGUF tensor name -> the type
+    llama.cpp's mix gives it (set by :meth:`for_model`); without them every layer takes the
+    file type's default type.
+    """
+
+    name = "gguf"
+    keys = ("gguf_blocks", "gguf_type", "gguf_shape")
+    key_kinds = {"gguf_blocks": "codes", "gguf_type": "meta", "gguf_shape": "meta"}
+    quant_method = "gguf"
+    container = "gguf"
+    fixes_grid = True
+
+    def __init__(
+        self, file_type: str | None = None, types: Mapping[str, GGMLType | None] | None = None
+    ) -> None:
+        self.file_type = file_type
+        self.types = dict(types or {})
+
+    # -- binding to a run and a model --------------------------------------------------------
+
+    def for_model(self, config, options: Mapping) -> GgufFormat:
+        ftype = check_gguf_type(options.get("gguf_type"))
+        model_type = getattr(config, "model_type", None)
+        if model_type not in GGUF_ARCHITECTURES:
+            raise UnsupportedConfigError(
+                f"architecture {model_type!r} cannot be written to GGUF here; supported: "
+                f"{', '.join(GGUF_ARCHITECTURES)}"
+            )
+        if ftype in NOT_DECODED:
+            raise UnsupportedConfigError(NOT_DECODED[ftype])
+        shapes, shape = llama_gguf_shapes(config)
+        # the grids are fitted with an importance matrix (the Hessian's diagonal): the mix is
+        # llama-quantize's with --imatrix
+        return GgufFormat(ftype, tensor_types(ftype, shapes, shape, imatrix=True))
+
+    def layer_type(self, name: str, d_in: int) -> GGMLType:
+        """The type of layer ``name`` (its Hugging Face name) of ``d_in`` columns."""
+        if self.file_type is None:
+            raise UnsupportedConfigError(
+                "the gguf format needs a file type: --gguf-type TYPE (valid: "
+                f"{', '.join(GGUF_TYPES)})"
+            )
+        t = self.types.get(gguf_tensor_name(name) or "")
+        return _gguf_type_of_ftype(self.file_type, d_in) if t is None else GGMLType(t)
+
+    # -- what the grid can represent ---------------------------------------------------------
+
+    def check(self, config, d_out: int | None = None, d_in: int | None = None) -> None:
+        if getattr(config, "refine", ""):
+            raise UnsupportedConfigError(
+                "--refine changes codes or scales after the decode; a GGUF grid is fixed by "
+                "llama.cpp's fit: drop --refine"
+            )
+        if not getattr(config, "clip", True):
+            raise UnsupportedConfigError(
+                "--no-clip leaves codes off the grid, which a GGUF type cannot store"
+            )
+        if not getattr(config, "static_groups", True):
+            raise UnsupportedConfigError(
+                "a GGUF grid is fixed per block before the decode: use --static-groups"
+            )
+        if self.file_type is not None and d_in is not None:
+            if self.file_type in NOT_DECODED:
+                raise UnsupportedConfigError(NOT_DECODED[self.file_type])
+            t = _gguf_type_of_ftype(self.file_type, int(d_in))
+            if t in (GGMLType.F16, GGMLType.F32):
+                raise UnsupportedConfigError(
+                    f"d_in={d_in} is not a multiple of 32, which every GGUF block needs; skip "
+                    "this layer (--skip)"
+                )
+
+    def layer_grid(self, W: torch.Tensor, H: torch.Tensor, config, name: str) -> LayerGrid:
+        """llama.cpp's grid for ``W`` (importance: the diagonal of ``H``), as the real scales
+        and offsets a core decoder takes, the layer's config (bits and group of the type) and
+        the packing of the decoded codes into the type's blocks."""
+        d_out, d_in = W.shape
+        t = self.layer_type(name, d_in)
+        if t == GGMLType.IQ4_NL:
+            raise UnsupportedConfigError(f"{name}: {NOT_DECODED['IQ4_NL']}")
+        if t in (GGMLType.F16, GGMLType.F32):
+            raise UnsupportedConfigError(f"{name}: llama.cpp leaves this tensor in {t.name}")
+        info = _type_info(t)
+        importance = torch.diagonal(H).to(torch.float32).clamp(min=0).cpu().numpy()
+        grid = fit_grid(t, W.detach().to(torch.float32).cpu().numpy(), importance)
+        s, o = grid_scales_offsets(grid)
+        cfg = config.replace(bits=int(info.maxq).bit_length(), group_size=info.group_size)
+        S = torch.from_numpy(s).to(W.dtype).to(W.device)
+        Z = torch.from_numpy(o).to(W.dtype).to(W.device)
+
+        def pack(result) -> dict[str, torch.Tensor]:
+            return self.pack_codes(result.codes, grid)
+
+        return LayerGrid(config=cfg, scales=S, zeros=Z, pack=pack, kind=t.name)
+
+    # -- tensors -----------------------------------------------------------------------------
+
+    def pack(self, result) -> dict[str, torch.Tensor]:
+        raise FormatError(
+            "the gguf format packs codes on its own grid: use layer_grid(...).pack(result)"
+        )
+
+    @staticmethod
+    def pack_codes(codes, grid: GgufGrid) -> dict[str, torch.Tensor]:
+        """The tensors of codes on a GGUF grid: the type's blocks, the type's id, the shape."""
+        codes = codes.cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+        data = pack_blocks(codes, grid)
+        return {
+            "gguf_blocks": torch.from_numpy(np.ascontiguousarray(data)),
+            "gguf_type": torch.tensor(int(grid.qtype), dtype=torch.int32),
+            "gguf_shape": torch.tensor(list(grid.shape), dtype=torch.int64),
+        }
+
+    def unpack(self, tensors, meta):
+        t = GGMLType(int(tensors["gguf_type"]))
+        codes, grid = unpack_blocks(t, tensors["gguf_blocks"].cpu().numpy())
+        shape = tuple(int(n) for n in tensors["gguf_shape"].tolist())
+        if grid.shape != shape:
+            raise FormatError(f"gguf blocks give shape {grid.shape}, expected {shape}")
+        return codes, grid
+
+    def dequantize(self, tensors, meta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes, grid = self.unpack(tensors, meta)
+        return torch.from_numpy(dequantize(codes, grid)).to(dtype)
+
+    def effective_bits(self, tensors, n_weights: int) -> float:
+        return 8.0 * tensors["gguf_blocks"].numel() / max(1, n_weights)
+
+    def file_config(self, base, meta) -> dict:
+        return {"quant_method": "gguf", "gguf_type": self.file_type}
+
+
+def grid_scales_offsets(grid: GgufGrid) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`scales_offsets` with every group of a single value (scale 0) given the tiny scale
+    :data:`DEGENERATE_SCALE` and the offset that puts its levels on that value: the decoders
+    then feed back that value's error, whatever code they pick."""
+    s, o = scales_offsets(grid)
+    flat = s == 0
+    if flat.any():
+        from latticequant.formats.gguf.types import levels
+
+        value = levels(grid)[..., 0].astype(np.float64)
+        s = np.where(flat, DEGENERATE_SCALE, s)
+        o = np.where(flat, -value / DEGENERATE_SCALE, o)
+    return s, o
+
+
+GGUF = register_format(GgufFormat())

@@ -1,0 +1,226 @@
+"""A quantize run written to one GGUF file: tensors as llama.cpp names and lays them out, read
+back by gguf's reader and by transformers' GGUF loader to the model the run quantized."""
+
+from __future__ import annotations
+
+import os
+import string
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from latticequant.formats.gguf.format import gguf_tensor_name
+from latticequant.formats.protocol import UnsupportedConfigError
+from latticequant.pipeline.gguf_file import llama_permute
+from latticequant.pipeline.run import Calibration, quantize_model
+from latticequant.pipeline.spec import CalibrationSpec, OutputSpec, RunSpec, prepare
+from latticequant.pipeline.state import OutputExistsError
+from tests.tiny import make_tiny_llama
+
+SHAPE = dict(hidden_size=256, intermediate_size=512, vocab_size=256)
+
+
+def write_source_gguf(model, path) -> str:
+    """A float32 GGUF of ``model`` with a small BPE tokenizer: what a quantized file copies its
+    tokenizer metadata from."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    toks = ["<unk>", "<s>", "</s>", *string.ascii_letters, *string.digits, *" .,!?'\n"]
+    toks += [f"<{i}>" for i in range(cfg.vocab_size - len(toks))]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(toks)
+    w.add_token_scores([0.0] * len(toks))
+    w.add_token_types([1] * len(toks))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        for local in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            W = sd[p + "self_attn." + local + ".weight"]
+            if local in ("q_proj", "k_proj"):
+                heads = cfg.num_attention_heads if local == "q_proj" else cfg.num_key_value_heads
+                W = W[llama_permute(W.shape[0], cfg.num_attention_heads, heads)]
+            w.add_tensor(gguf_tensor_name(p + "self_attn." + local), np.ascontiguousarray(W))
+        for local in ("gate_proj", "up_proj", "down_proj"):
+            w.add_tensor(gguf_tensor_name(p + "mlp." + local), sd[p + "mlp." + local + ".weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def transformers_gguf_model(path: str):
+    """The model transformers' GGUF loader reads (its config, then its dequantized tensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = os.path.split(path)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def _run(model, source, out, gguf_type, method="gptq", overwrite=False):
+    calib = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    spec = RunSpec(
+        method=method,
+        calibration=CalibrationSpec(nsamples=4, seqlen=32),
+        output=OutputSpec(
+            str(out), "gguf", overwrite, gguf_type=gguf_type, gguf_source=str(source)
+        ),
+    )
+    plan = prepare(model, spec)
+    return quantize_model(model, Calibration(calib), plan), plan
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return write_source_gguf(make_tiny_llama(**SHAPE), tmp_path_factory.mktemp("src") / "f.gguf")
+
+
+@pytest.mark.parametrize("gguf_type", ["Q4_K_M", "Q8_0", "Q3_K_S"])
+def test_file_reads_back_to_the_quantized_model(tmp_path, source, gguf_type):
+    model = make_tiny_llama(**SHAPE)
+    out = tmp_path / "q.gguf"
+    _, plan = _run(model, source, out, gguf_type)
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied embeddings
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert str(reader.fields["tokenizer.ggml.model"].contents()) == "llama"
+    # every quantized layer's file tensor dequantizes, by gguf's own code, to the weight the
+    # run put into the model (query and key rows in llama.cpp's order)
+    cfg = model.config
+    for name, module in model.named_modules():
+        gname = gguf_tensor_name(name)
+        if gname is None:
+            continue
+        t = tensors[gname]
+        assert t.tensor_type == plan.format.types[gname]
+        W = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        want = module.weight.detach().numpy()
+        if name.endswith(("q_proj", "k_proj")):
+            heads = cfg.num_attention_heads if name.endswith("q_proj") else cfg.num_key_value_heads
+            want = want[llama_permute(want.shape[0], cfg.num_attention_heads, heads)]
+        assert np.array_equal(W, want), name
+    # transformers' GGUF loader reads the file to the same model
+    loaded = transformers_gguf_model(str(out))
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids).logits
+        theirs = loaded(ids).logits
+    # the embeddings are rounded by llama.cpp's quantizer in the file, not in the model
+    emb = gguf.quants.dequantize(
+        np.asarray(tensors["token_embd.weight"].data), tensors["token_embd.weight"].tensor_type
+    )
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(torch.from_numpy(emb))
+        ours = model(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_existing_file_refused_and_nothing_half_written(tmp_path, source):
+    model = make_tiny_llama(**SHAPE)
+    out = tmp_path / "q.gguf"
+    out.write_bytes(b"keep")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        _run(model, source, out, "Q4_0")
+    assert out.read_bytes() == b"keep"
+    _run(model, source, out, "Q4_0", overwrite=True)
+    assert gguf.GGUFReader(str(out)).tensors
+    assert sorted(os.listdir(tmp_path)) == ["q.gguf"]
+
+
+def test_unsupported_architecture_and_missing_source(tmp_path, source):
+    from tests.tiny import make_tiny_opt
+
+    with pytest.raises(UnsupportedConfigError, match="architecture 'opt'"):
+        _run(make_tiny_opt(), source, tmp_path / "q.gguf", "Q8_0")
+    model = make_tiny_llama(**SHAPE)
+    with pytest.raises(ValueError, match="source .gguf"):
+        _run(model, tmp_path / "none.gguf", tmp_path / "q.gguf", "Q8_0")
+    assert not os.listdir(tmp_path)
+
+
+def test_truncated_file_is_a_one_line_error(tmp_path, source):
+    from latticequant.pipeline.models import ModelLoadError, load_model
+
+    model = make_tiny_llama(**SHAPE)
+    out = tmp_path / "q.gguf"
+    _run(model, source, out, "Q4_K_S")
+    data = out.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(bad))
+    assert "\n" not in str(err.value).strip()
+
+
+def test_q2_0_blocks_written_as_they_are(tmp_path, source):
+    """gguf 0.19 does not list Q2_0 (ggml type 42): the file holds the blocks byte for byte
+    under that type id, for llama.cpp builds that know it."""
+    from latticequant.formats.gguf.blocks import unpack
+    from latticequant.formats.gguf.types import dequantize
+
+    model = make_tiny_llama(**SHAPE)
+    out = tmp_path / "q.gguf"
+    _, plan = _run(model, source, out, "Q2_0", method="babai")
+    data = np.frombuffer(out.read_bytes(), dtype=np.uint8)
+    assert data[:4].tobytes() == b"GGUF"
+    starts = np.arange(0, len(data) - 18, 32)  # tensor data is 32-byte aligned
+    first = data[starts[:, None] + np.arange(18)]  # the first block at every aligned offset
+    with np.errstate(all="ignore"):
+        codes, grid = unpack(42, first)
+        values = dequantize(codes, grid)
+    for name, module in model.named_modules():
+        gname = gguf_tensor_name(name)
+        if gname is None or name.endswith(("q_proj", "k_proj")):
+            continue
+        assert int(plan.format.types[gname]) == 42
+        W = module.weight.detach().numpy()
+        n = W.shape[0] * (W.shape[1] // 64 * 18)
+        found = False
+        for start in starts[(values == W[0, :64]).all(axis=1)]:
+            if len(data) - start < n:
+                continue
+            chunk = data[start : start + n].reshape(W.shape[0], -1)
+            found = found or np.array_equal(dequantize(*unpack(42, chunk)), W)
+        assert found, name
+
+
+def test_command_line_quantize_then_eval(tmp_path, source, capsys):
+    from latticequant import cli
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "m.gguf"
+    args = ["quantize", source, "--method", "babai", "--checkpoint-format", "gguf"]
+    args += ["--gguf-type", "Q4_K_S", "--out", str(out), "--nsamples", "4", "--seqlen", "32"]
+    assert cli.main([*args, "--text", str(text), "--no-eval"]) == 0
+    assert gguf.GGUFReader(str(out)).fields["general.file_type"].contents() == 14
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--seqlen", "32", "--text", str(text), "--json"]) == 0
+    assert '"perplexity"' in capsys.readouterr().out
