@@ -29,6 +29,7 @@ from latticequant.formats import (
     Format,
     FormatError,
     RotatedFormat,
+    formats_storing,
     get_format,
     is_permuted,
 )
@@ -477,6 +478,7 @@ def load_quantized(
         name: _checked_module(model, name, entry, qc, tensors, expected)
         for name, entry in modules.items()
     }
+    _refuse_unused(tensors, expected, modules, formats, tied)
     _load_float_state(model, tensors, expected, modules, tied)
     for name, entry in modules.items():
         _set_module(
@@ -520,6 +522,14 @@ def _checked_module(model, name: str, entry: Mapping, qc: Mapping, tensors, expe
             raise CheckpointError(
                 f"tensor {full} has shape {list(tensors[full].shape)}, expected {want}"
             )
+    stored = {k[len(name) + 1 :] for k in tensors if k.startswith(f"{name}.")} - {"bias"}
+    kinds = [f.name for f in formats_storing(stored)]
+    if kinds and fmt.name not in kinds:  # its tensors, not its entry, say what a module is
+        raise CheckpointError(
+            f"module {name} stores {', '.join(sorted(stored))}, the tensors of format "
+            f"{' or '.join(kinds)}, but config.json says {fmt.name!r}: the checkpoint "
+            "contradicts itself"
+        )
     if f"{name}.weight" not in expected:
         raise CheckpointError(f"model built from config.json has no linear layer {name}")
     want_shape = tuple(linear_weight(model.get_submodule(name)).shape)
@@ -530,6 +540,21 @@ def _checked_module(model, name: str, entry: Mapping, qc: Mapping, tensors, expe
             f"gives {list(want_shape)}: checkpoint does not match config.json"
         )
     return fmt
+
+
+def _refuse_unused(tensors, expected, modules, formats, tied) -> None:
+    """Every tensor of the file is read by the model or by a quantized module's format: one
+    that nothing reads (a transform whose module does not say it is rotated, a head the
+    config ties) would otherwise be dropped in silence, and the model run without it."""
+    used = {k for k in expected if k not in tied}
+    for name, fmt in formats.items():
+        used |= {f"{name}.{k}" for k in fmt.keys + fmt.optional_keys} | {f"{name}.bias"}
+    unused = sorted(k for k in tensors if k not in used)
+    if unused:
+        raise CheckpointError(
+            f"checkpoint tensor {unused[0]} is read by nothing config.json describes "
+            f"({len(unused)} such tensors): the checkpoint contradicts its config"
+        )
 
 
 def _load_float_state(model, tensors, expected, modules, tied) -> None:

@@ -1,5 +1,9 @@
 """Every registered format, walked through pack, unpack, dequantize, save, load and run.
 
+Formats written as a checkpoint folder are walked here; a format of a single-file container
+(GGUF) needs a model of its own kind and is walked by its own test
+(``tests/pipeline/test_gguf_file.py``), which the last test here holds to that.
+
 The walk is driven by the registry: a format gets this coverage by being registered. For each
 one a tiny model is quantized by a method that writes it; the references are independent of
 the format's own code: the weights the run left in the model (float maths in the method), the
@@ -9,6 +13,7 @@ model's logits, and the storage sizes of the tensors written.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,11 +45,22 @@ def _config(method: str):
     return cls(**changes)
 
 
+FOLDER_FORMATS = tuple(n for n in format_names() if get_format(n).container == "folder")
+FILE_FORMATS = {"gguf": "tests/pipeline/test_gguf_file.py"}
+
+
+def test_every_single_file_format_has_its_own_walk():
+    others = {n for n in format_names() if n not in FOLDER_FORMATS}
+    assert others == set(FILE_FORMATS)
+    root = Path(__file__).resolve().parents[2]
+    assert all((root / path).is_file() for path in FILE_FORMATS.values())
+
+
 @pytest.fixture(scope="module")
 def walked(tmp_path_factory, calib_ids_module):
     """One quantized checkpoint per registered format, with the model the run left."""
     out = {}
-    for name in format_names():
+    for name in FOLDER_FORMATS:
         fmt = get_format(name)
         method, checkpoint_format, target = _writer(fmt)
         model = make_tiny_llama()
@@ -72,7 +88,7 @@ def calib_ids_module():
     return calibration_windows(id_stream(), nsamples=4, seqlen=32, seed=0)
 
 
-@pytest.mark.parametrize("name", format_names())
+@pytest.mark.parametrize("name", FOLDER_FORMATS)
 def test_every_format_round_trips_through_a_checkpoint(walked, name):
     fmt = get_format(name)
     model, folder = walked[name]
@@ -103,7 +119,7 @@ def test_every_format_round_trips_through_a_checkpoint(walked, name):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", format_names())
+@pytest.mark.parametrize("name", FOLDER_FORMATS)
 def test_every_format_unpacks_the_codes_it_packed(walked, name):
     """``unpack`` gives back integer codes and their grid; the weight they make, by hand in
     float64, is the one the format dequantizes (outliers and rotations aside)."""

@@ -296,3 +296,33 @@ def test_a_layer_neither_quantized_nor_skipped_is_never_written_in_float(tmp_pat
     )  # fmt: skip
     log = json.loads((tmp_path / "w" / "quant_log.json").read_text())
     assert log["skipped"] == {dropped: "skipped by pattern 'down'"}
+
+
+def test_a_modules_tensors_decide_its_kind_and_no_tensor_is_left_unread(tmp_path, calib_ids):
+    """A rotated checkpoint whose module entry lost its rotation would run W R as W: refused,
+    as is a tensor nothing in config.json reads."""
+    from safetensors.torch import load_file, save_file
+
+    from latticequant.pipeline.target import TargetConfig
+
+    out = tmp_path / "rot"
+    cfg = lq.QuantConfig(bits=4, group_size=GROUP)
+    target = TargetConfig(rotate="hadamard")
+    run_quantize(make_tiny_llama(), None, calib_ids, "gptq", cfg, out, target=target)
+    load_quantized(out)  # as written, it loads
+    config = json.loads((out / "config.json").read_text())
+    name = "model.layers.0.self_attn.q_proj"
+    assert config["quantization_config"]["latticequant"]["modules"][name]["format"] == (
+        "gptq+hadamard"
+    )
+    lost = json.loads(json.dumps(config))
+    lost["quantization_config"]["latticequant"]["modules"][name]["format"] = "gptq"
+    (out / "config.json").write_text(json.dumps(lost))
+    with pytest.raises(CheckpointError, match=f"module {name} stores .*rot_signs.*'gptq'"):
+        load_quantized(out)
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.rot_signs_copy"] = torch.zeros(3)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="rot_signs_copy is read by nothing"):
+        load_quantized(out)
