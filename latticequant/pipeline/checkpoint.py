@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latticequant.formats import (
-    GPTQ_KEYS,
+    CHECKPOINT_FORMATS,
     ROTATION_KEYS,
     SUPPORTED_BITS,
     FormatError,
     build_module,
+    format_names,
     get_format,
     is_permuted,
     quantize_config_dict,
     unpack_rotation,
+    unpack_zeros,
 )
 from latticequant.formats.rotation import RotatedLinear
 from latticequant.methods.registry import config_to_dict
@@ -44,8 +47,8 @@ from latticequant.pipeline.files import (
     save_tensors,
     write_json,
 )
-from latticequant.pipeline.layout import describe_model, linear_weight
-from latticequant.pipeline.offload import store_of
+from latticequant.pipeline.layout import UnsupportedModelError, describe_model, linear_weight
+from latticequant.pipeline.offload import empty_parameters, store_of
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ __all__ = [
     "QuantizedLayer",
     "save_quantized",
     "load_quantized",
+    "check_file_config",
+    "ModuleKind",
     "is_quantized_checkpoint",
     "read_quant_log",
     "WEIGHTS_FILE",
@@ -375,27 +380,6 @@ def read_quant_log(folder: str | os.PathLike) -> dict:
     return qlog
 
 
-def _module_table(qc: dict, tensors: Mapping[str, torch.Tensor]) -> dict:
-    """Quantized modules from our section, or inferred from ``.qweight`` keys (other tools)."""
-    section = qc.get("latticequant")
-    if section and "modules" in section:
-        return section["modules"]
-    modules = {}
-    for key in tensors:
-        if key.endswith(".qweight"):
-            name = key[: -len(".qweight")]
-            modules[name] = {
-                "format": "gptq",
-                "bits": qc.get("bits"),
-                "keys": {
-                    k: list(tensors[f"{name}.{k}"].shape)
-                    for k in GPTQ_KEYS
-                    if f"{name}.{k}" in tensors
-                },
-            }
-    return modules
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -430,6 +414,422 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@dataclass(frozen=True)
+class ModuleKind:
+    """What one quantized module's stored tensors say it is, whatever the config claims."""
+
+    format: str  # a registered module format: gptq, ssqr, hptq
+    rotated: bool  # it stores a Hadamard transform (its weights are ``W R``)
+    keys: tuple[str, ...]  # the format's tensors it stores (suffixes, rotation excluded)
+
+    @property
+    def plain_gptq(self) -> bool:
+        """Readable by any GPTQ reader: the GPTQ tensors alone, unrotated."""
+        return self.format == "gptq" and not self.rotated
+
+    def describe(self) -> str:
+        return f"{'rotated ' if self.rotated else ''}{self.format}"
+
+
+def _quantized_suffixes() -> dict[str, tuple[str, ...]]:
+    """Each stored key a quantized module may hold -> the formats that store it."""
+    owners: dict[str, tuple[str, ...]] = {}
+    for name in format_names():
+        fmt = get_format(name)
+        for key in fmt.keys + fmt.optional_keys:
+            owners[key] = owners.get(key, ()) + (name,)
+    for key in ROTATION_KEYS:
+        owners[key] = ()
+    return owners
+
+
+def _stored_modules(keys: Iterable[str]) -> dict[str, set[str]]:
+    """Module name -> the quantized keys the file holds for it (``<module>.<key>``)."""
+    suffixes = _quantized_suffixes()
+    modules: dict[str, set[str]] = {}
+    for key in keys:
+        name, _, suffix = key.rpartition(".")
+        if name and suffix in suffixes:
+            modules.setdefault(name, set()).add(suffix)
+    return modules
+
+
+def _module_kind(name: str, stored: set[str]) -> ModuleKind:
+    """The format of a module read off its tensors: the registered format that holds every one
+    of them and lacks the fewest; a missing tensor, or tensors no one format holds, refused."""
+    rotation = stored & set(ROTATION_KEYS)
+    rest = stored - rotation
+    if not rest:
+        raise CheckpointError(
+            f"module {name} stores a rotation ({', '.join(sorted(rotation))}) but no quantized "
+            f"weight: checkpoint is missing tensor {name}.qweight (or its format's keys)"
+        )
+    fits = []
+    for fname in format_names():
+        fmt = get_format(fname)
+        if rest <= set(fmt.keys + fmt.optional_keys):
+            fits.append((len(set(fmt.keys) - rest), fname))
+    if not fits:
+        raise CheckpointError(
+            f"module {name} stores tensors {sorted(rest)} that no one module format holds "
+            f"(formats: {', '.join(format_names())})"
+        )
+    fits.sort()
+    if len(fits) > 1 and fits[0][0] == fits[1][0]:
+        raise CheckpointError(
+            f"module {name}'s tensors {sorted(rest)} fit formats {fits[0][1]} and {fits[1][1]} "
+            "alike: the checkpoint is incomplete"
+        )
+    fmt = get_format(fits[0][1])
+    for key in fmt.keys:
+        if key not in rest:
+            raise CheckpointError(f"checkpoint is missing tensor {name}.{key}")
+    for key in ROTATION_KEYS if rotation else ():
+        if key not in rotation:
+            raise CheckpointError(f"checkpoint is missing tensor {name}.{key}")
+    return ModuleKind(
+        fmt.name, bool(rotation), tuple(k for k in fmt.keys + fmt.optional_keys if k in rest)
+    )
+
+
+def _stored_bits(name: str, tensors: Mapping[str, torch.Tensor]) -> int:
+    """The code width of a GPTQ-layout module: ``qweight`` rows x 32 over its inputs."""
+    rows = tensors[f"{name}.qweight"].shape[0]
+    d_in = tensors[f"{name}.g_idx"].numel()
+    if d_in == 0 or (rows * 32) % d_in:
+        raise CheckpointError(
+            f"module {name}: qweight has {rows} rows for {d_in} inputs (g_idx), no whole code width"
+        )
+    return rows * 32 // d_in
+
+
+def _check_module_entry(
+    name: str, entry: Mapping, kind: ModuleKind, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """A config entry that contradicts the module's tensors is refused, in one line."""
+    if not isinstance(entry, Mapping):
+        raise CheckpointError(f"module {name}: config.json's entry is not an object")
+    claimed = entry.get("format", "gptq")
+    try:
+        get_format(claimed)
+    except FormatError as exc:
+        raise CheckpointError(f"module {name}: {exc}") from None
+    if claimed != kind.format:
+        raise CheckpointError(
+            f"module {name}: config.json says format {claimed!r}, its tensors "
+            f"({', '.join(kind.keys)}) are {kind.format!r}"
+        )
+    rotation = entry.get("rotation")
+    if rotation not in (None, "hadamard"):
+        raise CheckpointError(f"module {name}: unknown rotation {rotation!r}")
+    if kind.rotated and not rotation:
+        raise CheckpointError(
+            f"module {name} stores a rotation ({', '.join(ROTATION_KEYS)}) but config.json's "
+            'entry has no "rotation": "hadamard"; its weights are W R and cannot run unrotated'
+        )
+    if rotation and not kind.rotated:
+        raise CheckpointError(
+            f"module {name}: config.json says rotation {rotation!r}, "
+            f"checkpoint is missing tensor {name}.rot_signs"
+        )
+    if "qweight" in kind.keys and entry.get("bits") is not None:
+        bits = _stored_bits(name, tensors)
+        if entry["bits"] != bits:
+            raise CheckpointError(
+                f"module {name}: config.json's entry says bits {entry['bits']!r}, its tensors "
+                f"hold {bits}-bit codes"
+            )
+    for key in kind.keys + (ROTATION_KEYS if kind.rotated else ()):
+        want = (entry.get("keys") or {}).get(key)
+        full = f"{name}.{key}"
+        if want is not None and list(tensors[full].shape) != list(want):
+            raise CheckpointError(
+                f"tensor {full} has shape {list(tensors[full].shape)}, expected {want}"
+            )
+
+
+def _module_table(
+    qc: dict, kinds: Mapping[str, ModuleKind], tensors: Mapping[str, torch.Tensor]
+) -> dict:
+    """Each quantized module's entry: our section's, checked against its tensors, or (a
+    checkpoint of another tool) the kinds read off the tensors."""
+    section = qc.get("latticequant")
+    if not (isinstance(section, dict) and "modules" in section):
+        table = {}
+        for name, kind in kinds.items():
+            entry: dict = {"format": kind.format}
+            if "qweight" in kind.keys:
+                entry["bits"] = _stored_bits(name, tensors)
+            if kind.rotated:
+                entry["rotation"] = "hadamard"
+            table[name] = entry
+        return table
+    table = section["modules"]
+    if not isinstance(table, dict):
+        raise CheckpointError("config.json's latticequant modules is not an object")
+    for name, entry in table.items():
+        if name not in kinds:
+            fmt = entry.get("format", "gptq") if isinstance(entry, Mapping) else "gptq"
+            first = get_format(fmt).keys[0] if fmt in format_names() else "qweight"
+            raise CheckpointError(f"checkpoint is missing tensor {name}.{first}")
+        _check_module_entry(name, entry, kinds[name], tensors)
+    for name, kind in kinds.items():
+        if name not in table:
+            raise CheckpointError(
+                f"checkpoint tensor {name}.{kind.keys[0]} is not used: config.json lists no "
+                f"quantized module {name}"
+            )
+    return table
+
+
+def _dynamic_rule(dynamic: Mapping, name: str) -> tuple[str, dict] | None:
+    """GPTQModel's ``dynamic`` rule for module ``name``, first match wins: ``("-", {})`` for a
+    skipped module, ``("+", overrides)`` for other settings, None when no rule matches."""
+    for pattern, overrides in dynamic.items():
+        sign, regex = ("-", pattern[2:]) if pattern.startswith("-:") else ("+", pattern)
+        regex = regex.removeprefix("+:")
+        try:
+            if re.match(regex, name):
+                return sign, dict(overrides or {}) if sign == "+" else {}
+        except re.error as exc:
+            raise CheckpointError(f"dynamic rule {pattern!r} is not a valid regex: {exc}") from None
+    return None
+
+
+def _group_counts_fit(g_idx: torch.Tensor, n_groups: int, group_size) -> bool:
+    """Whether ``g_idx`` puts ``group_size`` inputs in each of ``n_groups`` groups (the last one
+    the remainder); -1, or a size of at least the inputs, means one group."""
+    d_in = g_idx.numel()
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        return False
+    if group_size == -1 or group_size >= d_in:
+        want = [d_in]
+    elif group_size > 0:
+        want = [group_size] * (d_in // group_size) + (
+            [d_in % group_size] if d_in % group_size else []
+        )
+    else:
+        return False
+    if len(want) != n_groups:
+        return False
+    have = torch.bincount(g_idx.to(torch.int64), minlength=n_groups)
+    return have.tolist() == want
+
+
+def _check_file_config(
+    qc: Mapping,
+    kinds: Mapping[str, ModuleKind],
+    tensors: Mapping[str, torch.Tensor],
+    file_qc: Mapping | None = None,
+    float_linears: Iterable[str] = (),
+) -> None:
+    """The file-level quantization config, what other tools read, checked against the tensors.
+
+    ``qc`` is config.json's ``quantization_config``, ``file_qc`` quantize_config.json (None when
+    absent), ``kinds`` each quantized module's kind (:func:`_module_kind`), ``float_linears``
+    the targeted linear layers stored in float. GPTQModel ``dynamic`` rules are honoured:
+    ``+:regex`` gives a module other bits/group size/sym, ``-:regex`` skips it.
+    """
+    if file_qc is not None and dict(file_qc) != dict(qc):
+        keys = sorted(set(file_qc) | set(qc), key=str)
+        diff = next(k for k in keys if file_qc.get(k) != qc.get(k))
+        raise CheckpointError(
+            f"{QUANTIZE_CONFIG_FILE} differs from config.json's quantization_config "
+            f"(first at {diff!r}: {file_qc.get(diff)!r} against {qc.get(diff)!r})"
+        )
+    method = qc.get("quant_method")
+    if method not in QUANT_METHODS:
+        raise CheckpointError(f"quant_method {method!r} is not one of {list(QUANT_METHODS)}")
+    if method == "gptq":
+        for name, kind in kinds.items():
+            if not kind.plain_gptq:
+                raise CheckpointError(
+                    f"quant_method is 'gptq' but module {name} is {kind.describe()}: GPTQ readers "
+                    f"would run it wrong (the checkpoint says {OWN_QUANT_METHOD!r})"
+                )
+    rotated = [n for n, k in kinds.items() if k.rotated]
+    if rotated and qc.get("format") != ROTATED_FORMAT:
+        raise CheckpointError(
+            f"module {rotated[0]} is rotated but quantize config's format is "
+            f"{qc.get('format')!r}, not {ROTATED_FORMAT!r}: the checkpoint is inconsistent"
+        )
+    if qc.get("format") == ROTATED_FORMAT and not rotated:
+        raise CheckpointError(
+            f"quantize config's format is {ROTATED_FORMAT!r} but no module is rotated"
+        )
+    checkpoint_format = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise CheckpointError(
+            f"checkpoint_format {checkpoint_format!r} is not one of {list(CHECKPOINT_FORMATS)}"
+        )
+    if qc.get("format") not in (None, ROTATED_FORMAT, checkpoint_format):
+        raise CheckpointError(
+            f"quantize config's format {qc.get('format')!r} differs from its checkpoint_format "
+            f"{checkpoint_format!r}"
+        )
+    dynamic = qc.get("dynamic") or {}
+    if not isinstance(dynamic, Mapping):
+        raise CheckpointError("quantize config's dynamic is not an object")
+    for name, kind in kinds.items():
+        rule = _dynamic_rule(dynamic, name)
+        if rule is not None and rule[0] == "-":
+            raise CheckpointError(
+                f"module {name} is stored quantized but a dynamic '-:' rule says it is skipped"
+            )
+        claim = {k: qc.get(k) for k in ("bits", "group_size", "sym")}
+        claim.update(rule[1] if rule else {})
+        if "qweight" not in kind.keys:  # a format without a fixed code width (Huffman codes)
+            if claim["bits"] is not None:
+                raise CheckpointError(
+                    f"module {name} is {kind.format} (no fixed code width) but the quantize "
+                    f"config says bits {claim['bits']!r}"
+                )
+            continue
+        bits = _stored_bits(name, tensors)
+        if claim["bits"] != bits:
+            raise CheckpointError(
+                f"module {name} stores {bits}-bit codes but the quantize config says "
+                f"bits {claim['bits']!r}"
+            )
+        g_idx = tensors[f"{name}.g_idx"]
+        n_groups = tensors[f"{name}.scales"].shape[0]
+        if not _group_counts_fit(g_idx, n_groups, claim["group_size"]):
+            raise CheckpointError(
+                f"module {name} stores {n_groups} groups over {g_idx.numel()} inputs, not "
+                f"group_size {claim['group_size']!r} as the quantize config says"
+            )
+        if is_permuted(g_idx, claim["group_size"]) and not qc.get("desc_act"):
+            raise CheckpointError(
+                f"module {name}'s g_idx is permuted (act-order) but desc_act is false: readers "
+                "that skip g_idx would read it wrong"
+            )
+        if claim["sym"]:
+            d_out = tensors[f"{name}.qweight"].shape[1]
+            zeros = unpack_zeros(tensors[f"{name}.qzeros"], bits, d_out, checkpoint_format)
+            if not bool((zeros == 2 ** (bits - 1)).all()):
+                raise CheckpointError(
+                    f"the quantize config says sym true but module {name} has zero points other "
+                    f"than {2 ** (bits - 1)}"
+                )
+    for name in float_linears:
+        rule = _dynamic_rule(dynamic, name)
+        if rule is None or rule[0] != "-":
+            raise CheckpointError(
+                f"layer {name} is stored in float but no dynamic '-:' rule skips it: GPTQ "
+                f"readers would look for {name}.qweight"
+            )
+
+
+def _read_file_qc(folder: Path) -> dict | None:
+    """quantize_config.json, or None when the folder has none."""
+    path = folder / QUANTIZE_CONFIG_FILE
+    if not path.is_file():
+        return None
+    qc = _read_json(path)
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{path} is not a JSON object (got a {type(qc).__name__})")
+    return qc
+
+
+def _quantization_config(folder: Path, config: dict) -> dict:
+    qc = config.pop("quantization_config", None)
+    if not isinstance(qc, dict) or qc.get("quant_method") not in QUANT_METHODS:
+        raise CheckpointError(f"{folder}/config.json has no GPTQ quantization_config")
+    return qc
+
+
+def _build_skeleton(folder: Path, config: dict) -> nn.Module:
+    """The model of config.json with every parameter on ``meta`` (buffers such as rotary
+    frequencies real): nothing is allocated for the weights the checkpoint provides."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError(f"{folder}/config.json names no model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **config)
+        with empty_parameters():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot build a model from {folder}/config.json: {exc}") from None
+    unfuse_experts(model, skeleton=True)  # experts are stored one linear layer per expert matrix
+    return model
+
+
+def _tie_map(model: nn.Module) -> dict[str, str]:
+    """Parameter names that are the same parameter as an earlier name (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _float_linears(model: nn.Module, kinds: Mapping[str, ModuleKind]) -> list[str]:
+    """The blocks' linear layers stored in float (none known for an unknown architecture)."""
+    try:
+        names = describe_model(model).linear_names()
+    except UnsupportedModelError:
+        return []
+    return [n for n in names if n not in kinds]
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of parameter or buffer ``key``, in its dtype (as
+    ``load_state_dict`` copies), without a second copy when the dtype already matches."""
+    path, _, leaf = key.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = nn.Parameter(
+            tensor.to(old.dtype), requires_grad=old.requires_grad
+        )
+    else:
+        module._buffers[leaf] = tensor.to(module._buffers[leaf].dtype)
+
+
+def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
+    for alias, kept in tied.items():
+        path, _, leaf = alias.rpartition(".")
+        module = model.get_submodule(path) if path else model
+        module._parameters[leaf] = model.get_parameter(kept)
+
+
+def _check_nothing_on_meta(model: nn.Module) -> None:
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_meta:
+                raise CheckpointError(
+                    f"{kind} {name} was not set from the checkpoint: it holds no such tensor"
+                )
+
+
+def _read_checkpoint(folder: Path):
+    config = _read_config(folder)
+    qc = _quantization_config(folder, config)
+    file_qc = _read_file_qc(folder)
+    tensors = _load_weights(folder)
+    model = _build_skeleton(folder, config)
+    stored = _stored_modules(tensors)
+    kinds = {name: _module_kind(name, keys) for name, keys in stored.items()}
+    return qc, file_qc, tensors, model, kinds
+
+
+def check_file_config(folder: str | os.PathLike) -> None:
+    """Refuse, in one :class:`CheckpointError` line, a checkpoint whose file-level quantization
+    config (what GPTQModel, transformers and vLLM read: ``bits``, ``group_size``, ``sym``,
+    ``desc_act``, ``quant_method``, ``format``, ``dynamic``) or whose quantize_config.json
+    contradicts its stored tensors. :func:`load_quantized` runs it too."""
+    folder = Path(folder)
+    qc, file_qc, tensors, model, kinds = _read_checkpoint(folder)
+    _module_table(qc, kinds, tensors)
+    _check_file_config(qc, kinds, tensors, file_qc, _float_linears(model, kinds))
+
+
 def load_quantized(
     folder: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -441,57 +841,25 @@ def load_quantized(
     dequantizes a tile at a time), True keeps a dense copy for speed, None (default) caches on
     the CPU path (see :class:`~latticequant.formats.qlinear.QuantLinear`).
 
-    Every expected tensor is checked for presence and shape before anything is used; a
-    truncated or mismatched checkpoint raises :class:`CheckpointError` naming the tensor.
+    The model is built with its parameters on ``meta``; only what the file holds is
+    materialised (float tensors assigned as read, quantized modules built from their tensors).
+    Before anything is used every module's kind is read off its tensors and checked against
+    config.json, the file-level config against the tensors (:func:`check_file_config`), and
+    every expected tensor for presence and shape; a tensor the loader would not use, a missing
+    or mismatched one, or a contradicting config raises :class:`CheckpointError` naming it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     folder = Path(folder)
-    config = _read_config(folder)
-    qc = config.pop("quantization_config", None)
-    if not qc or qc.get("quant_method") not in QUANT_METHODS:
-        raise CheckpointError(f"{folder}/config.json has no GPTQ quantization_config")
-    tensors = _load_weights(folder)
-
-    model_type = config.pop("model_type", None)
-    if model_type is None:
-        raise CheckpointError(f"{folder}/config.json names no model_type")
-    try:
-        hf_config = AutoConfig.for_model(model_type, **config)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"cannot build a model from {folder}/config.json: {exc}") from None
-    unfuse_experts(model)  # experts are stored one linear layer per expert matrix
-
-    modules = _module_table(qc, tensors)
+    qc, file_qc, tensors, model, kinds = _read_checkpoint(folder)
+    modules = _module_table(qc, kinds, tensors)
+    _check_file_config(qc, kinds, tensors, file_qc, _float_linears(model, kinds))
     checkpoint_format = qc.get("checkpoint_format", qc.get("format", "gptq"))
-    expected = model.state_dict()
-    tied = set((qc.get("latticequant") or {}).get("tied", {}))
-    if not tied and getattr(hf_config, "tie_word_embeddings", False):
-        tied = set(_tied_aliases(expected))
+    expected = model.state_dict(keep_vars=True)
+    tied = _tie_map(model)
 
+    consumed = set()
     for name, entry in modules.items():
-        try:
-            fmt = get_format(entry.get("format", "gptq"))
-        except FormatError as exc:
-            raise CheckpointError(f"module {name}: {exc}") from None
-        rotation = entry.get("rotation")
-        if rotation not in (None, "hadamard"):
-            raise CheckpointError(f"module {name}: unknown rotation {rotation!r}")
-        if rotation and qc.get("format") != ROTATED_FORMAT:
-            raise CheckpointError(
-                f"module {name} is rotated but quantize config's format is "
-                f"{qc.get('format')!r}, not {ROTATED_FORMAT!r}: the checkpoint is inconsistent"
-            )
-        for key in fmt.keys + (ROTATION_KEYS if rotation else ()):
-            full = f"{name}.{key}"
-            if full not in tensors:
-                raise CheckpointError(f"checkpoint is missing tensor {full}")
-            want = entry.get("keys", {}).get(key)
-            if want is not None and list(tensors[full].shape) != list(want):
-                raise CheckpointError(
-                    f"tensor {full} has shape {list(tensors[full].shape)}, expected {want}"
-                )
+        kind = kinds[name]
+        consumed.update(f"{name}.{k}" for k in kind.keys + (ROTATION_KEYS if kind.rotated else ()))
         if f"{name}.weight" not in expected:
             raise CheckpointError(f"model built from config.json has no linear layer {name}")
         want_shape = tuple(linear_weight(model.get_submodule(name)).shape)
@@ -501,9 +869,14 @@ def load_quantized(
                 f"layer {name} is stored with shape {list(have_shape)} (out, in), config.json "
                 f"gives {list(want_shape)}: checkpoint does not match config.json"
             )
+        has_bias = getattr(model.get_submodule(name), "bias", None) is not None
+        if has_bias and f"{name}.bias" not in tensors:
+            raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
+        if f"{name}.bias" in tensors:
+            consumed.add(f"{name}.bias")
 
-    float_state = {}
     quantized_params = {f"{n}.weight" for n in modules} | {f"{n}.bias" for n in modules}
+    float_keys = []
     for key, t in expected.items():
         if key in quantized_params or key in tied:
             continue
@@ -514,21 +887,29 @@ def load_quantized(
                 f"tensor {key} has shape {list(tensors[key].shape)}, the model expects "
                 f"{list(t.shape)} (checkpoint does not match config.json)"
             )
-        float_state[key] = tensors[key]
-    model.load_state_dict(float_state, strict=False)
-    if tied:
-        model.tie_weights()
+        float_keys.append(key)
+    consumed.update(float_keys)
+    for alias, kept in tied.items():  # a file that stores a tied tensor twice
+        if alias in tensors and alias not in quantized_params:
+            if not torch.equal(tensors[alias], tensors.get(kept, tensors[alias][:0])):
+                raise CheckpointError(
+                    f"checkpoint tensor {alias} differs from {kept}, to which config.json ties it"
+                )
+            consumed.add(alias)
+    unused = sorted(k for k in tensors if k not in consumed)
+    if unused:
+        raise CheckpointError(
+            f"checkpoint tensor {unused[0]} is not used by the model config.json describes "
+            f"({len(unused)} such tensors): the checkpoint does not match its config"
+        )
+
+    for key in float_keys:
+        _assign(model, key, tensors[key])
+    _retie(model, tied)
 
     for name, entry in modules.items():
-        original = model.get_submodule(name)
-        fmt = get_format(entry.get("format", "gptq"))
-        layer_tensors = {k: tensors[f"{name}.{k}"] for k in fmt.keys}
-        layer_tensors.update(
-            {k: tensors[f"{name}.{k}"] for k in fmt.optional_keys if f"{name}.{k}" in tensors}
-        )
-        bias = tensors.get(f"{name}.bias")
-        if bias is None and getattr(original, "bias", None) is not None:
-            raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
+        kind = kinds[name]
+        layer_tensors = {k: tensors[f"{name}.{k}"] for k in kind.keys}
         meta = {
             "bits": entry.get("bits", qc.get("bits")),
             "checkpoint_format": checkpoint_format,
@@ -538,12 +919,17 @@ def load_quantized(
             if k in entry:
                 meta[k] = entry[k]
         try:
-            module = build_module(entry.get("format", "gptq"), layer_tensors, meta, bias)
-            if entry.get("rotation"):
+            module = build_module(kind.format, layer_tensors, meta, tensors.get(f"{name}.bias"))
+            if kind.rotated:
                 stored = {k: tensors[f"{name}.{k}"] for k in ROTATION_KEYS}
-                n_in = int(entry.get("in_features", linear_weight(original).shape[1]))
+                n_in = int(
+                    entry.get("in_features", linear_weight(model.get_submodule(name)).shape[1])
+                )
                 module = RotatedLinear(unpack_rotation(stored, n_in), module)
         except FormatError as exc:
             raise CheckpointError(f"module {name}: {exc}") from None
         _set_module(model, name, module)
+        for k in layer_tensors:
+            del tensors[f"{name}.{k}"]  # the module holds what it needs
+    _check_nothing_on_meta(model)
     return model.to(device).eval()

@@ -161,11 +161,15 @@ def _unfused(fused: nn.Module) -> RoutedExperts:
     return RoutedExperts(experts)
 
 
-def unfuse_experts(model: nn.Module) -> int:
+def unfuse_experts(model: nn.Module, skeleton: bool = False) -> int:
     """Replace every fused experts module of ``model`` by :class:`RoutedExperts`, in place;
-    returns how many were replaced (0 for a dense model, and when done already)."""
+    returns how many were replaced (0 for a dense model, and when done already).
+
+    ``skeleton``: the model's parameters are on ``meta`` and are assigned afterwards, layer by
+    layer (the checkpoint loader); the per-expert layers are then made on ``meta`` too.
+    """
     targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ in FUSED_EXPERTS]
-    if any(m.gate_up_proj.device.type == "meta" for _, m in targets):
+    if not skeleton and any(m.gate_up_proj.device.type == "meta" for _, m in targets):
         raise ValueError(
             "--offload does not take mixture-of-experts models yet (their fused experts are "
             "split into per-expert layers in memory); drop --offload"
