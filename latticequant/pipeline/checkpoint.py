@@ -140,7 +140,11 @@ def _dynamic_overrides(modules: dict, skipped: list[str], base: dict) -> dict:
     for name in skipped:
         dynamic[f"-:^{name.replace('.', '[.]')}$"] = {}
     for name, m in modules.items():
-        diff = {k: m[k] for k in ("bits", "group_size", "sym") if m.get(k) != base[k]}
+        diff = {
+            k: m[k]
+            for k in ("bits", "group_size", "sym")
+            if m.get(k) is not None and m[k] != base[k]  # None: the format has no such field
+        }
         if diff:
             dynamic[f"+:^{name.replace('.', '[.]')}$"] = diff
     return dynamic
@@ -481,12 +485,14 @@ def _module_kind(name: str, stored: set[str]) -> ModuleKind:
             "alike: the checkpoint is incomplete"
         )
     fmt = get_format(fits[0][1])
-    for key in fmt.keys:
-        if key not in rest:
-            raise CheckpointError(f"checkpoint is missing tensor {name}.{key}")
-    for key in ROTATION_KEYS if rotation else ():
-        if key not in rotation:
-            raise CheckpointError(f"checkpoint is missing tensor {name}.{key}")
+    wanted = list(fmt.keys) + (list(ROTATION_KEYS) if rotation else [])
+    missing = [k for k in wanted if k not in stored]
+    if missing:
+        raise CheckpointError(
+            f"module {name} stores {', '.join(sorted(stored))} ({fmt.name}"
+            f"{', rotated' if rotation else ''}) but not {missing[0]}: checkpoint is missing "
+            f"tensor {name}.{missing[0]}"
+        )
     return ModuleKind(
         fmt.name, bool(rotation), tuple(k for k in fmt.keys + fmt.optional_keys if k in rest)
     )

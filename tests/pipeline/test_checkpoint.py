@@ -295,3 +295,182 @@ def test_a_layer_neither_quantized_nor_skipped_is_never_written_in_float(tmp_pat
     )  # fmt: skip
     log = json.loads((tmp_path / "w" / "quant_log.json").read_text())
     assert log["skipped"] == {dropped: "skipped by pattern 'down'"}
+
+
+def reference_load(folder, cache_weight=None) -> torch.nn.Module:
+    """The loader as it was before the skeleton moved to ``meta``: a whole float32 model from
+    config.json, the file's float tensors loaded into it, then each module of config.json's
+    list built from its tensors and swapped in."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from latticequant.formats import build_module, unpack_rotation
+    from latticequant.formats.rotation import RotatedLinear
+
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    tensors = load_file(str(folder / "model.safetensors"))
+    modules = qc["latticequant"]["modules"]
+    state = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in modules}
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    for name, entry in modules.items():
+        own = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.rpartition(".")[0] == name}
+        bias = own.pop("bias", None)
+        rotation = {k: own.pop(k) for k in ("rot_signs", "rot_factor", "rot_seed") if k in own}
+        meta = {"bits": entry["bits"], "checkpoint_format": qc["checkpoint_format"],
+                "cache_weight": cache_weight}  # fmt: skip
+        module = build_module(entry["format"], own, meta, bias)
+        if rotation:
+            module = RotatedLinear(unpack_rotation(rotation, entry["in_features"]), module)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+    return model.eval()
+
+
+def _rotated(tmp_path, calib_ids, method="gptq", config=None):
+    from latticequant.pipeline.target import TargetConfig
+
+    model = make_tiny_llama()
+    out = tmp_path / f"rotated-{method}"
+    config = config or lq.QuantConfig(bits=4, group_size=GROUP, order="act")
+    quantize_model(model, None, calib_ids, method, config, out, progress=False,
+                   target=TargetConfig(rotate="hadamard"))  # fmt: skip
+    return out, model
+
+
+def _edit_config(out, edit) -> None:
+    """Apply ``edit`` to config.json's quantization_config and write the same to
+    quantize_config.json (so that the two still agree)."""
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / "quantize_config.json").write_text(json.dumps(cfg["quantization_config"]))
+
+
+def test_a_rotated_module_whose_entry_lost_its_rotation_is_refused(tmp_path, calib_ids):
+    out, model = _rotated(tmp_path, calib_ids)
+    name = "model.layers.0.mlp.down_proj"
+    _edit_config(out, lambda qc: qc["latticequant"]["modules"][name].pop("rotation"))
+    with pytest.raises(CheckpointError, match=f"module {name} stores a rotation .* cannot run"):
+        load_quantized(out)
+
+
+def test_a_module_kind_is_read_off_its_tensors_without_our_section(tmp_path, calib_ids):
+    """A checkpoint without our module list (as another tool might write it): each module's
+    format and rotation come from its tensors, and the model still runs right."""
+    out, model = _rotated(tmp_path, calib_ids)
+    _edit_config(out, lambda qc: qc.pop("latticequant"))
+    loaded = load_quantized(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(calib_ids[:2]).logits, model(calib_ids[:2]).logits,
+                                   rtol=2e-4, atol=2e-4)  # fmt: skip
+
+
+def test_an_entry_whose_format_contradicts_the_tensors_is_refused(saved):
+    out = saved[0]
+    name = "model.layers.1.self_attn.k_proj"
+    _edit_config(out, lambda qc: qc["latticequant"]["modules"][name].update(format="ssqr"))
+    with pytest.raises(CheckpointError, match=f"module {name}: config.json says format 'ssqr'"):
+        load_quantized(out)
+
+
+def test_an_entry_whose_bits_contradict_the_tensors_is_refused(saved):
+    out = saved[0]
+    name = "model.layers.1.self_attn.k_proj"
+    _edit_config(out, lambda qc: qc["latticequant"]["modules"][name].update(bits=8))
+    with pytest.raises(CheckpointError, match=f"module {name}: .* bits 8, its tensors hold 4-bit"):
+        load_quantized(out)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "model.layers.0.mlp.up_proj.rot_signs",  # a rotation no entry asks for
+        "model.layers.0.mlp.up_proj.outlier_val",  # an outlier list of another format
+        "model.layers.0.mlp.up_proj.weight",  # the float weight of a quantized layer
+        "model.layers.0.extra_scale",  # a tensor of no module at all
+        "lm_head.weight",  # a different head where config.json ties it to the embeddings
+    ],
+)
+def test_every_tensor_the_loader_would_not_use_is_refused(saved, extra):
+    out = saved[0]
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors[extra] = torch.ones(8, dtype=torch.uint8 if "rot" in extra else torch.float32)
+    if extra == "lm_head.weight":
+        tensors[extra] = tensors["model.embed_tokens.weight"] + 1
+    save_file(tensors, str(out / "model.safetensors"))
+    module, _, key = extra.rpartition(".")
+    with pytest.raises(CheckpointError, match=rf"{module.replace('.', '[.]')}.*\b{key}\b"):
+        load_quantized(out)
+
+
+def test_a_head_config_json_no_longer_ties_is_refused_not_left_random(saved):
+    """config.json edited to untie the head of a checkpoint that stores it once: the head
+    would be left as initialised; the loader names the tensor instead."""
+    out = saved[0]
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        load_quantized(out)
+
+
+@pytest.mark.parametrize("case", ["gptq-act", "v2-overrides", "rotated-hptq", "ssqr", "gpt2"])
+def test_logits_equal_the_whole_model_loader_bit_for_bit(tmp_path, calib_ids, case):
+    from latticequant.methods.hptq import HPTQConfig
+    from latticequant.methods.ssqr import SSQRConfig
+
+    if case == "rotated-hptq":
+        out, _ = _rotated(tmp_path, calib_ids, "hptq", HPTQConfig(target_bits=3.125, tol=0.05))
+    elif case == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128))
+        out = tmp_path / "g"
+        cfg = lq.QuantConfig(bits=4, group_size=GROUP)
+        quantize_model(model.eval(), None, calib_ids, "rtn", cfg, out, progress=False)
+    elif case == "ssqr":
+        out = tmp_path / "s"
+        cfg = SSQRConfig(bits=3, group_size=GROUP, outlier_rate=0.02)
+        quantize_model(make_tiny_llama(), None, calib_ids, "ssqr", cfg, out, progress=False)
+    else:
+        out = tmp_path / case
+        overrides = [Override("layers\\.1\\.mlp\\.down_proj", skip=True)]
+        kw = (
+            dict(checkpoint_format="gptq_v2", overrides=overrides) if case == "v2-overrides" else {}
+        )
+        _quantize(out, calib_ids, **kw)
+    for cache in (None, False):
+        ref = reference_load(out, cache)
+        loaded = load_quantized(out, cache_weight=cache)
+        assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in ref.named_parameters()]
+        with torch.no_grad():
+            assert torch.equal(loaded(calib_ids[:3]).logits, ref(calib_ids[:3]).logits)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    if case != "gpt2":
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied again
+
+
+def test_loading_does_not_build_the_float_model(tmp_path, calib_ids):
+    """The peak memory of a load stays well under the float32 weights of its quantized layers:
+    the model is built on ``meta`` and only the file's tensors are materialised."""
+    from peak_memory import peak_copies
+
+    model = make_tiny_llama(hidden_size=512, intermediate_size=4096, num_attention_heads=8,
+                            num_key_value_heads=8)  # fmt: skip
+    out = tmp_path / "wide"
+    quantize_model(model, None, calib_ids[:2, :16], "rtn", lq.QuantConfig(bits=4, group_size=128),
+                   out, progress=False)  # fmt: skip
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("_proj"))
+    n = 512  # peak_copies counts in float64 n x n matrices
+    setup = f"""
+    from latticequant.checkpoint import load_quantized
+    load_quantized({str(tmp_path / "ckpt")!r}, cache_weight=False)  # imports, first-use buffers
+    """
+    _quantize(tmp_path / "ckpt", calib_ids)
+    call = f"load_quantized({str(out)!r}, cache_weight=False)"
+    rise = peak_copies(n, setup, call) * n * n * 8
+    assert rise < 0.35 * linear * 4, (rise / 2**20, linear * 4 / 2**20)
