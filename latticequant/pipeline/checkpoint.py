@@ -48,6 +48,7 @@ from latticequant.pipeline.files import (
     write_json,
 )
 from latticequant.pipeline.layout import UnsupportedModelError, describe_model, linear_weight
+from latticequant.pipeline.memory import release_freed_memory
 from latticequant.pipeline.offload import empty_parameters, store_of
 
 log = logging.getLogger(__name__)
@@ -937,5 +938,9 @@ def load_quantized(
         _set_module(model, name, module)
         for k in layer_tensors:
             del tensors[f"{name}.{k}"]  # the module holds what it needs
+        # unpacking and decoding temporaries grow glibc's mmap threshold; without this their
+        # freed pages stay resident, module after module, and the load ends several times
+        # larger than what the model holds
+        release_freed_memory()
     _check_nothing_on_meta(model)
     return model.to(device).eval()
