@@ -488,3 +488,24 @@ def test_loading_does_not_build_the_float_model(tmp_path, calib_ids):
     run = [sys.executable, "-c", LOAD_PEAK, str(tmp_path / "small"), str(out)]
     rise = int(subprocess.run(run, capture_output=True, text=True, check=True).stdout.split()[-1])
     assert rise < 0.6 * linear, (rise / 2**20, linear / 2**20)
+
+
+def test_packed_modules_keep_no_dense_copy_without_the_cache(tmp_path, calib_ids):
+    """``cache_weight=False`` (eval's default for checkpoints): after a forward, every HPTQ
+    and GPTQ module holds less than a byte per weight, so no decoded copy of any width."""
+    from latticequant.formats import HuffmanLinear, QuantLinear
+    from latticequant.methods.hptq import HPTQConfig
+
+    hptq, _ = _rotated(tmp_path, calib_ids, "hptq", HPTQConfig(target_bits=3.125, tol=0.05))
+    _quantize(tmp_path / "gptq", calib_ids)
+    for folder, kind in ((hptq, HuffmanLinear), (tmp_path / "gptq", QuantLinear)):
+        model = load_quantized(folder, cache_weight=False)
+        with torch.no_grad():
+            model(calib_ids[:2])
+        modules = [m for m in model.modules() if isinstance(m, kind)]
+        assert len(modules) == 14
+        for m in modules:
+            held = {id(t): t for t in m.buffers()}
+            held.update({id(v): v for v in vars(m).values() if isinstance(v, torch.Tensor)})
+            nbytes = sum(t.numel() * t.element_size() for t in held.values())
+            assert nbytes < m.in_features * m.out_features, (type(m).__name__, nbytes)
