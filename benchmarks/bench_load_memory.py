@@ -174,7 +174,7 @@ def report(results: dict, args) -> list[str]:
         "their own bytes (parameters and buffers, tied ones once); the rest of the peak is the "
         "evaluation itself (activations, logits over the vocabulary, the loss).",
         "",
-        "| part | HPTQ MiB | float32 MiB |",
+        f"| part | {label} MiB | float32 MiB |",
         "|---|---|---|",
     ]
     parts = {
