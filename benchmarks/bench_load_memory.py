@@ -239,8 +239,10 @@ def main(argv=None) -> int:
         folders = {"hptq": checkpoint, "float32": float_dir}
         jobs = [(name, folder) for _ in range(args.runs) for name, folder in folders.items()]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            done = list(pool.map(lambda job: evaluate(job[1], text), jobs))
-            rest = dict(zip(folders, pool.map(at_rest, folders.values())))
+            pending = [pool.submit(evaluate, folder, text) for _, folder in jobs]
+            resting = {name: pool.submit(at_rest, folder) for name, folder in folders.items()}
+            done = [f.result() for f in pending]
+            rest = {name: f.result() for name, f in resting.items()}
         evals: dict[str, list[dict]] = {k: [] for k in folders}
         for (name, _), result in zip(jobs, done):
             evals[name].append(result)
