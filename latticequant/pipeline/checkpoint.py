@@ -637,13 +637,6 @@ def _check_file_config(
     the targeted linear layers stored in float. GPTQModel ``dynamic`` rules are honoured:
     ``+:regex`` gives a module other bits/group size/sym, ``-:regex`` skips it.
     """
-    if file_qc is not None and dict(file_qc) != dict(qc):
-        keys = sorted(set(file_qc) | set(qc), key=str)
-        diff = next(k for k in keys if file_qc.get(k) != qc.get(k))
-        raise CheckpointError(
-            f"{QUANTIZE_CONFIG_FILE} differs from config.json's quantization_config "
-            f"(first at {diff!r}: {file_qc.get(diff)!r} against {qc.get(diff)!r})"
-        )
     method = qc.get("quant_method")
     if method not in QUANT_METHODS:
         raise CheckpointError(f"quant_method {method!r} is not one of {list(QUANT_METHODS)}")
@@ -725,6 +718,14 @@ def _check_file_config(
                 f"layer {name} is stored in float but no dynamic '-:' rule skips it: GPTQ "
                 f"readers would look for {name}.qweight"
             )
+    # last: a contradiction that config.json itself holds is named by its own message above
+    if file_qc is not None and dict(file_qc) != dict(qc):
+        keys = sorted(set(file_qc) | set(qc), key=str)
+        diff = next(k for k in keys if file_qc.get(k) != qc.get(k))
+        raise CheckpointError(
+            f"{QUANTIZE_CONFIG_FILE} differs from config.json's quantization_config "
+            f"(first at {diff!r}: {file_qc.get(diff)!r} against {qc.get(diff)!r})"
+        )
 
 
 def _read_file_qc(folder: Path) -> dict | None:
