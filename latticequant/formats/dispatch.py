@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from latticequant.formats import kernels
+from latticequant.formats.packing import FormatError
 
 __all__ = ["BACKENDS", "DispatchedLinear", "use_kernels"]
 
@@ -37,6 +38,30 @@ class DispatchedLinear(nn.Module):
     backend: str
     cache_weight: bool | None
     _cached: torch.Tensor | None
+
+    _stored_precision: tuple[str, ...] = ()  # buffers that dtype casts must not touch
+
+    def set_bias(self, bias, d_out: int) -> None:
+        """The layer's bias (a copy), checked against its output size; None for none."""
+        if bias is None:
+            self.bias = None
+            return
+        if bias.shape != (d_out,):
+            raise FormatError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
+        self.register_buffer("bias", bias.detach().clone())
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moves follow the model; dtype casts (``model.half()``) leave the stored grid as it
+        is (a float16 scale cast to bfloat16 would change the weights: the activations' dtype
+        is chosen per call instead); a cached dense weight is dropped."""
+        self._cached = None
+        kept = {name: getattr(self, name) for name in self._stored_precision}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return out
 
     @property
     def caches_weight(self) -> bool:

@@ -273,12 +273,7 @@ class QuantLinear(DispatchedLinear):
         self.register_buffer("zeros", zeros.t().to(scales.dtype).contiguous())
         self.register_buffer("g_idx", g_sorted.to(torch.int32).contiguous())
         self.register_buffer("perm", perm)
-        if bias is not None:
-            if bias.shape != (shape.d_out,):
-                raise FormatError(f"bias must have shape ({shape.d_out},), got {tuple(bias.shape)}")
-            self.register_buffer("bias", bias.detach().clone())
-        else:
-            self.bias = None
+        self.set_bias(bias, shape.d_out)
 
     @classmethod
     def from_tensors(
@@ -298,21 +293,6 @@ class QuantLinear(DispatchedLinear):
             f"bits={self.bits}, n_groups={self.n_groups}, group_size={gs}, "
             f"act_order={self.perm.numel() > 0}, bias={self.bias is not None}"
         )
-
-    def _apply(self, fn, *args, **kwargs):
-        """Moves follow the model; dtype casts (``model.half()``) leave the grid as stored.
-
-        Scales keep their checkpoint precision (a float16 scale cast to bfloat16 would change
-        the weights); the activations' dtype is chosen per call instead.
-        """
-        self._cached = None  # device or dtype moves invalidate the cached weight
-        grid = {name: getattr(self, name) for name in self._stored_precision}
-        out = super()._apply(fn, *args, **kwargs)
-        for name, before in grid.items():
-            after = getattr(self, name)
-            if after.dtype != before.dtype:
-                setattr(self, name, before.to(after.device))
-        return out
 
     def to_gptq_tensors(self, checkpoint_format: str | None = None) -> dict[str, torch.Tensor]:
         """The layer's GPTQ checkpoint tensors again (original ``g_idx`` order), e.g. to save.

@@ -227,6 +227,8 @@ class HuffmanLinear(DispatchedLinear):
     every case, to refuse a corrupt stream or index there.
     """
 
+    _stored_precision = ("hptq_scale", "code_symbols")  # kept as stored on dtype casts
+
     def __init__(
         self,
         tensors: Mapping[str, torch.Tensor],
@@ -269,14 +271,7 @@ class HuffmanLinear(DispatchedLinear):
         self._cached: torch.Tensor | None = None
         if self.caches_weight:  # the codes are at hand: no second decode
             self._cached = self._scaled(torch.from_numpy(codes), dtype)
-        if bias is not None:
-            if bias.shape != (layout.d_out,):
-                raise FormatError(
-                    f"bias must have shape ({layout.d_out},), got {tuple(bias.shape)}"
-                )
-            self.register_buffer("bias", bias.detach().clone())
-        else:
-            self.bias = None
+        self.set_bias(bias, layout.d_out)
 
     @classmethod
     def from_tensors(
@@ -316,17 +311,6 @@ class HuffmanLinear(DispatchedLinear):
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W`` ``(d_out, d_in)``, decoded from the stream."""
         return self._scaled(self.decode_rows(0, self.out_features), dtype)
-
-    def _apply(self, fn, *args, **kwargs):
-        """Moves follow the model; dtype casts leave the scale and the symbols as stored."""
-        self._cached = None  # rebuilt by the next call that wants it
-        kept = {name: getattr(self, name) for name in ("hptq_scale", "code_symbols")}
-        out = super()._apply(fn, *args, **kwargs)
-        for name, before in kept.items():
-            after = getattr(self, name)
-            if after.dtype != before.dtype:
-                setattr(self, name, before.to(after.device))
-        return out
 
     def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
         compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
