@@ -42,11 +42,13 @@ import torch
 from torch import nn
 
 from latticequant.formats.gptq import (
+    SCALE_DTYPES,
     GPTQFormat,
     GPTQShape,
     QuantLinear,
     check_meta_dims,
     check_packable,
+    grid_parts,
     module_options,
     pack_gptq_parts,
     unpack_gptq,
@@ -66,7 +68,7 @@ STRATEGIES = ("group", "channel")
 ACTORDERS = (None, "weight", "group")
 #: The compressed-tensors release whose layout and config keys this module follows.
 CT_VERSION = "0.20.1"
-SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 _WORD = 32
 _MASK32 = 0xFFFFFFFF
@@ -221,37 +223,14 @@ def pack_compressed_tensors(
     if codes.dim() != 2:
         raise FormatError(f"codes must be 2-D (d_out, d_in), got shape {tuple(codes.shape)}")
     d_out, d_in = codes.shape
-    if scales.dim() != 2 or scales.shape[0] != d_out or scales.shape[1] == 0:
-        raise FormatError(f"scales must be (d_out={d_out}, n_groups), got {tuple(scales.shape)}")
-    if zeros.shape != scales.shape:
-        raise FormatError(
-            f"zeros must have the shape of scales {tuple(scales.shape)}, got {tuple(zeros.shape)}"
-        )
-    if not scales.is_floating_point() or not bool(torch.isfinite(scales).all()):
-        raise FormatError("scales must be finite floating-point values")
-    if scale_dtype not in SCALE_DTYPES:
-        raise FormatError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
-    if scales.numel() and float(scales.abs().max()) > torch.finfo(scale_dtype).max:
-        raise FormatError(f"scales exceed the range of {scale_dtype}")
+    c, z, g = grid_parts(codes, scales, zeros, g_idx, bits, scale_dtype)
     n_groups = scales.shape[1]
-    g = integer_tensor(g_idx, "g_idx")
-    if g.shape != (d_in,):
-        raise FormatError(f"g_idx must have shape ({d_in},), got {tuple(g_idx.shape)}")
-    if d_in and (int(g.min()) < 0 or int(g.max()) >= n_groups):
-        raise FormatError(f"g_idx values must lie in [0, {n_groups}) (the number of groups)")
     _, _, permuted = _group_layout(g, n_groups)
     if permuted and not allow_g_idx:
         raise FormatError(
             "g_idx is permuted (act-order without static groups): compressed-tensors 0.20 "
             "removed actorder='group'; quantize with static groups or allow weight_g_idx"
         )
-    maxq = (1 << bits) - 1
-    c = integer_tensor(codes, "codes")
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) > maxq):
-        raise FormatError(f"codes leave the {bits}-bit grid [0, {maxq}]: cannot be stored")
-    z = integer_tensor(zeros, "zeros")
-    if z.numel() and (int(z.min()) < 0 or int(z.max()) > maxq):
-        raise FormatError(f"zero points must lie in [0, {maxq}]")
     mid = 1 << (bits - 1)
     if sym and bool((z != mid).any()):
         raise FormatError(f"a symmetric grid has every zero point at {mid}; these are not")

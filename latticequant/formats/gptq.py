@@ -57,6 +57,45 @@ def is_permuted(g_idx: torch.Tensor, group_size: int) -> bool:
     return not torch.equal(g, natural)
 
 
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def grid_parts(codes, scales, zeros, g_idx, bits: int, scale_dtype: torch.dtype):
+    """``(codes, zeros, g_idx)`` as int64, checked as one layer's grid: scales ``(d_out, G)``
+    finite and storable in ``scale_dtype``, zeros of their shape, ``g_idx`` naming groups,
+    codes and zero points on the ``bits``-bit grid (a one-line ``FormatError`` otherwise)."""
+    d_out, d_in = codes.shape
+    if scales.dim() != 2 or scales.shape[0] != d_out or scales.shape[1] == 0:
+        raise FormatError(f"scales must be (d_out={d_out}, n_groups), got {tuple(scales.shape)}")
+    if zeros.shape != scales.shape:
+        raise FormatError(
+            f"zeros must have the shape of scales {tuple(scales.shape)}, got {tuple(zeros.shape)}"
+        )
+    if not scales.is_floating_point() or not bool(torch.isfinite(scales).all()):
+        raise FormatError("scales must be finite floating-point values")
+    if scale_dtype not in SCALE_DTYPES:
+        raise FormatError(f"scale_dtype must be float16, bfloat16 or float32, got {scale_dtype}")
+    if scales.numel() and float(scales.abs().max()) > torch.finfo(scale_dtype).max:
+        raise FormatError(f"scales exceed the range of {scale_dtype}")
+    n_groups = scales.shape[1]
+    g = integer_tensor(g_idx, "g_idx")
+    if g.shape != (d_in,):
+        raise FormatError(f"g_idx must have shape ({d_in},), got {tuple(g_idx.shape)}")
+    if d_in and (int(g.min()) < 0 or int(g.max()) >= n_groups):
+        raise FormatError(f"g_idx values must lie in [0, {n_groups}) (the number of groups)")
+    c = integer_tensor(codes, "codes")
+    maxq = (1 << bits) - 1
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) > maxq):
+        raise FormatError(
+            f"codes leave the {bits}-bit grid [0, {maxq}] (an unclipped result?): this format "
+            "cannot store them; use a format with outliers such as ssqr"
+        )
+    z = integer_tensor(zeros, "zeros")
+    if z.numel() and (int(z.min()) < 0 or int(z.max()) > maxq):
+        raise FormatError(f"zero points must lie in [0, {maxq}]")
+    return c, z, g
+
+
 def pack_gptq_parts(
     codes: torch.Tensor,
     scales: torch.Tensor,
@@ -74,34 +113,7 @@ def pack_gptq_parts(
     d_out, d_in = codes.shape
     check_divisible(d_in, bits, "d_in (input features)")
     check_divisible(d_out, bits, "d_out (output features)")
-    if scales.dim() != 2 or scales.shape[0] != d_out:
-        raise FormatError(f"scales must be (d_out={d_out}, n_groups), got {tuple(scales.shape)}")
-    if zeros.shape != scales.shape:
-        raise FormatError(
-            f"zeros must have the shape of scales {tuple(scales.shape)}, got {tuple(zeros.shape)}"
-        )
-    if not scales.is_floating_point() or not bool(torch.isfinite(scales).all()):
-        raise FormatError("scales must be finite floating-point values")
-    if scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise FormatError(f"scale_dtype must be float16, bfloat16 or float32, got {scale_dtype}")
-    if scales.numel() and float(scales.abs().max()) > torch.finfo(scale_dtype).max:
-        raise FormatError(f"scales exceed the range of {scale_dtype}")
-    n_groups = scales.shape[1]
-    g = integer_tensor(g_idx, "g_idx")
-    if g.shape != (d_in,):
-        raise FormatError(f"g_idx must have shape ({d_in},), got {tuple(g_idx.shape)}")
-    if d_in and (int(g.min()) < 0 or int(g.max()) >= n_groups):
-        raise FormatError(f"g_idx values must lie in [0, {n_groups}) (the number of groups)")
-    c = integer_tensor(codes, "codes")
-    maxq = (1 << bits) - 1
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) > maxq):
-        raise FormatError(
-            f"codes leave the {bits}-bit grid [0, {maxq}] (an unclipped result?): the GPTQ "
-            f"format cannot store them; use a format with outliers such as ssqr"
-        )
-    z = integer_tensor(zeros, "zeros")
-    if z.numel() and (int(z.min()) < 0 or int(z.max()) > maxq):
-        raise FormatError(f"zero points must lie in [0, {maxq}]")
+    c, z, g = grid_parts(codes, scales, zeros, g_idx, bits, scale_dtype)
     return {
         "qweight": pack_codes(c.t(), bits, dim=0),
         "qzeros": pack_zeros(z.t(), bits, checkpoint_format),
