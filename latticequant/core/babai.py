@@ -21,7 +21,14 @@ import time
 import torch
 
 from latticequant.core.config import QuantConfig
-from latticequant.core.grid import fit_rows, group_index, n_groups, static_grid
+from latticequant.core.grid import (
+    fit_rows,
+    group_index,
+    n_groups,
+    nearest_level,
+    outside_levels,
+    static_grid,
+)
 from latticequant.core.hessian import prepare_diagonal, with_damped_diagonal
 from latticequant.core.order import check_permutation, resolve_order_or_none
 from latticequant.core.result import QuantResult, assemble
@@ -75,6 +82,7 @@ def babai_quantize(
     min_zero: int = 0,
     factor: tuple | None = None,
     integer_zeros: bool = True,
+    levels: torch.Tensor | None = None,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) by nearest plane on the lattice of H, every row at once.
 
@@ -84,7 +92,8 @@ def babai_quantize(
     With ``static_groups=False`` a group's grid is fitted on its error-updated weights when the
     decode reaches it, groups following decode positions as GPTQ's do. ``factor``:
     :func:`babai_basis`'s result for this H and config (W's dtype), computed once for several
-    row blocks.
+    row blocks. ``levels``: a codebook the pinned grid's codes index, ``q = s (levels[z] - o)``
+    (GGUF's IQ4_NL), each target rounded to its nearest level.
     """
     t0 = time.perf_counter()
     if isinstance(cfg.order, torch.Tensor):
@@ -95,6 +104,8 @@ def babai_quantize(
     (Q, Un, u), damp = factor if factor is not None else babai_basis(H, cfg, h, W.dtype)
     maxq, g = cfg.maxq, cfg.group_size
     refit = g != -1 and not cfg.static_groups and scales is None
+    if levels is not None and scales is None:
+        raise ValueError("a codebook grid needs a static grid (scales and zeros)")
 
     if refit:
         g_idx, S, Z = _decode_groups(W, Q, g)
@@ -124,6 +135,13 @@ def babai_quantize(
                 s, z = S_g[g_of[i]], Z_g[g_of[i]]
             t = T[i - a] + Un[i, i + 1 : b] @ E[i + 1 : b] if i + 1 < b else T[i - a]
             targets_t[i] = t
+            if levels is not None:  # a codebook: always one of its levels
+                v = t / s + z
+                clipped += outside_levels(v, levels)
+                code, c = nearest_level(v, levels)
+                codes_t[i] = code
+                E[i] = x[i] - s * (c - z)
+                continue
             code = torch.round(t / s + z)
             if cfg.clip:
                 clipped += int(((code < 0) | (code > maxq)).sum())
@@ -141,7 +159,7 @@ def babai_quantize(
     return assemble(
         W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=Q, D=D,
         clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=targets, t0=t0,
-        projected=(W, damp * float(h.mean())),
+        projected=(W, damp * float(h.mean())), levels=levels,
     )  # fmt: skip
 
 

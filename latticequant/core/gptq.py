@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from latticequant.core.config import QuantConfig
-from latticequant.core.grid import fit_rows, group_index, n_groups, static_grid
+from latticequant.core.grid import (
+    fit_rows,
+    group_index,
+    n_groups,
+    nearest_level,
+    outside_levels,
+    static_grid,
+)
 from latticequant.core.hessian import prepare_diagonal, with_damped_diagonal
 from latticequant.core.order import check_permutation, resolve_order_or_none
 from latticequant.core.result import QuantResult, assemble
@@ -83,6 +90,7 @@ def gptq_decode(
     zeros: torch.Tensor | None = None,
     outlier_dtype: torch.dtype | None = None,
     min_zero: int = 0,
+    levels: torch.Tensor | None = None,
 ) -> Decoded:
     """The blocked GPTQ loop on a prepared problem: W, processing order P, ``U^T U = H_P^-1``.
 
@@ -91,7 +99,11 @@ def gptq_decode(
     grid is kept as its error-updated value in that dtype (SSQR's outliers, docs/theory.md §7):
     its code becomes the zero point and the error it passes on is that dtype's rounding error.
     ``min_zero``: the smallest offset a refitted grid may take (a property of the storage).
+    ``levels``: a codebook (sorted, in units of the scale) the static grid's codes index:
+    ``q = s (levels[z] - o)``, each weight rounded to the nearest level (GGUF's IQ4_NL).
     """
+    if levels is not None and (scales is None or outlier_dtype is not None):
+        raise ValueError("a codebook grid needs a static grid and no outliers")
     d_out, d_in = W.shape
     maxq, g = cfg.maxq, cfg.group_size
     refit = scales is None
@@ -125,17 +137,23 @@ def gptq_decode(
             # the lazy batch: this column receives the updates of the block's earlier columns
             w = Wt[p] - U1t[i, :i] @ ErrT[:i] if i else Wt[p]
             targets_t[col[p]] = w
-            code = torch.round(w / s + z)
-            if out_t is not None:
-                out = (code < 0) | (code > maxq)
-                out_t[col[p]] = out
-                code = torch.where(out, z, code)
-                q = torch.where(out, w.to(outlier_dtype).to(w.dtype), s * (code - z))
+            if levels is not None:  # a codebook: always one of its levels
+                u = w / s + z
+                clipped += outside_levels(u, levels)
+                code, c = nearest_level(u, levels)
+                q = s * (c - z)
             else:
-                if cfg.clip:
-                    clipped += int(((code < 0) | (code > maxq)).sum())
-                    code.clamp_(0, maxq)
-                q = s * (code - z)
+                code = torch.round(w / s + z)
+                if out_t is not None:
+                    out = (code < 0) | (code > maxq)
+                    out_t[col[p]] = out
+                    code = torch.where(out, z, code)
+                    q = torch.where(out, w.to(outlier_dtype).to(w.dtype), s * (code - z))
+                else:
+                    if cfg.clip:
+                        clipped += int(((code < 0) | (code > maxq)).sum())
+                        code.clamp_(0, maxq)
+                    q = s * (code - z)
             codes_t[col[p]] = code
             ErrT[i] = (w - q) / U1t[i, i]
         if i2 < d_in:
@@ -181,6 +199,7 @@ def gptq_quantize(
     min_zero: int = 0,
     factor: tuple | None = None,
     integer_zeros: bool = True,
+    levels: torch.Tensor | None = None,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) against the Hessian H (d_in, d_in) with GPTQ.
 
@@ -190,6 +209,7 @@ def gptq_quantize(
     quantized before it (groups then follow processing positions, ``g_idx[P[p]] = p // g``).
     ``factor``: :func:`gptq_factor`'s ``((P, U), damp)`` for this H and config, computed once
     when several row blocks of one layer (or layers of one H) are solved; read, never written.
+    ``levels``: a codebook the pinned grid's codes index (:func:`gptq_decode`).
     """
     t0 = time.perf_counter()
     if isinstance(cfg.order, torch.Tensor):
@@ -206,12 +226,12 @@ def gptq_quantize(
         S = Z = None
     else:
         S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
-    dec = gptq_decode(W, P, U, cfg, S, Z, min_zero=min_zero)
+    dec = gptq_decode(W, P, U, cfg, S, Z, min_zero=min_zero, levels=levels)
     del U
     return assemble(
         W=W0, H=H, codes=dec.codes, scales=dec.scales, zeros=dec.zeros, g_idx=dec.g_idx,
         order=P, D=D, clipped=dec.clipped, bits=cfg.bits, clip=cfg.clip, damp=damp,
-        targets=dec.targets, t0=t0, projected=(W, lam),
+        targets=dec.targets, t0=t0, projected=(W, lam), levels=levels,
     )  # fmt: skip
 
 

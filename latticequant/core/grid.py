@@ -62,6 +62,20 @@ def round_to_grid(
     return z.clamp_(0, maxq) if clip else z
 
 
+def nearest_level(u: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and values of the nearest of a codebook's ``levels`` (sorted, in units of the
+    scale) to ``u = x / s + o``: a non-uniform one-dimensional lattice (GGUF's IQ4_NL) rounds
+    like a uniform one, ``q = s (levels[z] - o)`` instead of ``q = s (z - o)``."""
+    mid = (levels[1:] + levels[:-1]) / 2
+    code = torch.bucketize(u, mid.to(u.dtype))
+    return code.to(u.dtype), levels.to(u.dtype)[code]
+
+
+def outside_levels(u: torch.Tensor, levels: torch.Tensor) -> int:
+    """How many of ``u`` lie beyond the codebook's outer levels (a codebook's clipping)."""
+    return int(((u < levels[0]) | (u > levels[-1])).sum())
+
+
 def fit_rows(
     x: torch.Tensor, cfg: QuantConfig, min_zero: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,16 +123,22 @@ DEQUANT_ROWS = 256
 
 
 def dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Q = scales[:, g_idx] * (codes - zeros[:, g_idx])`` in the scales' dtype, a block of
-    ``DEQUANT_ROWS`` rows at a time: the per-weight scales and zeros are never whole."""
+    ``DEQUANT_ROWS`` rows at a time: the per-weight scales and zeros are never whole. With a
+    codebook ``levels``, a code stands for ``levels[code]``."""
     dtype = torch.promote_types(scales.dtype, zeros.dtype)
     Q = torch.empty(codes.shape, dtype=dtype, device=scales.device)
     for a in range(0, codes.shape[0], DEQUANT_ROWS):
         b = min(a + DEQUANT_ROWS, codes.shape[0])
         z = zeros[a:b][:, g_idx]
-        Q[a:b] = scales[a:b][:, g_idx] * (codes[a:b].to(scales.dtype) - z)
+        c = codes[a:b] if levels is None else levels.to(scales.device)[codes[a:b].long()]
+        Q[a:b] = scales[a:b][:, g_idx] * (c.to(scales.dtype) - z)
     return Q
 
 

@@ -29,7 +29,7 @@ import torch
 
 from latticequant.core.babai import babai_basis
 from latticequant.core.config import QuantConfig
-from latticequant.core.grid import dequantize, group_index, static_grid
+from latticequant.core.grid import dequantize, group_index, nearest_level, static_grid
 from latticequant.core.hessian import prepare_diagonal
 from latticequant.core.order import check_permutation
 from latticequant.core.result import QuantResult, assemble, row_losses
@@ -44,9 +44,16 @@ KLEIN_SIGMA = 0.3
 about 0.004, a target 0.3 from an integer rounds the other way with probability about 0.1."""
 
 
-def _children(u: torch.Tensor, maxq: int, clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _children(
+    u: torch.Tensor, maxq: int, clip: bool, levels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The nearest and the second-nearest integer to ``u`` (inside ``{0 .. maxq}`` when
-    clipped): the two extensions of a candidate."""
+    clipped): the two extensions of a candidate. On a codebook, the codes of the nearest level
+    and of its neighbour on the other side of ``u``."""
+    if levels is not None:
+        first, value = nearest_level(u, levels)
+        second = torch.where(u >= value, first + 1, first - 1).clamp(0, maxq)
+        return first, torch.where(second == first, first + torch.where(first > 0, -1, 1), second)
     first = torch.round(u)
     if clip:
         first = first.clamp(0, maxq)
@@ -57,11 +64,16 @@ def _children(u: torch.Tensor, maxq: int, clip: bool) -> tuple[torch.Tensor, tor
     return first, second
 
 
-def _best_children(first, second, t, s, z, cost, D_i, K: int):
+def _level(code: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+    """The level a code stands for: itself on a uniform grid, ``levels[code]`` on a codebook."""
+    return code if levels is None else levels.to(code.dtype)[code.long()]
+
+
+def _best_children(first, second, t, s, z, cost, D_i, K: int, levels=None):
     """The ``K`` children of lowest objective among every candidate's two nearest codes:
     ``(codes, parents, costs)``, each ``(rows, K)``; a stable sort prefers nearest on ties."""
     options = torch.cat([first, second], dim=1)  # (rows, 2K): nearest ones first
-    err = t.repeat(1, 2) - s * (options - z)
+    err = t.repeat(1, 2) - s * (_level(options, levels) - z)
     total = cost.repeat(1, 2) + D_i * (err.to(torch.float64) ** 2)
     total, pick = torch.sort(total, dim=1, stable=True)
     pick = pick[:, :K]
@@ -78,13 +90,14 @@ def _beam_decode(
     cfg: QuantConfig,
     K: int,
     generator: torch.Generator | None = None,
+    levels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode ``K`` candidates per row from basis index ``d-1`` down to ``0``.
 
     x: ``(d, rows)`` in basis order; S_g, Z_g: ``(groups, rows)``, basis index i on group
     ``g_of[i]``. Without a generator the ``K`` best children survive at each step (a stable
     sort prefers nearest children on ties, so ``K = 1`` is Babai); with one, each of the ``K``
-    paths picks one child by Klein's rule.
+    paths picks one child by Klein's rule. ``levels``: the codebook the codes index.
     Returns codes ``(d, rows, K)``, the damped objective ``(rows, K)`` and the count of clamped
     codes per candidate ``(rows, K)``.
     """
@@ -111,19 +124,25 @@ def _beam_decode(
                 t = t + inner.reshape(rows, K)
             s, z = S_g[g_of[i]][:, None], Z_g[g_of[i]][:, None]
             u = t / s + z
-            first, second = _children(u, maxq, cfg.clip)
-            was_clipped = (torch.round(u) != first).long() if cfg.clip else 0
+            first, second = _children(u, maxq, cfg.clip, levels)
+            if levels is not None:
+                was_clipped = ((u < levels[0]) | (u > levels[-1])).long()
+            else:
+                was_clipped = (torch.round(u) != first).long() if cfg.clip else 0
             if generator is None and K == 1:  # nearest plane itself
                 code, parent = first, keep
             elif generator is None:
-                code, parent, cost = _best_children(first, second, t, s, z, cost, Dq[i], K)
+                code, parent, cost = _best_children(
+                    first, second, t, s, z, cost, Dq[i], K, levels
+                )
             else:
-                d1, d2 = (u - first) ** 2, (u - second) ** 2
+                d1, d2 = (u - _level(first, levels)) ** 2, (u - _level(second, levels)) ** 2
                 p_second = torch.sigmoid((d1 - d2) / (2 * KLEIN_SIGMA**2))
                 flip = torch.rand(u.shape, generator=generator, dtype=u.dtype) < p_second.cpu()
                 code = torch.where(flip.to(u.device), second, first)
                 parent = keep
-                cost = cost + Dq[i] * ((t - s * (code - z)).to(torch.float64) ** 2)
+                err = t - s * (_level(code, levels) - z)
+                cost = cost + Dq[i] * (err.to(torch.float64) ** 2)
             if K > 1 and generator is None:  # only the block's decoded rows and its targets
                 if i + 1 < b:
                     index = parent.expand(b - i - 1, rows, K)
@@ -136,7 +155,7 @@ def _beam_decode(
                 if cfg.clip:
                     was_clipped = was_clipped.gather(1, parent)
             codes[i] = code
-            E[i] = x[i][:, None] - s * (code - z)
+            E[i] = x[i][:, None] - s * (_level(code, levels) - z)
             clipped = clipped + was_clipped
         if b < d and K > 1 and generator is None:  # histories before the block, reordered once
             index = anc.expand(d - b, rows, K)
@@ -158,6 +177,7 @@ def kbest_quantize(
     min_zero: int = 0,
     factor: tuple | None = None,
     integer_zeros: bool = True,
+    levels: torch.Tensor | None = None,
 ) -> QuantResult:
     """Quantize W (d_out, d_in) by K-best decoding on the lattice of H, every row at once.
 
@@ -167,7 +187,10 @@ def kbest_quantize(
     ``seed``) join the candidates. Each row keeps the candidate of lowest loss
     ``(w - q)^T H (w - q)`` among the K-best winner, Babai's point and the paths.
     ``factor``: :func:`~latticequant.core.babai.babai_basis`'s result, as for Babai.
+    ``levels``: a codebook the pinned grid's codes index, ``q = s (levels[z] - o)``.
     """
+    if levels is not None and scales is None:
+        raise ValueError("a codebook grid needs a static grid (scales and zeros)")
     if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
         raise ValueError(f"beam must be a positive integer, got {beam!r}")
     if isinstance(klein_paths, bool) or not isinstance(klein_paths, int) or klein_paths < 0:
@@ -190,22 +213,26 @@ def kbest_quantize(
     S_g, Z_g, g_of = S.T.contiguous(), Z.T.contiguous(), g_idx[Q].tolist()
     x = W[:, Q].T.contiguous()
 
-    runs = [_beam_decode(x, Un, Dq, S_g, Z_g, g_of, cfg, 1)]  # Babai's point
+    runs = [_beam_decode(x, Un, Dq, S_g, Z_g, g_of, cfg, 1, levels=levels)]  # Babai's point
     # Several candidates: short blocks keep the per-step reordering of the block cheap.
     narrow = cfg.replace(block_size=min(cfg.block_size, LIST_BLOCK))
     if beam > 1:
-        codes, _, clipped = _beam_decode(x, Un, Dq, S_g, Z_g, g_of, narrow, beam)
+        codes, _, clipped = _beam_decode(x, Un, Dq, S_g, Z_g, g_of, narrow, beam, levels=levels)
         runs.append((codes[..., :1], None, clipped[:, :1]))  # the best survivor
     if klein_paths:
         generator = torch.Generator().manual_seed(int(seed))
-        runs.append(_beam_decode(x, Un, Dq, S_g, Z_g, g_of, narrow, klein_paths, generator))
+        runs.append(
+            _beam_decode(x, Un, Dq, S_g, Z_g, g_of, narrow, klein_paths, generator, levels)
+        )
     codes_q = torch.cat([r[0] for r in runs], dim=2)  # (d, rows, candidates)
     clipped_c = torch.cat([r[2] for r in runs], dim=1)
     codes_all = torch.empty_like(codes_q)
     codes_all[Q] = codes_q
     S64, Z64, W64, H0 = (t.to(torch.float64) for t in (S, Z, W0, H))
     losses = [  # the undamped loss of every candidate, row by row
-        row_losses(W64, H0, dequantize(codes_all[:, :, c].T.to(torch.float64), S64, Z64, g_idx))
+        row_losses(
+            W64, H0, dequantize(codes_all[:, :, c].T.to(torch.float64), S64, Z64, g_idx, levels)
+        )
         for c in range(codes_all.shape[2])
     ]
     best = torch.stack(losses, dim=1).argmin(dim=1)  # ties keep the earliest: Babai's point
@@ -216,5 +243,5 @@ def kbest_quantize(
     return assemble(
         W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=Q, D=D,
         clipped=int(clipped_c[rows, best].sum()), bits=cfg.bits, clip=cfg.clip, damp=damp,
-        targets=None, t0=t0,
+        targets=None, t0=t0, levels=levels,
     )  # fmt: skip

@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 
 from latticequant.core.config import REFINE_STEPS, QuantConfig
-from latticequant.core.grid import dequantize
+from latticequant.core.grid import dequantize, nearest_level
 from latticequant.core.result import QuantResult, row_losses
 
 __all__ = ["refine", "REFINE_STEPS", "coordinate_descent", "refit_scales"]
@@ -44,17 +44,24 @@ def coordinate_descent(
     cfg: QuantConfig,
     sweeps: int = 1,
     block: int = 128,
+    levels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Codes after up to ``sweeps`` sweeps of exact single-coordinate moves (float64).
 
     Stops early after a sweep that moves nothing, which is then a point no single move
-    improves. Returns ``(codes, sweeps run)``.
+    improves. Returns ``(codes, sweeps run)``. ``levels``: a codebook the codes index
+    (``q = s (levels[z] - o)``); a move goes to the level nearest the coordinate's optimum.
     """
     W, H = W.to(torch.float64), H.to(torch.float64)
     codes = codes.to(torch.float64).clone()
     s = scales.to(torch.float64)[:, g_idx]
     z = zeros.to(torch.float64)[:, g_idx]
-    R = (W - s * (codes - z)) @ H  # r = H (w - q), one row per output row
+    L = None if levels is None else levels.to(torch.float64)
+
+    def level(c: torch.Tensor) -> torch.Tensor:
+        return c if L is None else L[c.long()]
+
+    R = (W - s * (level(codes) - z)) @ H  # r = H (w - q), one row per output row
     diag = torch.diagonal(H)
     d = W.shape[1]
     done = 0
@@ -68,11 +75,14 @@ def coordinate_descent(
                 if diag[j] <= 0:  # an input that never fires: its weight changes nothing
                     continue
                 c = codes[:, j]
-                target = c + R[:, j] / (diag[j] * s[:, j])
-                new = torch.round(target)
-                if cfg.clip:
-                    new = new.clamp(0, cfg.maxq)
-                delta = s[:, j] * (new - c)
+                target = level(c) + R[:, j] / (diag[j] * s[:, j])
+                if L is not None:
+                    new = nearest_level(target, L)[0]
+                else:
+                    new = torch.round(target)
+                    if cfg.clip:
+                        new = new.clamp(0, cfg.maxq)
+                delta = s[:, j] * (level(new) - level(c))
                 gain = 2 * delta * R[:, j] - delta * delta * diag[j]
                 take = (new != c) & (gain > 0)
                 if not bool(take.any()):
@@ -178,14 +188,18 @@ def refine(
     rounds: int = 1,
     scale_dtype: torch.dtype = torch.float16,
     min_zero: int = 0,
+    levels: torch.Tensor | None = None,
 ) -> tuple[QuantResult, dict[str, float]]:
     """``result`` refined by ``steps`` (``"cd"``, ``"scales"``), alternated for up to ``rounds``
     rounds until the loss stops falling; returns the new result and what each step removed.
 
     The scales are first rounded to ``scale_dtype`` (what a checkpoint stores), so every loss
     here, the starting one included, is the loss of the stored weights. The result's ``bound``
-    and ``D`` stay those of the decode it started from.
+    and ``D`` stay those of the decode it started from. ``levels``: the codebook the codes
+    index, which only ``"cd"`` moves on (the scales of a codebook grid stay as given).
     """
+    if levels is not None and "scales" in steps:
+        raise ValueError("refine 'scales' re-solves a uniform grid; a codebook grid takes 'cd'")
     unknown = [s for s in steps if s not in REFINE_STEPS]
     if unknown or not steps:
         raise ValueError(f"refine steps must be some of {REFINE_STEPS}, got {list(steps)}")
@@ -200,7 +214,7 @@ def refine(
     g = result.g_idx
 
     def loss() -> float:
-        return float(_losses(W64, H64, dequantize(codes, scales, zeros, g)).sum())
+        return float(_losses(W64, H64, dequantize(codes, scales, zeros, g, levels)).sum())
 
     start = loss()
     removed = dict.fromkeys(steps, 0.0)
@@ -209,7 +223,9 @@ def refine(
         round_start = current
         for step in steps:
             if step == "cd":
-                codes, _ = coordinate_descent(W64, H64, codes, scales, zeros, g, cfg, sweeps)
+                codes, _ = coordinate_descent(
+                    W64, H64, codes, scales, zeros, g, cfg, sweeps, levels=levels
+                )
             else:
                 scales, zeros = refit_scales(
                     W64, H64, codes, scales, zeros, g, cfg, scale_dtype, min_zero
@@ -219,7 +235,7 @@ def refine(
             current = new
         if current >= round_start * (1 - 1e-12):
             break
-    Q = dequantize(codes, scales, zeros, g).to(W.dtype)
+    Q = dequantize(codes, scales, zeros, g, levels).to(W.dtype)
     out = replace(
         result,
         codes=codes.to(torch.int64),

@@ -83,6 +83,7 @@ def assemble(
     targets: torch.Tensor | None,
     t0: float,
     projected: tuple[torch.Tensor, float] | None = None,
+    levels: torch.Tensor | None = None,
 ) -> QuantResult:
     """Dequantize, and measure the loss and the bound that every quantizer reports.
 
@@ -90,9 +91,9 @@ def assemble(
     nearest-plane decode of W' (W with dead columns zeroed) on ``H' + lambda I``. The loss then
     comes from the decomposition ``(w - q)^T (H' + lambda I) (w - q) = sum_j D_j (t_j - q_j)^2``
     (docs/theory.md §5, Eq. (13)) less ``lambda ||w - q||^2``, instead of a (d_out, d_in, d_in)
-    product that would cost twice the decode itself.
+    product that would cost twice the decode itself. ``levels``: the codebook the codes index.
     """
-    Q = dequantize(codes, scales, zeros, g_idx).to(W.dtype)
+    Q = dequantize(codes, scales, zeros, g_idx, levels).to(W.dtype)
     if projected is None:
         loss = row_losses(W, H, Q)
     else:

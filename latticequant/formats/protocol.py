@@ -47,7 +47,9 @@ class LayerGrid:
     config: the layer's config on that grid (its bits and group size); scales, zeros:
     ``(d_out, n_groups)`` real scales and offsets, ``q = s * (z - o)`` (offsets need not be
     integers: the core's ``integer_zeros=False``); pack: the layer's tensors from a core
-    result decoded on that grid; kind: what the grid is, for the log.
+    result decoded on that grid; kind: what the grid is, for the log; levels: a codebook the
+    codes index (``q = s * (levels[z] - o)``, sorted, in units of the scale), None for the
+    uniform grid ``z`` itself.
     """
 
     config: object
@@ -55,6 +57,7 @@ class LayerGrid:
     zeros: torch.Tensor
     pack: Callable[..., dict]
     kind: str = ""
+    levels: torch.Tensor | None = None
 
 
 class Format:

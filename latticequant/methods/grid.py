@@ -308,14 +308,24 @@ def _on_fixed_grid(name: str, W: torch.Tensor, H: torch.Tensor, fixed, fmt) -> L
     core, config = CORE_QUANTIZERS[name], fixed.config
     W64 = W.to(torch.float64)
     grid = {"scales": fixed.scales, "zeros": fixed.zeros, "integer_zeros": False}
+    if fixed.levels is not None:  # a codebook (IQ4_NL): every decoder rounds to its levels
+        grid["levels"] = fixed.levels
     result = core(W64, H, config, **grid)
-    base = result.proxy_loss if name == "rtn" else _rtn_baseline(W64, H, config, result, 0, False)
-    gptq = result if name == "gptq" else gptq_quantize(W64, H, config, **grid)
+    base = result.proxy_loss if name == "rtn" else rtn_loss(W64, H, config, **grid)
+    gptq = result if name == "gptq" and not config.refine_steps else None
+    gptq = gptq or gptq_quantize(W64, H, config, **grid)
+    refined = {}
+    if config.refine_steps:  # codes only ("cd"): the format's scales stay as it fixed them
+        result, refined = refine(
+            W64, H, result, config, steps=config.refine_steps, sweeps=config.refine_sweeps,
+            rounds=config.refine_rounds, scale_dtype=torch.float64, levels=fixed.levels,
+        )  # fmt: skip
     del W64
     tensors = fixed.pack(result)
     Q = fmt.dequantize(tensors, {"bits": config.bits}, W.dtype)  # as a loader reads it
     stats = grid_layer_stats(result, base)
     stats["gptq_loss"] = gptq.proxy_loss
+    stats.update(refined)
     stats["bits_per_weight"] = fmt.effective_bits(tensors, W.numel())
     return LayerQuant(Q=Q, tensors=tensors, stats=stats)
 

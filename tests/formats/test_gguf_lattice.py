@@ -16,7 +16,6 @@ from latticequant.formats.protocol import UnsupportedConfigError
 from latticequant.methods import get_method
 from latticequant.methods.registry import LayerContext
 
-DECODED = [t for t in GGUF_TYPES if t != "IQ4_NL"]
 
 
 def _problem(d_out=32, d_in=512, seed=0):
@@ -31,12 +30,12 @@ def _problem(d_out=32, d_in=512, seed=0):
     return W, H
 
 
-@pytest.mark.parametrize("ftype", DECODED)
+@pytest.mark.parametrize("ftype", GGUF_TYPES)
 def test_blocks_read_back_by_gguf_to_the_method_weights(ftype):
     W, H = _problem()
     fmt = GgufFormat(ftype)
     losses = {}
-    for name in ("rtn", "gptq", "babai"):
+    for name in ("rtn", "gptq", "babai", "kbest"):
         method = get_method(name)
         lq = method.quantize(
             W, H, method.config_cls(), LayerContext(fmt, "model.layers.0.mlp.up_proj")
@@ -48,8 +47,9 @@ def test_blocks_read_back_by_gguf_to_the_method_weights(ftype):
             assert np.array_equal(ref, lq.Q.numpy())
         assert torch.equal(fmt.dequantize(lq.tensors, {}), lq.Q)
         losses[name] = lq.stats["loss"]
-    # error feedback on the same grid beats rounding on it
+    # error feedback on the same grid beats rounding on it; K-best keeps Babai's point or better
     assert losses["gptq"] < losses["rtn"] and losses["babai"] < losses["rtn"]
+    assert losses["kbest"] <= losses["babai"] * (1 + 1e-9)
 
 
 def test_act_order_changes_only_the_decode_order():
@@ -83,11 +83,35 @@ def test_wrong_type_name_is_one_line():
     assert "\n" not in str(err.value) and "Q4_K_M" in str(err.value)
 
 
-def test_refinement_and_codebook_refused():
-    fmt = GgufFormat("Q4_K_M")
-    with pytest.raises(UnsupportedConfigError, match="refine"):
-        fmt.check(QuantConfig(refine="cd"), 8, 256)
-    with pytest.raises(UnsupportedConfigError, match="IQ4_NL"):
-        GgufFormat("IQ4_NL").check(QuantConfig(), 8, 256)
+def test_block_width_refused():
     with pytest.raises(UnsupportedConfigError, match="multiple of 32"):
         GgufFormat("Q4_0").check(QuantConfig(), 8, 40)
+
+
+@pytest.mark.parametrize("ftype", ["Q4_0", "IQ4_NL", "Q4_K_M"])
+def test_refine_cd_moves_codes_on_the_fixed_grid(ftype):
+    W, H = _problem()
+    fmt = GgufFormat(ftype)
+    method = get_method("gptq")
+    ctx = LayerContext(fmt, "model.layers.0.mlp.up_proj")
+    plain = method.quantize(W, H, QuantConfig(), ctx)
+    cfg = QuantConfig(refine="cd")
+    fmt.check(cfg, *W.shape)  # codes only: accepted
+    refined = method.quantize(W, H, cfg, ctx)
+    a, b = fmt.unpack(plain.tensors, {})[1], fmt.unpack(refined.tensors, {})[1]
+    for name in a.info.params:  # the block fit's scales are untouched
+        assert np.array_equal(getattr(a, name), getattr(b, name))
+    # the loss of the weights as stored, in float64 here: no single-code move left undone
+    # raises it, and it is what gguf's dequantizer reads
+    E0, E1 = (W.double() - plain.Q.double()), (W.double() - refined.Q.double())
+    l0, l1 = float(((E0 @ H) * E0).sum()), float(((E1 @ H) * E1).sum())
+    assert l1 < l0
+    t = gguf.GGMLQuantizationType(int(refined.tensors["gguf_type"]))
+    ref = gguf.quants.dequantize(refined.tensors["gguf_blocks"].numpy(), t)
+    assert np.array_equal(ref, refined.Q.numpy())
+
+
+def test_refine_scales_refused_with_what_to_use():
+    with pytest.raises(UnsupportedConfigError, match="--refine cd") as err:
+        GgufFormat("Q4_K_M").check(QuantConfig(refine="cd,scales"), 8, 256)
+    assert "\n" not in str(err.value)

@@ -20,6 +20,7 @@ from latticequant.formats.gguf import (
     nearest_codes,
     pack,
     quantize_reference,
+    codebook,
     scales_offsets,
     unpack,
 )
@@ -182,12 +183,11 @@ def test_levels_and_scales_offsets(t):
     zg = z.reshape(4, grid.n_groups, info.group_size)
     picked = np.take_along_axis(lv, zg, axis=2).reshape(grid.shape)
     np.testing.assert_array_equal(picked, dequantize(z, grid))
-    if t == GGMLType.IQ4_NL:
-        with pytest.raises(ValueError, match="codebook"):
-            scales_offsets(grid)
-        return
     s, o = scales_offsets(grid)
-    uniform = s[..., None] * (np.arange(info.maxq + 1) - o[..., None])
+    book = codebook(t)
+    steps = np.arange(info.maxq + 1) if book is None else book  # IQ4_NL: its 16 levels
+    assert (book is None) == (t != GGMLType.IQ4_NL)
+    uniform = s[..., None] * (steps - o[..., None])
     np.testing.assert_allclose(uniform, lv, rtol=1e-6, atol=1e-6 * np.abs(lv).max())
 
 

@@ -101,7 +101,7 @@ def source(tmp_path_factory):
     return write_source_gguf(make_tiny_llama(**SHAPE), tmp_path_factory.mktemp("src") / "f.gguf")
 
 
-@pytest.mark.parametrize("gguf_type", ["Q4_K_M", "Q8_0", "Q3_K_S"])
+@pytest.mark.parametrize("gguf_type", ["Q4_K_M", "Q8_0", "Q3_K_S", "IQ4_NL"])
 def test_file_reads_back_to_the_quantized_model(tmp_path, source, gguf_type):
     model = make_tiny_llama(**SHAPE)
     out = tmp_path / "q.gguf"

@@ -30,6 +30,7 @@ from latticequant.formats.gguf.types import (
     dequantize,
     levels,
     nearest_codes,
+    codebook,
     scales_offsets,
     type_info,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "nearest_codes",
     "pack",
     "quantize_reference",
+    "codebook",
     "scales_offsets",
     "type_info",
     "unpack",

@@ -20,7 +20,13 @@ from latticequant.formats.gguf.blocks import pack as pack_blocks
 from latticequant.formats.gguf.blocks import unpack as unpack_blocks
 from latticequant.formats.gguf.mix import FileType, ModelShape, fallback, tensor_types
 from latticequant.formats.gguf.reference import fit_grid
-from latticequant.formats.gguf.types import GGMLType, GgufGrid, dequantize, scales_offsets
+from latticequant.formats.gguf.types import (
+    GGMLType,
+    GgufGrid,
+    codebook,
+    dequantize,
+    scales_offsets,
+)
 from latticequant.formats.gguf.types import type_info as _type_info
 from latticequant.formats.packing import FormatError
 from latticequant.formats.protocol import (
@@ -56,12 +62,6 @@ GGUF_TYPES = (
     "Q2_K",
     "Q2_0",
 )
-
-#: File types whose tensors the lattice methods cannot decode yet (a codebook, not a uniform
-#: grid), with what to use instead.
-NOT_DECODED = {
-    "IQ4_NL": "IQ4_NL is a 16-level codebook the decoders do not round to yet; use Q4_0 or Q4_K_M"
-}
 
 #: Hugging Face ``model_type`` -> GGUF ``general.architecture`` (Mistral is written as Llama,
 #: as llama.cpp's converter does).
@@ -162,8 +162,6 @@ class GgufFormat(Format):
                 f"architecture {model_type!r} cannot be written to GGUF here; supported: "
                 f"{', '.join(GGUF_ARCHITECTURES)}"
             )
-        if ftype in NOT_DECODED:
-            raise UnsupportedConfigError(NOT_DECODED[ftype])
         shapes, shape = llama_gguf_shapes(config)
         # the grids are fitted with an importance matrix (the Hessian's diagonal): the mix is
         # llama-quantize's with --imatrix
@@ -182,10 +180,10 @@ class GgufFormat(Format):
     # -- what the grid can represent ---------------------------------------------------------
 
     def check(self, config, d_out: int | None = None, d_in: int | None = None) -> None:
-        if getattr(config, "refine", ""):
+        if "scales" in (getattr(config, "refine_steps", None) or ()):
             raise UnsupportedConfigError(
-                "--refine changes codes or scales after the decode; a GGUF grid is fixed by "
-                "llama.cpp's fit: drop --refine"
+                "--refine scales re-solves a uniform grid's scales; a GGUF type's scales are "
+                "fixed by its block fit: use --refine cd"
             )
         if not getattr(config, "clip", True):
             raise UnsupportedConfigError(
@@ -196,8 +194,6 @@ class GgufFormat(Format):
                 "a GGUF grid is fixed per block before the decode: use --static-groups"
             )
         if self.file_type is not None and d_in is not None:
-            if self.file_type in NOT_DECODED:
-                raise UnsupportedConfigError(NOT_DECODED[self.file_type])
             t = _gguf_type_of_ftype(self.file_type, int(d_in))
             if t in (GGMLType.F16, GGMLType.F32):
                 raise UnsupportedConfigError(
@@ -211,8 +207,6 @@ class GgufFormat(Format):
         the packing of the decoded codes into the type's blocks."""
         d_out, d_in = W.shape
         t = self.layer_type(name, d_in)
-        if t == GGMLType.IQ4_NL:
-            raise UnsupportedConfigError(f"{name}: {NOT_DECODED['IQ4_NL']}")
         if t in (GGMLType.F16, GGMLType.F32):
             raise UnsupportedConfigError(f"{name}: llama.cpp leaves this tensor in {t.name}")
         info = _type_info(t)
@@ -222,11 +216,13 @@ class GgufFormat(Format):
         cfg = config.replace(bits=int(info.maxq).bit_length(), group_size=info.group_size)
         S = torch.from_numpy(s).to(W.dtype).to(W.device)
         Z = torch.from_numpy(o).to(W.dtype).to(W.device)
+        book = codebook(t)  # IQ4_NL: its 16 levels, a one-dimensional lattice like any other
+        L = None if book is None else torch.from_numpy(book).to(W.dtype).to(W.device)
 
         def pack(result) -> dict[str, torch.Tensor]:
             return self.pack_codes(result.codes, grid)
 
-        return LayerGrid(config=cfg, scales=S, zeros=Z, pack=pack, kind=t.name)
+        return LayerGrid(config=cfg, scales=S, zeros=Z, pack=pack, kind=t.name, levels=L)
 
     # -- tensors -----------------------------------------------------------------------------
 

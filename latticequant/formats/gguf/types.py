@@ -260,18 +260,24 @@ def levels(grid: GgufGrid) -> np.ndarray:
     return _values(grid.qtype, _group_params(grid), z)
 
 
+def codebook(qtype: GGMLType | str | int) -> np.ndarray | None:
+    """The levels a code indexes, in units of the scale (float64, sorted), for a codebook type
+    (IQ4_NL: ``kvalues_iq4nl``); None for a uniform type, whose code ``z`` is its own level."""
+    return KVALUES_IQ4NL.astype(np.float64) if as_type(qtype) == GGMLType.IQ4_NL else None
+
+
 def scales_offsets(grid: GgufGrid) -> tuple[np.ndarray, np.ndarray]:
     """Real scale ``s`` and offset ``o`` per group (float64, ``(rows, n_groups)``) with
-    ``value = s * (z - o)`` for a uniform type.
+    ``value = s * (z - o)`` for a uniform type and ``value = s * (codebook[z] - o)`` for a
+    codebook type (IQ4_NL: ``s = d``, ``o = 0``; :func:`codebook`).
 
     A group whose scale is 0 (``d = 0`` or ``sc = 0``) has a single value whatever its code; its
-    offset is reported as 0 and its value is in :func:`levels`. IQ4_NL is not uniform: use
-    :func:`levels`.
+    offset is reported as 0 and its value is in :func:`levels`.
     """
     t = grid.qtype
-    if t == GGMLType.IQ4_NL:
-        raise ValueError("IQ4_NL is a codebook, not a uniform grid: use levels()")
     p = {k: v[..., 0].astype(np.float64) for k, v in _group_params(grid).items()}
+    if t == GGMLType.IQ4_NL:
+        return p["d"], np.zeros_like(p["d"])
     if t in ZERO_CODE:
         s = p["d"] * p["sc"] if "sc" in p else p["d"]
         return s, np.full_like(s, float(ZERO_CODE[t]))
