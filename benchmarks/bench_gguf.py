@@ -43,13 +43,36 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 sys.path.insert(0, str(ROOT))
 #: the subprocesses import this checkout's package, installed or not
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-TYPES = ("Q4_0", "IQ4_NL", "Q5_0", "Q2_0", "Q4_K_M", "Q3_K_M", "Q2_K")
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
+TYPES = ("Q4_0", "Q2_0", "IQ4_NL", "Q4_K_M", "Q5_0", "Q3_K_M", "Q2_K")
 #: name -> (table label, the arguments of ``latticequant quantize`` besides the type)
 OURS = {
     "ours": ("ours, GPTQ", ["--method", "gptq"]),
-    "ours-best": ("ours, GPTQ + float-outputs", ["--method", "gptq", "--objective", "float-outputs"]),
+    "ours-best": (
+        "ours, GPTQ + float-outputs + refine cd",
+        ["--method", "gptq", "--objective", "float-outputs", "--refine", "cd"],
+    ),
+    # the residual-stream rotation folded into the weights: a plain llama again, whose head
+    # is untied (SmolLM2's final norm is not all ones), so the file holds one more matrix
+    "ours-folded": (
+        "ours, as above + --rotate folded",
+        [
+            "--method",
+            "gptq",
+            "--objective",
+            "float-outputs",
+            "--refine",
+            "cd",
+            "--rotate",
+            "folded",
+        ],
+    ),
 }
+#: the settings a plain invocation runs (--settings names others)
+DEFAULT_SETTINGS = ("ours", "ours-best")
 PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 LQ_PPL = re.compile(r"^perplexity[^:]*:\s*([0-9.]+)", re.M)
 
@@ -284,8 +307,14 @@ def write_tables(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--types", default=",".join(TYPES), help="comma-separated file types")
-    p.add_argument("--settings", default=",".join(OURS), help="comma-separated: ours,ours-best")
-    p.add_argument("--bin", default=os.environ.get("LLAMA_CPP_BIN", str(ROOT / ".bench/llama.cpp/build/bin")))
+    p.add_argument(
+        "--settings",
+        default=",".join(DEFAULT_SETTINGS),
+        help=f"comma-separated of {', '.join(OURS)}",
+    )
+    p.add_argument(
+        "--bin", default=os.environ.get("LLAMA_CPP_BIN", str(ROOT / ".bench/llama.cpp/build/bin"))
+    )
     p.add_argument("--work", default=str(ROOT / ".bench/gguf"))
     p.add_argument("--json", default=str(DOCS / "bench_gguf.json"))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -320,11 +349,10 @@ def main(argv: list[str] | None = None) -> None:
                 bench.llama_ppl(f"{qtype}/{setting}", out, held)
     if not args.no_our_eval:
         bench.our_ppl("F32", f32)
-        for qtype in types:
-            for key in ("llama-imatrix", *settings):
-                path = bench.work / (
-                    f"{qtype}.llama-imatrix.gguf" if key == "llama-imatrix" else f"{qtype}.{key}.gguf"
-                )
+        for key in (*settings, "llama-imatrix"):  # ours first: llama.cpp's own are extra
+            for qtype in types:
+                name = "llama-imatrix" if key == "llama-imatrix" else key
+                path = bench.work / f"{qtype}.{name}.gguf"
                 if path.exists():
                     bench.our_ppl(f"{qtype}/{key}", path)
     print(bench.json.with_suffix(".md").read_text())

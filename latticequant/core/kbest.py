@@ -132,9 +132,7 @@ def _beam_decode(
             if generator is None and K == 1:  # nearest plane itself
                 code, parent = first, keep
             elif generator is None:
-                code, parent, cost = _best_children(
-                    first, second, t, s, z, cost, Dq[i], K, levels
-                )
+                code, parent, cost = _best_children(first, second, t, s, z, cost, Dq[i], K, levels)
             else:
                 d1, d2 = (u - _level(first, levels)) ** 2, (u - _level(second, levels)) ** 2
                 p_second = torch.sigmoid((d1 - d2) / (2 * KLEIN_SIGMA**2))
@@ -221,9 +219,7 @@ def kbest_quantize(
         runs.append((codes[..., :1], None, clipped[:, :1]))  # the best survivor
     if klein_paths:
         generator = torch.Generator().manual_seed(int(seed))
-        runs.append(
-            _beam_decode(x, Un, Dq, S_g, Z_g, g_of, narrow, klein_paths, generator, levels)
-        )
+        runs.append(_beam_decode(x, Un, Dq, S_g, Z_g, g_of, narrow, klein_paths, generator, levels))
     codes_q = torch.cat([r[0] for r in runs], dim=2)  # (d, rows, candidates)
     clipped_c = torch.cat([r[2] for r in runs], dim=1)
     codes_all = torch.empty_like(codes_q)

@@ -49,9 +49,7 @@ def rtn_quantize(
     W, h = prepare_diagonal(W, H)
 
     (P, D), damp = factor if factor is not None else rtn_factor(H, cfg, h)
-    codes, S, Z, g_idx, clipped = _rounded(
-        W, cfg, scales, zeros, min_zero, integer_zeros, levels
-    )
+    codes, S, Z, g_idx, clipped = _rounded(W, cfg, scales, zeros, min_zero, integer_zeros, levels)
     return assemble(
         W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=P, D=D,
         clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=W.clone(), t0=t0,

@@ -25,7 +25,10 @@ LEVELS = torch.tensor(
 def _problem(d_out=12, d_in=64, g=32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(256, d_in, generator=gen, dtype=torch.float64)
-    X = X @ (torch.eye(d_in, dtype=torch.float64) + 0.4 * torch.randn(d_in, d_in, generator=gen, dtype=torch.float64) / d_in**0.5)
+    X = X @ (
+        torch.eye(d_in, dtype=torch.float64)
+        + 0.4 * torch.randn(d_in, d_in, generator=gen, dtype=torch.float64) / d_in**0.5
+    )
     H = X.T @ X / X.shape[0]
     W = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     # IQ4_NL's grid: one scale per group of 32, no offset, levels spanning the group's weights
@@ -47,7 +50,9 @@ def test_nearest_level_is_the_brute_force_argmin():
     code, value = nearest_level(u, LEVELS)
     ref = _brute_nearest(u)
     # ties (a midpoint exactly) may go either way; both are nearest
-    assert ((code.long() == ref) | ((u - LEVELS[code.long()]).abs() == (u - LEVELS[ref]).abs())).all()
+    assert (
+        (code.long() == ref) | ((u - LEVELS[code.long()]).abs() == (u - LEVELS[ref]).abs())
+    ).all()
     assert torch.equal(value, LEVELS[code.long()])
 
 

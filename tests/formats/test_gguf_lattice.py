@@ -17,7 +17,6 @@ from latticequant.methods import get_method
 from latticequant.methods.registry import LayerContext
 
 
-
 def _problem(d_out=32, d_in=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(1024, d_in, generator=g, dtype=torch.float64)

@@ -224,3 +224,43 @@ def test_command_line_quantize_then_eval(tmp_path, source, capsys):
     capsys.readouterr()
     assert cli.main(["eval", str(out), "--seqlen", "32", "--text", str(text), "--json"]) == 0
     assert '"perplexity"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("untied", [False, True], ids=["norms-of-ones", "untied-head"])
+def test_folded_rotation_goes_into_the_file(tmp_path, source, untied):
+    """``--rotate folded`` leaves a plain llama: transformers' GGUF loader reads the file to
+    the quantized model's logits, and a final norm that is not all ones unties the head, which
+    the file then stores as ``output.weight``."""
+    from latticequant.pipeline.target import TargetConfig
+
+    model = make_tiny_llama(**SHAPE)
+    if untied:
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+    out = tmp_path / "f.gguf"
+    calib = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    spec = RunSpec(
+        method="gptq",
+        target=TargetConfig(rotate="folded"),
+        calibration=CalibrationSpec(nsamples=4, seqlen=32),
+        output=OutputSpec(str(out), "gguf", gguf_type="Q8_0", gguf_source=str(source)),
+    )
+    quantize_model(model, Calibration(calib), prepare(model, spec))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    assert ("output.weight" in tensors) == untied
+    loaded = transformers_gguf_model(str(out))
+    for key, module in (
+        ("token_embd.weight", model.get_input_embeddings()),
+        ("output.weight", model.get_output_embeddings()),
+    ):  # the embeddings are rounded by llama.cpp's quantizer in the file only
+        if key in tensors:
+            t = tensors[key]
+            w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(w))
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-5, rtol=1e-5)

@@ -27,10 +27,10 @@ from latticequant.formats.gguf.types import (
     TypeInfo,
     as_type,
     check_codes,
+    codebook,
     dequantize,
     levels,
     nearest_codes,
-    codebook,
     scales_offsets,
     type_info,
 )
