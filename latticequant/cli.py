@@ -782,6 +782,7 @@ def _summary_lines(args, spec, plan, summary, quantize_s, total_s, world) -> lis
         f"quantized {len(summary)} layers with {method.name}{skipped} in {quantize_s:.1f} s "
         f"(total {total_s:.1f} s); checkpoint: {args.out}"
     ]
+    lines += plan.format.run_notes()
     if plan.fold is not None:
         lines.append(
             f"rotations folded into the weights (--rotate {spec.target.rotate}, seed "

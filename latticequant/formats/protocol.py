@@ -94,6 +94,11 @@ class Format:
         refuses what it cannot write in one line. The format itself by default."""
         return self
 
+    def run_notes(self) -> list[str]:
+        """Lines a run's summary prints about how this (bound) format stores the model: what
+        it chose per tensor beyond what the user asked (GGUF's fallbacks). None by default."""
+        return []
+
     def layer_grid(self, W: torch.Tensor, H: torch.Tensor, config, name: str) -> LayerGrid | None:
         """The grid this format fixes for layer ``name`` before the decode, or None when the
         method fits its own (every format but a file format with its own scale choice)."""

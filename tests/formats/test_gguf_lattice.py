@@ -114,3 +114,19 @@ def test_refine_scales_refused_with_what_to_use():
     with pytest.raises(UnsupportedConfigError, match="--refine cd") as err:
         GgufFormat("Q4_K_M").check(QuantConfig(refine="cd,scales"), 8, 256)
     assert "\n" not in str(err.value)
+
+
+def test_run_notes_name_the_fallbacks():
+    from transformers import LlamaConfig
+
+    smol = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+    )  # fmt: skip
+    (note,) = GgufFormat().for_model(smol, {"gguf_type": "Q4_K_M"}).run_notes()
+    assert "180 tensors" in note and "166 Q4_K -> Q5_0" in note and "14 Q6_K -> Q8_0" in note
+    wide = LlamaConfig(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    assert GgufFormat().for_model(wide, {"gguf_type": "Q4_K_M"}).run_notes() == []

@@ -13,6 +13,7 @@ from latticequant.formats.gguf.mix import (
     FileType,
     ModelShape,
     fallback,
+    fallbacks,
     llama_order,
     llama_tensor_shapes,
     tensor_types,
@@ -39,6 +40,24 @@ def test_protocol_model_q4_k_m():
     wide = [n for n, ne in SMOL.items() if len(ne) == 2 and n.startswith("blk.") and ne[0] == 576]
     assert len(wide) == 180
     assert all(types[n] in (T.Q5_0, T.Q8_0) for n in wide)
+
+
+def test_protocol_model_fallbacks_reported():
+    """What the run's summary reports: the 180 576-wide matrices of Q4_K_M, each with the type
+    the mix chose (Q4_K, or Q6_K for the attn_v layers that use more bits) and its block-32
+    fallback; the tied embeddings are given Q8_0 directly (Q4_K's block does not divide their
+    rows), while Q4_0's mix gives them Q6_K, which falls back to Q8_0."""
+    fb = fallbacks("Q4_K_M", SMOL, SMOL_SHAPE)
+    wide = {n for n, ne in SMOL.items() if len(ne) == 2 and n.startswith("blk.") and ne[0] == 576}
+    assert set(fb) == wide
+    assert Counter((a.name, b.name) for n, (a, b) in fb.items() if n in wide) == {
+        ("Q4_K", "Q5_0"): 166,
+        ("Q6_K", "Q8_0"): 14,
+    }
+    assert fallbacks("Q4_0", SMOL, SMOL_SHAPE) == {"token_embd.weight": (T.Q6_K, T.Q8_0)}
+    assert all(n not in fb for n in SMOL if "ffn_down" in n)  # 1536 = 6 x 256 keeps K types
+    types = tensor_types("Q4_K_M", SMOL, SMOL_SHAPE)
+    assert all(types[n] == b for n, (_, b) in fb.items())
 
 
 def test_protocol_model_q2_k_equals_q3_k_s():

@@ -18,7 +18,13 @@ import torch
 
 from latticequant.formats.gguf.blocks import pack as pack_blocks
 from latticequant.formats.gguf.blocks import unpack as unpack_blocks
-from latticequant.formats.gguf.mix import FileType, ModelShape, fallback, tensor_types
+from latticequant.formats.gguf.mix import (
+    FileType,
+    ModelShape,
+    fallback,
+    fallbacks,
+    tensor_types,
+)
 from latticequant.formats.gguf.reference import fit_grid
 from latticequant.formats.gguf.types import (
     GGMLType,
@@ -151,6 +157,7 @@ class GgufFormat(Format):
     ) -> None:
         self.file_type = file_type
         self.types = dict(types or {})
+        self.fallbacks: dict[str, tuple[GGMLType, GGMLType]] = {}  # set by for_model
 
     # -- binding to a run and a model --------------------------------------------------------
 
@@ -165,7 +172,29 @@ class GgufFormat(Format):
         shapes, shape = llama_gguf_shapes(config)
         # the grids are fitted with an importance matrix (the Hessian's diagonal): the mix is
         # llama-quantize's with --imatrix
-        return GgufFormat(ftype, tensor_types(ftype, shapes, shape, imatrix=True))
+        bound = GgufFormat(ftype, tensor_types(ftype, shapes, shape, imatrix=True))
+        bound.fallbacks = fallbacks(ftype, shapes, shape, imatrix=True)
+        return bound
+
+    def run_notes(self) -> list[str]:
+        line = self.fallback_summary()
+        return [line] if line else []
+
+    def fallback_summary(self) -> str:
+        """One line: how many tensors fell back from which type to which, and why (their rows
+        are not a multiple of the type's block), as llama-quantize does; "" when none did."""
+        counts: dict[tuple[GGMLType, GGMLType], int] = {}
+        for chosen, final in self.fallbacks.values():
+            counts[(chosen, final)] = counts.get((chosen, final), 0) + 1
+        if not counts:
+            return ""
+        parts = [f"{n} {a.name} -> {b.name}" for (a, b), n in sorted(counts.items())]
+        total = sum(counts.values())
+        return (
+            f"GGUF {self.file_type}: {total} tensor{'s' if total > 1 else ''} fell back to "
+            "block-32 types "
+            f"as llama-quantize does (rows not a multiple of the type's block): {', '.join(parts)}"
+        )
 
     def layer_type(self, name: str, d_in: int) -> GGMLType:
         """The type of layer ``name`` (its Hugging Face name) of ``d_in`` columns."""

@@ -352,17 +352,39 @@ def tensor_types(
     Returns the names in llama.cpp's order, each with its :class:`GGMLType`, or None for a
     tensor left as it is (norms, biases, 1D tensors, ...).
     """
+    return {name: final for name, (_, final) in _choices(ftype, tensors, model, imatrix).items()}
+
+
+def fallbacks(
+    ftype: FileType | str,
+    tensors: Mapping[str, Sequence[int]],
+    model: ModelShape,
+    imatrix: bool = False,
+) -> dict[str, tuple[T, T]]:
+    """The tensors whose rows the mix's type does not fit: name -> (the type the mix chose, the
+    type it falls back to), as :func:`tensor_types` applies them."""
+    chosen = _choices(ftype, tensors, model, imatrix).items()
+    return {n: (c, t) for n, (c, t) in chosen if c is not None and c != t}
+
+
+def _choices(
+    ftype: FileType | str,
+    tensors: Mapping[str, Sequence[int]],
+    model: ModelShape,
+    imatrix: bool,
+) -> dict[str, tuple[T | None, T | None]]:
+    """name -> (the mix's type, the type after the fallback), in llama.cpp's order."""
     f = as_file_type(ftype)
     names = llama_order(list(tensors))
     qs = _State(names, model, imatrix)
-    out: dict[str, T | None] = {}
+    out: dict[str, tuple[T | None, T | None]] = {}
     for name in names:
         ne = tuple(int(n) for n in tensors[name])
         if not allows_quantization(name, ne):
-            out[name] = None
+            out[name] = (None, None)
             continue
         t = _choose(qs, f.default_type, name, ne, f, model)
-        out[name] = fallback(t, ne[0])
+        out[name] = (t, fallback(t, ne[0]))
     return out
 
 
