@@ -342,8 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     for qtype in types:  # llama.cpp's files first: seconds each
         for key, im in (("llama-imatrix", imatrix), ("llama", None)):
             bench.llama_ppl(f"{qtype}/{key}", bench.llama_quantize(qtype, f32, im), held)
-    for setting in settings:
-        for qtype in types:
+    for qtype in types:  # type by type: the first types' rows are whole first
+        for setting in settings:
             out = bench.ours(qtype, setting)
             if out is not None:
                 bench.llama_ppl(f"{qtype}/{setting}", out, held)
