@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     calib, held = _texts(bench.work)
     f32 = bench.float_file(source)
     bench.llama_ppl("F32", f32, held)
+    if not args.no_our_eval:
+        bench.our_ppl("F32", f32)
     imatrix = bench.imatrix(f32, calib)
     for qtype in types:  # llama.cpp's files first: seconds each
         for key, im in (("llama-imatrix", imatrix), ("llama", None)):
@@ -347,14 +349,13 @@ def main(argv: list[str] | None = None) -> None:
             out = bench.ours(qtype, setting)
             if out is not None:
                 bench.llama_ppl(f"{qtype}/{setting}", out, held)
-    if not args.no_our_eval:
-        bench.our_ppl("F32", f32)
-        for key in (*settings, "llama-imatrix"):  # ours first: llama.cpp's own are extra
-            for qtype in types:
-                name = "llama-imatrix" if key == "llama-imatrix" else key
-                path = bench.work / f"{qtype}.{name}.gguf"
-                if path.exists():
-                    bench.our_ppl(f"{qtype}/{key}", path)
+                if not args.no_our_eval:
+                    bench.our_ppl(f"{qtype}/{setting}", out)
+    if not args.no_our_eval:  # llama.cpp's own files last: a cross-check, not a row of ours
+        for qtype in types:
+            path = bench.work / f"{qtype}.llama-imatrix.gguf"
+            if path.exists():
+                bench.our_ppl(f"{qtype}/llama-imatrix", path)
     print(bench.json.with_suffix(".md").read_text())
 
 
