@@ -652,8 +652,9 @@ def _checked_module(model, name: str, entry: Mapping, qc: Mapping, tensors, expe
 
 def _refuse_unused(tensors, expected, modules, formats, tied) -> None:
     """Every tensor of the file is read by the model or by a quantized module's format: one
-    that nothing reads (a transform whose module does not say it is rotated, a head the
-    config ties) would otherwise be dropped in silence, and the model run without it."""
+    that nothing reads (a transform whose module does not say it is rotated, a float weight
+    beside a quantized layer's tensors, a head the config ties) would otherwise be dropped in
+    silence, and the model run without it."""
     quantized = {f"{name}.weight" for name in modules}  # replaced by the format's tensors
     used = {k for k in expected if k not in tied and k not in quantized}
     for name, fmt in formats.items():
