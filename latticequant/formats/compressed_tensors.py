@@ -747,6 +747,21 @@ class CompressedTensorsFormat(Format):
         ours to load: transformers reads them)."""
         return super().reads(file_config) and file_config.get("format") == "pack-quantized"
 
+    def layer_claim(self, name, file_config) -> dict | None:
+        """A layer its config groups target and ``ignore`` does not name is quantized (what
+        it stores is the groups' to say: :meth:`check_file_config`); any other is float."""
+        if any(_matches(name, t) for t in file_config.get("ignore") or []):
+            return None
+        groups = file_config.get("config_groups")
+        groups = groups.values() if isinstance(groups, Mapping) else ()
+        targets = [t for g in groups if isinstance(g, Mapping) for t in g.get("targets") or []]
+        return {} if any(t == "Linear" or _matches(name, t) for t in targets) else None
+
+    def check_file_config(self, name, tensors, meta, file_config) -> None:
+        """The config group that claims the layer must describe its tensors."""
+        super().check_file_config(name, tensors, meta, file_config)
+        check_quantization_config(file_config, {f"{name}.{k}": t for k, t in tensors.items()})
+
     def infer_modules(self, file_config, tensors) -> dict:
         """Each module holding ``weight_packed``, with the config group that claims it."""
         modules = {}

@@ -489,6 +489,82 @@ class GPTQFormat(Format):
             meta={"method": meta.get("method")},
         )
 
+    def reads(self, file_config) -> bool:
+        """A GPTQ file, or one of ours: plain GPTQ layers sit beside rotated ones in a file of
+        ``--rotate folded+online``, which only our loader reads."""
+        return file_config.get("quant_method") in (self.quant_method, Format.quant_method)
+
+    def check_file_config(self, name, tensors, meta, file_config) -> None:
+        """Its zero-point convention as the file names it, and its code width, groups,
+        act-order and symmetry as the file-level config says them for this layer."""
+        super().check_file_config(name, tensors, meta, file_config)
+        named = ["checkpoint_format"]
+        if file_config.get("quant_method") == self.quant_method:  # GPTQ readers take the file
+            named.append("format")
+        for key in named:
+            if file_config.get(key, self.name) != self.name:
+                raise FormatError(
+                    f"it stores {self.name} zero points but the file-level {key} is "
+                    f"{file_config[key]!r}: GPTQ readers would read them wrong"
+                )
+        check_grid_claim(tensors, self.layer_claim(name, file_config), file_config, self.name)
+
+
+def stored_bits(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The code width of GPTQ-layout tensors: ``qweight`` rows x 32 over the inputs."""
+    rows, d_in = tensors["qweight"].shape[0], tensors["g_idx"].numel()
+    if d_in == 0 or (rows * WORD_BITS) % d_in:
+        raise FormatError(f"qweight has {rows} rows for {d_in} inputs (g_idx): no whole code width")
+    return rows * WORD_BITS // d_in
+
+
+def groups_fit(g_idx: torch.Tensor, n_groups: int, group_size) -> bool:
+    """Whether ``g_idx`` puts ``group_size`` inputs in each of ``n_groups`` groups (the last
+    one the remainder); -1, or a size of at least the inputs, means one group."""
+    d_in = g_idx.numel()
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        return False
+    if group_size == -1 or group_size >= d_in:
+        want = [d_in]
+    elif group_size > 0:
+        rest = [d_in % group_size] if d_in % group_size else []
+        want = [group_size] * (d_in // group_size) + rest
+    else:
+        return False
+    if len(want) != n_groups:
+        return False
+    return torch.bincount(g_idx.to(torch.int64), minlength=n_groups).tolist() == want
+
+
+def check_grid_claim(tensors, claim: Mapping, file_config: Mapping, zeros: str) -> None:
+    """GPTQ-layout tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``) against what the
+    file-level config says of their layer (``claim``: bits, group_size, sym) and its desc_act;
+    ``zeros``: the stored zero-point convention. A one-line ``FormatError`` otherwise."""
+    bits, g_idx = stored_bits(tensors), tensors["g_idx"]
+    if claim.get("bits") != bits:
+        raise FormatError(
+            f"it stores {bits}-bit codes but the file-level config says bits {claim.get('bits')!r}"
+        )
+    n_groups, group_size = tensors["scales"].shape[0], claim.get("group_size")
+    if not groups_fit(g_idx, n_groups, group_size):
+        raise FormatError(
+            f"it stores {n_groups} groups over {g_idx.numel()} inputs, not group_size "
+            f"{group_size!r} as the file-level config says"
+        )
+    if is_permuted(g_idx, group_size) and not file_config.get("desc_act"):
+        raise FormatError(
+            "its g_idx is permuted (act-order) but the file-level desc_act is false: readers "
+            "that skip g_idx would read it wrong"
+        )
+    if claim.get("sym"):
+        d_out = tensors["qweight"].shape[1]
+        stored = unpack_zeros(tensors["qzeros"], bits, d_out, zeros)
+        if not bool((stored == 1 << (bits - 1)).all()):
+            raise FormatError(
+                f"the file-level config says sym true but it has zero points other than "
+                f"{1 << (bits - 1)}"
+            )
+
 
 def _meta_bits(meta) -> int:
     try:

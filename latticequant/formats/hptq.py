@@ -400,6 +400,16 @@ class HPTQFormat(Format):
     def file_config(self, base, meta) -> dict:
         return super().file_config({**base, "bits": None}, meta)
 
+    def check_file_config(self, name, tensors, meta, file_config) -> None:
+        """No fixed code width: a file-level config that gives the layer bits contradicts it."""
+        super().check_file_config(name, tensors, meta, file_config)
+        bits = self.layer_claim(name, file_config).get("bits")
+        if bits is not None:
+            raise FormatError(
+                f"it is {self.name} (Huffman-coded codes, no fixed code width) but the "
+                f"file-level config says bits {bits!r}"
+            )
+
 
 def build_hptq_module(
     tensors: Mapping[str, torch.Tensor], meta: Mapping, bias: torch.Tensor | None = None

@@ -4,9 +4,10 @@ A :class:`Format` says what its grid can represent (a method checks its config a
 before any slow work), how a method's result is packed into tensors and read back, how those
 tensors dequantize, how many bits per weight they cost, which module runs them, and what the
 checkpoint's file-level config (``quantize_config.json``, ``config.json``'s
-``quantization_config``) says about them. The checkpoint writer and loader, the command line
-and the methods look formats up here by name and never match a name themselves: a new format
-is one module that defines a :class:`Format` and one :func:`register_format` call.
+``quantization_config``) says about them and whether that agrees with a layer's stored
+tensors. The checkpoint writer and loader, the command line and the methods look formats up
+here by name and never match a name themselves: a new format is one module that defines a
+:class:`Format` and one :func:`register_format` call.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from latticequant.formats.bits import effective_bits
 from latticequant.formats.packing import FormatError
-from latticequant.formats.quantize_config import dynamic_overrides
+from latticequant.formats.quantize_config import dynamic_overrides, layer_claim
 
 __all__ = [
     "Format",
@@ -188,6 +189,30 @@ class Format:
     def reads(self, file_config: Mapping) -> bool:
         """Whether a checkpoint with this file-level config may hold layers of this format."""
         return file_config.get("quant_method") == self.quant_method
+
+    def layer_claim(self, name: str, file_config: Mapping) -> dict | None:
+        """What the file-level config says of layer ``name`` (``bits``, ``group_size``,
+        ``sym``), or None when it says the layer is stored in float. By default GPTQModel's
+        reading: the base values, a ``dynamic`` ``+:`` rule's changes, ``-:`` for a skip."""
+        return layer_claim(file_config, name)
+
+    def check_file_config(
+        self, name: str, tensors: Mapping[str, torch.Tensor], meta: Mapping, file_config: Mapping
+    ) -> None:
+        """Raise :class:`FormatError` when the file-level config (what other tools read)
+        contradicts layer ``name``'s stored ``tensors`` (``meta``: :meth:`module_meta`). By
+        default: its ``quant_method`` must be one this format is read under (else that
+        method's readers would run the layer wrong), and it must not skip the layer."""
+        method = file_config.get("quant_method")
+        if not self.reads(file_config):
+            raise FormatError(
+                f"the layer is {self.name} but the file-level quant_method is {method!r}: "
+                "that method's readers would run it wrong"
+            )
+        if self.layer_claim(name, file_config) is None:
+            raise FormatError(
+                "it is stored quantized but the file-level config skips it (a dynamic '-:' rule)"
+            )
 
     def infer_modules(self, file_config: Mapping, tensors: Mapping[str, torch.Tensor]) -> dict:
         """The module table of a checkpoint of this format written without our section (by

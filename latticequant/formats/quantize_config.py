@@ -1,7 +1,9 @@
-"""``quantize_config.json``: what GPTQModel writes and transformers' ``GPTQConfig`` reads."""
+"""``quantize_config.json``: what GPTQModel writes and transformers' ``GPTQConfig`` reads, and
+what it says of each layer once GPTQModel's ``dynamic`` rules are applied (``layer_claim``)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from latticequant.formats.packing import FormatError, check_bits, check_checkpoint_format
@@ -69,7 +71,47 @@ def dynamic_overrides(modules: Mapping, skipped, base: Mapping) -> dict:
     for name in skipped:
         dynamic[f"-:^{name.replace('.', '[.]')}$"] = {}
     for name, m in modules.items():
-        diff = {k: m[k] for k in ("bits", "group_size", "sym") if m.get(k) != base[k]}
+        diff = {
+            k: m[k]
+            for k in ("bits", "group_size", "sym")
+            if m.get(k) is not None and m[k] != base.get(k)  # None: the format has no such field
+        }
         if diff:
             dynamic[f"+:^{name.replace('.', '[.]')}$"] = diff
     return dynamic
+
+
+CLAIMED = ("bits", "group_size", "sym")
+"""What a file-level config says of each layer (its base values, a ``dynamic`` rule's changes)."""
+
+
+def dynamic_rule(dynamic: Mapping, name: str) -> tuple[str, dict] | None:
+    """GPTQModel's ``dynamic`` rule for module ``name``, the first that matches: ``("-", {})``
+    skips it, ``("+", changes)`` gives it other settings; None when no rule matches."""
+    for pattern, changes in dynamic.items():
+        sign, regex = ("-", pattern[2:]) if pattern.startswith("-:") else ("+", pattern)
+        regex = regex.removeprefix("+:")
+        try:
+            matched = re.match(regex, name) is not None
+        except re.error as exc:
+            raise FormatError(f"dynamic rule {pattern!r} is not a valid regex: {exc}") from None
+        if matched:
+            if sign == "+" and not isinstance(changes, Mapping):
+                raise FormatError(f"dynamic rule {pattern!r} does not map to an object")
+            return sign, dict(changes) if sign == "+" else {}
+    return None
+
+
+def layer_claim(file_config: Mapping, name: str) -> dict | None:
+    """What ``quantize_config.json`` says of layer ``name``: ``bits``, ``group_size`` and
+    ``sym``, the base values with its ``dynamic`` rule applied; None when a ``-:`` rule skips
+    it (the layer is stored in float)."""
+    dynamic = file_config.get("dynamic") or {}
+    if not isinstance(dynamic, Mapping):
+        raise FormatError("the quantization config's dynamic is not an object")
+    claim = {k: file_config.get(k) for k in CLAIMED}
+    rule = dynamic_rule(dynamic, name)
+    if rule is not None and rule[0] == "-":
+        return None
+    claim.update(rule[1] if rule else {})
+    return claim

@@ -187,6 +187,18 @@ class RotatedFormat(Format):
     def module_meta(self, entry, file_config) -> dict:
         return self.inner.module_meta(entry, file_config)
 
+    def check_file_config(self, name, tensors, meta, file_config) -> None:
+        """The file must say it is rotated (no GPTQ reader may take ``W R`` for ``W``), and
+        what it says of the inner layer must hold."""
+        super().check_file_config(name, tensors, meta, file_config)
+        if file_config.get("format") != ROTATED_FORMAT:
+            raise FormatError(
+                f"it is rotated but the file-level format is {file_config.get('format')!r}, "
+                f"not {ROTATED_FORMAT!r}: the checkpoint is inconsistent"
+            )
+        inner = {k: t for k, t in tensors.items() if k not in ROTATION_KEYS}
+        self.inner.check_file_config(name, inner, meta, file_config)
+
 
 ROTATED = {f.name: register_format(RotatedFormat(f)) for f in (GPTQ_V1, GPTQ_V2, SSQR, HPTQ)}
 

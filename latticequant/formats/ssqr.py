@@ -19,6 +19,7 @@ from latticequant.formats.gptq import (
     GPTQ_V1,
     GPTQFormat,
     QuantLinear,
+    check_grid_claim,
     check_meta_dims,
     check_packable,
     dequantize_gptq,
@@ -247,6 +248,13 @@ class SSQRFormat(Format):
         config = GPTQ_V1.file_config(base, meta)
         config.update(checkpoint_format=self.name, format=self.name, quant_method=self.quant_method)
         return config
+
+    def check_file_config(self, name, tensors, meta, file_config) -> None:
+        """The dense part's code width, groups, act-order and symmetry as the file-level config
+        says them for this layer."""
+        super().check_file_config(name, tensors, meta, file_config)
+        claim = self.layer_claim(name, file_config)
+        check_grid_claim(tensors, claim, file_config, _zeros_convention(meta))
 
     def module_meta(self, entry, file_config) -> dict:
         meta = super().module_meta(entry, file_config)

@@ -6,6 +6,13 @@ A folder holds ``model.safetensors`` (each quantized layer as ``<module>.qweight
 ``quant_log.json`` (per-layer statistics). Our own ``latticequant`` section of the quantization
 config lists each quantized module with its format, bits and tensor shapes, so the loader can
 check a checkpoint completely before using it.
+
+The loader builds the model ``config.json`` describes with its parameters on ``meta`` and
+materialises only what the file holds: the float tensors as read, each quantized layer as the
+module its format builds from its tensors (the heap trimmed after each). Before anything is
+used, each module's kind is read off its tensors, a tensor nothing reads is refused, and the
+file-level config, what other tools read, is checked against the tensors by each module's
+format (:func:`check_file_config`).
 """
 
 from __future__ import annotations
@@ -25,10 +32,8 @@ from torch import nn
 
 from latticequant.formats import (
     GPTQ_KEYS,
-    ROTATED_FORMAT,
     Format,
     FormatError,
-    RotatedFormat,
     formats_storing,
     get_format,
     is_permuted,
@@ -43,8 +48,9 @@ from latticequant.pipeline.files import (
     save_tensors,
     write_json,
 )
-from latticequant.pipeline.layout import describe_model, linear_weight
-from latticequant.pipeline.offload import store_of
+from latticequant.pipeline.layout import UnsupportedModelError, describe_model, linear_weight
+from latticequant.pipeline.memory import release_freed_memory
+from latticequant.pipeline.offload import empty_parameters, store_of
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ __all__ = [
     "QuantizedLayer",
     "save_quantized",
     "load_quantized",
+    "check_file_config",
     "is_quantized_checkpoint",
     "read_quant_log",
     "WEIGHTS_FILE",
@@ -445,6 +452,103 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _read_file_qc(folder: Path) -> dict | None:
+    """quantize_config.json, or None when the folder has none."""
+    path = folder / QUANTIZE_CONFIG_FILE
+    if not path.is_file():
+        return None
+    qc = _read_json(path)
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{path} is not a JSON object (got a {type(qc).__name__})")
+    return qc
+
+
+@dataclass
+class _Checkpoint:
+    """A checkpoint read and checked module by module, its model a skeleton on ``meta``."""
+
+    qc: dict  # config.json's quantization_config
+    file_qc: dict | None  # quantize_config.json
+    tensors: dict[str, torch.Tensor]
+    model: nn.Module
+    modules: dict  # the module table
+    formats: dict[str, Format]  # each quantized module's format, read off its tensors
+    expected: dict[str, torch.Tensor]  # the skeleton's state (on meta)
+
+
+def _read_checkpoint(folder: Path) -> _Checkpoint:
+    """The checkpoint in ``folder``, each quantized module's tensors checked against its entry
+    and its shape against the model ``config.json`` builds."""
+    config = _read_config(folder)
+    qc = config.pop("quantization_config", None)
+    if not formats_reading(qc or {}):
+        raise CheckpointError(
+            f"{folder}/config.json has no quantization_config latticequant reads (GPTQ, "
+            "compressed-tensors pack-quantized or its own)"
+        )
+    file_qc = _read_file_qc(folder)
+    tensors = _load_weights(folder)
+    model = _build_model(folder, config)
+    modules = _module_table(qc, tensors)
+    expected = model.state_dict(keep_vars=True)
+    formats = {
+        name: _checked_module(model, name, entry, qc, tensors, expected)
+        for name, entry in modules.items()
+    }
+    return _Checkpoint(qc, file_qc, tensors, model, modules, formats, expected)
+
+
+def check_file_config(folder: str | os.PathLike) -> None:
+    """Refuse, in one :class:`CheckpointError` line, a checkpoint whose file-level quantization
+    config (what GPTQModel, transformers and vLLM read: ``quant_method``, ``format``, ``bits``,
+    ``group_size``, ``sym``, ``desc_act``, ``dynamic`` rules, a compressed-tensors config
+    group) or whose ``quantize_config.json`` contradicts its stored tensors.
+    :func:`load_quantized` runs it too."""
+    _check_file_config(_read_checkpoint(Path(folder)))
+
+
+def _check_file_config(ck: _Checkpoint) -> None:
+    """Each module's format checks what the file-level config says of its layer; every linear
+    layer of the blocks stored in float must be one the config skips; quantize_config.json, when
+    present, must equal config.json's quantization_config (compared last, so that a
+    contradiction config.json holds itself is named by its own message)."""
+    qc = ck.qc
+    for name, fmt in ck.formats.items():
+        meta = fmt.module_meta(ck.modules[name], qc)
+        try:
+            fmt.check_file_config(name, _layer_tensors(name, fmt, ck.tensors), meta, qc)
+        except FormatError as exc:
+            raise CheckpointError(f"module {name}: {exc}") from None
+    kinds = {fmt.name: fmt for fmt in ck.formats.values()}.values()
+    for name in _float_linears(ck.model, ck.modules):
+        for fmt in kinds:
+            try:
+                claim = fmt.layer_claim(name, qc)
+            except FormatError as exc:
+                raise CheckpointError(f"layer {name}: {exc}") from None
+            if claim is not None:
+                raise CheckpointError(
+                    f"layer {name} is stored in float but the file-level config does not skip "
+                    f"it: {fmt.name} readers would look for its quantized tensors"
+                )
+    if ck.file_qc is not None and ck.file_qc != qc:
+        keys = sorted(set(ck.file_qc) | set(qc), key=str)
+        diff = next(k for k in keys if ck.file_qc.get(k) != qc.get(k))
+        raise CheckpointError(
+            f"{QUANTIZE_CONFIG_FILE} differs from config.json's quantization_config (first at "
+            f"{diff!r}: {ck.file_qc.get(diff)!r} against {qc.get(diff)!r})"
+        )
+
+
+def _float_linears(model: nn.Module, modules: Mapping) -> list[str]:
+    """The blocks' linear layers stored in float (none known for an unknown architecture)."""
+    try:
+        names = describe_model(model).linear_names()
+    except UnsupportedModelError:
+        return []
+    return [n for n in names if n not in modules]
+
+
 def load_quantized(
     folder: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -456,40 +560,35 @@ def load_quantized(
     dequantizes a tile at a time), True keeps a dense copy for speed, None (default) caches on
     the CPU path (see :class:`~latticequant.formats.gptq.QuantLinear`).
 
-    Every expected tensor is checked for presence and shape before anything is used; a
-    truncated or mismatched checkpoint raises :class:`CheckpointError` naming the tensor.
+    The model is built with its parameters on ``meta``; only what the file holds is
+    materialised (float tensors assigned as read, quantized modules built from their tensors,
+    the heap trimmed after each). Before anything is used every module's kind is read off its
+    tensors and checked against config.json, every expected tensor for presence and shape, every
+    tensor of the file for a reader, and the file-level config against the tensors
+    (:func:`check_file_config`); a failure raises :class:`CheckpointError` naming the tensor.
     """
-    folder = Path(folder)
-    config = _read_config(folder)
-    qc = config.pop("quantization_config", None)
-    if not formats_reading(qc or {}):
-        raise CheckpointError(
-            f"{folder}/config.json has no quantization_config latticequant reads (GPTQ, "
-            "compressed-tensors pack-quantized or its own)"
-        )
-    tensors = _load_weights(folder)
-    model, hf_config = _build_model(folder, config)
-    modules = _module_table(qc, tensors)
-    expected = model.state_dict()
-    tied = set((qc.get("latticequant") or {}).get("tied", {}))
-    if not tied and getattr(hf_config, "tie_word_embeddings", False):
-        tied = set(_tied_aliases(expected))
-    formats = {
-        name: _checked_module(model, name, entry, qc, tensors, expected)
-        for name, entry in modules.items()
-    }
-    _refuse_unused(tensors, expected, modules, formats, tied)
-    _load_float_state(model, tensors, expected, modules, tied)
+    ck = _read_checkpoint(Path(folder))
+    model, tensors, modules = ck.model, ck.tensors, ck.modules
+    tied = _tie_map(model)
+    _refuse_unused(tensors, ck.expected, modules, ck.formats, tied)
+    _check_file_config(ck)
+    _load_float_state(model, tensors, ck.expected, modules, tied)
     for name, entry in modules.items():
-        _set_module(
-            model, name, _module(model, name, entry, qc, formats[name], tensors, cache_weight)
-        )
+        fmt = ck.formats[name]
+        _set_module(model, name, _module(model, name, entry, ck.qc, fmt, tensors, cache_weight))
+        for key in _layer_tensors(name, fmt, tensors):
+            del tensors[f"{name}.{key}"]  # the module holds what it needs
+        # unpacking and decoding temporaries grow glibc's mmap threshold; without this their
+        # freed pages stay resident, module after module
+        release_freed_memory()
+    _check_nothing_on_meta(model)
     return model.to(device).eval()
 
 
-def _build_model(folder: Path, config: dict):
-    """The model ``config.json`` describes (experts split into one layer per matrix, as they
-    are stored) and its transformers config."""
+def _build_model(folder: Path, config: dict) -> nn.Module:
+    """The model ``config.json`` describes with every parameter on ``meta`` (buffers such as
+    rotary frequencies real), experts split into one layer per matrix, as they are stored:
+    nothing is allocated for the weights the checkpoint provides."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = config.pop("model_type", None)
@@ -497,21 +596,38 @@ def _build_model(folder: Path, config: dict):
         raise CheckpointError(f"{folder}/config.json names no model_type")
     try:
         hf_config = AutoConfig.for_model(model_type, **config)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        with empty_parameters():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"cannot build a model from {folder}/config.json: {exc}") from None
-    unfuse_experts(model)  # experts are stored one linear layer per expert matrix
-    return model, hf_config
+    unfuse_experts(model)  # on meta, the per-expert layers are made on meta too
+    return model
+
+
+def _tie_map(model: nn.Module) -> dict[str, str]:
+    """Parameter names that are the same parameter as an earlier name (tied embeddings, as the
+    model config.json describes ties them): alias -> kept."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
 
 
 def _checked_module(model, name: str, entry: Mapping, qc: Mapping, tensors, expected) -> Format:
     """The format of module ``name``, its tensors checked for presence and shape against its
     entry and its shape against the model config.json builds."""
     fmt = _entry_format(name, entry, qc)
-    if isinstance(fmt, RotatedFormat) and qc.get("format") != ROTATED_FORMAT:
+    stored = {k[len(name) + 1 :] for k in tensors if k.startswith(f"{name}.")} - {"bias"}
+    kinds = [f.name for f in formats_storing(stored)]
+    if kinds and fmt.name not in kinds:  # its tensors, not its entry, say what a module is
         raise CheckpointError(
-            f"module {name} is rotated but quantize config's format is "
-            f"{qc.get('format')!r}, not {ROTATED_FORMAT!r}: the checkpoint is inconsistent"
+            f"module {name} stores {', '.join(sorted(stored))}, the tensors of format "
+            f"{' or '.join(kinds)}, but config.json says {fmt.name!r}: the checkpoint "
+            "contradicts itself"
         )
     for key in fmt.keys:
         full = f"{name}.{key}"
@@ -522,14 +638,6 @@ def _checked_module(model, name: str, entry: Mapping, qc: Mapping, tensors, expe
             raise CheckpointError(
                 f"tensor {full} has shape {list(tensors[full].shape)}, expected {want}"
             )
-    stored = {k[len(name) + 1 :] for k in tensors if k.startswith(f"{name}.")} - {"bias"}
-    kinds = [f.name for f in formats_storing(stored)]
-    if kinds and fmt.name not in kinds:  # its tensors, not its entry, say what a module is
-        raise CheckpointError(
-            f"module {name} stores {', '.join(sorted(stored))}, the tensors of format "
-            f"{' or '.join(kinds)}, but config.json says {fmt.name!r}: the checkpoint "
-            "contradicts itself"
-        )
     if f"{name}.weight" not in expected:
         raise CheckpointError(f"model built from config.json has no linear layer {name}")
     want_shape = tuple(linear_weight(model.get_submodule(name)).shape)
@@ -544,9 +652,11 @@ def _checked_module(model, name: str, entry: Mapping, qc: Mapping, tensors, expe
 
 def _refuse_unused(tensors, expected, modules, formats, tied) -> None:
     """Every tensor of the file is read by the model or by a quantized module's format: one
-    that nothing reads (a transform whose module does not say it is rotated, a head the
-    config ties) would otherwise be dropped in silence, and the model run without it."""
-    used = {k for k in expected if k not in tied}
+    that nothing reads (a transform whose module does not say it is rotated, a float weight
+    beside a quantized layer's tensors, a head the config ties) would otherwise be dropped in
+    silence, and the model run without it."""
+    quantized = {f"{name}.weight" for name in modules}  # replaced by the format's tensors
+    used = {k for k in expected if k not in tied and k not in quantized}
     for name, fmt in formats.items():
         used |= {f"{name}.{k}" for k in fmt.keys + fmt.optional_keys} | {f"{name}.bias"}
     unused = sorted(k for k in tensors if k not in used)
@@ -558,9 +668,10 @@ def _refuse_unused(tensors, expected, modules, formats, tied) -> None:
 
 
 def _load_float_state(model, tensors, expected, modules, tied) -> None:
-    """Every tensor the model has outside its quantized layers, read from the checkpoint."""
-    float_state = {}
+    """Every tensor the model has outside its quantized layers, read from the checkpoint and put
+    in place of the skeleton's, then the tied parameters tied again."""
     quantized_params = {f"{n}.weight" for n in modules} | {f"{n}.bias" for n in modules}
+    float_keys = []
     for key, t in expected.items():
         if key in quantized_params or key in tied:
             continue
@@ -571,24 +682,53 @@ def _load_float_state(model, tensors, expected, modules, tied) -> None:
                 f"tensor {key} has shape {list(tensors[key].shape)}, the model expects "
                 f"{list(t.shape)} (checkpoint does not match config.json)"
             )
-        float_state[key] = tensors[key]
-    model.load_state_dict(float_state, strict=False)
-    if tied:
-        model.tie_weights()
+        float_keys.append(key)
+    for key in float_keys:
+        _assign(model, key, tensors[key])
+    for alias, kept in tied.items():
+        if alias not in quantized_params:
+            path, _, leaf = alias.rpartition(".")
+            module = model.get_submodule(path) if path else model
+            module._parameters[leaf] = model.get_parameter(kept)
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of parameter or buffer ``key``, in its dtype (as
+    ``load_state_dict`` copies), without a second copy when the dtype already matches."""
+    path, _, leaf = key.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = nn.Parameter(
+            tensor.to(old.dtype), requires_grad=old.requires_grad
+        )
+    else:
+        module._buffers[leaf] = tensor.to(module._buffers[leaf].dtype)
+
+
+def _check_nothing_on_meta(model: nn.Module) -> None:
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_meta:
+                raise CheckpointError(
+                    f"{kind} {name} was not set from the checkpoint: it holds no such tensor"
+                )
+
+
+def _layer_tensors(name: str, fmt: Format, tensors) -> dict[str, torch.Tensor]:
+    """Module ``name``'s tensors that its format reads, by key."""
+    keys = fmt.keys + tuple(k for k in fmt.optional_keys if f"{name}.{k}" in tensors)
+    return {k: tensors[f"{name}.{k}"] for k in keys}
 
 
 def _module(model, name, entry, qc, fmt: Format, tensors, cache_weight) -> nn.Module:
     """The inference module of one quantized layer, built by its format."""
     original = model.get_submodule(name)
-    layer_tensors = {k: tensors[f"{name}.{k}"] for k in fmt.keys}
-    layer_tensors.update(
-        {k: tensors[f"{name}.{k}"] for k in fmt.optional_keys if f"{name}.{k}" in tensors}
-    )
     bias = tensors.get(f"{name}.bias")
     if bias is None and getattr(original, "bias", None) is not None:
         raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
     meta = {**fmt.module_meta(entry, qc), "cache_weight": cache_weight}
     try:
-        return fmt.module(layer_tensors, meta, bias)
+        return fmt.module(_layer_tensors(name, fmt, tensors), meta, bias)
     except FormatError as exc:
         raise CheckpointError(f"module {name}: {exc}") from None

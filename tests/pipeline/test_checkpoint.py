@@ -326,3 +326,210 @@ def test_a_modules_tensors_decide_its_kind_and_no_tensor_is_left_unread(tmp_path
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="rot_signs_copy is read by nothing"):
         load_quantized(out)
+
+
+def reference_load(folder, cache_weight=None) -> torch.nn.Module:
+    """A checkpoint loaded the whole-model way, as the loader did before its skeleton moved to
+    ``meta``: a float32 model from config.json, the file's float tensors loaded into it, the
+    embeddings tied, then each module of config.json's list built by its format and swapped
+    in."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from latticequant.formats import get_format
+
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    tensors = load_file(str(folder / "model.safetensors"))
+    modules = qc["latticequant"]["modules"]
+    state = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in modules}
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    for name, entry in modules.items():
+        own = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.rpartition(".")[0] == name}
+        bias = own.pop("bias", None)
+        fmt = get_format(entry["format"])
+        meta = {**fmt.module_meta(entry, qc), "cache_weight": cache_weight}
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, fmt.module(own, meta, bias))
+    return model.eval()
+
+
+def _rotated(tmp_path, calib_ids, method="gptq", config=None, rotate="hadamard"):
+    from latticequant.pipeline.target import TargetConfig
+
+    model = make_tiny_llama()
+    out = tmp_path / f"rotated-{method}"
+    config = config or lq.QuantConfig(bits=4, group_size=GROUP, order="act")
+    run_quantize(model, None, calib_ids, method, config, out, target=TargetConfig(rotate=rotate))
+    return out, model
+
+
+def _edit_config(out, edit) -> None:
+    """Apply ``edit`` by hand to config.json's quantization_config and write the same to
+    quantize_config.json (so that the two still agree)."""
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / "quantize_config.json").write_text(json.dumps(cfg["quantization_config"]))
+
+
+def test_a_module_kind_is_read_off_its_tensors_without_our_section(tmp_path, calib_ids):
+    """A GPTQ checkpoint without our module list (as another tool writes it): each module's
+    format comes from its tensors, and the model still runs right."""
+    out = tmp_path / "plain"
+    model, _ = _quantize(out, calib_ids)
+    _edit_config(out, lambda qc: qc.pop("latticequant"))
+    loaded = load_quantized(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(calib_ids[:2]).logits, model(calib_ids[:2]).logits,
+                                   rtol=2e-4, atol=2e-4)  # fmt: skip
+
+
+def test_an_entry_whose_format_contradicts_the_tensors_is_refused(saved):
+    out = saved[0]
+    name = "model.layers.1.self_attn.k_proj"
+    _edit_config(out, lambda qc: qc["latticequant"]["modules"][name].update(format="hptq"))
+    with pytest.raises(CheckpointError, match=f"module {name} stores .* config.json says 'hptq'"):
+        load_quantized(out)
+
+
+def test_an_entry_whose_bits_contradict_the_tensors_is_refused(saved):
+    out = saved[0]
+    name = "model.layers.1.self_attn.k_proj"
+    _edit_config(out, lambda qc: qc["latticequant"]["modules"][name].update(bits=8))
+    with pytest.raises(CheckpointError, match=f"module {name}: "):
+        load_quantized(out)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "model.layers.0.mlp.up_proj.rot_signs",  # a rotation no entry asks for
+        "model.layers.0.mlp.up_proj.outlier_val",  # an outlier list of another format
+        "model.layers.0.mlp.up_proj.weight",  # the float weight of a quantized layer
+        "model.layers.0.extra_scale",  # a tensor of no module at all
+        "lm_head.weight",  # a different head where config.json ties it to the embeddings
+    ],
+)
+def test_every_tensor_the_loader_would_not_use_is_refused(saved, extra):
+    out = saved[0]
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors[extra] = torch.ones(8, dtype=torch.uint8 if "rot" in extra else torch.float32)
+    if extra == "lm_head.weight":
+        tensors[extra] = tensors["model.embed_tokens.weight"] + 1
+    save_file(tensors, str(out / "model.safetensors"))
+    module, _, key = extra.rpartition(".")
+    with pytest.raises(CheckpointError, match=rf"{module.replace('.', '[.]')}.*\b{key}\b"):
+        load_quantized(out)
+
+
+def test_a_head_config_json_no_longer_ties_is_refused_not_left_random(saved):
+    """config.json edited to untie the head of a checkpoint that stores it once (our section
+    still lists the tie): the head would be left as initialised; the loader names it instead."""
+    out = saved[0]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["latticequant"]["tied"]
+    cfg["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing tensor lm_head.weight"):
+        load_quantized(out)
+
+
+@pytest.mark.parametrize(
+    "case", ["gptq-act", "v2-overrides", "rotated-hptq", "folded-online", "ssqr", "gpt2"]
+)
+def test_logits_equal_the_whole_model_loader_bit_for_bit(tmp_path, calib_ids, case):
+    from latticequant.methods.hptq import HPTQConfig
+    from latticequant.methods.ssqr import SSQRConfig
+
+    if case == "rotated-hptq":
+        out, _ = _rotated(tmp_path, calib_ids, "hptq", HPTQConfig(target_bits=3.125, tol=0.05))
+    elif case == "folded-online":
+        out, _ = _rotated(tmp_path, calib_ids, rotate="folded+online")
+    elif case == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128))
+        out = tmp_path / "g"
+        cfg = lq.QuantConfig(bits=4, group_size=GROUP)
+        run_quantize(model.eval(), None, calib_ids, "rtn", cfg, out)
+    elif case == "ssqr":
+        out = tmp_path / "s"
+        cfg = SSQRConfig(bits=3, group_size=GROUP, outlier_rate=0.02)
+        run_quantize(make_tiny_llama(), None, calib_ids, "ssqr", cfg, out)
+    else:
+        out = tmp_path / case
+        overrides = [Override("layers\\.1\\.mlp\\.down_proj", skip=True)]
+        kw = dict(checkpoint_format="gptq_v2", overrides=overrides)
+        _quantize(out, calib_ids, **(kw if case == "v2-overrides" else {}))
+    for cache in (None, False):
+        ref = reference_load(out, cache)
+        loaded = load_quantized(out, cache_weight=cache)
+        assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in ref.named_parameters()]
+        with torch.no_grad():
+            assert torch.equal(loaded(calib_ids[:3]).logits, ref(calib_ids[:3]).logits)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    if case != "gpt2":
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied again
+    else:
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+LOAD_PEAK = """
+import gc, re, sys
+from latticequant.checkpoint import load_quantized
+
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+load_quantized(sys.argv[1], cache_weight=False)  # imports and first-use buffers
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+base = status("VmRSS")
+model = load_quantized(sys.argv[2], cache_weight=False)
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_loading_does_not_build_the_float_model(tmp_path, calib_ids):
+    """The peak memory of a load stays well under the float32 weights of its quantized layers:
+    the model is built on ``meta`` and only the file's tensors are materialised (a whole
+    float32 model would cost at least those weights)."""
+    import subprocess
+    import sys
+
+    # many layers, each small: the transient of building one module stays small beside them
+    model = make_tiny_llama(hidden_size=256, intermediate_size=1024, num_hidden_layers=16)
+    out = tmp_path / "wide"
+    cfg = lq.QuantConfig(bits=4, group_size=128)
+    run_quantize(model, None, calib_ids[:2, :16], "rtn", cfg, out)
+    _quantize(tmp_path / "small", calib_ids)
+    linear = 4 * sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("_proj"))
+    run = [sys.executable, "-c", LOAD_PEAK, str(tmp_path / "small"), str(out)]
+    rise = int(subprocess.run(run, capture_output=True, text=True, check=True).stdout.split()[-1])
+    assert rise < 0.6 * linear, (rise / 2**20, linear / 2**20)
+
+
+def test_packed_modules_keep_no_dense_copy_without_the_cache(tmp_path, calib_ids):
+    """``cache_weight=False`` (eval's default for checkpoints): after a forward, every HPTQ
+    and GPTQ module holds less than a byte per weight, so no decoded copy of any width."""
+    from latticequant.formats import HuffmanLinear, QuantLinear
+    from latticequant.methods.hptq import HPTQConfig
+
+    hptq, _ = _rotated(tmp_path, calib_ids, "hptq", HPTQConfig(target_bits=3.125, tol=0.05))
+    _quantize(tmp_path / "gptq", calib_ids)
+    for folder, kind in ((hptq, HuffmanLinear), (tmp_path / "gptq", QuantLinear)):
+        model = load_quantized(folder, cache_weight=False)
+        with torch.no_grad():
+            model(calib_ids[:2])
+        modules = [m for m in model.modules() if isinstance(m, kind)]
+        assert len(modules) == 14
+        for m in modules:
+            held = {id(t): t for t in m.buffers()}
+            held.update({id(v): v for v in vars(m).values() if isinstance(v, torch.Tensor)})
+            nbytes = sum(t.numel() * t.element_size() for t in held.values())
+            assert nbytes < m.in_features * m.out_features, (type(m).__name__, nbytes)
