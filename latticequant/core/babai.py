@@ -22,11 +22,11 @@ import torch
 
 from latticequant.core.config import QuantConfig
 from latticequant.core.grid import (
+    check_codebook,
     fit_rows,
     group_index,
     n_groups,
-    nearest_level,
-    outside_levels,
+    snap,
     static_grid,
 )
 from latticequant.core.hessian import prepare_diagonal, with_damped_diagonal
@@ -104,8 +104,7 @@ def babai_quantize(
     (Q, Un, u), damp = factor if factor is not None else babai_basis(H, cfg, h, W.dtype)
     maxq, g = cfg.maxq, cfg.group_size
     refit = g != -1 and not cfg.static_groups and scales is None
-    if levels is not None and scales is None:
-        raise ValueError("a codebook grid needs a static grid (scales and zeros)")
+    check_codebook(levels, scales)
 
     if refit:
         g_idx, S, Z = _decode_groups(W, Q, g)
@@ -135,19 +134,10 @@ def babai_quantize(
                 s, z = S_g[g_of[i]], Z_g[g_of[i]]
             t = T[i - a] + Un[i, i + 1 : b] @ E[i + 1 : b] if i + 1 < b else T[i - a]
             targets_t[i] = t
-            if levels is not None:  # a codebook: always one of its levels
-                v = t / s + z
-                clipped += outside_levels(v, levels)
-                code, c = nearest_level(v, levels)
-                codes_t[i] = code
-                E[i] = x[i] - s * (c - z)
-                continue
-            code = torch.round(t / s + z)
-            if cfg.clip:
-                clipped += int(((code < 0) | (code > maxq)).sum())
-                code.clamp_(0, maxq)
+            code, level, n_clipped = snap(t / s + z, maxq, cfg.clip, levels)
+            clipped += n_clipped
             codes_t[i] = code
-            E[i] = x[i] - s * (code - z)
+            E[i] = x[i] - s * (level - z)
 
     codes_q, targets_q = codes_t.T, targets_t.T
     codes = torch.empty_like(codes_q)

@@ -16,11 +16,11 @@ import torch
 
 from latticequant.core.config import QuantConfig
 from latticequant.core.grid import (
+    check_codebook,
     fit_rows,
     group_index,
     n_groups,
-    nearest_level,
-    outside_levels,
+    snap,
     static_grid,
 )
 from latticequant.core.hessian import prepare_diagonal, with_damped_diagonal
@@ -102,8 +102,7 @@ def gptq_decode(
     ``levels``: a codebook (sorted, in units of the scale) the static grid's codes index:
     ``q = s (levels[z] - o)``, each weight rounded to the nearest level (GGUF's IQ4_NL).
     """
-    if levels is not None and (scales is None or outlier_dtype is not None):
-        raise ValueError("a codebook grid needs a static grid and no outliers")
+    check_codebook(levels, None if outlier_dtype is not None else scales)
     d_out, d_in = W.shape
     maxq, g = cfg.maxq, cfg.group_size
     refit = scales is None
@@ -137,23 +136,16 @@ def gptq_decode(
             # the lazy batch: this column receives the updates of the block's earlier columns
             w = Wt[p] - U1t[i, :i] @ ErrT[:i] if i else Wt[p]
             targets_t[col[p]] = w
-            if levels is not None:  # a codebook: always one of its levels
-                u = w / s + z
-                clipped += outside_levels(u, levels)
-                code, c = nearest_level(u, levels)
-                q = s * (c - z)
-            else:
+            if out_t is not None:
                 code = torch.round(w / s + z)
-                if out_t is not None:
-                    out = (code < 0) | (code > maxq)
-                    out_t[col[p]] = out
-                    code = torch.where(out, z, code)
-                    q = torch.where(out, w.to(outlier_dtype).to(w.dtype), s * (code - z))
-                else:
-                    if cfg.clip:
-                        clipped += int(((code < 0) | (code > maxq)).sum())
-                        code.clamp_(0, maxq)
-                    q = s * (code - z)
+                out = (code < 0) | (code > maxq)
+                out_t[col[p]] = out
+                code = torch.where(out, z, code)
+                q = torch.where(out, w.to(outlier_dtype).to(w.dtype), s * (code - z))
+            else:
+                code, level, n_clipped = snap(w / s + z, maxq, cfg.clip, levels)
+                clipped += n_clipped
+                q = s * (level - z)
             codes_t[col[p]] = code
             ErrT[i] = (w - q) / U1t[i, i]
         if i2 < d_in:

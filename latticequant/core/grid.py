@@ -76,6 +76,29 @@ def outside_levels(u: torch.Tensor, levels: torch.Tensor) -> int:
     return int(((u < levels[0]) | (u > levels[-1])).sum())
 
 
+def snap(
+    u: torch.Tensor, maxq: int, clip: bool, levels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(code, level, clipped)`` of the grid point nearest ``u = x / s + o``: on the uniform
+    grid the rounded code (clamped to ``{0 .. maxq}`` when ``clip``) is its own level; on a
+    codebook the index of the nearest of its ``levels`` and that level. ``q = s (level - o)``."""
+    if levels is not None:
+        code, value = nearest_level(u, levels)
+        return code, value, outside_levels(u, levels)
+    code = torch.round(u)
+    clipped = 0
+    if clip:
+        clipped = int(((code < 0) | (code > maxq)).sum())
+        code.clamp_(0, maxq)
+    return code, code, clipped
+
+
+def check_codebook(levels: torch.Tensor | None, scales: torch.Tensor | None) -> None:
+    """A codebook's codes index levels of a grid fixed before the decode: refuse one without."""
+    if levels is not None and scales is None:
+        raise ValueError("a codebook grid needs a static grid (scales and zeros)")
+
+
 def fit_rows(
     x: torch.Tensor, cfg: QuantConfig, min_zero: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:

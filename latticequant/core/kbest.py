@@ -29,7 +29,13 @@ import torch
 
 from latticequant.core.babai import babai_basis
 from latticequant.core.config import QuantConfig
-from latticequant.core.grid import dequantize, group_index, nearest_level, static_grid
+from latticequant.core.grid import (
+    check_codebook,
+    dequantize,
+    group_index,
+    nearest_level,
+    static_grid,
+)
 from latticequant.core.hessian import prepare_diagonal
 from latticequant.core.order import check_permutation
 from latticequant.core.result import QuantResult, assemble, row_losses
@@ -62,6 +68,13 @@ def _children(
         second = torch.where(first <= 0, first + 1, second)
         second = torch.where(first >= maxq, first - 1, second)
     return first, second
+
+
+def _was_clipped(u, first, clip: bool, levels: torch.Tensor | None):
+    """1 where ``u`` lay off the grid (beyond the outer levels of a codebook), else 0."""
+    if levels is not None:
+        return ((u < levels[0]) | (u > levels[-1])).long()
+    return (torch.round(u) != first).long() if clip else 0
 
 
 def _level(code: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
@@ -125,10 +138,7 @@ def _beam_decode(
             s, z = S_g[g_of[i]][:, None], Z_g[g_of[i]][:, None]
             u = t / s + z
             first, second = _children(u, maxq, cfg.clip, levels)
-            if levels is not None:
-                was_clipped = ((u < levels[0]) | (u > levels[-1])).long()
-            else:
-                was_clipped = (torch.round(u) != first).long() if cfg.clip else 0
+            was_clipped = _was_clipped(u, first, cfg.clip, levels)
             if generator is None and K == 1:  # nearest plane itself
                 code, parent = first, keep
             elif generator is None:
@@ -187,8 +197,7 @@ def kbest_quantize(
     ``factor``: :func:`~latticequant.core.babai.babai_basis`'s result, as for Babai.
     ``levels``: a codebook the pinned grid's codes index, ``q = s (levels[z] - o)``.
     """
-    if levels is not None and scales is None:
-        raise ValueError("a codebook grid needs a static grid (scales and zeros)")
+    check_codebook(levels, scales)
     if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
         raise ValueError(f"beam must be a positive integer, got {beam!r}")
     if isinstance(klein_paths, bool) or not isinstance(klein_paths, int) or klein_paths < 0:

@@ -8,6 +8,7 @@ import torch
 
 from latticequant.core.config import QuantConfig
 from latticequant.core.grid import (
+    check_codebook,
     dequantize,
     group_index,
     nearest_level,
@@ -113,8 +114,7 @@ def _rounded(
     g_idx = group_index(W.shape[1], cfg.group_size).to(W.device)
     S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
     if levels is not None:  # a codebook: the nearest of its levels
-        if scales is None:
-            raise ValueError("a codebook grid needs a static grid (scales and zeros)")
+        check_codebook(levels, scales)
         u = W / S[:, g_idx] + Z[:, g_idx]
         return nearest_level(u, levels)[0], S, Z, g_idx, outside_levels(u, levels)
     raw = round_to_grid(W, S[:, g_idx], Z[:, g_idx], cfg.maxq, clip=False)
