@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> None:
             row = results["rows"].setdefault(name, {})
             for side, root in (("before", tree), ("after", ROOT)):
                 row[side] = _quantize(root, SETTINGS[name], work / f"{name}-{side}", args.extra)
+                if side == "after":  # the tree as that run read it (clean or not)
+                    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+                    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+                    row[side]["commit"] = head + ("+" if dirty else "")
                 tmp = out_json.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps(results, indent=1))
                 os.replace(tmp, out_json)
