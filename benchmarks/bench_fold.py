@@ -12,8 +12,8 @@ docs/bench_fold.json and .md, rewritten after each run; a rerun skips what is me
     python benchmarks/bench_fold.py --list
 
 Readers, from the format each run writes: ``none`` and ``folded`` write a plain GPTQ checkpoint
-(transformers with optimum/gptqmodel, GPTQModel, vLLM's GPTQ path for what it takes);
-``folded+online`` and ``hadamard`` keep an online rotation and load in latticequant only.
+with nothing to apply at run time; ``folded+online`` and ``hadamard`` keep an online rotation
+and load in latticequant only.
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ ENV = {
 GRIDS = {"3g128": ("3", "128"), "2g64": ("2", "64"), "4g128": ("4", "128")}
 ROTATIONS = ("none", "folded", "folded+online", "hadamard")
 OBJECTIVES = ("layer", "float-outputs")
-READERS = {
-    "none": "transformers, GPTQModel, latticequant",
-    "folded": "transformers, GPTQModel, latticequant",
-    "folded+online": "latticequant",
-    "hadamard": "latticequant",
+READERS = {  # by what each rotation writes; run: latticequant here, transformers in the tests
+    "none": "a plain GPTQ file (gptq_v2 for asymmetric grids): latticequant; GPTQ readers by "
+    "format (not run by this script)",
+    "folded": "the same plain file, nothing to apply at run time; in compressed-tensors, plain "
+    "transformers reads it to our logits (tests/pipeline/test_fold.py)",
+    "folded+online": "latticequant only (down_proj's online rotation)",
+    "hadamard": "latticequant only (every layer's online rotation)",
 }
 AFTER = re.compile(r"^perplexity after:\s*([0-9.]+)", re.M)
 

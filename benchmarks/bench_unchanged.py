@@ -55,6 +55,16 @@ def _quantize(tree: Path, args: list[str], out: Path, extra: list[str]) -> dict:
     }
 
 
+def _tree_commit(git: list[str]) -> str:
+    """HEAD, with ``+`` when tracked files differ from it."""
+
+    def out(*args: str) -> str:
+        return subprocess.run([*git, *args], capture_output=True, text=True).stdout.strip()
+
+    dirty = out("status", "--porcelain", "--untracked-files=no")
+    return out("rev-parse", "--short", "HEAD") + ("+" if dirty else "")
+
+
 def write_tables(results: dict, path: Path) -> None:
     lines = [
         "# Protocol figures before and after a refactoring",
@@ -110,11 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             for side, root in (("before", tree), ("after", ROOT)):
                 row[side] = _quantize(root, SETTINGS[name], work / f"{name}-{side}", args.extra)
                 if side == "after":  # the tree as that run read it (clean or not)
-                    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
-                                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-                    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"],
-                                          capture_output=True, text=True).stdout.strip()  # fmt: skip
-                    row[side]["commit"] = head + ("+" if dirty else "")
+                    row[side]["commit"] = _tree_commit(git)
                 tmp = out_json.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps(results, indent=1))
                 os.replace(tmp, out_json)
