@@ -160,6 +160,13 @@ def _load_gguf(path: str):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         loaded = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
     except (ValueError, KeyError, OSError, RuntimeError, IndexError) as exc:
+        unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(exc))
+        if unknown:  # a type newer than the installed gguf package (Q2_0 is ggml type 42)
+            raise ModelLoadError(
+                f"GGUF file {path} holds tensors of ggml type {unknown.group(1)}, which the "
+                "installed gguf package cannot dequantize; run the file in llama.cpp "
+                "(llama-cli, llama-perplexity)"
+            ) from exc
         raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
     state = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in loaded["tensors"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -209,6 +209,16 @@ def test_q2_0_blocks_written_as_they_are(tmp_path, source):
             chunk = data[start : start + n].reshape(W.shape[0], -1)
             found = found or np.array_equal(dequantize(*unpack(42, chunk)), W)
         assert found, name
+    # reading it back needs a gguf that knows type 42: one line that says where it runs
+    from latticequant.pipeline.models import ModelLoadError, load_model
+
+    if 42 in {int(t) for t in gguf.GGMLQuantizationType}:  # a gguf that knows Q2_0 reads it
+        load_model(str(out))
+        return
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(out))
+    assert "ggml type 42" in str(err.value) and "llama.cpp" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_command_line_quantize_then_eval(tmp_path, source, capsys):
