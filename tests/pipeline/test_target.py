@@ -13,10 +13,9 @@ from tiny import id_stream, make_char_tokenizer, make_tiny_llama, make_tiny_moe
 import latticequant as lq
 from latticequant.checkpoint import CheckpointError, load_quantized
 from latticequant.formats import dequantize_gptq
-from latticequant.formats.rotation import RotatedLinear
+from latticequant.formats.rotation import ROTATED_FORMAT, RotatedLinear
 from latticequant.methods import Method, UnsupportedConfigError, get_method
 from latticequant.pipeline import Override, ResumeMismatchError
-from latticequant.pipeline.checkpoint import ROTATED_FORMAT
 from latticequant.pipeline.layout import linear_weight, set_linear_weight
 from latticequant.pipeline.offload import load_offloaded
 from latticequant.pipeline.target import TargetConfig
