@@ -102,7 +102,9 @@ def gptq_decode(
     ``levels``: a codebook (sorted, in units of the scale) the static grid's codes index:
     ``q = s (levels[z] - o)``, each weight rounded to the nearest level (GGUF's IQ4_NL).
     """
-    check_codebook(levels, None if outlier_dtype is not None else scales)
+    check_codebook(levels, scales)
+    if levels is not None and outlier_dtype is not None:
+        raise ValueError("a codebook grid keeps every weight on its levels: no outliers")
     d_out, d_in = W.shape
     maxq, g = cfg.maxq, cfg.group_size
     refit = scales is None
