@@ -371,6 +371,41 @@ def test_a_mixture_of_experts_folder_from_the_command_line(cli_files, tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_float_outputs_on_a_mixture_of_experts_folder(cli_files, tmp_path, capsys):
+    """--objective float-outputs on a Qwen3-MoE folder: the report still lists each expert
+    layer's routed tokens, and blocks read from disk give the in-memory checkpoint."""
+    from safetensors.torch import load_file
+    from tiny import make_char_tokenizer, make_tiny_moe
+
+    folder = tmp_path / "moe"
+    make_tiny_moe("qwen3_moe").save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    out = tmp_path / "q"
+    args = _quantize_args(folder, cli_files / "text.txt", out, "--group-size", "16", "--json")
+    args += ["--objective", "float-outputs", "--min-expert-tokens", "24", "--no-eval"]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["target"]["objective"] == "float-outputs"
+    assert payload["n_layers"] == 4 + 18 + 4 + 3 and payload["n_skipped"] == 0
+    log = json.loads((out / "quant_log.json").read_text())
+    experts = [e for e in log["layers"] if ".experts." in e["name"]]
+    assert len(experts) == 18 and all(e["objective"] == "float-outputs" for e in experts)
+    assert main(["report", str(out)]) == 0
+    rows = {ln.split()[0]: ln.split() for ln in capsys.readouterr().out.splitlines() if ln}
+    for e in experts:  # the tokens column, and the fallback the count called for
+        assert rows[e["name"]][-2:] == [str(e["expert_tokens"]), e["expert_fallback"] or "-"]
+    assert any(e["expert_fallback"] == "all-tokens" for e in experts)
+    offload = [str(tmp_path / "o") if a == str(out) else a for a in args] + ["--offload"]
+    assert main(offload) == 0
+    capsys.readouterr()
+
+    def tensors(folder):
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b = tensors(out), tensors(tmp_path / "o")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _json_run(argv) -> dict:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

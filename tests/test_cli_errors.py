@@ -243,11 +243,6 @@ CORPUS = [
         q("--rotate", "hadamard", "--bits", "8", model="odd"),
         "odd factor 67 above 63",
     ),
-    (
-        "float-outputs on mixture-of-experts",
-        q("--objective", "float-outputs", model="moe"),
-        "use --objective layer",
-    ),
     ("folded rotation of an opt", q("--rotate", "folded", model="opt"), "cannot fold rotations"),
     ("folded rotation of experts", q("--rotate", "folded+online", model="moe"), "cannot fold"),
     (

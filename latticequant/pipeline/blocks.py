@@ -21,6 +21,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -32,8 +33,10 @@ from latticequant.formats.protocol import Format
 from latticequant.methods.registry import LayerQuant, Method, row_chunks
 from latticequant.pipeline.distributed import World, assign_owners, solve_cost
 from latticequant.pipeline.experts import (
+    ExpertMLP,
     ExpertPolicy,
     RoutedExperts,
+    expert_layer_input,
     expert_of,
     experts_of,
     routed_input,
@@ -215,21 +218,24 @@ class BlockQuantizer:
         write each ``Q`` into its layer (a layer meant to be quantized never stays in float,
         unless it is an expert the ``float`` fallback keeps so, which ``floats`` records).
         ``all_tokens(names)``: this rank's all-token accumulators of expert layers, for the
-        ``all-tokens`` fallback."""
+        ``all-tokens`` fallback (with the float-outputs objective, their cross Gram matrices
+        too)."""
         accs = {n: acc for n, acc in accs.items() if n not in self.results}
         world = self.world
         reduced: dict[int, HessianAccumulator] = {}
         for acc in accs.values():  # layers that share an input share one reduction
             if id(acc) not in reduced:
                 reduced[id(acc)] = world.reduce_hessian(acc) if world.distributed else acc
-        solve_on, extra = self._expert_fallbacks(block, accs, reduced, all_tokens)
+        solve_on, extra, fell = self._expert_fallbacks(block, accs, reduced, all_tokens)
         accs = {n: a for n, a in accs.items() if n not in self.floats}
         cross_on: dict[str, CrossGramAccumulator | None] = dict.fromkeys(accs)
         if self.target.float_outputs:
-            if crosses is None or any(crosses.get(n) is None for n in accs):
+            own = [n for n in accs if n not in fell]  # a fallback's Hessian brings its own C
+            if crosses is None or any(crosses.get(n) is None for n in own):
                 raise RuntimeError("the float-outputs objective needs every layer's cross Gram")
             done: dict[int, CrossGramAccumulator] = {}
-            for name in accs:
+            cross_on.update({n: fell[n] for n in accs if n in fell})
+            for name in own:
                 c = crosses[name]
                 if id(c) not in done:
                     done[id(c)] = world.reduce_hessian(c) if world.distributed else c
@@ -394,10 +400,14 @@ class BlockQuantizer:
         self.results[name] = replace(lq, Q=None)
 
     def _expert_fallbacks(self, block, accs, reduced, all_tokens):
-        """The Hessian each layer is solved on, and the stats of expert layers: their routed
-        token count over all ranks and the fallback it called for. Every rank takes the same
-        decisions (the counts are global), so collectives stay in step."""
+        """The Hessian each layer is solved on, the stats of expert layers (their routed
+        token count over all ranks and the fallback it called for) and, for the float-outputs
+        objective, the cross Gram matrix that goes with each fallback's Hessian: every token's
+        (``all-tokens``), or the identity itself (``rtn``: ``C = H``, the target stays ``W``).
+        Every rank takes the same decisions (the counts are global), so collectives stay in
+        step."""
         solve_on = {n: reduced[id(acc)] for n, acc in accs.items()}
+        fell: dict[str, object] = {}
         extra: dict[str, dict] = {}
         policy = self.experts
         short = []
@@ -410,23 +420,27 @@ class BlockQuantizer:
                 extra[name]["expert_fallback"] = policy.fallback
                 short.append(name)
         if not short:
-            return solve_on, extra
+            return solve_on, extra, fell
+        world = self.world
         if policy.fallback == "all-tokens":
             if all_tokens is None:
                 raise RuntimeError("the all-tokens fallback needs the block's inputs")
-            local = all_tokens(short)
+            local, local_cross = all_tokens(short)
             for name in short:
                 acc = local[name]
-                solve_on[name] = self.world.reduce_hessian(acc) if self.world.distributed else acc
+                solve_on[name] = world.reduce_hessian(acc) if world.distributed else acc
+                if name in local_cross:
+                    c = local_cross[name]
+                    fell[name] = world.reduce_hessian(c) if world.distributed else c
         elif policy.fallback == "rtn":
             for name in short:
                 d_in = linear_weight(block.get_submodule(name)).shape[1]
                 eye = torch.eye(d_in, dtype=self.hessian_dtype, device=self.device)
-                solve_on[name] = _FixedHessian(eye, 0)
+                solve_on[name] = fell[name] = _FixedHessian(eye, 0)
         else:  # float: recorded, left as it is
             for name in short:
                 self.floats[name] = extra[name]
-        return solve_on, extra
+        return solve_on, extra, fell
 
 
 def _config_key(config) -> object:
@@ -507,19 +521,23 @@ def quantize_block_lazy(block, batch: BlockInputs, subsets, bq: BlockQuantizer, 
 
 def float_inputs(float_block: nn.Module, batch: BlockInputs, names: list[str]) -> dict:
     """What the layers ``names`` of the float block read on the batch's float hidden states
-    (the forward stops once all have run)."""
+    (the forward stops once all have run). An expert layer's entry is its experts' input on
+    every token, ``(B * T, d)``: the float router's choice is not the one that counts, the
+    quantized block's is (:func:`_float_input`)."""
+    sources = {n: _float_source(float_block, n) for n in names}
+    wanted = list(dict.fromkeys(sources.values()))
     seen: dict[str, torch.Tensor] = {}
 
-    def make_hook(name):
+    def make_hook(source):
         def hook(module, args):
-            seen[name] = args[0]
-            if len(seen) == len(names):
+            seen[source] = args[0]
+            if len(seen) == len(wanted):
                 raise StopForward
             return None
 
         return hook
 
-    handles = [float_block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    handles = [float_block.get_submodule(s).register_forward_pre_hook(make_hook(s)) for s in wanted]
     try:
         float_block(batch.float_hidden, *batch.args, **batch.kwargs)
     except StopForward:
@@ -527,10 +545,35 @@ def float_inputs(float_block: nn.Module, batch: BlockInputs, names: list[str]) -
     finally:
         for h in handles:
             h.remove()
-    missing = sorted(set(names) - set(seen))
+    missing = sorted(set(wanted) - set(seen))
     if missing:
-        raise RuntimeError(f"layers {missing} never ran in the float block")
-    return seen
+        raise RuntimeError(f"modules {missing} never ran in the float block")
+    return {n: seen[s] for n, s in sources.items()}
+
+
+def _float_source(float_block: nn.Module, name: str) -> str:
+    """The module whose input :func:`float_inputs` captures for layer ``name``: the layer, or
+    for an expert's layer the routed experts that hold it (``mlp.experts.3.up_proj`` ->
+    ``mlp.experts``)."""
+    return name if expert_of(float_block, name) is None else name.rsplit(".", 2)[0]
+
+
+def _float_input(
+    float_block: nn.Module,
+    expert: ExpertMLP | None,
+    name: str,
+    fx: torch.Tensor,
+    windows: tuple[int, int],
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The float block's input of layer ``name`` on the tokens the quantized block gave it,
+    placed in the windows as :func:`routed_input` places the quantized one: for an expert's
+    layer, the float block's expert input (or the float expert's intermediate) at the rows
+    the *quantized* router sent to ``expert``; other layers read every token in both."""
+    if expert is not None:
+        float_expert = float_block.get_submodule(name.rpartition(".")[0])
+        fx = expert_layer_input(float_expert, name, fx, expert.routed_tokens)
+    return routed_input(expert, fx, windows, mask)[0]
 
 
 def quantize_block_batched(
@@ -548,7 +591,8 @@ def quantize_block_batched(
     runs, so nothing says when all have been seen) and may run the all-token passes of its
     fallbacks. ``float_block``: the block's float copy (the float-outputs objective): before
     each batch's pass its float inputs of the group are captured on the float hidden states,
-    and each layer's cross Gram is accumulated beside its Hessian."""
+    and each layer's cross Gram is accumulated beside its Hessian, an expert's on the tokens
+    the quantized router sent it."""
     for subset in subsets:
         names = [n for n in subset if n in bq.configs]
         if not names:
@@ -564,6 +608,8 @@ def quantize_block_batched(
             def hook(module, args):
                 x, mask = routed_input(expert, args[0], current["windows"], current["mask"])
                 fx = current["float"].get(name)
+                if fx is not None:
+                    fx = _float_input(float_block, expert, name, fx, current["windows"], mask)
                 bank.add(name, x, mask, current["first_window"], source=args[0], float_x=fx)
                 current["called"].add(name)
                 pending.discard(name)
@@ -593,7 +639,8 @@ def quantize_block_batched(
                     pass
                 if pending:
                     raise RuntimeError(f"layers {sorted(pending)} were never called")
-                _add_empty_windows(block, bank, batch, routed - current["called"])
+                missed = routed - current["called"]
+                _add_empty_windows(block, bank, batch, missed, cross=float_block is not None)
                 current["float"] = {}
         finally:
             for h in handles:
@@ -602,16 +649,17 @@ def quantize_block_batched(
             n: bank.get_or_empty(n, linear_weight(block.get_submodule(n)).shape[1]) for n in names
         }
         crosses = None if float_block is None else {n: bank.get_cross(n) for n in names}
-        bq.quantize_group(
-            block, accs, lambda short: all_token_hessians(block, batches, short, bank), crosses
-        )
+        every = partial(all_token_hessians, block, batches, bank=bank, float_block=float_block)
+        bq.quantize_group(block, accs, every, crosses)
     return [block_output(block(b.hidden, *b.args, **b.kwargs)) for b in batches]
 
 
-def _add_empty_windows(block, bank: HessianBank, batch: BlockInputs, names: set[str]) -> None:
+def _add_empty_windows(
+    block, bank: HessianBank, batch: BlockInputs, names: set[str], cross: bool = False
+) -> None:
     """Empty leaves for the windows of a batch in which these expert layers never ran, so that
     their summation trees are the same whatever the batching (a zero added is exact, a tree
-    with a gap is a different order of additions)."""
+    with a gap is a different order of additions); ``cross``: in their cross Gram too."""
     B, T = batch.hidden.shape[:2]
     shared: dict = {}
     none = torch.zeros(B, T, dtype=torch.bool, device=batch.hidden.device)
@@ -621,36 +669,47 @@ def _add_empty_windows(block, bank: HessianBank, batch: BlockInputs, names: set[
         if key not in shared:
             zero = torch.zeros(1, 1, d_in, dtype=batch.hidden.dtype, device=batch.hidden.device)
             shared[key] = zero.expand(B, T, d_in)
-        bank.add(name, shared[key], none, batch.first_window)
+        zero = shared[key]
+        bank.add(name, zero, none, batch.first_window, float_x=zero if cross else None)
 
 
 def all_token_hessians(
-    block, batches: list[BlockInputs], names: list[str], bank: HessianBank
-) -> dict[str, HessianAccumulator]:
+    block,
+    batches: list[BlockInputs],
+    names: list[str],
+    bank: HessianBank,
+    float_block: nn.Module | None = None,
+) -> tuple[dict[str, HessianAccumulator], dict[str, CrossGramAccumulator]]:
     """For expert layers ``names``: the Hessian of their input had every token of the block
     been routed to their expert (``gate``/``up``: the experts' input; ``down``: the expert's
-    intermediate on it, after its quantized ``gate`` and ``up``), over this rank's batches."""
+    intermediate on it, after its quantized ``gate`` and ``up``), over this rank's batches.
+    With ``float_block`` (the float-outputs objective), also each one's cross Gram with the
+    float block's input of the same layer on every token (empty without)."""
     by_container: dict[int, tuple[RoutedExperts, list[str]]] = {}
     for name in names:
         container = experts_of(block, name)
         by_container.setdefault(id(container), (container, []))[1].append(name)
-    accs = {
-        n: HessianAccumulator(
-            linear_weight(block.get_submodule(n)).shape[1], dtype=bank.dtype, device=bank.device
-        )
-        for n in names
-    }
+
+    def accumulators(kind) -> dict:
+        d_in = {n: linear_weight(block.get_submodule(n)).shape[1] for n in names}
+        return {n: kind(d_in[n], dtype=bank.dtype, device=bank.device) for n in names}
+
+    accs = accumulators(HessianAccumulator)
+    crosses = {} if float_block is None else accumulators(CrossGramAccumulator)
     current: dict = {}
 
     def make_hook(key, layers):
         def hook(module, args):
             B, T = current["windows"]
             h = args[0].reshape(B, T, -1)
+            at = (current["mask"], current["first_window"])
             for name in layers:
-                x = h
-                if name.endswith("down_proj"):
-                    x = expert_of(block, name).intermediate(h)
-                accs[name].add(x, current["mask"], current["first_window"])
+                x = expert_layer_input(expert_of(block, name), name, h)
+                accs[name].add(x, *at)
+                if crosses:
+                    fh = current["float"][name].reshape(B, T, -1)
+                    crosses[name].add(expert_layer_input(expert_of(float_block, name), name, fh),
+                                      x, *at)  # fmt: skip
             current["left"].discard(key)
             if not current["left"]:
                 raise StopForward
@@ -666,6 +725,7 @@ def all_token_hessians(
                 mask=batch.mask,
                 first_window=batch.first_window,
                 left=set(by_container),
+                float={} if float_block is None else float_inputs(float_block, batch, names),
             )
             try:
                 block(batch.hidden, *batch.args, **batch.kwargs)
@@ -674,4 +734,4 @@ def all_token_hessians(
     finally:
         for h in handles:
             h.remove()
-    return accs
+    return accs, crosses

@@ -15,6 +15,9 @@ An expert the calibration text rarely reaches has a Hessian from a handful of to
 routed tokens (over all ranks): ``all-tokens`` (the Hessian of every token of the block, as if
 all were routed to it), ``rtn`` (an identity Hessian: for the GPTQ family, round to nearest) or
 ``float`` (kept in float, recorded). The choice is written into each expert layer's stats.
+
+With the float-outputs objective an expert layer answers for the tokens the *quantized* router
+sends it; :func:`expert_layer_input` gives the float block's input of that layer on them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "expert_of",
     "experts_of",
     "routed_input",
+    "expert_layer_input",
 ]
 
 FUSED_EXPERTS = ("MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts")
@@ -210,6 +214,19 @@ def experts_of(block: nn.Module, name: str) -> RoutedExperts:
     if not isinstance(module, RoutedExperts):
         raise ValueError(f"{name} is not a layer of routed experts")
     return module
+
+
+def expert_layer_input(
+    expert: ExpertMLP, name: str, x: torch.Tensor, tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What the expert's layer ``name`` reads when the expert is given the rows ``tokens`` of
+    its experts' input ``x`` (all rows when None): the rows themselves for ``gate_proj`` and
+    ``up_proj``, the expert's intermediate on them for ``down_proj``. Called on the float
+    block's expert with the quantized router's tokens, it is the float input the float-outputs
+    objective pairs with the quantized one (both blocks' routings differ; the quantized one
+    decides which tokens the layer answers for)."""
+    rows = x if tokens is None else x[tokens]
+    return expert.intermediate(rows) if name.endswith("down_proj") else rows
 
 
 def routed_input(

@@ -294,7 +294,7 @@ def prepare(model: nn.Module, spec: RunSpec, world: World | None = None) -> Plan
     unfuse_experts(model)
     layout = describe_model(model)
     model.eval()
-    check_target_model(model, layout, spec.target)
+    check_target_model(model, spec.target)
     # a format whose layers depend on the whole model (GGUF's type mix) binds to it here
     fmt = fmt.for_model(getattr(model, "config", None), spec.output.format_options())
     if fmt.container == "gguf" and spec.output.out is not None:
@@ -326,7 +326,7 @@ def prepare(model: nn.Module, spec: RunSpec, world: World | None = None) -> Plan
     )
 
 
-def check_target_model(model: nn.Module, layout: ModelLayout, target: TargetConfig) -> None:
+def check_target_model(model: nn.Module, target: TargetConfig) -> None:
     """Refuse a target the model's architecture cannot take, before any slow work."""
     if target.folded:
         if store_of(model) is not None:
@@ -335,11 +335,6 @@ def check_target_model(model: nn.Module, layout: ModelLayout, target: TargetConf
                 "--offload cannot do yet; drop --offload or use --rotate hadamard"
             )
         check_foldable(model, target.rotate == "folded+online")
-    if target.float_outputs and any(has_experts(b) for b in layout.blocks):
-        raise ValueError(
-            "--objective float-outputs is not supported for mixture-of-experts models (the "
-            "float and quantized blocks route tokens differently); use --objective layer"
-        )
 
 
 def plan_layers(

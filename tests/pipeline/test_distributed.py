@@ -252,10 +252,12 @@ def test_objective_and_rotation_across_ranks(files, tmp_path):
     _same_checkpoint(tmp_path / "one", tmp_path / "two")
 
 
-def test_a_mixture_of_experts_across_ranks(files, tmp_path):
+@pytest.mark.parametrize("objective", ["layer", "float-outputs"])
+def test_a_mixture_of_experts_across_ranks(files, tmp_path, objective):
     """Ranks route different tokens to different experts: the counts and the fallbacks are
     decided on the reduced Hessians, so they are those of one process; the weights agree to
-    the rounding of expert matmuls over each share's routed rows."""
+    the rounding of expert matmuls over each share's routed rows (with the float-outputs
+    objective, the experts' cross Gram matrices and their all-token fallbacks reduced too)."""
     import contextlib
     import io
 
@@ -265,6 +267,7 @@ def test_a_mixture_of_experts_across_ranks(files, tmp_path):
     make_tiny_moe("qwen2_moe").save_pretrained(folder)
     make_char_tokenizer().save_pretrained(folder)
     argv = _args(files, tmp_path / "one", "--no-eval", "--min-expert-tokens", "40")
+    argv += ["--objective", objective]
     argv[1] = str(folder)
     argv[argv.index("--group-size") + 1] = "16"  # the shared expert is 48 wide,
     argv[argv.index("--bits") + 1] = "4"  # which 3-bit packing cannot take
@@ -281,13 +284,18 @@ def test_a_mixture_of_experts_across_ranks(files, tmp_path):
     assert [e.get("expert_fallback") for e in log["layers"]] == [
         e.get("expert_fallback") for e in two["layers"]
     ]
-    # an expert's matmul runs over the routed rows of each share: equal to float rounding
+    # an expert's matmul runs over the routed rows of each share: equal to float rounding.
+    # With float-outputs, the float hidden states block 0 hands on differ by that rounding,
+    # which each of block 1's targets carries (through C - H~) and which flips a few codes
+    rel = 1e-4 if objective == "layer" else 2e-2
     for a, b in zip(log["layers"], two["layers"]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["name"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel), a["name"]
     ta, tb = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
     assert ta.keys() == tb.keys()
     for k in ta:
-        if ta[k].is_floating_point():
+        if objective == "float-outputs":  # block 0's inputs are the same on both sides
+            assert not k.startswith("model.layers.0.") or torch.equal(ta[k], tb[k]), k
+        elif ta[k].is_floating_point():
             torch.testing.assert_close(tb[k], ta[k], rtol=1e-3, atol=1e-5)
         else:
             assert (ta[k] == tb[k]).double().mean() > 0.99, k
