@@ -353,7 +353,9 @@ def _add_quantize_run(q: argparse.ArgumentParser) -> None:
         "--seed, folded into the float weights before quantizing (an ordinary checkpoint every "
         "reader runs); folded+online: also down_proj's input rotated at run time; hadamard: "
         "every layer in a randomised Hadamard basis of its inputs, applied at run time "
-        "(latticequant's loader only); none (default)",
+        "(latticequant's loader; with --checkpoint-format compressed-tensors both online kinds "
+        "are written as its transform_config, in the block Hadamard its readers build); none "
+        "(default)",
     )
     q.add_argument(
         "--min-expert-tokens",
@@ -796,7 +798,7 @@ def _summary_lines(args, spec, plan, summary, quantize_s, total_s, world) -> lis
     if args.preset:
         chosen = " ".join(f"--{k} {v or repr(v)}" for k, v in args.preset_settings.items())
         lines.append(f"preset {args.preset}: {chosen or 'every setting given by a flag'}")
-        if spec.target.rotate == "hadamard":
+        if spec.target.rotate == "hadamard" and plan.stored_format.quant_method == "latticequant":
             lines.append("the per-layer rotation's checkpoint runs in latticequant's loader only")
     if world.distributed:
         t = summary.timings

@@ -167,11 +167,6 @@ CORPUS = [
     ("eval seqlen past positions", q("--eval-seqlen", "1000"), "--eval-seqlen 1000"),
     ("unknown checkpoint format", q("--checkpoint-format", "gptq_v3"), "invalid choice"),
     (
-        "compressed-tensors rotated",
-        q("--checkpoint-format", "compressed-tensors", "--rotate", "hadamard"),
-        "need transform configs; use --rotate none",
-    ),
-    (
         "compressed-tensors refitted act-order",
         q("--checkpoint-format", "compressed-tensors", "--order", "act", "--no-static-groups"),
         "use --static-groups (the default)",

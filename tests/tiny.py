@@ -45,6 +45,26 @@ def make_tiny_llama(seed: int = 0, **changes):
     return model
 
 
+DENSE_FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+
+
+def make_tiny_dense(family: str, seed: int = 0, **changes):
+    """A tiny Llama, Qwen2 (q/k/v biases) or Qwen3 (q/k norms, head_dim 32 on a 64 stream) of
+    the tiny Llama's shape, its matrices scaled as :func:`make_tiny_llama` scales them."""
+    import transformers
+
+    extra = {"qwen3": dict(head_dim=32)}.get(family, {})
+    kwargs = dict(_SHAPE, intermediate_size=128, tie_word_embeddings=True, **extra)
+    config = getattr(transformers, DENSE_FAMILIES[family])(**{**kwargs, **changes})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(3.0)
+    return model
+
+
 def make_tiny_opt(seed: int = 0):
     from transformers import OPTConfig, OPTForCausalLM
 

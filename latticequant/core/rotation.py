@@ -14,6 +14,10 @@ part ``m = d_in / a`` (the identity when ``m = 1``; a random orthogonal matrix o
 576 = 64 x 9 or 1536 = 512 x 3 need no Hadamard matrix of an order that has none). Applying it
 costs ``log2(a)`` butterfly passes and one ``m x m`` product per row: a fast Walsh-Hadamard
 transform, never the dense ``d_in x d_in`` matrix.
+
+The same class holds the transpose layout ``R = diag(s) (F (x) H_a) / sqrt(a)``
+(``factor_major``): with ``F = I`` it is the block-diagonal Hadamard ``I_m (x) H_a / sqrt(a)``
+that compressed-tensors' ``hadamard`` transform builds (:func:`block_hadamard_rotation`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "MAX_ODD_FACTOR",
     "Rotation",
     "hadamard_rotation",
+    "block_hadamard_rotation",
     "split_size",
     "fwht",
     "sylvester_hadamard",
@@ -92,10 +97,14 @@ class Rotation:
     """The orthogonal ``R = diag(signs) (H_a (x) factor) / sqrt(a)`` of one layer's input space.
 
     signs: ``(n,)`` of +-1. factor: ``(m, m)`` orthogonal, float64. ``n = a * m``.
+    factor_major: ``R = diag(signs) (factor (x) H_a) / sqrt(a)`` instead (index ``j = j_m * a +
+    j_a``, ``H_a`` on the low index): compressed-tensors' layout, block-diagonal for an identity
+    factor.
     """
 
     signs: torch.Tensor
     factor: torch.Tensor
+    factor_major: bool = False
 
     def __post_init__(self) -> None:
         n = self.signs.numel()
@@ -127,12 +136,20 @@ class Rotation:
         return self._kron(x, self.factor.T) * self.signs.to(x.dtype)
 
     def _kron(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """``x (H_a (x) factor) / sqrt(a)``: index ``j = j_a * m + j_m``; ``H_a`` acts on j_a."""
+        """``x (H_a (x) factor) / sqrt(a)``: index ``j = j_a * m + j_m``; ``H_a`` acts on j_a.
+        Factor-major: ``x (factor (x) H_a) / sqrt(a)``, the same on ``X^T`` for ``X`` the
+        ``(m, a)`` view of x (``H_a`` is symmetric)."""
         self._check(x)
         lead = x.shape[:-1]
-        y = fwht(x.reshape(*lead, self.a, self.m), self.a)
+        if self.factor_major:
+            y = x.reshape(*lead, self.m, self.a).transpose(-1, -2)
+        else:
+            y = x.reshape(*lead, self.a, self.m)
+        y = fwht(y, self.a)
         if self.m > 1:
             y = y @ factor.to(x.dtype)
+        if self.factor_major:
+            y = y.transpose(-1, -2)
         return (y * (1.0 / math.sqrt(self.a))).reshape(*lead, self.n)
 
     def _check(self, x: torch.Tensor) -> None:
@@ -162,6 +179,20 @@ def hadamard_rotation(n: int, seed: int) -> Rotation:
     bits = torch.randint(0, 2, (n,), generator=generator)
     signs = (1 - 2 * bits).to(torch.float64)
     return Rotation(signs, _random_orthogonal(m, generator))
+
+
+def block_hadamard_rotation(n: int, block: int) -> Rotation:
+    """``I_{n / block} (x) H_block / sqrt(block)``: a Sylvester Hadamard on each run of ``block``
+    consecutive inputs, no signs. It is what compressed-tensors' ``hadamard`` transform applies
+    (``deterministic_hadamard_matrix(block)``, block-diagonal when the scheme's ``head_dim`` is
+    below n), built here without it."""
+    if isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block & (block - 1):
+        raise ValueError(f"a Sylvester block has a power-of-two order, got {block!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0 or n % block:
+        raise ValueError(f"{n} inputs do not split into blocks of {block}")
+    m = n // block
+    signs = torch.ones(n, dtype=torch.float64)
+    return Rotation(signs, torch.eye(m, dtype=torch.float64), factor_major=True)
 
 
 #: Rows of H rotated per step, and the tile of the in-place transpose and symmetrisation: the

@@ -3,9 +3,10 @@
 Layer 1 of the package: imports only :mod:`latticequant.core`. ``protocol`` defines a
 :class:`Format` and its registry; each format is one module holding its layout, the module that
 runs it and its registration (``gptq``: GPTQ v1 and v2, ``ssqr``, ``hptq``, ``rotation``: the
-rotated variant of each, ``compressed_tensors``: the pack-quantized layout vLLM serves);
-``packing`` holds the bit streams, ``bits`` the effective-bits count,
-``quantize_config`` the ecosystem's config file, ``kernels`` the Triton kernels.
+rotated variant of each, ``compressed_tensors``: the pack-quantized layout vLLM serves and its
+rotated variant, whose online rotations ``ct_transform`` writes as its ``transform_config``);
+``packing`` holds the bit streams, ``bits`` the effective-bits count, ``quantize_config`` the
+ecosystem's config file, ``kernels`` the Triton kernels.
 """
 
 from latticequant.formats.bits import bits_breakdown, effective_bits, tensor_bits, total_bits

@@ -29,18 +29,30 @@ groups and never reads a ``g_idx``. Act-order with static groups (``actorder: we
 nothing more. A permuted ``g_idx`` (act-order refitting each group where the loop reaches it) is
 ``actorder: group``, which compressed-tensors 0.20 refuses; :func:`pack_compressed_tensors`
 writes it (as ``weight_g_idx``) only when asked, for readers that still take it.
+
+Online rotations (``--rotate folded+online``, ``--rotate hadamard``) are the rotated variant
+``compressed-tensors+hadamard`` at the bottom: the same tensors, of ``W R`` for the block
+Hadamard compressed-tensors' readers build, named in ``transform_config``
+(:mod:`latticequant.formats.ct_transform`).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from latticequant.formats.ct_transform import (
+    ct_hadamard_rotation,
+    hadamard_block,
+    matches_target,
+    online_transform,
+    rotates_input,
+    transform_config_dict,
+)
 from latticequant.formats.gptq import (
     SCALE_DTYPES,
     GPTQFormat,
@@ -60,6 +72,7 @@ from latticequant.formats.packing import (
     require_tensor,
 )
 from latticequant.formats.protocol import Format, UnsupportedConfigError, register_format
+from latticequant.formats.rotation import RotatedFormat, RotatedLinear
 
 #: Code widths this layout stores (compressed-tensors packs 1 to 8; the quantizers give 2 to 8).
 CT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -434,13 +447,6 @@ def parse_weight_args(weights: Mapping) -> WeightArgs:
     )
 
 
-def _matches(name: str, target: str) -> bool:
-    """compressed-tensors' name match: ``re:`` prefix for a regex (``re.match``), else equal."""
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return name == target
-
-
 def layer_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Group a flat state dict's pack-quantized tensors by module name (``a.b.weight_packed``)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -491,10 +497,14 @@ def check_quantization_config(
     classes = set(class_targets)
     out = {}
     for module, tensors in sorted(layer_tensors(state).items()):
-        if any(_matches(module, t) for t in ignore):
+        if any(matches_target(module, t) for t in ignore):
             raise FormatError(f"{module!r} is in the ignore list but stores quantized tensors")
         claim = next(
-            ((n, a) for n, ts, a in parsed if any(t in classes or _matches(module, t) for t in ts)),
+            (
+                (n, a)
+                for n, ts, a in parsed
+                if any(t in classes or matches_target(module, t) for t in ts)
+            ),
             None,
         )
         if claim is None:
@@ -664,9 +674,6 @@ class CompressedTensorsFormat(Format):
     kernels = GPTQFormat.kernels
     quant_method = "compressed-tensors"
     writes_quantize_config = False
-    rotation_hint = (
-        "online rotations in compressed-tensors need transform configs; use --rotate none"
-    )
     scale_dtype = torch.float32
 
     def check(self, config, d_out: int | None = None, d_in: int | None = None) -> None:
@@ -749,26 +756,43 @@ class CompressedTensorsFormat(Format):
 
     def layer_claim(self, name, file_config) -> dict | None:
         """A layer its config groups target and ``ignore`` does not name is quantized (what
-        it stores is the groups' to say: :meth:`check_file_config`); any other is float."""
-        if any(_matches(name, t) for t in file_config.get("ignore") or []):
-            return None
+        it stores is the groups' to say: :meth:`check_file_config`); any other is float, and
+        must not be one whose input ``transform_config`` rotates online (we run transforms on
+        quantized layers only)."""
         groups = file_config.get("config_groups")
         groups = groups.values() if isinstance(groups, Mapping) else ()
         targets = [t for g in groups if isinstance(g, Mapping) for t in g.get("targets") or []]
-        return {} if any(t == "Linear" or _matches(name, t) for t in targets) else None
+        ignored = any(matches_target(name, t) for t in file_config.get("ignore") or [])
+        if not ignored and any(t == "Linear" or matches_target(name, t) for t in targets):
+            return {}
+        if rotates_input(file_config, name):
+            raise FormatError(
+                "it is stored in float but transform_config rotates its input online, which "
+                "latticequant runs on quantized layers only"
+            )
+        return None
 
     def check_file_config(self, name, tensors, meta, file_config) -> None:
-        """The config group that claims the layer must describe its tensors."""
+        """The config group that claims the layer must describe its tensors, and no online
+        transform may rotate the input of a layer stored unrotated."""
         super().check_file_config(name, tensors, meta, file_config)
         check_quantization_config(file_config, {f"{name}.{k}": t for k, t in tensors.items()})
+        d_in = int(tensors["weight_shape"][1])
+        if online_transform(file_config, name, d_in) is not None:
+            raise FormatError(
+                "it is stored without a rotation but transform_config rotates its input online: "
+                f"readers would run its weights on rotated inputs (module table says {self.name!r})"
+            )
 
     def infer_modules(self, file_config, tensors) -> dict:
-        """Each module holding ``weight_packed``, with the config group that claims it."""
+        """Each module holding ``weight_packed``, with the config group that claims it; those
+        ``transform_config`` rotates online are of the rotated variant."""
         modules = {}
         for name, args in check_quantization_config(file_config, tensors).items():
             d_out, d_in = (int(x) for x in tensors[f"{name}.weight_shape"].tolist())
+            rotated = online_transform(file_config, name, d_in) is not None
             modules[name] = {
-                "format": self.name,
+                "format": CT_ROTATED_NAME if rotated else self.name,
                 "bits": args.bits,
                 "group_size": -1 if args.strategy == "channel" else args.group_size,
                 "sym": args.symmetric,
@@ -790,3 +814,99 @@ def _actorder(meta: Mapping) -> str | None:
 
 
 COMPRESSED_TENSORS = register_format(CompressedTensorsFormat())
+
+
+CT_ROTATED_NAME = f"{FORMAT_NAME}+hadamard"  # the rotated variant below (``rotated()``)
+
+
+class CompressedTensorsRotatedFormat(RotatedFormat):
+    """A pack-quantized layer stored as ``W R``, ``R`` the block Hadamard compressed-tensors'
+    ``hadamard`` transform builds for its input size (:mod:`latticequant.formats.ct_transform`):
+    ``transform_config`` names it (``input`` online, ``weight_input`` inverse already in the
+    weight), and every reader that applies it, compressed-tensors, vLLM and ours, computes
+    ``x -> x R`` before the layer. Unlike our rotated formats nothing rides beside the
+    pack-quantized tensors: the file-level config says it all.
+    """
+
+    def __init__(self, inner: CompressedTensorsFormat) -> None:
+        self.inner = inner
+        self.name = f"{inner.name}+hadamard"
+        self.keys = inner.keys
+        self.optional_keys = inner.optional_keys
+        self.key_kinds = inner.key_kinds
+        self.kernels = inner.kernels
+        self.quant_method = inner.quant_method
+        self.writes_quantize_config = inner.writes_quantize_config
+
+    def layer_rotation(self, n: int, seed: int) -> tuple:
+        """The readers' matrix for ``n`` inputs, one per size (``seed`` plays no part); no
+        tensors: every reader builds it."""
+        return ct_hadamard_rotation(n), {}
+
+    def pack(self, result) -> dict[str, torch.Tensor]:
+        return self.inner.pack(result)
+
+    def dequantize(self, tensors, meta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(W R) R^T``: the layer's weight in its own input basis."""
+        stored = self.inner.dequantize(tensors, meta, torch.float64)
+        rotation = ct_hadamard_rotation(stored.shape[1], _block(meta))
+        return rotation.apply_transpose(stored).to(dtype)
+
+    def module(self, tensors, meta, bias=None) -> nn.Module:
+        inner = self.inner.module(tensors, meta, bias)
+        return RotatedLinear(ct_hadamard_rotation(inner.in_features, _block(meta)), inner)
+
+    def file_config(self, base, meta) -> dict:
+        return self.inner.file_config(base, meta)
+
+    def layers_config(self, base, meta, modules, skipped, float_linears) -> dict:
+        """compressed-tensors' config of every layer, with the ``transform_config`` that
+        rotates the inputs of this variant's layers."""
+        config = self.inner.layers_config(base, meta, modules, skipped, float_linears)
+        rotated = {n: e["in_features"] for n, e in modules.items() if e["format"] == self.name}
+        config["transform_config"] = transform_config_dict(rotated)
+        return config
+
+    def reads(self, file_config) -> bool:
+        return self.inner.reads(file_config)
+
+    def layer_claim(self, name, file_config) -> dict | None:
+        return self.inner.layer_claim(name, file_config)
+
+    def module_meta(self, entry, file_config, name: str = "") -> dict:
+        """The pack-quantized meta and ``block``, the Sylvester order ``transform_config``
+        applies to the layer's inputs."""
+        meta = self.inner.module_meta(entry, file_config, name)
+        d_in = int(entry.get("in_features", 0))
+        transform = online_transform(file_config, name, d_in)
+        if transform is None:
+            raise FormatError(
+                "it is stored rotated but transform_config rotates no input of it: readers "
+                "would run its rotated weights on unrotated inputs"
+            )
+        ours = "latticequant" in file_config  # written by us: we know the block it was solved in
+        if ours and transform.block != hadamard_block(d_in):
+            raise FormatError(
+                f"transform_config applies Hadamard blocks of {transform.block} to it, but it "
+                f"was quantized in blocks of {hadamard_block(d_in)}: readers would rotate its "
+                "inputs by another matrix than its weights hold"
+            )
+        return {**meta, "block": transform.block}
+
+    def check_file_config(self, name, tensors, meta, file_config) -> None:
+        """The config group that claims the layer must describe its tensors; its transform was
+        checked by :meth:`module_meta`."""
+        Format.check_file_config(self, name, tensors, meta, file_config)
+        check_quantization_config(file_config, {f"{name}.{k}": t for k, t in tensors.items()})
+        if int(tensors["weight_shape"][1]) % _block(meta):
+            raise FormatError(f"its inputs do not split into Hadamard blocks of {_block(meta)}")
+
+
+def _block(meta: Mapping) -> int:
+    block = meta.get("block")
+    if not isinstance(block, int) or block <= 0:
+        raise FormatError("a rotated compressed-tensors layer needs its Hadamard block in meta")
+    return block
+
+
+COMPRESSED_TENSORS_ROTATED = register_format(CompressedTensorsRotatedFormat(COMPRESSED_TENSORS))

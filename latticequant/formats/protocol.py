@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from latticequant.core.rotation import Rotation
 from latticequant.formats.bits import effective_bits
 from latticequant.formats.packing import FormatError
 from latticequant.formats.quantize_config import dynamic_overrides, layer_claim
@@ -116,6 +117,11 @@ class Format:
         return 0
 
     # -- tensors ---------------------------------------------------------------------------------
+
+    def layer_rotation(self, n: int, seed: int) -> tuple[Rotation, dict[str, torch.Tensor]]:
+        """A rotated variant's rotation of a layer with ``n`` inputs, and the tensors the layer
+        stores for it (``seed``: the layer's, for a variant that draws its rotations)."""
+        raise NotImplementedError(f"format {self.name!r} rotates no layer")
 
     def pack(self, result) -> dict[str, torch.Tensor]:
         """The tensors one layer stores for a method's ``result``."""
@@ -219,9 +225,10 @@ class Format:
         another tool), from its file-level config and tensor names; empty when it cannot."""
         return {}
 
-    def module_meta(self, entry: Mapping, file_config: Mapping) -> dict:
+    def module_meta(self, entry: Mapping, file_config: Mapping, name: str = "") -> dict:
         """What :meth:`module` and :meth:`dequantize` need of one layer, from its entry in the
-        checkpoint's module table and the file-level config."""
+        checkpoint's module table, the file-level config and its name (a file-level transform
+        names the layers it applies to)."""
         meta = {"bits": entry.get("bits", file_config.get("bits"))}
         for key in ("in_features", "out_features"):
             if key in entry:

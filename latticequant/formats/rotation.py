@@ -20,13 +20,19 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from latticequant.core.rotation import Rotation, fwht
+from latticequant.core.rotation import Rotation, fwht, hadamard_rotation
 from latticequant.formats import kernels
 from latticequant.formats.dispatch import BACKENDS, use_kernels
 from latticequant.formats.gptq import GPTQ_V1, GPTQ_V2
 from latticequant.formats.hptq import HPTQ
 from latticequant.formats.packing import FormatError
-from latticequant.formats.protocol import Format, UnsupportedConfigError, register_format
+from latticequant.formats.protocol import (
+    Format,
+    UnsupportedConfigError,
+    format_names,
+    get_format,
+    register_format,
+)
 from latticequant.formats.ssqr import SSQR
 
 __all__ = [
@@ -47,6 +53,8 @@ ORTHOGONAL_TOL = 1e-9
 
 def pack_rotation(rotation: Rotation, seed: int) -> dict[str, torch.Tensor]:
     """The tensors a rotated layer stores for its transform."""
+    if rotation.factor_major:
+        raise ValueError("rot_signs/rot_factor hold the H_a (x) factor layout, not factor-major")
     n = rotation.n
     negative = (rotation.signs < 0).to(torch.uint8)
     padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8)
@@ -111,6 +119,8 @@ class RotatedLinear(nn.Module):
         self.inner = inner
         self.backend = backend
         self.a, self.m = rotation.a, rotation.m
+        self.factor_major = rotation.factor_major
+        self.identity = bool(torch.equal(rotation.factor, torch.eye(self.m, dtype=torch.float64)))
         self.in_features = rotation.n
         self.out_features = getattr(inner, "out_features", None)
         self.register_buffer("signs", rotation.signs.to(torch.float32), persistent=False)
@@ -123,13 +133,19 @@ class RotatedLinear(nn.Module):
                 f"input has {x.shape[-1]} features, this layer takes {self.in_features}"
             )
         lead = x.shape[:-1]
-        y = (x.to(torch.float32) * self.signs).reshape(*lead, self.a, self.m)
+        y = x.to(torch.float32) * self.signs
+        if self.factor_major:
+            y = y.reshape(*lead, self.m, self.a).transpose(-1, -2)
+        else:
+            y = y.reshape(*lead, self.a, self.m)
         if use_kernels(self.backend, x):
             y = kernels.hadamard_transform(y, self.a)
         else:
             y = fwht(y, self.a)
-        if self.m > 1:
+        if self.m > 1 and not self.identity:
             y = y @ self.factor
+        if self.factor_major:
+            y = y.transpose(-1, -2)
         return (y * self.a**-0.5).reshape(*lead, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +180,11 @@ class RotatedFormat(Format):
     def min_zero(self, config) -> int:
         return self.inner.min_zero(config)
 
+    def layer_rotation(self, n: int, seed: int) -> tuple[Rotation, dict[str, torch.Tensor]]:
+        """The layer's own randomised Hadamard rotation, drawn from ``seed``, and its tensors."""
+        rotation = hadamard_rotation(n, seed)
+        return rotation, pack_rotation(rotation, seed)
+
     def unpack(self, tensors, meta):
         """The inner format's parts (of ``W R``)."""
         return self.inner.unpack(tensors, meta)
@@ -184,8 +205,8 @@ class RotatedFormat(Format):
         config.update(quant_method=self.quant_method, format=ROTATED_FORMAT)
         return config
 
-    def module_meta(self, entry, file_config) -> dict:
-        return self.inner.module_meta(entry, file_config)
+    def module_meta(self, entry, file_config, name: str = "") -> dict:
+        return self.inner.module_meta(entry, file_config, name)
 
     def check_file_config(self, name, tensors, meta, file_config) -> None:
         """The file must say it is rotated (no GPTQ reader may take ``W R`` for ``W``), and
@@ -204,9 +225,12 @@ ROTATED = {f.name: register_format(RotatedFormat(f)) for f in (GPTQ_V1, GPTQ_V2,
 
 
 def rotated(fmt: Format) -> Format:
-    """The registered rotated variant of ``fmt``; a one-line refusal for a format without one."""
-    if fmt.name not in ROTATED:
+    """The registered rotated variant of ``fmt`` (``<name>+hadamard``: ours above, or one a
+    format module registers itself, as compressed-tensors does); a one-line refusal for a
+    format without one."""
+    name = f"{fmt.name}+hadamard"
+    if name not in format_names():
         raise UnsupportedConfigError(
             f"--rotate hadamard cannot be stored in the {fmt.name} format: {fmt.rotation_hint}"
         )
-    return ROTATED[fmt.name]
+    return get_format(name)

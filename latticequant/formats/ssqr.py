@@ -256,8 +256,8 @@ class SSQRFormat(Format):
         claim = self.layer_claim(name, file_config)
         check_grid_claim(tensors, claim, file_config, _zeros_convention(meta))
 
-    def module_meta(self, entry, file_config) -> dict:
-        meta = super().module_meta(entry, file_config)
+    def module_meta(self, entry, file_config, name: str = "") -> dict:
+        meta = super().module_meta(entry, file_config, name)
         # files written before SSQR was a format of its own name the dense part's convention
         if file_config.get("checkpoint_format") in CHECKPOINT_FORMATS:
             meta["zeros"] = file_config["checkpoint_format"]

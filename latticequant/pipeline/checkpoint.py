@@ -514,8 +514,8 @@ def _check_file_config(ck: _Checkpoint) -> None:
     contradiction config.json holds itself is named by its own message)."""
     qc = ck.qc
     for name, fmt in ck.formats.items():
-        meta = fmt.module_meta(ck.modules[name], qc)
         try:
+            meta = fmt.module_meta(ck.modules[name], qc, name)
             fmt.check_file_config(name, _layer_tensors(name, fmt, ck.tensors), meta, qc)
         except FormatError as exc:
             raise CheckpointError(f"module {name}: {exc}") from None
@@ -727,8 +727,8 @@ def _module(model, name, entry, qc, fmt: Format, tensors, cache_weight) -> nn.Mo
     bias = tensors.get(f"{name}.bias")
     if bias is None and getattr(original, "bias", None) is not None:
         raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
-    meta = {**fmt.module_meta(entry, qc), "cache_weight": cache_weight}
     try:
+        meta = {**fmt.module_meta(entry, qc, name), "cache_weight": cache_weight}
         return fmt.module(_layer_tensors(name, fmt, tensors), meta, bias)
     except FormatError as exc:
         raise CheckpointError(f"module {name}: {exc}") from None

@@ -31,6 +31,7 @@ columns at a time, and written back once in the model's dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -338,7 +339,9 @@ def fold_rotations(model: nn.Module, seed: int, online_down: bool = False) -> Fo
 
 def _on(rotation: Rotation, device: torch.device) -> Rotation:
     """The rotation's signs and factor where the weights are (they are drawn on the CPU)."""
-    return Rotation(rotation.signs.to(device), rotation.factor.to(device))
+    return dataclasses.replace(
+        rotation, signs=rotation.signs.to(device), factor=rotation.factor.to(device)
+    )
 
 
 def _untie_config(model: nn.Module) -> None:

@@ -8,7 +8,9 @@ Two options change the problem a method is handed, never the method:
   matrix ``C = X^T X~`` beside the Hessian for it.
 - ``rotate="hadamard"`` hands the method ``(W R, R^T H R)`` for a randomised Hadamard ``R``
   (:mod:`latticequant.core.rotation`), stores ``R`` beside the method's tensors and feeds
-  forward ``Q R^T``, which is what the rotated layer computes.
+  forward ``Q R^T``, which is what the rotated layer computes. The stored format's rotated
+  variant picks ``R`` (:meth:`~latticequant.formats.protocol.Format.layer_rotation`): ours draw
+  one per layer; compressed-tensors' is the block Hadamard its readers build, one per size.
 
 :func:`solve_layer` is the only place either happens; the method sees a weight matrix and a
 Hessian as always.
@@ -24,10 +26,10 @@ import torch
 
 from latticequant.core.objective import output_target
 from latticequant.core.result import row_losses
-from latticequant.core.rotation import hadamard_rotation, rotate_problem, split_size
+from latticequant.core.rotation import rotate_problem, split_size
 from latticequant.formats.bits import total_bits
 from latticequant.formats.protocol import Format
-from latticequant.formats.rotation import pack_rotation, rotated
+from latticequant.formats.rotation import rotated
 from latticequant.methods.registry import LayerQuant, Method, UnsupportedConfigError
 
 __all__ = [
@@ -158,11 +160,10 @@ def solve_layer(
         stats["target_damp"] = used
         T = T64.to(W.dtype)
     rotation = None
-    if target.rotates(name):
+    if target.rotates(name):  # the rotation the stored format's readers apply
         seed = layer_seed(target.seed, name)
-        rotation = hadamard_rotation(W.shape[1], seed)
-        stored = pack_rotation(rotation, seed)
-        reserved = total_bits(stored) / W.numel()
+        rotation, stored = rotated(context.format).layer_rotation(W.shape[1], seed)
+        reserved = total_bits(stored) / W.numel() if stored else 0.0
         T64, H_rot = rotate_problem(T.to(torch.float64), H, rotation)  # H read by rows
         T, H = T64.to(W.dtype), H_rot
         context = dataclasses.replace(context, reserved_bits=reserved)

@@ -8,6 +8,7 @@ import torch
 from latticequant.core.rotation import (
     MAX_ODD_FACTOR,
     Rotation,
+    block_hadamard_rotation,
     fwht,
     hadamard_rotation,
     rotate_problem,
@@ -136,3 +137,38 @@ def test_bad_seed_and_mismatched_inputs_are_refused():
         rot.apply(torch.randn(2, 63))
     with pytest.raises(ValueError):
         Rotation(torch.ones(12), torch.eye(5, dtype=torch.float64))
+
+
+def _random_orthogonal(m: int, seed: int) -> torch.Tensor:
+    Q, _ = torch.linalg.qr(torch.randn(m, m, generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float64))  # fmt: skip
+    return Q.contiguous()  # torch.kron needs contiguous operands
+
+
+@pytest.mark.parametrize("a, m", [(1, 1), (8, 3), (64, 9), (512, 3), (4, 12)])
+def test_factor_major_layout_is_the_kronecker_product_the_other_way_round(a, m):
+    """``diag(s) (F kron H_a) / sqrt(a)`` (compressed-tensors' layout) formed densely."""
+    n = a * m
+    signs = 1 - 2 * torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(a + m))
+    rot = Rotation(signs.double(), _random_orthogonal(m, m), factor_major=True)
+    R = signs.double()[:, None] * torch.kron(rot.factor, doubling_hadamard(a)) / a**0.5
+    assert torch.allclose(rot.matrix(), R, atol=1e-12, rtol=0)
+    x = torch.randn(3, 2, n, dtype=torch.float64)
+    assert torch.allclose(rot.apply(x), x @ R, atol=1e-12, rtol=0)
+    assert torch.allclose(rot.apply_transpose(x), x @ R.T, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n, block", [(128, 128), (1536, 512), (576, 64), (96, 32), (6, 2)])
+def test_block_hadamard_is_block_diagonal_sylvester(n, block):
+    R = block_hadamard_rotation(n, block).matrix()
+    blocks = [doubling_hadamard(block) / block**0.5] * (n // block)
+    assert torch.allclose(R, torch.block_diag(*blocks), atol=1e-14, rtol=0)
+    assert torch.allclose(R, R.T, atol=0, rtol=0) and torch.allclose(
+        R @ R, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+
+
+@pytest.mark.parametrize("n, block", [(96, 48), (96, 64), (0, 1), (8, 0), (8, True)])
+def test_block_hadamard_refuses_blocks_that_do_not_tile(n, block):
+    with pytest.raises(ValueError):
+        block_hadamard_rotation(n, block)

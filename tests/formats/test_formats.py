@@ -104,7 +104,7 @@ def test_every_format_round_trips_through_a_checkpoint(walked, name):
         assert fmt in formats_storing(set(stored))
         # dequantize: the weight the run fed forward, as the method computed it
         W = linear_weight(model.get_submodule(module_name)).detach()
-        meta = fmt.module_meta(entry, qc)
+        meta = fmt.module_meta(entry, qc, module_name)
         torch.testing.assert_close(fmt.dequantize(stored, meta, torch.float32), W)
         # effective bits: every stored byte counted
         n_bits = sum(t.numel() * t.element_size() * 8 for t in stored.values())
@@ -130,7 +130,7 @@ def test_every_format_unpacks_the_codes_it_packed(walked, name):
     inner = fmt.inner if isinstance(fmt, RotatedFormat) else fmt
     for entry_name, entry in qc["latticequant"]["modules"].items():
         stored = {k: tensors[f"{entry_name}.{k}"] for k in entry["keys"]}
-        meta = inner.module_meta(entry, qc)
+        meta = inner.module_meta(entry, qc, entry_name)
         parts = inner.unpack(stored, meta)
         shape = (entry["out_features"], entry["in_features"])
         if isinstance(parts, tuple):  # a grid: codes, scales, zeros, g_idx

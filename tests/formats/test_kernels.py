@@ -336,14 +336,16 @@ def test_hadamard_kernel_matches_the_dense_transform(a, m, request, child_run):
         kernels.hadamard_transform(x, a * 3 if a > 1 else 3)
 
 
-@pytest.mark.parametrize("d_in", [576, 96])
-def test_rotated_layer_kernel_path_matches_the_torch_path(d_in, request, child_run):
+@pytest.mark.parametrize("d_in, kind", [(576, "ours"), (96, "ours"), (192, "compressed-tensors")])
+def test_rotated_layer_kernel_path_matches_the_torch_path(d_in, kind, request, child_run):
+    """Ours (``H_a kron F``) and compressed-tensors' block Hadamard (``I_3 kron H_64``)."""
     if not run_here(request, child_run):
         return
     from latticequant.core.rotation import hadamard_rotation
+    from latticequant.formats.ct_transform import ct_hadamard_rotation
     from latticequant.formats.rotation import RotatedLinear
 
-    rot = hadamard_rotation(d_in, 4)
+    rot = hadamard_rotation(d_in, 4) if kind == "ours" else ct_hadamard_rotation(d_in)
     inner = torch.nn.Linear(d_in, 24, dtype=torch.float32)
     fast = RotatedLinear(rot, inner, backend="triton")
     slow = RotatedLinear(rot, inner, backend="torch")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from cases import make_result
 
-from latticequant.core.rotation import hadamard_rotation
+from latticequant.core.rotation import Rotation, block_hadamard_rotation, hadamard_rotation
 from latticequant.formats import FormatError, QuantLinear, dequantize_gptq, pack_gptq
 from latticequant.formats.bits import effective_bits
 from latticequant.formats.rotation import (
@@ -98,3 +98,27 @@ def test_rotated_quant_linear_is_the_dequantized_rotated_weight_on_rotated_input
     assert rotated == pytest.approx(plain + extra)
     with pytest.raises(ValueError, match="features"):
         module(torch.randn(2, d_in + 1))
+
+
+@pytest.mark.parametrize(
+    "rot",
+    [
+        block_hadamard_rotation(96, 32),
+        Rotation(
+            1 - 2 * torch.randint(0, 2, (96,), generator=torch.Generator().manual_seed(3)).double(),
+            torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0].contiguous(),
+            factor_major=True,
+        ),
+    ],
+    ids=["block-hadamard", "factor-major-random"],
+)
+def test_rotated_linear_runs_factor_major_rotations(rot):
+    """compressed-tensors' layout (``F kron H_a``) at run time, against the dense matrix."""
+    torch.manual_seed(0)
+    inner = torch.nn.Linear(96, 10).double()
+    module = RotatedLinear(rot, inner)
+    R = torch.kron(rot.factor, _dense(torch.ones(rot.a), torch.ones(1, 1))) * rot.signs[:, None]
+    x = torch.randn(4, 96, dtype=torch.float64)
+    assert torch.allclose(module(x), inner(x @ R), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="factor-major"):
+        pack_rotation(rot, 0)

@@ -344,3 +344,36 @@ def test_a_rotated_float_outputs_solve_holds_few_copies_of_the_hessian():
         'solve_layer(method, W, H, cfg, t, "layer", C)',
     )
     assert copies < 3.5, f"the layer held {copies:.2f} float64 copies of H"
+
+
+def test_compressed_tensors_layers_are_solved_in_the_basis_its_readers_rotate_to():
+    """In the compressed-tensors format the method gets ``(W R, R^T H R)`` for the block
+    Hadamard the package builds (three Sylvester blocks of 64 on 192 inputs, as 1536 = 3 x 512
+    on the protocol model), stores only the pack-quantized tensors of ``Q R``, and the run feeds
+    forward ``Q`` in the layer's own basis."""
+    ct = pytest.importorskip("compressed_tensors.transform")
+    from latticequant.formats import get_format
+    from latticequant.pipeline.target import solve_layer
+
+    seen: dict = {}
+    method = _recording(seen)
+    method = Method("recording", lq.QuantConfig, method.quantize, "compressed-tensors")
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 192, generator=g)
+    X = torch.randn(400, 192, generator=g) * torch.linspace(0.1, 3, 192)
+    H = X.T @ X / 400
+    fmt = get_format("compressed-tensors")
+    target = TargetConfig(rotate="hadamard", seed=5)
+    lqr = solve_layer(
+        method, W, H, _cfg(4, sym=True), target, "model.layers.0.mlp.down_proj", fmt=fmt
+    )
+    block = ct.deterministic_hadamard_matrix(64, torch.float64) / 8
+    R = torch.block_diag(block, block, block)
+    W_seen, H_seen, Q_rot = seen[0]
+    assert torch.allclose(W_seen, W.double() @ R, atol=1e-5, rtol=0)
+    assert torch.allclose(H_seen, R.T @ H.double() @ R, atol=1e-4, rtol=0)
+    assert set(lqr.tensors) == {"weight_packed", "weight_scale", "weight_shape"}
+    assert lqr.stats["rotation_bits"] == 0.0
+    stored = fmt.dequantize(lqr.tensors, {"bits": 4}, torch.float64)
+    assert torch.allclose(stored, Q_rot.double(), atol=1e-6, rtol=0)  # Q R is what is stored
+    assert torch.allclose(lqr.Q.double(), stored @ R.T, atol=1e-5, rtol=0)  # fed forward: Q
