@@ -666,7 +666,8 @@ def run_spec(args) -> RunSpec:
 
 
 def _gguf_source(model: str | None) -> str | None:
-    """The GGUF file a model argument reads (the default model's included), else None."""
+    """Where a GGUF output takes the tokenizer from: the GGUF file a model argument reads (the
+    default model's included), or the Hugging Face folder it names; else None."""
     if model is None:
         return default_model_path()
     if os.path.isfile(model) and model.endswith(".gguf"):
@@ -674,7 +675,9 @@ def _gguf_source(model: str | None) -> str | None:
     if os.path.isdir(model):
         ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
         files = os.listdir(model)
-        if len(ggufs) == 1 and "config.json" not in files:
+        if "config.json" in files:
+            return model
+        if len(ggufs) == 1:
             return os.path.join(model, ggufs[0])
     return None
 

@@ -190,7 +190,7 @@ CORPUS = [
         "one file named *.gguf",
     ),
     (
-        "gguf from a folder",
+        "gguf from a folder with a word-level tokenizer",
         raw(
             "quantize",
             "ROOT/model",
@@ -201,7 +201,7 @@ CORPUS = [
             "--out",
             "OUT.gguf",
         ),
-        "source .gguf model",
+        "byte-level BPE only",
     ),
     ("override unknown field", q("--override", "q_proj:extra=foo"), "unknown field 'extra'"),
     ("override without pattern", q("--override", "bits=3"), "PATTERN"),

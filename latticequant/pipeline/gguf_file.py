@@ -2,12 +2,17 @@
 
 The file is written with the ``gguf`` package's :class:`gguf.GGUFWriter`: the architecture's
 metadata from the model's config, the tokenizer's metadata copied from the source GGUF (the
-file the model was read from), and the tensors under llama.cpp's names. Decoder linear layers
-carry the blocks their method decoded (:class:`~latticequant.formats.gguf.format.GgufFormat`);
-the embeddings (and an untied output matrix) are rounded by llama.cpp's own quantizer in the
-type llama.cpp's mix gives them; norms and biases stay float32. Llama-family attention stores
-its query and key rows permuted as ``convert_hf_to_gguf.py``'s ``LlamaModel.permute`` does.
-The file appears only complete (:func:`~latticequant.pipeline.files.atomic_write`).
+file the model was read from) or built from the source Hugging Face folder as llama.cpp's
+converter builds it (:mod:`~latticequant.pipeline.gguf_vocab`), and the tensors under
+llama.cpp's names. Decoder linear layers carry the blocks their method decoded
+(:class:`~latticequant.formats.gguf.format.GgufFormat`); the embeddings (and an untied output
+matrix) are rounded by llama.cpp's own quantizer in the type llama.cpp's mix gives them; norms
+and biases stay float32. Llama-family attention stores its query and key rows permuted as
+``convert_hf_to_gguf.py``'s ``LlamaModel.permute`` does. Gemma 3 stores each RMS norm's
+``1 + w`` (transformers keeps the offset ``w``; llama.cpp multiplies by the stored weight) and
+its rope bases, sliding window and logit soft-capping as the converter's ``Gemma3Model`` does;
+llama.cpp scales its embeddings by ``sqrt(hidden)`` itself. The file appears only complete
+(:func:`~latticequant.pipeline.files.atomic_write`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,18 @@ import torch
 from torch import nn
 
 from latticequant.formats.gguf.blocks import pack as pack_blocks
-from latticequant.formats.gguf.format import GGUF_ARCHITECTURES, gguf_tensor_name
+from latticequant.formats.gguf.format import (
+    GGUF_ARCHITECTURES,
+    gguf_tensor_name,
+    rope_scaling,
+    rope_thetas,
+    text_config,
+)
 from latticequant.formats.gguf.mix import FileType
 from latticequant.formats.gguf.reference import quantize_reference
 from latticequant.formats.gguf.types import GGMLType, type_info
 from latticequant.pipeline.files import atomic_write
+from latticequant.pipeline.gguf_vocab import add_tokenizer_metadata, check_tokenizer_folder
 from latticequant.pipeline.state import OutputExistsError
 
 __all__ = [
@@ -48,17 +60,21 @@ NOT_COPIED = {
 
 def check_gguf_output(out: str, overwrite: bool, source: str | None) -> None:
     """Refuse, before any slow work, an ``--out`` a GGUF cannot be written to, and a model
-    whose tokenizer metadata has no source GGUF."""
+    whose tokenizer the file cannot carry: ``source`` is the ``.gguf`` file the model was read
+    from, or its Hugging Face folder, whose tokenizer must be one llama.cpp's converter
+    writes (:func:`~latticequant.pipeline.gguf_vocab.check_tokenizer_folder`)."""
     if not str(out).endswith(".gguf"):
         raise ValueError(f"--out {out}: a GGUF output is one file named *.gguf")
     if os.path.isdir(out):
         raise OutputExistsError(f"--out {out} is a folder; a GGUF output is one file")
     if os.path.exists(out) and not overwrite:
         raise OutputExistsError(f"output file {out} already exists; pass --overwrite to replace it")
-    if source is None or not str(source).endswith(".gguf") or not os.path.isfile(source):
+    if source is not None and os.path.isdir(source):
+        check_tokenizer_folder(source)
+    elif source is None or not str(source).endswith(".gguf") or not os.path.isfile(source):
         raise ValueError(
-            "a GGUF output copies the tokenizer metadata of a source .gguf model; quantize a "
-            ".gguf file (Hugging Face folders are not converted yet)"
+            "a GGUF output needs the model's tokenizer: quantize a .gguf file or a local "
+            f"Hugging Face folder (got {source})"
         )
 
 
@@ -72,9 +88,11 @@ def llama_permute(rows: int, n_head: int, n_head_kv: int | None = None) -> np.nd
 
 
 def _arch_metadata(writer, arch: str, config, file_type: str) -> None:
+    config = text_config(config)
     n_head = int(config.num_attention_heads)
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
+    theta, local_theta = rope_thetas(config)
     writer.add_block_count(int(config.num_hidden_layers))
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
@@ -82,17 +100,41 @@ def _arch_metadata(writer, arch: str, config, file_type: str) -> None:
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    theta = getattr(config, "rope_theta", None)
-    if theta is None:
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    writer.add_rope_freq_base(float(theta))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != int(config.hidden_size) // n_head:
+    writer.add_rope_freq_base(theta)
+    if arch == "gemma3":
+        _gemma3_metadata(writer, config, local_theta)
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    else:
+        writer.add_rope_dimension_count(head_dim)
+        if head_dim != int(config.hidden_size) // n_head:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(FileType[file_type].id)
     writer.add_quantization_version(2)
+
+
+def _gemma3_metadata(writer, config, local_theta: float | None) -> None:
+    """What ``convert_hf_to_gguf.py``'s ``Gemma3Model`` adds (settings llama.cpp cannot read
+    are refused by :func:`~latticequant.formats.gguf.format.check_gguf_config`)."""
+    import gguf
+
+    if local_theta is not None:
+        writer.add_rope_freq_base_swa(local_theta)
+    full, _ = rope_scaling(config)
+    if full:  # linear: llama.cpp divides the full-attention layers' positions by the factor
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap:
+        writer.add_final_logit_softcapping(float(softcap))
+    sliding = [t == "sliding_attention" for t in config.layer_types]
+    if any(sliding):
+        writer.add_sliding_window(int(config.sliding_window))
+        # llama.cpp's default: every sixth layer full; any other pattern is written per layer
+        if sliding != [(i + 1) % 6 != 0 for i in range(len(sliding))]:
+            writer.add_sliding_window_pattern(sliding)
 
 
 def _copy_metadata(writer, source: str) -> None:
@@ -137,6 +179,39 @@ def _add(writer, name: str, data: np.ndarray, t: GGMLType | None, rows_of=None) 
         )
 
 
+#: The norms of a decoder block, by their Hugging Face names inside the block (those a model
+#: has), named in the file by the ``gguf`` package's tensor map for the architecture.
+BLOCK_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "self_attn.q_norm",
+    "self_attn.k_norm",
+)
+#: The linear layers of a decoder block, in the order llama.cpp's converter writes them.
+BLOCK_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def _text_model(model: nn.Module) -> nn.Module:
+    """The module holding the decoder blocks, the embeddings and the final norm (a Gemma 3
+    with images keeps its text model in ``model.language_model``)."""
+    base = model.get_submodule("model")
+    return getattr(base, "language_model", None) or base
+
+
+def _norm(module: nn.Module, shift: float) -> np.ndarray:
+    return module.weight.detach().float().cpu().numpy() + np.float32(shift)
+
+
 def write_gguf(
     model: nn.Module,
     layers: Mapping,
@@ -146,46 +221,48 @@ def write_gguf(
     layer_format: str = "gguf",
 ) -> Path:
     """Write ``model`` (its decoder layers quantized: ``layers`` maps each layer's name to its
-    :class:`~latticequant.pipeline.checkpoint.QuantizedLayer`) to the GGUF file ``out``."""
+    :class:`~latticequant.pipeline.checkpoint.QuantizedLayer`) to the GGUF file ``out``;
+    ``source`` is the ``.gguf`` file the model was read from or its Hugging Face folder."""
     import gguf
 
     config = model.config
+    text = text_config(config)
     arch = GGUF_ARCHITECTURES[config.model_type]
     permute = arch == "llama"
-    n_head = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    shift = 1.0 if arch == "gemma3" else 0.0  # Gemma's RMS norms scale by 1 + w
+    n_head = int(text.num_attention_heads)
+    n_kv = int(getattr(text, "num_key_value_heads", None) or n_head)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is emb
+    base = _text_model(model)
+    names = {module: name for name, module in model.named_modules()}
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    tensor_map = gguf.get_tensor_name_map(arch_id, len(base.layers))
     types = fmt.types
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        _copy_metadata(writer, source)
+        if os.path.isdir(source):
+            writer.add_name(Path(source).resolve().name)
+            add_tokenizer_metadata(writer, source, int(text.vocab_size), arch)
+        else:
+            _copy_metadata(writer, source)
         _arch_metadata(writer, arch, config, fmt.file_type)
-        emb = model.get_input_embeddings().weight
         _add(writer, "token_embd.weight", *_quantized(emb, types.get("token_embd.weight")))
-        base = model.get_submodule("model")
         for i, block in enumerate(base.layers):
-            prefix = f"model.layers.{i}"
-            norms = {
-                "attn_norm": block.input_layernorm.weight,
-                "ffn_norm": block.post_attention_layernorm.weight,
-            }
-            attn = block.self_attn
-            for local in ("q_norm", "k_norm"):  # Qwen3
-                if getattr(attn, local, None) is not None:
-                    norms[f"attn_{local}"] = getattr(attn, local).weight
-            for key, w in norms.items():
-                _add(writer, f"blk.{i}.{key}.weight", w.detach().float().cpu().numpy(), None)
-            for local in (
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.o_proj",
-                "mlp.gate_proj",
-                "mlp.up_proj",
-                "mlp.down_proj",
-            ):
+            prefix = names[block]
+            for local in BLOCK_NORMS:
+                try:
+                    norm = block.get_submodule(local)
+                except AttributeError:
+                    continue
+                gname = tensor_map.get_name(f"model.layers.{i}.{local}")
+                if gname is None:
+                    raise ValueError(f"{prefix}.{local}: no GGUF name for it in {arch}")
+                _add(writer, f"{gname}.weight", _norm(norm, shift), None)
+            for local in BLOCK_LINEARS:
                 name = f"{prefix}.{local}"
                 gname = gguf_tensor_name(name)
                 module = block.get_submodule(local)
@@ -208,10 +285,9 @@ def write_gguf(
                     if rows is not None:
                         b = b[rows]
                     _add(writer, gname.replace(".weight", ".bias"), b, None)
-        _add(writer, "output_norm.weight", base.norm.weight.detach().float().cpu().numpy(), None)
+        _add(writer, "output_norm.weight", _norm(base.norm, shift), None)
         if not tied:
-            head = model.get_output_embeddings().weight
-            _add(writer, "output.weight", *_quantized(head, types.get("output.weight")))
+            _add(writer, "output.weight", *_quantized(head.weight, types.get("output.weight")))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

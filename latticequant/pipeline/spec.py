@@ -67,7 +67,9 @@ class OutputSpec:
     method's default), whether an existing ``out`` is replaced and an unfinished run resumed.
 
     gguf_type: llama.cpp's file type (``Q4_K_M``, ...) of a ``gguf`` output, which is one file;
-    gguf_source: the GGUF the model was read from, whose tokenizer metadata the file copies.
+    gguf_source: the GGUF file the model was read from, whose tokenizer metadata the file
+    copies, or its Hugging Face folder, whose tokenizer the file carries as llama.cpp's converter
+    writes it.
     """
 
     out: str | None = None

@@ -160,7 +160,7 @@ def test_unsupported_architecture_and_missing_source(tmp_path, source):
     with pytest.raises(UnsupportedConfigError, match="architecture 'opt'"):
         _run(make_tiny_opt(), source, tmp_path / "q.gguf", "Q8_0")
     model = make_tiny_llama(**SHAPE)
-    with pytest.raises(ValueError, match="source .gguf"):
+    with pytest.raises(ValueError, match="needs the model.s tokenizer"):
         _run(model, tmp_path / "none.gguf", tmp_path / "q.gguf", "Q8_0")
     assert not os.listdir(tmp_path)
 
@@ -274,3 +274,208 @@ def test_folded_rotation_goes_into_the_file(tmp_path, source, untied):
     ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hugging_face_folder_gets_the_converters_tokenizer(
+    tmp_path, smollm2_tokenizer_fields, smollm2_tokenizer_dir, capsys
+):
+    """A tiny random llama saved with SmolLM2's real tokenizer as a Hugging Face folder,
+    quantized by the command line to a GGUF: the file's tokenizer metadata is the one llama.cpp's
+    converter wrote into the default GGUF (the independent reference), and transformers' GGUF
+    loader reads the file's tokenizer to the same ids as the folder's."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from latticequant import cli
+    from tests.pipeline.test_gguf_vocab import CONVERTER_KEYS, tokenizer_fields
+
+    folder = tmp_path / "smol-tiny"
+    shutil.copytree(smollm2_tokenizer_dir, folder)
+    make_tiny_llama(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, bos_token_id=1, eos_token_id=2
+    ).save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. 12 + 30 = 42.\n" * 100)
+    out = tmp_path / "m.gguf"
+    args = ["quantize", str(folder), "--method", "rtn", "--checkpoint-format", "gguf"]
+    args += ["--gguf-type", "Q8_0", "--out", str(out), "--nsamples", "4", "--seqlen", "32"]
+    assert cli.main([*args, "--text", str(text), "--no-eval"]) == 0
+    capsys.readouterr()
+    ours, theirs = tokenizer_fields(out), smollm2_tokenizer_fields
+    for key in CONVERTER_KEYS:
+        assert ours[key] == theirs[key], key
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.name"].contents() == "smol-tiny"
+    sample = "Hello, world! <|im_start|>user\nWhat is 2+2?<|im_end|>\n  Tabs\tand émojis 🦙."
+    read = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    want = AutoTokenizer.from_pretrained(str(folder))(sample)["input_ids"]
+    assert read(sample)["input_ids"] == want
+    assert len(want) > 20
+
+
+def test_hugging_face_folder_with_unknown_tokenizer_refused_before_the_run(tmp_path, capsys):
+    from latticequant import cli
+    from tests.pipeline.test_gguf_vocab import small_bpe_folder
+
+    folder = tmp_path / "tiny"
+    make_tiny_llama(vocab_size=262).save_pretrained(folder)
+    small_bpe_folder(folder)
+    out = tmp_path / "m.gguf"
+    args = ["quantize", str(folder), "--checkpoint-format", "gguf", "--gguf-type", "Q8_0"]
+    capsys.readouterr()
+    assert cli.main([*args, "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "pre-tokenizer not recognized" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+GEMMA3 = dict(
+    vocab_size=256,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    max_position_embeddings=256,
+    sliding_window=8,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def make_tiny_gemma3(**changes):
+    """A tiny random Gemma 3 (text): six layers, the sixth full attention and the others a
+    sliding window of 8; its norms' offsets drawn around 0 (transformers scales by ``1 + w``),
+    its matrices scaled as the tiny llama's."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma3TextConfig(**{**GEMMA3, **changes}))
+    model = model.float().eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif p.dim() == 2 and "embed" not in name:
+                p.mul_(3.0)
+    return model
+
+
+def test_gemma3_file_reads_back_to_the_quantized_model(tmp_path, source):
+    """Gemma 3 as llama.cpp's converter writes it: norms as ``1 + w`` under gguf's names for
+    the architecture (``post_attention_norm``, ``ffn_norm``, ``post_ffw_norm``, ``attn_q_norm``,
+    ``attn_k_norm``), query and key rows not permuted, both rope bases and the sliding window;
+    transformers' GGUF loader (its Gemma 3 reader subtracts the 1) reads it to the quantized
+    model's logits."""
+    model = make_tiny_gemma3()
+    norms = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+    out = tmp_path / "g.gguf"
+    _, plan = _run(model, source, out, "Q4_K_M", method="rtn")
+    reader = gguf.GGUFReader(str(out))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["general.architecture"] == "gemma3"
+    assert fields["gemma3.rope.freq_base"] == 1e6 and fields["gemma3.rope.freq_base_swa"] == 1e4
+    assert fields["gemma3.attention.sliding_window"] == 8
+    assert fields["gemma3.attention.key_length"] == 256
+    assert "gemma3.attention.sliding_window_pattern" not in fields  # llama.cpp's default of 6
+    assert "gemma3.final_logit_softcapping" not in fields
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors
+    local = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm",
+        "post_feedforward_layernorm": "post_ffw_norm",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+    }
+    for name, w in norms.items():
+        if name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{i}.{local[rest.removesuffix('.weight')]}.weight"
+        assert np.array_equal(np.asarray(tensors[gname].data), w.numpy() + np.float32(1)), name
+    for name, module in model.named_modules():
+        gname = gguf_tensor_name(name)
+        if gname is None:
+            continue
+        t = tensors[gname]
+        assert t.tensor_type == plan.format.types[gname]
+        W = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        assert np.array_equal(W, module.weight.detach().numpy()), name  # rows as they are
+    loaded = transformers_gguf_model(str(out))
+    assert loaded.config.layer_types == model.config.layer_types
+    t = tensors["token_embd.weight"]
+    emb = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    with torch.no_grad():  # llama.cpp's quantizer rounds the embeddings in the file only
+        model.get_input_embeddings().weight.copy_(torch.from_numpy(emb))
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma3_settings_written_or_refused(tmp_path, source):
+    """Logit soft-capping, linear rope scaling and a sliding pattern other than llama.cpp's
+    default go into the file as the converter writes them; settings llama.cpp's gemma3 graph
+    does not read are refused in one line, before anything is written."""
+    types = ["sliding_attention", "full_attention"] * 3
+    model = make_tiny_gemma3(
+        final_logit_softcapping=30.0,
+        layer_types=types,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    )
+    out = tmp_path / "g.gguf"
+    _run(model, source, out, "Q8_0", method="rtn")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items()}
+    assert fields["gemma3.final_logit_softcapping"] == 30.0
+    assert fields["gemma3.rope.scaling.type"] == "linear"
+    assert fields["gemma3.rope.scaling.factor"] == 8.0
+    assert fields["gemma3.attention.sliding_window_pattern"] == [t == types[0] for t in types]
+    for changes, match in (
+        (dict(query_pre_attn_scalar=144), "query_pre_attn_scalar 144"),
+        (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+        (dict(hidden_activation="gelu"), "hidden_activation 'gelu'"),
+    ):
+        bad = tmp_path / "bad.gguf"
+        with pytest.raises(UnsupportedConfigError, match=match) as err:
+            _run(make_tiny_gemma3(**changes), source, bad, "Q8_0")
+        assert "\n" not in str(err.value) and not bad.exists()
+
+
+def test_gemma3_with_images_writes_its_text_model(tmp_path, source):
+    """A Gemma 3 with a vision tower (``model_type`` ``gemma3``, its text model in
+    ``model.language_model``) gives the same file as its text model alone: the vision tower is
+    a separate file for llama.cpp."""
+    import transformers
+
+    text = make_tiny_gemma3()
+    vision = dict(
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = transformers.Gemma3Config(text_config=text.config.to_dict(), vision_config=vision)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    files = {}
+    for key, m in (("images", model), ("text", text)):
+        files[key] = tmp_path / f"{key}.gguf"
+        _run(m, source, files[key], "Q8_0", method="rtn")
+    a, b = (gguf.GGUFReader(str(files[k])) for k in ("images", "text"))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors):
+        assert np.array_equal(np.asarray(x.data), np.asarray(y.data)), x.name
+    fields = [{k: f.contents() for k, f in r.fields.items() if "gemma3." in k} for r in (a, b)]
+    assert fields[0] == fields[1]

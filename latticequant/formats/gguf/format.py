@@ -46,9 +46,14 @@ __all__ = [
     "GGUF_TYPES",
     "GGUF_ARCHITECTURES",
     "GgufFormat",
+    "check_gguf_config",
     "check_gguf_type",
+    "gemma3_attention_scale",
     "gguf_tensor_name",
     "llama_gguf_shapes",
+    "rope_scaling",
+    "rope_thetas",
+    "text_config",
     "GGUF",
 ]
 
@@ -70,8 +75,16 @@ GGUF_TYPES = (
 )
 
 #: Hugging Face ``model_type`` -> GGUF ``general.architecture`` (Mistral is written as Llama,
-#: as llama.cpp's converter does).
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+#: as llama.cpp's converter does; Gemma 3 with images is written as its text model, the vision
+#: tower being a separate file for llama.cpp).
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+}
 
 #: A tiny scale standing for a group whose levels are one value (``d = 0`` or ``sc = 0``): its
 #: offset makes ``s * (z - o)`` that value to float64 rounding, whatever the code.
@@ -109,11 +122,95 @@ def gguf_tensor_name(hf_name: str) -> str | None:
     return None
 
 
+def text_config(config):
+    """The config of the text model (a Gemma 3 with images keeps it in ``text_config``)."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def rope_thetas(config) -> tuple[float, float | None]:
+    """The rope bases of full-attention layers and (None when the config has none) of
+    sliding-window layers, from transformers 5's ``rope_parameters`` (per layer type for Gemma
+    3) or the older ``rope_theta`` / ``rope_local_base_freq``."""
+    params = getattr(config, "rope_parameters", None) or {}
+    full = params.get("full_attention", params)
+    theta = full.get("rope_theta", getattr(config, "rope_theta", None))
+    local = (params.get("sliding_attention") or {}).get(
+        "rope_theta", getattr(config, "rope_local_base_freq", None)
+    )
+    return float(10000.0 if theta is None else theta), None if local is None else float(local)
+
+
+def rope_scaling(config) -> tuple[dict, dict]:
+    """The rope scaling of full-attention and of sliding-window layers (``{}``: none)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in params:
+        full, sliding = params["full_attention"], params.get("sliding_attention") or {}
+    else:
+        full, sliding = params or getattr(config, "rope_scaling", None) or {}, {}
+
+    def scaled(p: dict) -> dict:
+        return {} if p.get("rope_type", p.get("type", "default")) == "default" else p
+
+    return scaled(full), scaled(sliding)
+
+
+def gemma3_attention_scale(config) -> float:
+    """The ``query_pre_attn_scalar`` llama.cpp assumes for Gemma 3 (it stores none): the
+    hidden size per head for the 62-layer (27B) model, the head size otherwise."""
+    if int(config.num_hidden_layers) == 62:
+        return int(config.hidden_size) / int(config.num_attention_heads)
+    return float(config.head_dim)
+
+
+def check_gguf_config(config) -> None:
+    """Refuse, in one line, a model whose architecture a GGUF file cannot describe to
+    llama.cpp: an architecture not written here, and the Gemma 3 settings llama.cpp's
+    ``gemma3`` graph does not read (it fixes them itself)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in GGUF_ARCHITECTURES:
+        raise UnsupportedConfigError(
+            f"architecture {model_type!r} cannot be written to GGUF here; supported: "
+            f"{', '.join(GGUF_ARCHITECTURES)}"
+        )
+    if GGUF_ARCHITECTURES[model_type] != "gemma3":
+        return
+    text = text_config(config)
+    problems = []
+    act = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", None)
+    if act != "gelu_pytorch_tanh":
+        problems.append(f"hidden_activation {act!r} (llama.cpp runs gelu_pytorch_tanh)")
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        problems.append("attn_logit_softcapping (llama.cpp's gemma3 has none)")
+    if getattr(text, "use_bidirectional_attention", False):
+        problems.append("bidirectional attention (llama.cpp's gemma3 is causal)")
+    scalar = float(getattr(text, "query_pre_attn_scalar", gemma3_attention_scale(text)))
+    if scalar != gemma3_attention_scale(text):
+        problems.append(
+            f"query_pre_attn_scalar {scalar:g} (llama.cpp scales queries by "
+            f"{gemma3_attention_scale(text):g}^-1/2 for this shape)"
+        )
+    kinds = set(getattr(text, "layer_types", None) or ())
+    if kinds - {"sliding_attention", "full_attention"}:
+        problems.append(f"layer types {sorted(kinds)}")
+    full, sliding = rope_scaling(text)
+    if full and (full.get("rope_type", full.get("type")) != "linear" or "factor" not in full):
+        problems.append(f"rope scaling {full.get('rope_type', full.get('type'))!r} (linear only)")
+    if sliding:
+        problems.append("rope scaling on sliding-window layers")
+    if problems:
+        raise UnsupportedConfigError(
+            "this Gemma 3 cannot be written to GGUF: llama.cpp does not read " + "; ".join(problems)
+        )
+
+
 def llama_gguf_shapes(config) -> tuple[dict[str, tuple[int, ...]], ModelShape]:
     """The GGUF tensors (names and ``ne``) of a llama-family Hugging Face ``config`` and the
     :class:`ModelShape` llama.cpp's mix reads."""
     from latticequant.formats.gguf.mix import llama_tensor_shapes
 
+    arch = GGUF_ARCHITECTURES.get(getattr(config, "model_type", None), "llama")
+    config = text_config(config)
     n_head = int(config.num_attention_heads)
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
@@ -127,7 +224,9 @@ def llama_gguf_shapes(config) -> tuple[dict[str, tuple[int, ...]], ModelShape]:
         vocab=int(config.vocab_size),
         tied=bool(getattr(config, "tie_word_embeddings", False)),
     )
-    shape = ModelShape(n_layer=int(config.num_hidden_layers), n_head=n_head, n_head_kv=n_kv)
+    shape = ModelShape(
+        n_layer=int(config.num_hidden_layers), n_head=n_head, n_head_kv=n_kv, arch=arch
+    )
     return shapes, shape
 
 
@@ -163,12 +262,7 @@ class GgufFormat(Format):
 
     def for_model(self, config, options: Mapping) -> GgufFormat:
         ftype = check_gguf_type(options.get("gguf_type"))
-        model_type = getattr(config, "model_type", None)
-        if model_type not in GGUF_ARCHITECTURES:
-            raise UnsupportedConfigError(
-                f"architecture {model_type!r} cannot be written to GGUF here; supported: "
-                f"{', '.join(GGUF_ARCHITECTURES)}"
-            )
+        check_gguf_config(config)
         shapes, shape = llama_gguf_shapes(config)
         # the grids are fitted with an importance matrix (the Hessian's diagonal): the mix is
         # llama-quantize's with --imatrix
