@@ -186,7 +186,6 @@ class BlockQuantizer:
         W = linear_weight(module).detach()
         if W.dtype not in (torch.float32, torch.float64):
             W = W.float()
-        release_freed_memory()  # the paused forward's freed temporaries, before the solve's
         t0 = time.perf_counter()
         try:
             C = None if cross is None else cross.H
@@ -197,9 +196,6 @@ class BlockQuantizer:
         except ValueError as exc:
             raise ValueError(f"cannot quantize {name}: {exc}") from exc
         elapsed = time.perf_counter() - t0
-        # the solve's float64 temporaries: the forward resumes after a group's last solve, and
-        # heap kept from it would add to the activations' peak (80 MB on the protocol's model)
-        release_freed_memory()
         self.solve_s += elapsed
         lq.stats.setdefault("time_s", elapsed)
         lq.stats["layer_time_s"] = elapsed
@@ -240,7 +236,14 @@ class BlockQuantizer:
                 if id(c) not in done:
                     done[id(c)] = world.reduce_hessian(c) if world.distributed else c
                 cross_on[name] = done[id(c)]
+        # the heap goes back once a group: the paused forward's freed temporaries before the
+        # solves, and the solves' float64 temporaries after them (the forward resumes, and heap
+        # kept from them would add to the activations' peak: 80 MB on the protocol's model).
+        # Between one row block's solve and the next, the next reuses what the last freed:
+        # giving it back each time only had it faulted in again (10% of a protocol block)
+        release_freed_memory()
         self._solve_units(block, accs, solve_on, cross_on, extra)
+        release_freed_memory()
 
     def _row_solver(self):
         """The method's row solver when its layers are solved by row blocks: every target but
@@ -340,7 +343,6 @@ class BlockQuantizer:
         cache = caches.setdefault((id(acc), _config_key(config)), {})
         context = self.method.context(self.format, self.full_name(name))
         a, b = chunk
-        release_freed_memory()
         t0 = time.perf_counter()
         try:
             T, shift = W[a:b], None

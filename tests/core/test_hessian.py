@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latticequant.core.hessian import HessianAccumulator, dead_columns, with_damped_diagonal
+from latticequant.core.hessian import (
+    HessianAccumulator,
+    dead_columns,
+    gram_tiles,
+    with_damped_diagonal,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -72,7 +77,8 @@ def test_damping_is_raised_until_the_factor_succeeds():
 
 @pytest.mark.parametrize("d_in", [5, 400, 800, 1600])
 def test_tiled_upper_sum_mirrors_to_the_full_gram_matrix(d_in):
-    # 1, 1, 2 and 4 column tiles: only tiles on and above the diagonal are ever summed.
+    # 1, 2, 4 and 4 column tiles: only tiles on and above the diagonal are ever summed.
+    assert gram_tiles(d_in, "cpu") == {5: 1, 400: 2, 800: 4, 1600: 4}[d_in]
     g = torch.Generator().manual_seed(d_in)
     x = torch.randn(700, d_in, generator=g, dtype=torch.float64)
     acc = HessianAccumulator(d_in, dtype=torch.float64)
@@ -81,6 +87,21 @@ def test_tiled_upper_sum_mirrors_to_the_full_gram_matrix(d_in):
     H = acc.H
     assert torch.equal(H, H.T)
     torch.testing.assert_close(H, x.T @ x / 700, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d_in", [576, 1536])
+def test_cpu_tiles_give_the_bits_of_one_product(d_in, dtype):
+    """The CPU's narrow tiles change no bit: every element above the diagonal is the float
+    that one product ``x^T x`` of the whole window gives, whatever tile it is summed in."""
+    g = torch.Generator().manual_seed(d_in)
+    scale = 10.0 ** torch.randint(-3, 4, (1, d_in), generator=g).to(dtype)
+    x = torch.randn(512, d_in, generator=g, dtype=dtype) * scale
+    acc = HessianAccumulator(d_in, dtype=dtype)
+    acc.add(x[None])
+    whole = torch.zeros(d_in, d_in, dtype=dtype).addmm_(x.T, x)
+    assert gram_tiles(d_in, "cpu") == 4 and gram_tiles(d_in, "meta") == (1 if d_in < 768 else 4)
+    assert torch.equal(acc.sum.triu(), whole.triu())
 
 
 def _windows(n: int, seed: int) -> torch.Tensor:
