@@ -91,17 +91,23 @@ def test_tiled_upper_sum_mirrors_to_the_full_gram_matrix(d_in):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d_in", [576, 1536])
-def test_cpu_tiles_give_the_bits_of_one_product(d_in, dtype):
-    """The CPU's narrow tiles change no bit: every element above the diagonal is the float
-    that one product ``x^T x`` of the whole window gives, whatever tile it is summed in."""
+def test_cpu_tiles_sum_the_whole_gram_matrix(d_in, dtype):
+    """The CPU's narrow tiles (4 from d = 576) cover the upper triangle once: every element
+    equals the float64 product to the accuracy of the accumulator's dtype. (That the tiles
+    also give the very bits of one ``x^T x`` is a property of the BLAS, measured on this
+    project's machines and recorded in docs/pipeline.md, not asserted here.)"""
     g = torch.Generator().manual_seed(d_in)
-    scale = 10.0 ** torch.randint(-3, 4, (1, d_in), generator=g).to(dtype)
-    x = torch.randn(512, d_in, generator=g, dtype=dtype) * scale
+    scale = 10.0 ** torch.randint(-3, 4, (1, d_in), generator=g).double()
+    x = torch.randn(512, d_in, generator=g, dtype=torch.float64) * scale
     acc = HessianAccumulator(d_in, dtype=dtype)
-    acc.add(x[None])
-    whole = torch.zeros(d_in, d_in, dtype=dtype).addmm_(x.T, x)
+    acc.add(x.to(dtype)[None])
+    xd = x.to(dtype).double()
+    reference = (xd.T @ xd).triu()
     assert gram_tiles(d_in, "cpu") == 4 and gram_tiles(d_in, "meta") == (1 if d_in < 768 else 4)
-    assert torch.equal(acc.sum.triu(), whole.triu())
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    err = (acc.sum.double().triu() - reference).abs()
+    bound = tol * (xd.abs().T @ xd.abs()).triu()
+    assert bool((err <= bound).all())
 
 
 def _windows(n: int, seed: int) -> torch.Tensor:
