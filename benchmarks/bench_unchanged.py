@@ -71,18 +71,20 @@ def write_tables(results: dict, path: Path) -> None:
         "",
         f"`python benchmarks/bench_unchanged.py --before {results['before']}` on "
         f"{results['machine']}: each setting quantized by commit `{results['before']}` and by "
-        f"`{results['after']}`, one after the other in one invocation (seed 0; held-out "
-        "perplexity of the protocol).",
+        "this checkout (the commit in the last column; `+` when it had uncommitted changes), "
+        "one after the other in one process each (seed 0; held-out perplexity of the "
+        "protocol). Rows of later invocations with `--only` replace their own rows.",
         "",
-        "| setting | before | after | equal to 4 decimals |",
-        "|---|---|---|---|",
+        "| setting | before | after | equal to 4 decimals | after: commit |",
+        "|---|---|---|---|---|",
     ]
     for name, row in results["rows"].items():
         b, a = row.get("before", {}).get("ppl_after"), row.get("after", {}).get("ppl_after")
         same = "" if a is None or b is None else ("yes" if f"{a:.4f}" == f"{b:.4f}" else "**no**")
         fb = "" if b is None else f"{b:.4f}"
         fa = "" if a is None else f"{a:.4f}"
-        lines.append(f"| `{' '.join(SETTINGS[name])}` | {fb} | {fa} | {same} |")
+        commit = row.get("after", {}).get("commit", "")
+        lines.append(f"| `{' '.join(SETTINGS[name])}` | {fb} | {fa} | {same} | `{commit}` |")
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
@@ -110,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     results = {"before": before, "after": after + "+", "rows": {},
                "machine": f"{platform.machine()}, {os.cpu_count()} cores"}  # fmt: skip
     out_json = Path(args.json)
+    if out_json.exists():  # rows of an earlier invocation against the same commit are kept
+        earlier = json.loads(out_json.read_text())
+        if earlier.get("before") == before:
+            results["rows"] = {k: v for k, v in earlier["rows"].items() if k not in names}
     work = Path(tempfile.mkdtemp(prefix="bench_unchanged."))
     tree = work / "before"
     subprocess.run([*git, "worktree", "add", "--detach", str(tree), before], check=True,
