@@ -41,6 +41,7 @@ __all__ = [
     "protocol_model_folder",
     "quantize_model",
     "load_checkpoint",
+    "allow_float32_torch_kernel",
 ]
 
 CACHE_ENV = "LATTICEQUANT_BENCH_CACHE"
@@ -312,7 +313,7 @@ def quantize_model(
 # --------------------------------------------------------------------------------------------
 
 
-def _allow_float32_torch_kernel() -> None:
+def allow_float32_torch_kernel() -> None:
     """Let GPTQModel's pure-torch GPTQ kernel run in float32.
 
     ``TorchLinear`` dequantizes ``scales * (codes - zeros)`` with plain torch ops and multiplies
@@ -330,7 +331,7 @@ def load_checkpoint(folder: str | os.PathLike, *, backend: str = "gptq_torch") -
     """A GPTQ-format checkpoint loaded by GPTQModel on the CPU in float32; returns the HF model.
 
     ``gptq_torch`` (default) is GPTQModel's pure-torch dequantizing kernel: every bit width,
-    exact float32 arithmetic (see :func:`_allow_float32_torch_kernel`). ``auto`` lets GPTQModel
+    exact float32 arithmetic (see :func:`allow_float32_torch_kernel`). ``auto`` lets GPTQModel
     pick its CPU kernel (4-bit only in float32). The returned module is the underlying
     ``transformers`` model, so the same perplexity function applies to it as to any other.
     GPTQModel refuses asymmetric checkpoints in the v1 ``gptq`` format unless GPTQModel itself
@@ -345,7 +346,7 @@ def load_checkpoint(folder: str | os.PathLike, *, backend: str = "gptq_torch") -
         raise ValueError(f"{folder} holds no quantization_config: not a GPTQ checkpoint")
     gptqmodel = import_gptqmodel()
     if backend == "gptq_torch":
-        _allow_float32_torch_kernel()
+        allow_float32_torch_kernel()
     qmodel = gptqmodel.GPTQModel.load(
         str(folder), device="cpu", backend=backend, dtype=torch.float32
     )
