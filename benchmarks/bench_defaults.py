@@ -156,7 +156,11 @@ def table(results: dict) -> list[str]:
         overall = min(measured, key=lambda n: runs[n]["ppl_after"])
         sentence = (
             "Every setting here writes a plain GPTQ checkpoint (act-order with static groups "
-            "stores a natural `g_idx`, `desc_act=false`) that every GPTQ reader loads."
+            "stores a natural `g_idx`, `desc_act=false`): transformers loads it; GPTQModel's "
+            "own loader takes an asymmetric grid only as `--checkpoint-format gptq_v2` (it "
+            "refuses asymmetric v1 files that GPTQModel did not write, docs/fold_readers.md), "
+            "and vLLM's GPTQ path only symmetric 4/8-bit (asymmetric grids go to vLLM as "
+            "compressed-tensors)."
         )
         if timed:
             inside = [n for n in measured if runs[n]["quantize_s"] <= BUDGET * base["quantize_s"]]
