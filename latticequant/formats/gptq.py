@@ -429,7 +429,8 @@ UNCLIPPED_FORMATS = "ssqr, hptq or hrtn"
 
 class GPTQFormat(Format):
     """The GPTQ layout; ``gptq`` stores zero points minus one (v1), ``gptq_v2`` as they are
-    (docs/kernels.md). GPTQModel's loader takes an asymmetric grid only as v2 (docs/fold_readers.md)."""
+    (docs/kernels.md). GPTQModel's loader takes an asymmetric grid only as v2
+    (docs/fold_readers.md)."""
 
     keys = GPTQ_KEYS
     key_kinds = {"qweight": "codes", "qzeros": "zeros", "scales": "scales", "g_idx": "g_idx"}
