@@ -46,11 +46,16 @@ import torch
 from torch import nn
 
 from latticequant.formats.ct_transform import (
+    TRANSFORM_TYPE,
+    OnlineTransform,
+    check_stored_matrix,
     ct_hadamard_rotation,
     hadamard_block,
     matches_target,
+    online_block,
     online_transform,
     rotates_input,
+    stored_matrix_key,
     transform_config_dict,
 )
 from latticequant.formats.gptq import (
@@ -72,7 +77,7 @@ from latticequant.formats.packing import (
     require_tensor,
 )
 from latticequant.formats.protocol import Format, UnsupportedConfigError, register_format
-from latticequant.formats.rotation import RotatedFormat, RotatedLinear
+from latticequant.formats.rotation import RotatedFormat, RotatedLinear, TransformedLinear
 
 #: Code widths this layout stores (compressed-tensors packs 1 to 8; the quantizers give 2 to 8).
 CT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -786,11 +791,13 @@ class CompressedTensorsFormat(Format):
 
     def infer_modules(self, file_config, tensors) -> dict:
         """Each module holding ``weight_packed``, with the config group that claims it; those
-        ``transform_config`` rotates online are of the rotated variant."""
+        ``transform_config`` rotates online are of the rotated variant, with the key of the
+        transform's stored matrix (``transform_matrix``) when the file holds one for it."""
         modules = {}
         for name, args in check_quantization_config(file_config, tensors).items():
             d_out, d_in = (int(x) for x in tensors[f"{name}.weight_shape"].tolist())
-            rotated = online_transform(file_config, name, d_in) is not None
+            transform = online_transform(file_config, name, d_in)
+            rotated = transform is not None
             modules[name] = {
                 "format": CT_ROTATED_NAME if rotated else self.name,
                 "bits": args.bits,
@@ -804,6 +811,9 @@ class CompressedTensorsFormat(Format):
                     if f"{name}.{k}" in tensors
                 },
             }
+            matrix = stored_matrix_key(tensors, name, transform) if rotated else None
+            if matrix is not None:
+                modules[name]["transform_matrix"] = matrix
         return modules
 
 
@@ -817,15 +827,22 @@ COMPRESSED_TENSORS = register_format(CompressedTensorsFormat())
 
 
 CT_ROTATED_NAME = f"{FORMAT_NAME}+hadamard"  # the rotated variant below (``rotated()``)
+#: The local key under which a rotated layer receives its transform's stored matrix.
+MATRIX_KEY = "transform_matrix"
 
 
 class CompressedTensorsRotatedFormat(RotatedFormat):
-    """A pack-quantized layer stored as ``W R``, ``R`` the block Hadamard compressed-tensors'
-    ``hadamard`` transform builds for its input size (:mod:`latticequant.formats.ct_transform`):
-    ``transform_config`` names it (``input`` online, ``weight_input`` inverse already in the
-    weight), and every reader that applies it, compressed-tensors, vLLM and ours, computes
-    ``x -> x R`` before the layer. Unlike our rotated formats nothing rides beside the
-    pack-quantized tensors: the file-level config says it all.
+    """A pack-quantized layer stored as ``W T``, ``T`` the online input transform
+    ``transform_config`` names for it (``input`` online, ``weight_input`` inverse already in the
+    weight): every reader that applies it, compressed-tensors, vLLM and ours, computes
+    ``x -> x T`` before the layer.
+
+    Ours write ``T`` the block Hadamard compressed-tensors' readers build for the layer's input
+    size (:mod:`latticequant.formats.ct_transform`), and nothing rides beside the pack-quantized
+    tensors: the file-level config says it all. llm-compressor's files also store the
+    transform's matrix, one per scheme and size (:meth:`shared_tensors`): a ``hadamard`` one
+    must be the Sylvester matrix and is run as such; ``random-hadamard`` and ``random-matrix``
+    run the stored matrix (:class:`~latticequant.formats.rotation.TransformedLinear`).
     """
 
     def __init__(self, inner: CompressedTensorsFormat) -> None:
@@ -833,7 +850,7 @@ class CompressedTensorsRotatedFormat(RotatedFormat):
         self.name = f"{inner.name}+hadamard"
         self.keys = inner.keys
         self.optional_keys = inner.optional_keys
-        self.key_kinds = inner.key_kinds
+        self.key_kinds = {**inner.key_kinds, MATRIX_KEY: "rotation"}
         self.kernels = inner.kernels
         self.quant_method = inner.quant_method
         self.writes_quantize_config = inner.writes_quantize_config
@@ -847,14 +864,35 @@ class CompressedTensorsRotatedFormat(RotatedFormat):
         return self.inner.pack(result)
 
     def dequantize(self, tensors, meta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``(W R) R^T``: the layer's weight in its own input basis."""
-        stored = self.inner.dequantize(tensors, meta, torch.float64)
-        rotation = ct_hadamard_rotation(stored.shape[1], _block(meta))
-        return rotation.apply_transpose(stored).to(dtype)
+        """The weight the layer computes with in its own input basis: ``x T (W')^T = x (W' T^T)^T``
+        for the stored ``W'``."""
+        stored = self.inner.dequantize(_inner_tensors(tensors), meta, torch.float64)
+        transform = _transform(meta)
+        if transform.type == TRANSFORM_TYPE:
+            rotation = ct_hadamard_rotation(stored.shape[1], transform.block)
+            return rotation.apply_transpose(stored).to(dtype)
+        block = online_block(_matrix(tensors, transform).to(torch.float64), transform)
+        d_out, d_in = stored.shape
+        runs = stored.reshape(d_out, d_in // transform.block, transform.block)
+        return (runs @ block.T).reshape(d_out, d_in).to(dtype)
 
     def module(self, tensors, meta, bias=None) -> nn.Module:
-        inner = self.inner.module(tensors, meta, bias)
-        return RotatedLinear(ct_hadamard_rotation(inner.in_features, _block(meta)), inner)
+        inner = self.inner.module(_inner_tensors(tensors), meta, bias)
+        transform = _transform(meta)
+        if transform.type == TRANSFORM_TYPE:
+            if MATRIX_KEY in tensors:
+                check_stored_matrix(tensors[MATRIX_KEY], transform)
+            rotation = ct_hadamard_rotation(inner.in_features, transform.block)
+            return RotatedLinear(rotation, inner)
+        return TransformedLinear(
+            _matrix(tensors, transform), inner, transform.scale, transform.transposed
+        )
+
+    def shared_tensors(self, entry) -> dict[str, str]:
+        """The transform's stored matrix (llm-compressor's files: ``<layer>.<scheme>_input.
+        weight``, found by ``infer_modules``), under :data:`MATRIX_KEY`."""
+        key = entry.get("transform_matrix")
+        return {MATRIX_KEY: key} if isinstance(key, str) else {}
 
     def file_config(self, base, meta) -> dict:
         return self.inner.file_config(base, meta)
@@ -874,8 +912,8 @@ class CompressedTensorsRotatedFormat(RotatedFormat):
         return self.inner.layer_claim(name, file_config)
 
     def module_meta(self, entry, file_config, name: str = "") -> dict:
-        """The pack-quantized meta and ``block``, the Sylvester order ``transform_config``
-        applies to the layer's inputs."""
+        """The pack-quantized meta and the transform: ``block`` (its order), ``transform``
+        (its type), ``scheme``, ``inverse``."""
         meta = self.inner.module_meta(entry, file_config, name)
         d_in = int(entry.get("in_features", 0))
         transform = online_transform(file_config, name, d_in)
@@ -891,15 +929,34 @@ class CompressedTensorsRotatedFormat(RotatedFormat):
                 f"was quantized in blocks of {hadamard_block(d_in)}: readers would rotate its "
                 "inputs by another matrix than its weights hold"
             )
-        return {**meta, "block": transform.block}
+        if transform.type != TRANSFORM_TYPE and not self.shared_tensors(entry):
+            raise FormatError(
+                f"transform_config scheme {transform.scheme!r} is of type {transform.type!r}, "
+                "whose matrix readers take from the checkpoint, and it stores none for it "
+                f"({transform.matrix_key(name)})"
+            )
+        return {
+            **meta,
+            "block": transform.block,
+            "transform": transform.type,
+            "scheme": transform.scheme,
+            "inverse": transform.inverse,
+        }
 
     def check_file_config(self, name, tensors, meta, file_config) -> None:
         """The config group that claims the layer must describe its tensors; its transform was
-        checked by :meth:`module_meta`."""
+        checked by :meth:`module_meta`, its stored matrix is checked here."""
         Format.check_file_config(self, name, tensors, meta, file_config)
-        check_quantization_config(file_config, {f"{name}.{k}": t for k, t in tensors.items()})
+        inner = _inner_tensors(tensors)
+        check_quantization_config(file_config, {f"{name}.{k}": t for k, t in inner.items()})
         if int(tensors["weight_shape"][1]) % _block(meta):
             raise FormatError(f"its inputs do not split into Hadamard blocks of {_block(meta)}")
+        if MATRIX_KEY in tensors:
+            check_stored_matrix(tensors[MATRIX_KEY], _transform(meta))
+
+
+def _inner_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: t for k, t in tensors.items() if k != MATRIX_KEY}
 
 
 def _block(meta: Mapping) -> int:
@@ -907,6 +964,28 @@ def _block(meta: Mapping) -> int:
     if not isinstance(block, int) or block <= 0:
         raise FormatError("a rotated compressed-tensors layer needs its Hadamard block in meta")
     return block
+
+
+def _transform(meta: Mapping) -> OnlineTransform:
+    """The layer's transform as :meth:`CompressedTensorsRotatedFormat.module_meta` records it
+    (meta without a type: ours, the Sylvester block)."""
+    return OnlineTransform(
+        str(meta.get("scheme", "")),
+        _block(meta),
+        str(meta.get("transform", TRANSFORM_TYPE)),
+        bool(meta.get("inverse", False)),
+    )
+
+
+def _matrix(tensors: Mapping[str, torch.Tensor], transform: OnlineTransform) -> torch.Tensor:
+    if MATRIX_KEY not in tensors:
+        raise FormatError(
+            f"its {transform.type} transform needs the matrix the checkpoint stores, and none "
+            "was handed over"
+        )
+    matrix = tensors[MATRIX_KEY]
+    check_stored_matrix(matrix, transform)
+    return matrix
 
 
 COMPRESSED_TENSORS_ROTATED = register_format(CompressedTensorsRotatedFormat(COMPRESSED_TENSORS))

@@ -15,23 +15,39 @@ So the rotation a layer of ours is quantized in, for this format, is that matrix
 ``R = I_{d_in / b} (x) H_b / sqrt(b)`` with ``b`` the largest power of two dividing ``d_in``
 (at most :data:`MAX_BLOCK`), one per size for every layer, no signs and no seed. Nothing is
 stored for it; :func:`transform_config_dict` says which layers it rotates, one scheme per block
-size. Other transform types (``random-hadamard``, ``random-matrix``), permuted (``randomize``)
-schemes and online locations other than ``input`` are refused by :func:`online_transform` in one
-line: we do not run them.
+size.
+
+llm-compressor's checkpoints (QuIP, SpinQuant's ``R4``) also store each online transform's
+matrix: compressed-tensors registers the transform as a submodule ``<scheme>_input`` of the
+layer, its factories share one matrix per size among the layers of a scheme, and saving keeps
+one copy of each shared tensor, so the file holds ``<layer>.<scheme>_input.weight`` for the
+first layer of each size only (:func:`stored_matrix_key` finds it for every other layer). The
+matrix ``B`` is unnormalised for the Hadamard types and applied as ``x -> x B / sqrt(b)``
+(``B^T`` for an ``inverse`` entry), as is for ``random-matrix`` (``HadamardTransform`` and
+``RandomMatrixTransform`` in compressed-tensors 0.20.1, ``transform/factory/``). ``hadamard``
+is run as the Sylvester matrix its readers build (a stored one must be that matrix);
+``random-hadamard`` and ``random-matrix`` need the stored one. Permuted (``randomize``) schemes
+and online locations other than ``input`` are refused by :func:`online_transform` in one line:
+we do not run them.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from latticequant.core.rotation import Rotation, block_hadamard_rotation
+import torch
+
+from latticequant.core.rotation import Rotation, block_hadamard_rotation, sylvester_hadamard
 from latticequant.formats.packing import FormatError
 
 __all__ = [
     "MAX_BLOCK",
     "TRANSFORM_TYPE",
+    "TRANSFORM_TYPES",
+    "STORED_TYPES",
     "OnlineTransform",
     "hadamard_block",
     "ct_hadamard_rotation",
@@ -39,9 +55,17 @@ __all__ = [
     "online_transform",
     "rotates_input",
     "matches_target",
+    "stored_matrix_key",
+    "check_stored_matrix",
+    "online_block",
 ]
 
 TRANSFORM_TYPE = "hadamard"
+#: Transform types whose matrix the reader takes from the checkpoint (it cannot build them:
+#: their signs or entries come from a generator).
+STORED_TYPES = ("random-hadamard", "random-matrix")
+#: Every type we run online.
+TRANSFORM_TYPES = (TRANSFORM_TYPE, *STORED_TYPES)
 #: The largest Sylvester block vLLM's hadacore kernel applies (``hadamard_transform.cpp``).
 MAX_BLOCK = 1 << 15
 #: Locations a reader fuses into the stored weights once (nothing to run).
@@ -52,11 +76,30 @@ PRECISION = "torch.float32"
 
 @dataclass(frozen=True)
 class OnlineTransform:
-    """The online input rotation a ``transform_config`` gives one layer: its scheme's name and
-    the order ``block`` of the Sylvester matrix applied to each run of ``block`` inputs."""
+    """The online input transform a ``transform_config`` gives one layer: its scheme's name, the
+    order ``block`` of the matrix applied to each run of ``block`` inputs, the scheme's ``type``
+    and whether its ``input`` entry is ``inverse``."""
 
     scheme: str
     block: int
+    type: str = TRANSFORM_TYPE
+    inverse: bool = False
+
+    def matrix_key(self, name: str) -> str:
+        """Where compressed-tensors stores the matrix of layer ``name``'s transform."""
+        return f"{name}.{self.scheme}_input.weight"
+
+    @property
+    def scale(self) -> float:
+        """What the stored matrix is divided by: ``sqrt(block)`` for the Hadamard types (the
+        stored entries are +-1), 1 for ``random-matrix``."""
+        return 1.0 if self.type == "random-matrix" else math.sqrt(self.block)
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the stored matrix is applied transposed: an ``inverse`` Hadamard entry
+        (``random-matrix`` stores its inverse itself)."""
+        return self.inverse and self.type != "random-matrix"
 
 
 def hadamard_block(n: int) -> int:
@@ -164,41 +207,40 @@ def online_transform(file_config: Mapping, name: str, d_in: int) -> OnlineTransf
                     f"transform_config scheme {scheme_name!r} applies a {location!r} transform "
                     "to it, which latticequant does not run (only 'input')"
                 )
-            found.append((scheme_name, scheme))
+            found.append((scheme_name, scheme, bool(args.get("inverse", False))))
     if not found:
         return None
     if len(found) > 1:
         raise FormatError(
-            f"transform_config rotates its input twice ({', '.join(n for n, _ in found)})"
+            f"transform_config rotates its input twice ({', '.join(f[0] for f in found)})"
         )
-    scheme_name, scheme = found[0]
-    return OnlineTransform(scheme_name, _runnable_block(scheme_name, scheme, name, d_in))
+    scheme_name, scheme, inverse = found[0]
+    block = _runnable_block(scheme_name, scheme, name, d_in)
+    return OnlineTransform(scheme_name, block, scheme["type"], inverse)
 
 
 def _runnable_block(scheme_name: str, scheme: Mapping, name: str, d_in: int) -> int:
-    """The Sylvester block of a scheme we run on ``name``; refuses every other kind."""
+    """The block of a scheme we run on ``name``; refuses every other kind."""
     what = f"transform_config scheme {scheme_name!r}"
-    if scheme.get("type") != TRANSFORM_TYPE:
+    kind = scheme.get("type")
+    if kind not in TRANSFORM_TYPES:
         raise FormatError(
-            f"{what} is of type {scheme.get('type')!r}; latticequant runs only 'hadamard' "
-            "(Sylvester) transforms"
+            f"{what} is of type {kind!r}; latticequant runs {', '.join(map(repr, TRANSFORM_TYPES))}"
         )
     if scheme.get("randomize"):
         raise FormatError(
             f"{what} permutes its matrix (randomize), which latticequant does not run"
         )
     block = scheme.get("head_dim") or d_in
-    if (
-        isinstance(block, bool)
-        or not isinstance(block, int)
-        or block <= 0
-        or block & (block - 1)
-        or d_in % block
-    ):
+    fits = not isinstance(block, bool) and isinstance(block, int) and block > 0
+    fits = fits and d_in % block == 0
+    if kind == TRANSFORM_TYPE and not (fits and block & (block - 1) == 0):
         raise FormatError(
             f"{what} needs a Sylvester Hadamard of order {block} on {d_in} inputs: "
             "compressed-tensors builds power-of-two orders that divide the inputs only"
         )
+    if not fits:
+        raise FormatError(f"{what} applies blocks of {block!r} to {d_in} inputs: they must divide it")
     if not any(
         isinstance(a, Mapping) and a.get("location") == "weight_input" and _applies(a, name)
         for a in scheme.get("apply", [])
@@ -208,3 +250,60 @@ def _runnable_block(scheme_name: str, scheme: Mapping, name: str, d_in: int) -> 
             "says the stored weight holds the inverse rotation"
         )
     return block
+
+
+def stored_matrix_key(
+    tensors: Mapping[str, torch.Tensor], name: str, transform: OnlineTransform
+) -> str | None:
+    """The checkpoint key holding the matrix of layer ``name``'s online transform, or None.
+
+    Its own ``<name>.<scheme>_input.weight``, else the one matrix of that scheme and size stored
+    under another layer: compressed-tensors' factories share one matrix per size
+    (``ParameterizedDefaultDict`` keyed by size, ``transform/factory/hadamard.py``), and saving
+    keeps one copy of each shared tensor. Several different ones of that size for a layer that
+    stores none is a one-line :class:`FormatError` (which one it runs is not said).
+    """
+    own = transform.matrix_key(name)
+    if own in tensors:
+        return own
+    suffix = f".{transform.scheme}_input.weight"
+    size = (transform.block, transform.block)
+    keys = sorted(k for k, t in tensors.items() if k.endswith(suffix) and tuple(t.shape) == size)
+    if not keys:
+        return None
+    first = tensors[keys[0]]
+    if any(not torch.equal(tensors[k], first) for k in keys[1:]):
+        raise FormatError(
+            f"transform_config scheme {transform.scheme!r} stores different matrices of size "
+            f"{transform.block} ({keys[0]}, ...) and none for this layer: which one it runs is "
+            "not said"
+        )
+    return keys[0]
+
+
+def check_stored_matrix(matrix: torch.Tensor, transform: OnlineTransform) -> None:
+    """A stored transform matrix must be a finite float ``(block, block)``; for type
+    ``hadamard``, the unnormalised Sylvester matrix every reader builds (vLLM reads none)."""
+    size = (transform.block, transform.block)
+    if not matrix.is_floating_point() or tuple(matrix.shape) != size:
+        raise FormatError(
+            f"its {transform.scheme}_input.weight must be a float {list(size)} matrix, got "
+            f"{matrix.dtype} {list(matrix.shape)}"
+        )
+    if not bool(torch.isfinite(matrix).all()):
+        raise FormatError(f"its {transform.scheme}_input.weight holds non-finite entries")
+    if transform.type == TRANSFORM_TYPE and not torch.equal(
+        matrix.to(torch.float64), sylvester_hadamard(transform.block)
+    ):
+        raise FormatError(
+            f"its {transform.scheme}_input.weight is not the Sylvester Hadamard matrix of "
+            f"order {transform.block} that type 'hadamard' names (vLLM builds that one and "
+            "ignores the stored one)"
+        )
+
+
+def online_block(matrix: torch.Tensor, transform: OnlineTransform) -> torch.Tensor:
+    """The ``block x block`` matrix ``B`` applied to each run of ``block`` inputs,
+    ``x -> x B``: the stored one scaled (and transposed) as compressed-tensors applies it."""
+    out = matrix.T if transform.transposed else matrix
+    return out / transform.scale

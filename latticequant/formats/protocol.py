@@ -225,6 +225,12 @@ class Format:
         another tool), from its file-level config and tensor names; empty when it cannot."""
         return {}
 
+    def shared_tensors(self, entry: Mapping) -> dict[str, str]:
+        """Tensors a layer reads from elsewhere in the file, by its module table ``entry``:
+        local key (as :meth:`module` receives it) -> the file's key. A transform matrix that
+        several layers share is stored once, under one of them. None by default."""
+        return {}
+
     def module_meta(self, entry: Mapping, file_config: Mapping, name: str = "") -> dict:
         """What :meth:`module` and :meth:`dequantize` need of one layer, from its entry in the
         checkpoint's module table, the file-level config and its name (a file-level transform

@@ -44,6 +44,7 @@ __all__ = [
     "pack_rotation",
     "unpack_rotation",
     "RotatedLinear",
+    "TransformedLinear",
 ]
 
 ROTATION_KEYS = ("rot_signs", "rot_factor", "rot_seed")
@@ -153,6 +154,55 @@ class RotatedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, hadamard={self.a}x{self.m}"
+
+
+class TransformedLinear(nn.Module):
+    """``y = inner(x T)`` with ``T = I_{n / b} (x) B / scale`` (``B^T`` when ``transpose``): a
+    ``b x b`` matrix ``B`` read from the checkpoint, applied to each run of ``b`` inputs
+    (compressed-tensors' ``random-hadamard`` and ``random-matrix`` transforms, which no reader
+    can build; ``scale`` is ``sqrt(b)`` for the Hadamard types, whose stored entries are +-1).
+
+    The product runs in ``B``'s dtype, as compressed-tensors runs it (the input cast to the
+    transform's dtype, multiplied, divided by ``scale``, cast back), and hands ``inner`` the
+    input's dtype. ``matrix`` may be an ``nn.Parameter`` that several layers share (the file
+    stores one per size): it then moves between devices once, as tied weights do.
+    """
+
+    def __init__(
+        self, matrix: torch.Tensor, inner: nn.Module, scale: float = 1.0, transpose: bool = False
+    ) -> None:
+        super().__init__()
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"a transform block must be square, got {list(matrix.shape)}")
+        in_features = getattr(inner, "in_features", None)
+        if not isinstance(in_features, int) or in_features % matrix.shape[0]:
+            raise ValueError(f"blocks of {matrix.shape[0]} do not split {in_features} inputs")
+        self.inner = inner
+        if not isinstance(matrix, nn.Parameter):
+            matrix = nn.Parameter(matrix, requires_grad=False)
+        self.matrix = matrix
+        self.scale = float(scale)
+        self.transpose = bool(transpose)
+        self.block = matrix.shape[0]
+        self.in_features = in_features
+        self.out_features = getattr(inner, "out_features", None)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x T`` in the matrix's dtype over the last axis."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input has {x.shape[-1]} features, this layer takes {self.in_features}"
+            )
+        lead = x.shape[:-1]
+        y = x.to(self.matrix.dtype).reshape(*lead, self.in_features // self.block, self.block)
+        y = (y @ (self.matrix.T if self.transpose else self.matrix)) / self.scale
+        return y.reshape(*lead, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.rotate(x).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, block={self.block}, dtype={self.matrix.dtype}"
 
 
 ROTATED_FORMAT = "latticequant-hadamard"

@@ -516,7 +516,8 @@ def _check_file_config(ck: _Checkpoint) -> None:
     for name, fmt in ck.formats.items():
         try:
             meta = fmt.module_meta(ck.modules[name], qc, name)
-            fmt.check_file_config(name, _layer_tensors(name, fmt, ck.tensors), meta, qc)
+            layer = _layer_tensors(name, fmt, ck.tensors, ck.modules[name])
+            fmt.check_file_config(name, layer, meta, qc)
         except FormatError as exc:
             raise CheckpointError(f"module {name}: {exc}") from None
     kinds = {fmt.name: fmt for fmt in ck.formats.values()}.values()
@@ -573,10 +574,12 @@ def load_quantized(
     _refuse_unused(tensors, ck.expected, modules, ck.formats, tied)
     _check_file_config(ck)
     _load_float_state(model, tensors, ck.expected, modules, tied)
+    shared: dict[str, nn.Parameter] = {}  # one parameter per shared tensor, whoever reads it
     for name, entry in modules.items():
         fmt = ck.formats[name]
-        _set_module(model, name, _module(model, name, entry, ck.qc, fmt, tensors, cache_weight))
-        for key in _layer_tensors(name, fmt, tensors):
+        module = _module(model, name, entry, ck.qc, fmt, tensors, cache_weight, shared)
+        _set_module(model, name, module)
+        for key in _own_keys(name, fmt, tensors):
             del tensors[f"{name}.{key}"]  # the module holds what it needs
         # unpacking and decoding temporaries grow glibc's mmap threshold; without this their
         # freed pages stay resident, module after module
@@ -621,7 +624,9 @@ def _checked_module(model, name: str, entry: Mapping, qc: Mapping, tensors, expe
     """The format of module ``name``, its tensors checked for presence and shape against its
     entry and its shape against the model config.json builds."""
     fmt = _entry_format(name, entry, qc)
-    stored = {k[len(name) + 1 :] for k in tensors if k.startswith(f"{name}.")} - {"bias"}
+    shared = set(fmt.shared_tensors(entry).values())  # its own key among them: not its kind's
+    stored = {k[len(name) + 1 :] for k in tensors if k.startswith(f"{name}.") and k not in shared}
+    stored -= {"bias"}
     kinds = [f.name for f in formats_storing(stored)]
     if kinds and fmt.name not in kinds:  # its tensors, not its entry, say what a module is
         raise CheckpointError(
@@ -659,6 +664,7 @@ def _refuse_unused(tensors, expected, modules, formats, tied) -> None:
     used = {k for k in expected if k not in tied and k not in quantized}
     for name, fmt in formats.items():
         used |= {f"{name}.{k}" for k in fmt.keys + fmt.optional_keys} | {f"{name}.bias"}
+        used |= set(fmt.shared_tensors(modules[name]).values())
     unused = sorted(k for k in tensors if k not in used)
     if unused:
         raise CheckpointError(
@@ -715,13 +721,32 @@ def _check_nothing_on_meta(model: nn.Module) -> None:
                 )
 
 
-def _layer_tensors(name: str, fmt: Format, tensors) -> dict[str, torch.Tensor]:
-    """Module ``name``'s tensors that its format reads, by key."""
-    keys = fmt.keys + tuple(k for k in fmt.optional_keys if f"{name}.{k}" in tensors)
-    return {k: tensors[f"{name}.{k}"] for k in keys}
+def _own_keys(name: str, fmt: Format, tensors) -> tuple[str, ...]:
+    """The keys of module ``name``'s own tensors that its format reads."""
+    return fmt.keys + tuple(k for k in fmt.optional_keys if f"{name}.{k}" in tensors)
 
 
-def _module(model, name, entry, qc, fmt: Format, tensors, cache_weight) -> nn.Module:
+def _layer_tensors(
+    name: str, fmt: Format, tensors, entry: Mapping, shared: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Module ``name``'s tensors that its format reads, by key: its own, and those it shares
+    with other layers (:meth:`Format.shared_tensors`), each of these wrapped once in a
+    parameter every reader holds when ``shared`` collects them (so a model moved to a device
+    keeps one copy)."""
+    out = {k: tensors[f"{name}.{k}"] for k in _own_keys(name, fmt, tensors)}
+    for key, full in fmt.shared_tensors(entry).items():
+        if full not in tensors:
+            raise CheckpointError(f"module {name} reads tensor {full}, which the checkpoint lacks")
+        if shared is None:
+            out[key] = tensors[full]
+            continue
+        if full not in shared:
+            shared[full] = nn.Parameter(tensors[full], requires_grad=False)
+        out[key] = shared[full]
+    return out
+
+
+def _module(model, name, entry, qc, fmt: Format, tensors, cache_weight, shared) -> nn.Module:
     """The inference module of one quantized layer, built by its format."""
     original = model.get_submodule(name)
     bias = tensors.get(f"{name}.bias")
@@ -729,6 +754,6 @@ def _module(model, name, entry, qc, fmt: Format, tensors, cache_weight) -> nn.Mo
         raise CheckpointError(f"checkpoint is missing tensor {name}.bias")
     try:
         meta = {**fmt.module_meta(entry, qc, name), "cache_weight": cache_weight}
-        return fmt.module(_layer_tensors(name, fmt, tensors), meta, bias)
+        return fmt.module(_layer_tensors(name, fmt, tensors, entry, shared), meta, bias)
     except FormatError as exc:
         raise CheckpointError(f"module {name}: {exc}") from None

@@ -11,10 +11,13 @@ import torch
 from latticequant.formats import FormatError
 from latticequant.formats.ct_transform import (
     MAX_BLOCK,
+    check_stored_matrix,
     ct_hadamard_rotation,
     hadamard_block,
+    online_block,
     online_transform,
     rotates_input,
+    stored_matrix_key,
     transform_config_dict,
 )
 
@@ -135,8 +138,8 @@ def _output(fc: dict) -> dict:
 @pytest.mark.parametrize(
     "file_config, match",
     [
-        (_file(type="random-hadamard"), "runs only 'hadamard'"),
-        (_file(type="random-matrix"), "runs only 'hadamard'"),
+        (_file(type="other"), "of type 'other'; latticequant runs 'hadamard'"),
+        (_file(type="random-matrix", head_dim=1000), "blocks of 1000 to 1536 inputs"),
         (_file(randomize=True), "randomize"),
         (_file(head_dim=48), "order 48 on 1536 inputs"),
         (_file(head_dim=1024), "order 1024 on 1536 inputs"),
@@ -146,7 +149,7 @@ def _output(fc: dict) -> dict:
         ({"transform_config": {"config_groups": [1]}}, "no config_groups mapping"),
     ],
     ids=(
-        "random-hadamard random-matrix randomize head-48 head-1024 no-weight-input twice output "
+        "other-type matrix-1000 randomize head-48 head-1024 no-weight-input twice output "
         "malformed"
     ).split(),
 )
@@ -154,3 +157,71 @@ def test_what_we_cannot_run_is_refused_in_one_line(file_config, match):
     with pytest.raises(FormatError, match=match) as err:
         online_transform(file_config, "model.layers.0.mlp.down_proj", 1536)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random-hadamard", "random-matrix"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_a_stored_matrix_runs_as_the_package_runs_it(kind, inverse):
+    """The matrix the package's factory made for a layer, as a checkpoint stores it, applied by
+    ``online_block`` block by block, equals the package's online transform on that layer
+    (two blocks of ``head_dim``; 48 is no power of two, so ``hadamard`` takes 32)."""
+    n, head = (96, 48) if kind != "hadamard" else (96, 32)
+    scheme = {
+        "type": kind,
+        "apply": [
+            {"targets": ["layer"], "location": "input", "inverse": inverse},
+            {"targets": ["layer"], "location": "weight_input", "inverse": not inverse},
+        ],
+        "head_dim": head,
+        "precision": "torch.float64",
+    }
+    fc = {"transform_config": {"config_groups": {"v": scheme}}}
+    model = _One(n)
+    apply_transform_config(model, TransformConfig.model_validate(fc["transform_config"]))
+    module = model.layer.v_input
+    stored = module.weight.detach()  # what saving the model writes for v_input.weight
+    transform = online_transform(fc, "layer", n)
+    assert (transform.type, transform.block, transform.inverse) == (kind, head, inverse)
+    check_stored_matrix(stored, transform)
+    x = torch.randn(3, n, dtype=torch.float64)
+    ours = (x.reshape(3, n // head, head) @ online_block(stored, transform)).reshape(3, n)
+    assert torch.allclose(ours, module(x), atol=1e-12, rtol=0)
+
+
+def test_the_matrix_shared_by_a_size_is_found_for_every_layer():
+    """Saving keeps one copy of the matrix the package shares among a scheme's layers of one
+    size: the layers without their own read it; two different ones leave it unsaid."""
+    fc = _file(type="random-hadamard", head_dim=None)
+    (scheme,) = fc["transform_config"]["config_groups"].values()
+    for args in scheme["apply"]:
+        args["targets"] = ["Linear"]
+    t = online_transform(fc, "b.down", 1536)
+    m = torch.ones(1536, 1536, dtype=torch.float64)
+    key = "{}.hadamard_512_input.weight".format
+    tensors = {key("a.down"): m, key("a.q"): m[:8, :8]}
+    assert stored_matrix_key(tensors, "b.down", t) == key("a.down")
+    tensors[key("b.down")] = m
+    assert stored_matrix_key(tensors, "b.down", t) == key("b.down")
+    tensors[key("c.down")] = -m
+    assert stored_matrix_key(tensors, "b.down", t) == key("b.down")
+    with pytest.raises(FormatError, match="different matrices of size 1536"):
+        stored_matrix_key(tensors, "d.down", t)
+    assert stored_matrix_key({}, "b.down", t) is None
+
+
+def test_a_stored_hadamard_matrix_must_be_the_one_readers_build():
+    t = online_transform(_file(), "model.layers.0.mlp.down_proj", 1536)
+    H = deterministic_hadamard_matrix(512, torch.float64)
+    check_stored_matrix(H, t)
+    check_stored_matrix(H.float(), t)
+    signs = torch.ones(512, dtype=torch.float64)
+    signs[7] = -1
+    for bad, match in [
+        (H * signs, "not the Sylvester Hadamard"),
+        (H[:256, :256], r"float \[512, 512\] matrix"),
+        (H.to(torch.int32), r"float \[512, 512\] matrix"),
+        (H * float("nan"), "non-finite"),
+    ]:
+        with pytest.raises(FormatError, match=match) as err:
+            check_stored_matrix(bad, t)
+        assert "\n" not in str(err.value)

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from runs import run_quantize
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny import GROUP, make_char_tokenizer, make_tiny_dense, make_tiny_llama
 
 import latticequant as lq
 from latticequant.checkpoint import CheckpointError, is_quantized_checkpoint, load_quantized
 from latticequant.formats import get_format
 from latticequant.formats.compressed_tensors import check_quantization_config
-from latticequant.formats.rotation import RotatedLinear
+from latticequant.formats.rotation import RotatedLinear, TransformedLinear
 from latticequant.methods import UnsupportedConfigError, get_method
 from latticequant.methods.grid import KBestConfig
 from latticequant.pipeline.layout import UnsupportedModelError
@@ -293,11 +293,15 @@ def _rotated_run(out, calib_ids, rotate, family="llama", intermediate=192, **kw)
 def _applied_by_compressed_tensors(out):
     """transformers' model with the file's transform_config applied by compressed-tensors'
     ``apply_transform_config``, as a reader that applies it before the weights load: the
-    stored weights (``W R``) are put back over the weight side it fuses."""
+    stored weights (``W R``) are put back over the weight side it fuses, and the transform
+    matrices the file stores (llm-compressor's ``<layer>.<scheme>_input.weight``, one per size:
+    the package shares each among the layers of that size) over the ones it built."""
     from compressed_tensors.transform import TransformConfig, apply_transform_config
 
     model = _transformers(out, dequantize=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    stored = load_file(str(Path(out) / "model.safetensors"))
+    state.update({k: v for k, v in stored.items() if k.endswith("_input.weight")})
     apply_transform_config(model, TransformConfig.model_validate(_qconfig(out)["transform_config"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("_input.weight") for k in missing)
@@ -372,7 +376,7 @@ CONTRADICTIONS = {
     ),
     "random-hadamard": (
         lambda qc: _schemes(qc)[0].update(type="random-hadamard"),
-        "type 'random-hadamard'; latticequant runs only 'hadamard'",
+        "type 'random-hadamard', whose matrix readers take from the checkpoint, and it stores none",
     ),
     "output": (
         lambda qc: _schemes(qc)[0]["apply"][0].update(location="output"),
@@ -419,3 +423,182 @@ def test_a_size_the_rotation_cannot_take_is_refused_before_any_work(tmp_path, ro
     assert "down_proj" in message and "2080 = 32 x 65" in message and "\n" not in message
     assert "--skip" in message or "drop --rotate" in message
     assert not (tmp_path / "x").exists()
+
+
+# --- llm-compressor's own layouts ------------------------------------------------------------
+#
+# What llm-compressor 0.14.0.1 (compressed-tensors 0.19.0) saves, reproduced by hand from a run of
+# ours (benchmarks/llmcompressor_load.py makes and loads the real ones): its weights entries carry
+# ``observer_kwargs``, ``block_structure``, ``scale_dtype``, ``zp_dtype`` and ``actorder:
+# static``; a transform is a submodule ``<scheme>_input`` of each layer whose matrix the
+# factory shares among the layers of one size (``ParameterizedDefaultDict`` in
+# ``compressed_tensors/transform/factory/hadamard.py``), so the file holds
+# ``<layer>.<scheme>_input.weight`` (unnormalised, float64: ``precision`` on CPU) for the first
+# layer of each size only. QuIP (``modifiers/transform/quip/base.py``, ``_create_v_scheme``): one
+# scheme ``v`` on ``Linear`` ignoring ``lm_head``, ``input`` then ``weight_input`` inverse, type
+# ``random-hadamard`` by default or ``hadamard``. SpinQuant (``modifiers/transform/spinquant/
+# base.py``): offline ``R1`` and ``R2`` entries fused into the weights, and ``R4``, an online
+# ``hadamard`` on ``re:.*down_proj$`` with its matrix stored.
+
+LLMC_WEIGHTS = {
+    "block_structure": None,
+    "observer": "memoryless_minmax",
+    "observer_kwargs": {},
+    "scale_dtype": None,
+    "zp_dtype": None,
+}
+
+
+def _llmc_args(targets, location, inverse, ignore=()):
+    return {"ignore": list(ignore), "inverse": inverse, "location": location, "targets": targets}
+
+
+def _llmc_scheme(kind, apply, head_dim=None):
+    return {
+        "apply": apply,
+        "head_dim": head_dim,
+        "precision": "torch.float64",
+        "randomize": False,
+        "requires_grad": False,
+        "type": kind,
+    }
+
+
+def _as_llmcompressor(out, schemes, matrices) -> None:
+    """Our folder rewritten as llm-compressor saves it: no section of ours, its weights keys,
+    ``transform_config`` of ``schemes``, ``matrices`` (key -> tensor) added to the file."""
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    del qc["latticequant"]
+    for group in qc["config_groups"].values():
+        group["weights"].update(LLMC_WEIGHTS)
+        if group["weights"].get("actorder") == "weight":
+            group["weights"]["actorder"] = "static"
+    qc["version"] = "0.19.0"
+    qc["transform_config"] = {"config_groups": schemes}
+    (out / "config.json").write_text(json.dumps(config))
+    state = load_file(str(out / "model.safetensors"))
+    save_file({**state, **matrices}, str(out / "model.safetensors"))
+
+
+def _quip(kind):
+    return {
+        "v": _llmc_scheme(
+            kind,
+            [
+                _llmc_args(["Linear"], "input", False, ["lm_head"]),
+                _llmc_args(["Linear"], "weight_input", True, ["lm_head"]),
+            ],
+        )
+    }
+
+
+def _signed_hadamard(b: int, seed: int) -> torch.Tensor:
+    """``diag(s) H_b``, unnormalised: a random Hadamard matrix as ``random_hadamard_matrix``
+    builds one for a power of two (``compressed_tensors/transform/utils/hadamard.py``)."""
+    from compressed_tensors.transform import deterministic_hadamard_matrix
+
+    g = torch.Generator().manual_seed(seed)
+    signs = (1 - 2 * torch.randint(0, 2, (b,), generator=g)).to(torch.float64)
+    return signs[:, None] * deterministic_hadamard_matrix(b, torch.float64)
+
+
+# the first layer of each input size, under which saving keeps the shared matrix
+FIRST_64 = "model.layers.0.self_attn.q_proj"
+FIRST_128 = "model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random-hadamard"])
+def test_llmcompressor_quip_checkpoints_load(tmp_path, calib_ids, kind):
+    """QuIP on every linear layer (hidden 64, intermediate 128: one block each), its matrices
+    stored once per size: ours runs them as compressed-tensors does. ``hadamard`` stores the
+    Sylvester matrix our run was quantized in, so the logits are the run's; ``random-hadamard``
+    stores signed ones, which change the model: compressed-tensors' reading is the reference."""
+    from compressed_tensors.transform import deterministic_hadamard_matrix
+
+    out = tmp_path / "ct"
+    model = _rotated_run(out, calib_ids, "hadamard", intermediate=128)
+    if kind == "hadamard":
+        m64, m128 = (deterministic_hadamard_matrix(b, torch.float64) for b in (64, 128))
+    else:
+        m64, m128 = _signed_hadamard(64, 1), _signed_hadamard(128, 2)
+    matrices = {f"{FIRST_64}.v_input.weight": m64, f"{FIRST_128}.v_input.weight": m128}
+    _as_llmcompressor(out, _quip(kind), matrices)
+    ids = calib_ids[:2]
+    ours = load_quantized(out)
+    down = [ours.get_submodule(f"model.layers.{i}.mlp.down_proj") for i in (0, 1)]
+    if kind == "hadamard":
+        assert all(isinstance(m, RotatedLinear) for m in down)
+        assert _rel(_logits(ours, ids), _logits(model, ids)) < RTOL
+    else:
+        assert all(isinstance(m, TransformedLinear) for m in down)
+        assert down[0].matrix is down[1].matrix  # stored once, held once
+        assert torch.equal(down[1].matrix, m128)
+    theirs = _applied_by_compressed_tensors(out)
+    assert _rel(_logits(theirs, ids), _logits(ours, ids)) < RTOL
+
+
+def test_an_llmcompressor_spinquant_checkpoint_loads(tmp_path, calib_ids):
+    """SpinQuant R1 and R2 (offline: in the weights already) and R4 (online on down_proj, its
+    matrix stored once): our folded+online run relabelled, the same logits."""
+    from compressed_tensors.transform import deterministic_hadamard_matrix
+
+    out = tmp_path / "ct"
+    model = _rotated_run(out, calib_ids, "folded+online", intermediate=128)
+    ids = calib_ids[:2]
+    schemes = {
+        "R1": _llmc_scheme(
+            "hadamard",
+            [
+                _llmc_args(["re:.*embed_tokens$", "re:.*o_proj$", "re:.*down_proj$"],
+                           "weight_output", False),
+                _llmc_args(["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$", "re:.*up_proj$",
+                            "re:.*gate_proj$", "lm_head"], "weight_input", True),
+            ],  # fmt: skip
+        ),
+        "R2": _llmc_scheme(
+            "hadamard",
+            [
+                _llmc_args(["re:.*v_proj$"], "weight_output", False),
+                _llmc_args(["re:.*o_proj$"], "weight_input", True),
+            ],
+            head_dim=16,
+        ),
+        "R4": _llmc_scheme(
+            "hadamard",
+            [
+                _llmc_args(["re:.*down_proj$"], "input", False),
+                _llmc_args(["re:.*down_proj$"], "weight_input", True),
+            ],
+        ),
+    }
+    H = deterministic_hadamard_matrix(128, torch.float64)
+    _as_llmcompressor(out, schemes, {f"{FIRST_128}.R4_input.weight": H})
+    assert _rel(_logits(load_quantized(out), ids), _logits(model, ids)) < RTOL
+
+    state = load_file(str(out / "model.safetensors"))
+    signs = torch.ones(128, dtype=torch.float64)
+    signs[3] = -1
+    save_file({**state, f"{FIRST_128}.R4_input.weight": signs[:, None] * H},
+              str(out / "model.safetensors"))  # fmt: skip
+    with pytest.raises(CheckpointError, match="not the Sylvester Hadamard matrix") as err:
+        load_quantized(out)
+    assert "\n" not in str(err.value)
+
+
+def test_what_an_llmcompressor_transform_lacks_is_refused_in_one_line(tmp_path, calib_ids):
+    out = tmp_path / "ct"
+    _rotated_run(out, calib_ids, "hadamard", intermediate=128)
+    _as_llmcompressor(out, _quip("random-hadamard"), {})
+    with pytest.raises(CheckpointError, match="stores none for it") as err:
+        load_quantized(out)
+    assert "v_input.weight" in str(err.value) and "\n" not in str(err.value)
+
+    state = load_file(str(out / "model.safetensors"))
+    extra = {f"{FIRST_64}.v_input.weight": _signed_hadamard(64, 1),
+             f"{FIRST_128}.v_input.weight": _signed_hadamard(128, 2),
+             "model.layers.1.mlp.up_proj.v_input.weight": _signed_hadamard(64, 3)}  # fmt: skip
+    save_file({**state, **extra}, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="different matrices of size 64") as err:
+        load_quantized(out)
+    assert "\n" not in str(err.value)
