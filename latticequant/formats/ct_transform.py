@@ -240,7 +240,9 @@ def _runnable_block(scheme_name: str, scheme: Mapping, name: str, d_in: int) -> 
             "compressed-tensors builds power-of-two orders that divide the inputs only"
         )
     if not fits:
-        raise FormatError(f"{what} applies blocks of {block!r} to {d_in} inputs: they must divide it")
+        raise FormatError(
+            f"{what} applies blocks of {block!r} to {d_in} inputs: they must divide it"
+        )
     if not any(
         isinstance(a, Mapping) and a.get("location") == "weight_input" and _applies(a, name)
         for a in scheme.get("apply", [])

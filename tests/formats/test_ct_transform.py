@@ -149,8 +149,7 @@ def _output(fc: dict) -> dict:
         ({"transform_config": {"config_groups": [1]}}, "no config_groups mapping"),
     ],
     ids=(
-        "other-type matrix-1000 randomize head-48 head-1024 no-weight-input twice output "
-        "malformed"
+        "other-type matrix-1000 randomize head-48 head-1024 no-weight-input twice output malformed"
     ).split(),
 )
 def test_what_we_cannot_run_is_refused_in_one_line(file_config, match):

@@ -550,10 +550,23 @@ def test_an_llmcompressor_spinquant_checkpoint_loads(tmp_path, calib_ids):
         "R1": _llmc_scheme(
             "hadamard",
             [
-                _llmc_args(["re:.*embed_tokens$", "re:.*o_proj$", "re:.*down_proj$"],
-                           "weight_output", False),
-                _llmc_args(["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$", "re:.*up_proj$",
-                            "re:.*gate_proj$", "lm_head"], "weight_input", True),
+                _llmc_args(
+                    ["re:.*embed_tokens$", "re:.*o_proj$", "re:.*down_proj$"],
+                    "weight_output",
+                    False,
+                ),
+                _llmc_args(
+                    [
+                        "re:.*q_proj$",
+                        "re:.*k_proj$",
+                        "re:.*v_proj$",
+                        "re:.*up_proj$",
+                        "re:.*gate_proj$",
+                        "lm_head",
+                    ],
+                    "weight_input",
+                    True,
+                ),
             ],  # fmt: skip
         ),
         "R2": _llmc_scheme(
