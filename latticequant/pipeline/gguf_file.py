@@ -252,39 +252,18 @@ def write_gguf(
         _arch_metadata(writer, arch, config, fmt.file_type)
         _add(writer, "token_embd.weight", *_quantized(emb, types.get("token_embd.weight")))
         for i, block in enumerate(base.layers):
-            prefix = names[block]
-            for local in BLOCK_NORMS:
-                try:
-                    norm = block.get_submodule(local)
-                except AttributeError:
-                    continue
-                gname = tensor_map.get_name(f"model.layers.{i}.{local}")
-                if gname is None:
-                    raise ValueError(f"{prefix}.{local}: no GGUF name for it in {arch}")
-                _add(writer, f"{gname}.weight", _norm(norm, shift), None)
-            for local in BLOCK_LINEARS:
-                name = f"{prefix}.{local}"
-                gname = gguf_tensor_name(name)
-                module = block.get_submodule(local)
-                layer = layers.get(name)
-                if layer is not None and layer.format == layer_format:
-                    if not layer.tensors:
-                        raise ValueError(f"{name}: its GGUF blocks were not kept for the file")
-                    data = layer.tensors["gguf_blocks"].cpu().numpy()
-                    t = GGMLType(int(layer.tensors["gguf_type"]))
-                else:  # a layer left in float
-                    data, t = module.weight.detach().float().cpu().numpy(), None
-                rows = None
-                if permute and local in ("self_attn.q_proj", "self_attn.k_proj"):
-                    heads = n_head if local == "self_attn.q_proj" else n_kv
-                    rows = llama_permute(data.shape[0], n_head, heads)
-                _add(writer, gname, data, t, rows)
-                bias = getattr(module, "bias", None)
-                if bias is not None:
-                    b = bias.detach().float().cpu().numpy()
-                    if rows is not None:
-                        b = b[rows]
-                    _add(writer, gname.replace(".weight", ".bias"), b, None)
+            _add_block(
+                writer,
+                block,
+                names[block],
+                i,
+                tensor_map,
+                layers,
+                layer_format,
+                (n_head, n_kv) if permute else None,
+                shift,
+                arch,
+            )
         _add(writer, "output_norm.weight", _norm(base.norm, shift), None)
         if not tied:
             _add(writer, "output.weight", *_quantized(head.weight, types.get("output.weight")))
@@ -293,3 +272,53 @@ def write_gguf(
         writer.write_tensors_to_file()
         writer.close()
     return out
+
+
+def _add_block(
+    writer,
+    block,
+    prefix: str,
+    i: int,
+    tensor_map,
+    layers: Mapping,
+    layer_format: str,
+    heads: tuple[int, int] | None,
+    shift: float,
+    arch: str,
+) -> None:
+    """One decoder block's norms and linear layers (with their biases) into ``writer``;
+    ``heads``: ``(n_head, n_kv)`` when q/k rows are permuted as llama.cpp's converter does."""
+    for local in BLOCK_NORMS:
+        try:
+            norm = block.get_submodule(local)
+        except AttributeError:
+            continue
+        gname = tensor_map.get_name(f"model.layers.{i}.{local}")
+        if gname is None:
+            raise ValueError(f"{prefix}.{local}: no GGUF name for it in {arch}")
+        _add(writer, f"{gname}.weight", _norm(norm, shift), None)
+    for local in BLOCK_LINEARS:
+        name = f"{prefix}.{local}"
+        gname = gguf_tensor_name(name)
+        module = block.get_submodule(local)
+        layer = layers.get(name)
+        if layer is not None and layer.format == layer_format:
+            if not layer.tensors:
+                raise ValueError(f"{name}: its GGUF blocks were not kept for the file")
+            data = layer.tensors["gguf_blocks"].cpu().numpy()
+            t = GGMLType(int(layer.tensors["gguf_type"]))
+        else:  # a layer left in float
+            data, t = module.weight.detach().float().cpu().numpy(), None
+        rows = None
+        if heads is not None and local in ("self_attn.q_proj", "self_attn.k_proj"):
+            n_head, n_kv = heads
+            rows = llama_permute(
+                data.shape[0], n_head, n_head if local == "self_attn.q_proj" else n_kv
+            )
+        _add(writer, gname, data, t, rows)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            b = bias.detach().float().cpu().numpy()
+            if rows is not None:
+                b = b[rows]
+            _add(writer, gname.replace(".weight", ".bias"), b, None)
