@@ -154,14 +154,17 @@ def _load_gguf(path: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from latticequant.pipeline.gguf_read import q2_0_reading
+
     folder, name = os.path.split(os.path.abspath(path))
-    try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        loaded = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
+    try:  # Q2_0 (ggml type 42) is read by our dequantizer: gguf 0.19 does not know it
+        with q2_0_reading():
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            loaded = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
     except (ValueError, KeyError, OSError, RuntimeError, IndexError) as exc:
         unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(exc))
-        if unknown:  # a type newer than the installed gguf package (Q2_0 is ggml type 42)
+        if unknown:  # a type newer than the installed gguf package (other than Q2_0)
             raise ModelLoadError(
                 f"GGUF file {path} holds tensors of ggml type {unknown.group(1)}, which the "
                 "installed gguf package cannot dequantize; run the file in llama.cpp "
@@ -180,7 +183,8 @@ def _load_gguf(path: str):
     if tied:
         model.tie_weights()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with q2_0_reading():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # transformers raises many types for an odd vocabulary
         raise ModelLoadError(f"cannot read the tokenizer of GGUF file {path}: {exc}") from exc
     return model.eval(), tokenizer

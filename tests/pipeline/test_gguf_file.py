@@ -179,9 +179,9 @@ def test_truncated_file_is_a_one_line_error(tmp_path, source):
     assert "\n" not in str(err.value).strip()
 
 
-def test_q2_0_blocks_written_as_they_are(tmp_path, source):
+def test_q2_0_blocks_written_and_read_back(tmp_path, source):
     """gguf 0.19 does not list Q2_0 (ggml type 42): the file holds the blocks byte for byte
-    under that type id, for llama.cpp builds that know it."""
+    under that type id, for llama.cpp builds that know it, and `latticequant eval` reads it."""
     from latticequant.formats.gguf.blocks import unpack
     from latticequant.formats.gguf.types import dequantize
 
@@ -209,16 +209,155 @@ def test_q2_0_blocks_written_as_they_are(tmp_path, source):
             chunk = data[start : start + n].reshape(W.shape[0], -1)
             found = found or np.array_equal(dequantize(*unpack(42, chunk)), W)
         assert found, name
-    # reading it back needs a gguf that knows type 42: one line that says where it runs
+    # `latticequant eval`'s loader reads it back (our dequantizer for type 42, gguf's for the
+    # rest) to the logits of a model built here from the file's bytes
+    from latticequant.pipeline.models import load_model
+
+    loaded, _ = load_model(str(out))
+    ref = _model_from_raw_gguf(out, model.config)
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = loaded(ids).logits
+        assert torch.allclose(ref(ids).logits, theirs, atol=1e-5, rtol=1e-5)
+        # and to the quantized model's, its embeddings rounded as in the file
+        model.get_input_embeddings().weight.copy_(ref.get_input_embeddings().weight)
+        assert torch.allclose(model(ids).logits, theirs, atol=1e-5, rtol=1e-5)
+    assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader  # gguf's own names put back
+    assert gguf.dequantize is gguf.quants.dequantize
+
+
+def test_other_unknown_ggml_type_refused_in_one_line(tmp_path, source):
+    """A tensor type gguf does not know other than Q2_0 is still refused in one line."""
     from latticequant.pipeline.models import ModelLoadError, load_model
 
-    if 42 in {int(t) for t in gguf.GGMLQuantizationType}:  # a gguf that knows Q2_0 reads it
-        load_model(str(out))
-        return
+    model = make_tiny_llama(**SHAPE)
+    out = tmp_path / "q.gguf"
+    _run(model, source, out, "Q8_0", method="babai")
+    raw = bytearray(out.read_bytes())
+    _, infos, _ = _raw_gguf(bytes(raw))
+    unknown = max(int(t) for t in gguf.GGMLQuantizationType) + 7
+    type_at = infos["blk.0.ffn_down.weight"][2]
+    raw[type_at : type_at + 4] = np.uint32(unknown).tobytes()
+    out.write_bytes(bytes(raw))
     with pytest.raises(ModelLoadError) as err:
         load_model(str(out))
-    assert "ggml type 42" in str(err.value) and "llama.cpp" in str(err.value)
+    assert f"ggml type {unknown}" in str(err.value) and "llama.cpp" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def _raw_gguf(raw: bytes):
+    """The header of a GGUF file read byte by byte: its metadata, each tensor's ``(ggml type,
+    dims, offset of its type id in the file, offset of its data in the file)``, and nothing
+    else of gguf's or ours."""
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        value = np.frombuffer(raw, dtype=fmt, count=1, offset=pos)[0]
+        pos += np.dtype(fmt).itemsize
+        return value.item()
+
+    def string():
+        nonlocal pos
+        n = take("<u8")
+        pos += n
+        return raw[pos - n : pos].decode()
+
+    scalars = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "u1"}
+    scalars |= {10: "<u8", 11: "<i8", 12: "<f8"}
+
+    def value(vtype):
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            itype, n = take("<u4"), take("<u8")
+            return [value(itype) for _ in range(n)]
+        return take(scalars[vtype])
+
+    assert raw[:4] == b"GGUF" and take("<u4") == 0x46554747 and take("<u4") == 3
+    n_tensors, n_kv = take("<u8"), take("<u8")
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(take("<u4"))
+    infos = {}
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("<u8") for _ in range(take("<u4"))]
+        type_at = pos
+        infos[name] = [take("<u4"), dims, type_at, take("<u8")]
+    align = meta.get("general.alignment", 32)
+    start = (pos + align - 1) // align * align
+    for info in infos.values():
+        info[3] += start
+    return meta, infos, start
+
+
+def _decode_q2_0(raw: bytes, at: int, rows: int, cols: int) -> np.ndarray:
+    """Q2_0 blocks decoded one by one as ggml's ``dequantize_row_q2_0`` does: 18 bytes per 64
+    weights, a float16 ``d`` then weight ``j`` in bits ``2 (j % 4)`` of byte ``2 + j / 4``,
+    worth ``(z - 1) * d``."""
+    out = np.empty((rows, cols), dtype=np.float32)
+    j = np.arange(64)
+    for r in range(rows):
+        for b in range(cols // 64):
+            block = np.frombuffer(raw, dtype=np.uint8, count=18, offset=at)
+            at += 18
+            d = np.float32(block[:2].view("<f2")[0])
+            z = (block[2 + j // 4] >> (2 * (j % 4))) & 3
+            out[r, 64 * b : 64 * b + 64] = (z.astype(np.float32) - 1) * d
+    return out
+
+
+def _model_from_raw_gguf(path, config):
+    """A llama of ``config`` holding a tiny GGUF file's tensors decoded from its bytes: Q2_0
+    blocks by :func:`_decode_q2_0`, float tensors as they are, other quantized types by gguf."""
+    from transformers import LlamaForCausalLM
+
+    raw = open(path, "rb").read()
+    _, infos, _ = _raw_gguf(raw)
+    weights = {}
+    for name, (qtype, dims, _, at) in infos.items():
+        shape = tuple(reversed(dims))
+        n = int(np.prod(shape))
+        if qtype == 42:
+            weights[name] = _decode_q2_0(raw, at, int(np.prod(shape[:-1])), shape[-1])
+        elif qtype == 0:
+            weights[name] = np.frombuffer(raw, "<f4", count=n, offset=at).copy()
+        else:
+            t = gguf.GGMLQuantizationType(qtype)
+            block, size = gguf.GGML_QUANT_SIZES[t]
+            data = np.frombuffer(raw, np.uint8, count=n // block * size, offset=at)
+            weights[name] = gguf.quants.dequantize(data.reshape(-1, size), t)
+        weights[name] = weights[name].reshape(shape)
+    ref = LlamaForCausalLM(config).float().eval()
+    state = {"model.embed_tokens.weight": weights["token_embd.weight"]}
+    state["model.norm.weight"] = weights["output_norm.weight"]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        state[p + "input_layernorm.weight"] = weights[f"blk.{i}.attn_norm.weight"]
+        state[p + "post_attention_layernorm.weight"] = weights[f"blk.{i}.ffn_norm.weight"]
+        for local in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
+            W = weights[gguf_tensor_name(p + local)]
+            if local in ("self_attn.q_proj", "self_attn.k_proj"):  # back from llama.cpp's rows
+                heads = config.num_attention_heads
+                heads = heads if local.endswith("q_proj") else config.num_key_value_heads
+                W = W[np.argsort(llama_permute(W.shape[0], config.num_attention_heads, heads))]
+            state[p + local + ".weight"] = W
+    assert "output.weight" not in infos  # tied embeddings
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected
+    ref.tie_weights()
+    return ref
 
 
 def test_command_line_quantize_then_eval(tmp_path, source, capsys):
