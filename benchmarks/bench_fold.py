@@ -41,11 +41,13 @@ GRIDS = {"3g128": ("3", "128"), "2g64": ("2", "64"), "4g128": ("4", "128")}
 ROTATIONS = ("none", "folded", "folded+online", "hadamard")
 OBJECTIVES = ("layer", "float-outputs")
 READERS = {  # by what each rotation writes; run: latticequant here, transformers in the tests
-    "none": "a plain GPTQ file (gptq_v2 for asymmetric grids): latticequant; GPTQ readers by "
-    "format (not run by this script)",
-    "folded": "the same plain file, nothing to apply at run time; in compressed-tensors, plain "
-    "transformers reads it to our logits (tests/pipeline/test_fold.py)",
-    "folded+online": "latticequant only (down_proj's online rotation)",
+    "none": "a plain asymmetric GPTQ v1 file: latticequant, transformers; GPTQModel's loader "
+    "only as gptq_v2 or symmetric (docs/fold_readers.md, tiny models)",
+    "folded": "the same plain file, nothing to apply at run time: latticequant, transformers; "
+    "GPTQModel as gptq_v2 or symmetric (docs/fold_readers.md, tiny models); in "
+    "compressed-tensors, transformers (tests/pipeline/test_fold.py)",
+    "folded+online": "latticequant; in compressed-tensors, compressed-tensors' "
+    "apply_transform_config (docs/compressed_tensors.md)",
     "hadamard": "latticequant only (every layer's online rotation)",
 }
 AFTER = re.compile(r"^perplexity after:\s*([0-9.]+)", re.M)
