@@ -66,6 +66,7 @@ class HessianBank:
         self.alias: dict[str, str] = {}
         self._batch_inputs: list[tuple[weakref.ref, str]] = []
         self._latest: torch.Tensor | None = None
+        self.gram_s = 0.0  # seconds spent accumulating (host clock: the device's are queued)
 
     def new_batch(self) -> None:
         self._batch_inputs.clear()
@@ -109,6 +110,7 @@ class HessianBank:
         if mask is not None and mask.numel() * x.shape[-1] != x.numel():
             raise ValueError(f"cannot match the padding mask to the input of {name}")
         token_mask = None if mask is None else mask.reshape(x.shape[:-1])
+        t0 = time.perf_counter()
         self.acc[name].add(x.detach(), token_mask, first_window)
         if float_x is not None:
             if name not in self.cross:
@@ -116,6 +118,7 @@ class HessianBank:
                     x.shape[-1], dtype=self.dtype, device=self.device
                 )
             self.cross[name].add(float_x.detach(), x.detach(), token_mask, first_window)
+        self.gram_s += time.perf_counter() - t0
 
     def get(self, name: str) -> HessianAccumulator:
         return self.acc[self.alias.get(name, name)]

@@ -160,12 +160,13 @@ def _resume(
 
 def _quantize_block(
     plan: Plan, index: int, batches: list[BlockInputs]
-) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], float]:
+) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], dict[str, float]]:
     """Quantize block ``index`` in place on the plan's device; its outputs become ``batches``'
     inputs.
 
     Returns the block's layers (experts the ``float`` fallback keeps in float among them, with
-    format ``"float"`` and no tensors), their weights and this rank's solve seconds."""
+    format ``"float"`` and no tensors), their weights and this rank's seconds of solves and of
+    Hessian accumulation."""
     layout, method, device = plan.layout, plan.method, plan.device
     configs = plan.layers.configs[index]
     target = plan.spec.target
@@ -213,7 +214,7 @@ def _quantize_block(
         Qs[name] = W.detach().contiguous()  # Q as written into the layer
     for b, h in zip(batches, outputs):
         b.hidden = h.to("cpu")
-    return layers, Qs, bq.solve_s
+    return layers, Qs, {"solve_s": bq.solve_s, "hessian_s": bank.gram_s}
 
 
 def _keep_block(
@@ -365,11 +366,12 @@ def _quantize_blocks(
     on_block_done: Callable[[int], None] | None,
 ) -> tuple[float, dict[str, float]]:
     """Quantize the blocks ``indices`` in turn, recording each (``layers`` receives them);
-    returns the seconds they took and how those split into forwards, solves and exchanges."""
+    returns the seconds they took and how those split into forwards, Hessian accumulation,
+    solves, the run state's writes and exchanges."""
     world = plan.world
     t_start = time.perf_counter()
     comm_before = dict(world.timings)
-    solve_s = 0.0
+    parts = {"solve_s": 0.0, "hessian_s": 0.0, "state_io_s": 0.0}
     parked = contextlib.nullcontext() if store is None else store.parked_outside()
     bar = tqdm(
         indices,
@@ -383,13 +385,17 @@ def _quantize_blocks(
         for index in bar:
             if store is not None:
                 store.load(index)
-            block_layers, Qs, block_solve_s = _quantize_block(plan, index, batches)
-            solve_s += block_solve_s
+            block_layers, Qs, block_parts = _quantize_block(plan, index, batches)
+            for key, seconds in block_parts.items():
+                parts[key] += seconds
+            t_keep, kept_comm = time.perf_counter(), sum(world.timings.values())
             layers.update(
                 _keep_block(
                     index, block_layers, Qs, batches, state, store, world, saving, n_windows
                 )
             )
+            parts["state_io_s"] += time.perf_counter() - t_keep
+            parts["state_io_s"] -= sum(world.timings.values()) - kept_comm  # gathers: exchanges
             del block_layers, Qs  # the block's quantized weights are on disk or in the model now
             release_freed_memory()  # a block's freed temporaries must not set the next one's peak
             if on_block_done is not None:
@@ -397,8 +403,8 @@ def _quantize_blocks(
     time_s = time.perf_counter() - t_start
     comm = {k: t - comm_before.get(k, 0.0) for k, t in world.timings.items()}
     timings = {
-        "forward_s": time_s - solve_s - sum(comm.values()),
-        "solve_s": solve_s,
+        "forward_s": time_s - sum(parts.values()) - sum(comm.values()),
+        **parts,
         **{f"{kind}_s": t for kind, t in comm.items()},
         "ranks": world.size,
     }
