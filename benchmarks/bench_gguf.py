@@ -340,9 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     bench.llama_ppl("F32", f32, held)
     if not args.no_our_eval:
         bench.our_ppl("F32", f32)
-    imatrix = bench.imatrix(f32, calib)
-    for qtype in types:  # llama.cpp's files first: seconds each
-        for key, im in (("llama-imatrix", imatrix), ("llama", None)):
+    for qtype in types:  # llama.cpp's files first: seconds each (the imatrix: minutes, once)
+        for key, with_imatrix in (("llama-imatrix", True), ("llama", False)):
+            if "llama_ppl" in bench.row(f"{qtype}/{key}"):
+                continue  # measured by an earlier run
+            im = bench.imatrix(f32, calib) if with_imatrix else None
             bench.llama_ppl(f"{qtype}/{key}", bench.llama_quantize(qtype, f32, im), held)
     for qtype in types:  # type by type: the first types' rows are whole first
         for setting in settings:

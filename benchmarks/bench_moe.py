@@ -4,16 +4,20 @@ The model: transformers' Qwen3-MoE with 2 blocks of hidden size 64, 8 experts of
 2 per token, block 1 a dense MLP (``mlp_only_layers``), the SmolLM2 tokenizer, random weights
 (seed 0). ``latticequant quantize`` (GPTQ 4-bit g32, act-order) calibrates on the protocol's
 text, 16 windows of 128 tokens, with ``--min-expert-tokens 300`` so that the rarely chosen
-experts show the ``all-tokens`` fallback; then ``latticequant report``. Output: docs/bench_moe.md.
+experts show the ``all-tokens`` fallback; three runs: in memory, with ``--offload`` (the
+checkpoints compared tensor by tensor) and with ``--objective float-outputs``, then ``latticequant
+report``, and one table of every expert's tokens and losses. Output: docs/bench_moe.md.
 
     python benchmarks/bench_moe.py
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -49,32 +53,86 @@ def make_model(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+RUNS = {  # name -> extra flags; each run quantizes the same folder from scratch
+    "in memory": [],
+    "offload": ["--offload"],
+    "float-outputs": ["--objective", "float-outputs"],
+}
+
+
+def _quantize(folder: Path, out: Path, extra: list[str]) -> dict:
+    """One ``latticequant quantize`` in a child process: its summary lines, quant log and the
+    child's peak resident memory (``/usr/bin/time``'s maximum RSS, where that tool exists)."""
+    cli = [sys.executable, "-m", "latticequant", "quantize", str(folder), *QUANTIZE, *extra]
+    timer = ["/usr/bin/time", "-f", "maxrss_kb=%M"] if Path("/usr/bin/time").is_file() else []
+    t0 = time.perf_counter()
+    run = subprocess.run(
+        timer + cli + ["--out", str(out)], capture_output=True, text=True, cwd=ROOT
+    )
+    wall = time.perf_counter() - t0
+    if run.returncode != 0:
+        raise SystemExit(run.stderr.strip()[-600:])
+    rss = [ln for ln in run.stderr.splitlines() if ln.startswith("maxrss_kb=")]
+    log = json.loads((out / "quant_log.json").read_text())
+    return {
+        "summary": [ln for ln in run.stdout.splitlines() if ln.strip()],
+        "layers": {e["name"]: e for e in log["layers"]},
+        "wall_s": wall,
+        "peak_rss_mib": int(rss[-1].split("=")[1]) / 1024 if rss else None,
+    }
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _expert_rows(runs: dict) -> list[str]:
+    """One row per expert layer: routed tokens, fallback and each run's loss."""
+    base, fo = runs["in memory"]["layers"], runs["float-outputs"]["layers"]
+    rows = [
+        "| expert layer | tokens | fallback | loss, layer objective | loss, offload "
+        "| loss to the float outputs | of which the target's shift |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, e in base.items():
+        if ".experts." not in name:
+            continue
+        f, o = fo[name], runs["offload"]["layers"][name]
+        rows.append(
+            f"| {name} | {e.get('expert_tokens', '-')} | {e.get('expert_fallback') or '-'} | "
+            f"{e['loss']:.4g} | {o['loss']:.4g} | {f['loss']:.4g} | "
+            f"{f.get('target_shift', float('nan')):.4g} |"
+        )
+    return rows
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_moe_") as tmp:
-        folder, out = Path(tmp) / "qwen3-moe", Path(tmp) / "q"
+        folder = Path(tmp) / "qwen3-moe"
         make_model(folder)
-        cli = [sys.executable, "-m", "latticequant"]
-        run = subprocess.run(
-            cli + ["quantize", str(folder), *QUANTIZE, "--out", str(out)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        if run.returncode != 0:
-            raise SystemExit(run.stderr.strip()[-600:])
+        runs = {name: _quantize(folder, Path(tmp) / f"q{i}", extra)
+                for i, (name, extra) in enumerate(RUNS.items())}  # fmt: skip
+        a, b = _tensors(Path(tmp) / "q0"), _tensors(Path(tmp) / "q1")
+        same = sum(torch.equal(a[k], b[k]) for k in a if k in b)
         report = subprocess.run(
-            cli + ["report", str(out)], capture_output=True, text=True, cwd=ROOT, check=True
-        )
-    summary = [ln for ln in run.stdout.splitlines() if ln.strip()]
+            [sys.executable, "-m", "latticequant", "report", str(Path(tmp) / "q0")],
+            capture_output=True, text=True, cwd=ROOT, check=True,
+        )  # fmt: skip
     lines = [
         "# A mixture-of-experts model end to end",
         "",
         "A tiny random Qwen3-MoE as transformers 5 builds it (fused expert tensors; 2 blocks, "
         "hidden size 64, 8 experts of width 32, 2 per token, block 1 a dense MLP), the SmolLM2 "
-        "tokenizer, quantized with",
+        "tokenizer, quantized three times from the same folder:",
         "",
         "```",
-        "latticequant quantize FOLDER " + " ".join(QUANTIZE),
+        *(f"latticequant quantize FOLDER {' '.join(QUANTIZE + extra)}".rstrip()
+          for extra in RUNS.values()),
         "latticequant report OUT",
         "```",
         "",
@@ -85,13 +143,35 @@ def main() -> int:
         "default, `all-tokens`). The router (`mlp.gate`) stays in float. The weights are random, "
         "so the perplexities only show that the quantized model runs as the float one does.",
         "",
-        "Quantize's summary:",
+        "| run | wall s | peak RSS MiB | perplexity after |",
+        "|---|---|---|---|",
+    ]  # fmt: skip
+    for name, r in runs.items():
+        after = [
+            ln.split(":")[1].strip() for ln in r["summary"] if ln.startswith("perplexity after")
+        ]
+        rss = "–" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
+        lines.append(f"| {name} | {r['wall_s']:.1f} | {rss} | {after[0] if after else '–'} |")
+    lines += [
+        "",
+        f"`--offload` (one block and its experts read at a time, quantized weights kept on disk) "
+        f"wrote the same checkpoint as the run in memory: {same} of {len(a)} tensors identical.",
+        "With `--objective float-outputs` each expert's target is the float block's expert "
+        "output on the tokens the quantized router sends it; its loss is measured against that "
+        "target and includes the target's shift from the layer's own float weights (the part no "
+        "quantization can remove, `(T - W) H (T - W)^T`).",
+        "",
+        "Per expert:",
+        "",
+        *_expert_rows(runs),
+        "",
+        "Quantize's summary (in memory):",
         "",
         "```",
-        *summary,
+        *runs["in memory"]["summary"],
         "```",
         "",
-        "The report:",
+        "The report (in memory):",
         "",
         "```",
         *report.stdout.rstrip().splitlines(),

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# tiny layers are solved in row blocks of 16 rows, as large ones are in blocks of 512 and more
+# (ranks spawned by the tests inherit it)
+os.environ.setdefault("LATTICEQUANT_ROW_BLOCK_ROWS", "16")
 
 from tiny import id_stream, make_char_tokenizer, make_tiny_llama, make_tiny_opt  # noqa: E402
 

@@ -595,3 +595,19 @@ def test_a_full_disk_is_one_sentence_and_the_run_resumable(
     monkeypatch.undo()  # space freed: the same command finishes the run
     assert cli.main(_quantize(files, out, "--no-eval")) == 0
     assert (out / "quant_log.json").is_file()
+
+
+def test_a_bad_row_block_setting_is_one_line_before_any_forward(
+    files, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("LATTICEQUANT_ROW_BLOCK_ROWS", "zero")
+
+    def no_quantize(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(cli, "quantize_model", no_quantize)
+    out = tmp_path / "o"
+    assert cli.main(_quantize(files, out, "--no-eval")) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "LATTICEQUANT_ROW_BLOCK_ROWS='zero'" in lines[0], lines
+    assert not out.exists()

@@ -11,6 +11,7 @@ module is imported; :mod:`latticequant.methods` imports every module that ships 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from latticequant.formats.protocol import Format, UnsupportedConfigError, get_fo
 __all__ = [
     "ROW_CHUNKS",
     "CHUNK_MIN_ROWS",
+    "ROW_BLOCK_ENV",
+    "min_chunk_rows",
     "RowSolver",
     "row_chunks",
     "LayerContext",
@@ -68,9 +71,28 @@ class LayerContext:
     reserved_bits: float = 0.0
 
 
-#: Most row blocks a layer's rows are solved in, and the fewest rows a block has.
+#: Most row blocks a layer's rows are solved in.
 ROW_CHUNKS = 8
-CHUNK_MIN_ROWS = 16
+#: The fewest rows a block has. Each block runs the decoder's column loop again, so a small
+#: layer stays whole: on a 576-wide model, blocks of 72 rows tripled the solves' time. The
+#: environment variable ``LATTICEQUANT_ROW_BLOCK_ROWS`` sets another minimum (every rank of a
+#: run must see the same one: torchrun passes the environment on).
+CHUNK_MIN_ROWS = 512
+ROW_BLOCK_ENV = "LATTICEQUANT_ROW_BLOCK_ROWS"
+
+
+def min_chunk_rows() -> int:
+    """The fewest rows of a row block: ``CHUNK_MIN_ROWS`` or the environment's setting."""
+    value = os.environ.get(ROW_BLOCK_ENV)
+    if value is None:
+        return CHUNK_MIN_ROWS
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise ValueError(f"{ROW_BLOCK_ENV}={value!r}: give a positive number of rows, or unset it")
+    return rows
 
 
 def row_chunks(d_out: int) -> list[tuple[int, int]]:
@@ -80,7 +102,7 @@ def row_chunks(d_out: int) -> list[tuple[int, int]]:
     blocks one after the other that ranks solve side by side, so every product has the same
     shape either way and the codes are the same bit for bit, whatever the BLAS's blocking.
     """
-    n = max(1, min(ROW_CHUNKS, d_out // CHUNK_MIN_ROWS))
+    n = max(1, min(ROW_CHUNKS, d_out // min_chunk_rows()))
     return [(i * d_out // n, (i + 1) * d_out // n) for i in range(n)]
 
 

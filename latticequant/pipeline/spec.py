@@ -20,6 +20,7 @@ from torch import nn
 from latticequant.formats.gguf.format import GGUF_TYPES, check_gguf_type
 from latticequant.formats.protocol import Format
 from latticequant.methods import Method, UnsupportedConfigError, get_method
+from latticequant.methods.registry import min_chunk_rows
 from latticequant.pipeline.distributed import World
 from latticequant.pipeline.experts import ExpertPolicy, has_experts, unfuse_experts
 from latticequant.pipeline.fold import FoldReport, check_foldable, fold_rotations
@@ -292,6 +293,7 @@ def prepare(model: nn.Module, spec: RunSpec, world: World | None = None) -> Plan
     """
     world = World() if world is None else world
     spec.check()
+    min_chunk_rows()  # a bad row-block setting in the environment is refused here, not mid-run
     method, config, fmt = spec.resolved()
     unfuse_experts(model)
     layout = describe_model(model)

@@ -10,7 +10,14 @@ import torch
 
 from latticequant.core.config import QuantConfig
 from latticequant.methods.grid import KBestConfig
-from latticequant.methods.registry import CHUNK_MIN_ROWS, ROW_CHUNKS, get_method, row_chunks
+from latticequant.methods.registry import (
+    CHUNK_MIN_ROWS,
+    ROW_BLOCK_ENV,
+    ROW_CHUNKS,
+    get_method,
+    min_chunk_rows,
+    row_chunks,
+)
 
 
 def test_row_blocks_depend_on_the_rows_alone_and_cover_them_once():
@@ -19,9 +26,25 @@ def test_row_blocks_depend_on_the_rows_alone_and_cover_them_once():
         assert chunks[0][0] == 0 and chunks[-1][1] == d_out
         assert all(b == c for (_, b), (c, _) in zip(chunks, chunks[1:]))
         assert len(chunks) <= ROW_CHUNKS
-        if d_out >= CHUNK_MIN_ROWS:
-            assert min(b - a for a, b in chunks) >= CHUNK_MIN_ROWS
+        if d_out >= min_chunk_rows():
+            assert min(b - a for a, b in chunks) >= min_chunk_rows()
         assert max(b - a for a, b in chunks) - min(b - a for a, b in chunks) <= 1
+
+
+def test_by_default_small_layers_stay_whole_and_large_ones_split_eight_ways(monkeypatch):
+    monkeypatch.delenv(ROW_BLOCK_ENV, raising=False)
+    assert CHUNK_MIN_ROWS == 512
+    assert row_chunks(576) == [(0, 576)] and row_chunks(192) == [(0, 192)]
+    assert row_chunks(1536) == [(0, 512), (512, 1024), (1024, 1536)]
+    assert len(row_chunks(4096)) == 8 and len(row_chunks(14336)) == 8
+    assert row_chunks(1024) == [(0, 512), (512, 1024)]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", "1.5"])
+def test_a_bad_row_block_setting_is_refused_in_one_line(monkeypatch, value):
+    monkeypatch.setenv(ROW_BLOCK_ENV, value)
+    with pytest.raises(ValueError, match=ROW_BLOCK_ENV):
+        row_chunks(64)
 
 
 def _problem(d_out=104, d_in=64, seed=0):
