@@ -525,9 +525,13 @@ def check_quantization_config(
 def weight_args_for(
     bits: int, sym: bool, scales: torch.Tensor, g_idx: torch.Tensor, act_order: bool = False
 ) -> WeightArgs:
-    """The :class:`WeightArgs` that describe a packed layer (``act_order``: say ``weight``)."""
+    """The :class:`WeightArgs` that describe a packed layer (``act_order``: say ``weight``).
+
+    A channel grid says no ``actorder``: one scale per row stores the same whatever the decode
+    order, and compressed-tensors before 0.15 refuses an ``actorder`` on a channel strategy."""
     strategy, size, permuted = _group_layout(integer_tensor(g_idx, "g_idx"), scales.shape[1])
-    actorder = "group" if permuted else ("weight" if act_order else None)
+    ordered = act_order and strategy == "group"
+    actorder = "group" if permuted else ("weight" if ordered else None)
     return WeightArgs(
         bits=bits, symmetric=sym, strategy=strategy, group_size=size, actorder=actorder
     )

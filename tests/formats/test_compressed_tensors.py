@@ -313,3 +313,13 @@ def test_config_for_layers_one_scheme_or_one_group_per_scheme():
     ]
     assert groups["group_1"]["weights"]["num_bits"] == 8
     QuantizationConfig.model_validate(mixed)
+
+
+def test_act_order_is_said_on_group_grids_and_never_on_channel_grids():
+    """An ``actorder`` on a channel strategy is refused by compressed-tensors before 0.15."""
+    g = make_result(D_OUT, D_IN, 4, group_size=32, sym=False)
+    c = make_result(D_OUT, D_IN, 8, group_size=-1, sym=True)
+    assert weight_args_for(4, False, g.scales, g.g_idx, act_order=True).actorder == "weight"
+    assert weight_args_for(4, False, g.scales, g.g_idx).actorder is None
+    args = weight_args_for(8, True, c.scales, c.g_idx, act_order=True)
+    assert args.strategy == "channel" and args.actorder is None
