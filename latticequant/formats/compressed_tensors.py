@@ -522,16 +522,20 @@ def check_quantization_config(
     return out
 
 
+def said_actorder(strategy: str, act_order: bool) -> str | None:
+    """The ``actorder`` a static grid decoded in act-order says: ``weight`` on group grids,
+    nothing on a channel grid, whose one scale per row stores the same whatever the decode
+    order (and compressed-tensors before 0.15 refuses an ``actorder`` on a channel strategy)."""
+    return "weight" if act_order and strategy == "group" else None
+
+
 def weight_args_for(
     bits: int, sym: bool, scales: torch.Tensor, g_idx: torch.Tensor, act_order: bool = False
 ) -> WeightArgs:
-    """The :class:`WeightArgs` that describe a packed layer (``act_order``: say ``weight``).
-
-    A channel grid says no ``actorder``: one scale per row stores the same whatever the decode
-    order, and compressed-tensors before 0.15 refuses an ``actorder`` on a channel strategy."""
+    """The :class:`WeightArgs` that describe a packed layer (``act_order``: say ``weight``
+    where :func:`said_actorder` does)."""
     strategy, size, permuted = _group_layout(integer_tensor(g_idx, "g_idx"), scales.shape[1])
-    ordered = act_order and strategy == "group"
-    actorder = "group" if permuted else ("weight" if ordered else None)
+    actorder = "group" if permuted else said_actorder(strategy, act_order)
     return WeightArgs(
         bits=bits, symmetric=sym, strategy=strategy, group_size=size, actorder=actorder
     )
@@ -645,7 +649,7 @@ def _is_natural(order) -> bool:
     return isinstance(order, str) and order == "natural"
 
 
-def entry_args(entry: Mapping, actorder: str | None = None) -> WeightArgs:
+def entry_args(entry: Mapping, act_order: bool = False) -> WeightArgs:
     """The :class:`WeightArgs` of one module table entry (what the file-level config says)."""
     group_size = entry.get("group_size")
     channel = group_size in (None, -1)
@@ -655,7 +659,9 @@ def entry_args(entry: Mapping, actorder: str | None = None) -> WeightArgs:
         symmetric="weight_zero_point" not in keys if keys else bool(entry.get("sym", True)),
         strategy="channel" if channel else "group",
         group_size=None if channel else int(group_size),
-        actorder="group" if "weight_g_idx" in keys else actorder,
+        actorder="group"
+        if "weight_g_idx" in keys
+        else said_actorder("channel" if channel else "group", act_order),
     )
 
 
@@ -739,12 +745,13 @@ class CompressedTensorsFormat(Format):
     def file_config(self, base, meta) -> dict:
         """One scheme on every ``Linear`` (``lm_head`` ignored): the run's base config."""
         group_size = base.get("group_size", -1)
+        strategy = "channel" if group_size == -1 else "group"
         args = WeightArgs(
             bits=int(base["bits"]),
             symmetric=bool(base.get("sym", True)),
-            strategy="channel" if group_size == -1 else "group",
+            strategy=strategy,
             group_size=None if group_size == -1 else int(group_size),
-            actorder=_actorder(meta),
+            actorder=said_actorder(strategy, _act_order(meta)),
         )
         return quantization_config_dict(args=args)
 
@@ -753,8 +760,8 @@ class CompressedTensorsFormat(Format):
         share one), every linear layer left in float in ``ignore``."""
         if not modules:
             return self.file_config(base, meta)
-        actorder = _actorder(meta)
-        layer_args = {name: entry_args(entry, actorder) for name, entry in modules.items()}
+        ordered = _act_order(meta)
+        layer_args = {name: entry_args(entry, ordered) for name, entry in modules.items()}
         ignore = sorted(set(float_linears) | set(skipped))
         return quantization_config_for_layers(layer_args, ignore=ignore)
 
@@ -821,10 +828,9 @@ class CompressedTensorsFormat(Format):
         return modules
 
 
-def _actorder(meta: Mapping) -> str | None:
-    """``weight`` for act-order with static groups (nothing stored), else none."""
-    order = meta.get("order", "natural")
-    return None if _is_natural(order) else "weight"
+def _act_order(meta: Mapping) -> bool:
+    """Whether the run decoded in act-order (with static groups: nothing stored for it)."""
+    return not _is_natural(meta.get("order", "natural"))
 
 
 COMPRESSED_TENSORS = register_format(CompressedTensorsFormat())

@@ -75,6 +75,7 @@ VARIANTS = [
     (8, False, GROUP, "act"),
     (2, False, GROUP, "natural"),
     (3, True, -1, "natural"),
+    (8, True, -1, "act"),  # a channel grid says no actorder in any decode order
 ]
 
 
@@ -103,7 +104,8 @@ def test_transformers_and_our_loader_give_the_same_logits(tmp_path, calib_ids, v
     assert group["targets"] == ["Linear"]
     assert (weights["num_bits"], weights["symmetric"]) == (bits, sym)
     assert weights["strategy"] == ("channel" if group_size == -1 else "group")
-    assert weights.get("actorder") == (None if order == "natural" else "weight")
+    said = None if order == "natural" or group_size == -1 else "weight"
+    assert weights.get("actorder") == said
     state = load_file(str(out / "model.safetensors"))
     layers = check_quantization_config(qc, state)
     assert len(layers) == len(qc["latticequant"]["modules"]) == 14
