@@ -317,10 +317,9 @@ KNOWN = {
         "compressed-tensors 0.14.0.1's `QuantizationArgs.validate_model_after` "
         "(`quantization/quant_args.py`) refuses any `actorder` with a strategy other than "
         "`group`/`tensor_group`; `_prepare_compressed_tensors_context` validates the file's "
-        "config with it (`QuantizationConfig.model_validate`). Our writer records act-order with "
-        "static groups (the default `--order act`) as `actorder: weight` also on `strategy: "
-        "channel`, which compressed-tensors 0.19.0 and 0.20.1 accept (they have no such check); "
-        "with `--order natural` (no `actorder`) the same 8-bit checkpoint dequantizes."
+        "config with it (`QuantizationConfig.model_validate`). Our writer says no `actorder` on "
+        "a channel grid (`said_actorder`), so a file written by another tool that does meets "
+        "this; compressed-tensors 0.19.0 and 0.20.1 have no such check."
     ),
 }
 NOTES = (
