@@ -97,6 +97,9 @@ def run(name: str, out: Path, nsamples: int, seqlen: int) -> dict:
 
 
 def same_tensors(a: Path, b: Path) -> tuple[int, int]:
+    """How many tensors of two checkpoint folders are equal, of how many (none when the
+    names differ)."""
+    import torch
     from safetensors.torch import load_file
 
     def tensors(folder):
@@ -106,8 +109,8 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int]:
         return out
 
     ta, tb = tensors(a), tensors(b)
-    import torch
-
+    if ta.keys() != tb.keys():
+        return 0, max(len(ta), len(tb))
     return sum(torch.equal(ta[k], tb[k]) for k in ta), len(ta)
 
 

@@ -115,22 +115,6 @@ def run_gptqmodel(inputs: dict, work: Path) -> dict:
     return row
 
 
-def same_tensors(a: Path, b: Path) -> tuple[int, int]:
-    import torch
-    from safetensors.torch import load_file
-
-    def tensors(folder):
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            out.update(load_file(f))
-        return out
-
-    ta, tb = tensors(a), tensors(b)
-    if ta.keys() != tb.keys():
-        return 0, max(len(ta), len(tb))
-    return sum(torch.equal(ta[k], tb[k]) for k in ta), len(ta)
-
-
 def _commit(source: Path) -> str:
     proc = subprocess.run(
         ["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -215,6 +199,7 @@ def main(argv=None) -> int:
                            capture_output=True, text=True)  # fmt: skip
     if check.returncode != 0:
         raise SystemExit(f"--before {args.before}: not a commit of this repository")
+    import bench_distributed
     import bench_e2e
     import torch
 
@@ -238,7 +223,7 @@ def main(argv=None) -> int:
             print(f"{name} ...", flush=True)
             res[name] = run_ours(source, inputs["model"], work / name)
             res[name]["commit"] = _commit(source)
-        res["identical"] = same_tensors(work / "before", work / "after")
+        res["identical"] = bench_distributed.same_tensors(work / "before", work / "after")
         if not args.no_gptqmodel:
             print("GPTQModel ...", flush=True)
             res["gptqmodel"] = run_gptqmodel(inputs, work)

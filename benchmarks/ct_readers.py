@@ -262,16 +262,8 @@ def _brief(run_: dict) -> dict:
 
 
 def environment() -> str:
-    import importlib.metadata as md
-
     names = ("latticequant", "gptqmodel", "compressed-tensors", "transformers", "torch")
-    found = []
-    for name in names:
-        try:
-            found.append(f"{name} {md.version(name)}")
-        except md.PackageNotFoundError:
-            found.append(f"{name} absent")
-    return ", ".join(found) + f"; Python {platform.python_version()}"
+    return fold_readers.environment(names)
 
 
 # Why a route fails or differs, from GPTQModel 7.7.0's source (paths under its package).

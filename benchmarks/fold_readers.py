@@ -320,10 +320,12 @@ def _brief(run: dict) -> dict:
     return {k: run[k] for k in ("rel_logit_diff", "errors", "error") if run.get(k)}
 
 
-def environment() -> str:
+def environment(
+    names: tuple[str, ...] = ("latticequant", "gptqmodel", "transformers", "optimum", "torch"),
+) -> str:
+    """The versions of ``names`` (``absent`` when not installed), Python and the machine."""
     import importlib.metadata as m
 
-    names = ("latticequant", "gptqmodel", "transformers", "optimum", "torch")
     versions = []
     for name in names:
         try:
