@@ -299,6 +299,8 @@ def write_tables(results: dict, path: Path) -> None:
     errors = sorted({r["our_ppl_error"] for r in rows.values() if r.get("our_ppl_error")})
     if errors:
         lines += ["", "`our ppl` n/a: " + "; ".join(errors)]
+    if results.get("notes"):  # how the rows were run, kept in the JSON beside them
+        lines += ["", "Notes on these runs. " + results["notes"]]
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
