@@ -61,8 +61,6 @@ __all__ = ["main", "build_parser", "config_from_args"]
 FLAG_ALIASES = {"group_size": ["--group-size", "--groupsize"], "bits": ["--bits", "--wbits"]}
 # Config fields set by a flag the command already has (``--seed`` seeds the windows too).
 SHARED_FLAGS = {"seed": "seed"}
-# the run's own timings; every other entry is seconds of one kind of exchange between ranks
-_OWN_TIMINGS = ("forward_s", "hessian_s", "solve_s", "state_io_s", "ranks")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, method) -> None:
@@ -810,7 +808,7 @@ def _summary_lines(args, spec, plan, summary, quantize_s, total_s, world) -> lis
         lines.append(
             f"{world.size} ranks; rank 0: forwards {t['forward_s']:.1f} s, Hessians "
             f"{t['hessian_s']:.1f} s, solves {t['solve_s']:.1f} s, exchanges "
-            f"{sum(v for k, v in t.items() if k not in _OWN_TIMINGS):.1f} s"
+            f"{sum(t.get(f'{kind}_s', 0.0) for kind in world.timings):.1f} s"  # each exchange kind
         )
     return lines
 
