@@ -241,13 +241,17 @@ class Bench:
 
 
 def _tensor_types(path: Path) -> dict[str, int]:
-    """How many tensors of each ggml type the file holds (read with the ``gguf`` package; types
-    it does not know are counted by number)."""
+    """How many tensors of each ggml type the file holds (read with the ``gguf`` package, Q2_0
+    through our reader's extension of it)."""
     try:
-        from gguf import GGUFReader
+        import gguf
+
+        from latticequant.pipeline.gguf_read import q2_0_reading
 
         counts: dict[str, int] = {}
-        for t in GGUFReader(str(path)).tensors:
+        with q2_0_reading():
+            tensors = gguf.GGUFReader(str(path)).tensors
+        for t in tensors:
             name = getattr(t.tensor_type, "name", str(t.tensor_type))
             counts[name] = counts.get(name, 0) + 1
         return counts

@@ -4,7 +4,8 @@
 ``m``), its levels, its real scales and offsets and the nearest-level rounding a decoder uses;
 ``blocks`` packs codes and grid into the type's block layout byte for byte and back;
 ``reference`` is llama.cpp's own choice of the grid and codes (the ``quantize_row_*_ref``
-quantizers); ``mix`` is llama.cpp's choice of a type per tensor for each file type.
+quantizers); ``weighted_fit`` chooses Q2_0's scales from the Hessian-weighted error, which
+llama.cpp's Q2_0 fit ignores; ``mix`` is llama.cpp's choice of a type per tensor for each file type.
 """
 
 from latticequant.formats.gguf.blocks import get_scale_min_k4, pack, unpack, zero_code
@@ -34,6 +35,7 @@ from latticequant.formats.gguf.types import (
     scales_offsets,
     type_info,
 )
+from latticequant.formats.gguf.weighted_fit import fit_q2_0
 
 __all__ = [
     "FileType",
@@ -53,6 +55,7 @@ __all__ = [
     "check_codes",
     "dequantize",
     "fit_grid",
+    "fit_q2_0",
     "get_scale_min_k4",
     "levels",
     "nearest_codes",

@@ -1,9 +1,11 @@
 """The ``gguf`` format: a linear layer on the exact grid of one of llama.cpp's types.
 
 The grid of every block is chosen first, as llama.cpp chooses it (:func:`fit_grid`, weighted by
-the Hessian's diagonal, llama.cpp's importance matrix); the method then decodes the codes on that
-fixed grid with error feedback (:meth:`GgufFormat.layer_grid` hands it the real scales and
-offsets), and :meth:`GgufFormat.pack` writes the type's blocks byte for byte. Which type a layer
+the Hessian's diagonal, llama.cpp's importance matrix), except ``Q2_0``, whose llama.cpp fit
+ignores that weight and wastes a level (:func:`fit_q2_0` searches its scale instead); the
+method then decodes the codes on that fixed grid with error feedback
+(:meth:`GgufFormat.layer_grid` hands it the real scales and offsets), and
+:meth:`GgufFormat.pack` writes the type's blocks byte for byte. Which type a layer
 gets follows llama.cpp's mix of the file type (``--gguf-type``): :meth:`GgufFormat.for_model`
 binds the format to a model's tensors. The layers go into one ``.gguf`` file (``container``), not
 a checkpoint folder.
@@ -34,6 +36,7 @@ from latticequant.formats.gguf.types import (
     scales_offsets,
 )
 from latticequant.formats.gguf.types import type_info as _type_info
+from latticequant.formats.gguf.weighted_fit import fit_q2_0
 from latticequant.formats.packing import FormatError
 from latticequant.formats.protocol import (
     Format,
@@ -325,7 +328,8 @@ class GgufFormat(Format):
                 )
 
     def layer_grid(self, W: torch.Tensor, H: torch.Tensor, config, name: str) -> LayerGrid:
-        """llama.cpp's grid for ``W`` (importance: the diagonal of ``H``), as the real scales
+        """llama.cpp's grid for ``W`` (importance: the diagonal of ``H``; Q2_0: :func:`fit_q2_0`
+        on the same weights), as the real scales
         and offsets a core decoder takes, the layer's config (bits and group of the type) and
         the packing of the decoded codes into the type's blocks."""
         d_out, d_in = W.shape
@@ -334,7 +338,8 @@ class GgufFormat(Format):
             raise UnsupportedConfigError(f"{name}: llama.cpp leaves this tensor in {t.name}")
         info = _type_info(t)
         importance = torch.diagonal(H).to(torch.float32).clamp(min=0).cpu().numpy()
-        grid = fit_grid(t, W.detach().to(torch.float32).cpu().numpy(), importance)
+        fit = fit_q2_0 if t == GGMLType.Q2_0 else lambda W, h: fit_grid(t, W, h)
+        grid = fit(W.detach().to(torch.float32).cpu().numpy(), importance)
         s, o = grid_scales_offsets(grid)
         cfg = config.replace(bits=int(info.maxq).bit_length(), group_size=info.group_size)
         S = torch.from_numpy(s).to(W.dtype).to(W.device)
