@@ -10,6 +10,12 @@ docs/bench_fold.json and .md, rewritten after each run; a rerun skips what is me
     python benchmarks/bench_fold.py                             # all 24 runs (hours on 2 cores)
     python benchmarks/bench_fold.py --runs 3g128-folded-float-outputs,3g128-none-layer
     python benchmarks/bench_fold.py --list
+    python benchmarks/bench_fold.py --runs 3g128-folded-float-outputs+refine
+
+A run name is ``GRID-ROTATION-OBJECTIVE``; ``+refine`` adds ``--refine cd,scales`` (coordinate
+descent on the codes, then the scales re-solved: docs/decoders.md), the best decoding setting,
+for the runs listed in ``REFINED``. Each finished run is merged into the JSON on disk, so
+invocations running side by side keep each other's rows.
 
 Readers, from the format each run writes: ``none`` and ``folded`` write a plain GPTQ checkpoint
 with nothing to apply at run time; ``folded+online`` and ``hadamard`` keep an online rotation
@@ -40,6 +46,9 @@ ENV = {
 GRIDS = {"3g128": ("3", "128"), "2g64": ("2", "64"), "4g128": ("4", "128")}
 ROTATIONS = ("none", "folded", "folded+online", "hadamard")
 OBJECTIVES = ("layer", "float-outputs")
+#: runs also measured with ``--refine cd,scales``: the folded goal's best setting
+REFINED = ("3g128-folded-float-outputs",)
+REFINE = "+refine"
 READERS = {  # by what each rotation writes; run: latticequant here, transformers in the tests
     "none": "a plain asymmetric GPTQ v1 file: latticequant, transformers; GPTQModel's loader "
     "only as gptq_v2 or symmetric (docs/fold_readers.md, tiny models)",
@@ -54,10 +63,13 @@ AFTER = re.compile(r"^perplexity after:\s*([0-9.]+)", re.M)
 
 
 def run_names() -> list[str]:
-    return [f"{g}-{r}-{o}" for g in GRIDS for r in ROTATIONS for o in OBJECTIVES]
+    names = [f"{g}-{r}-{o}" for g in GRIDS for r in ROTATIONS for o in OBJECTIVES]
+    return names + [n + REFINE for n in REFINED]
 
 
 def quantize_args(name: str) -> list[str]:
+    refine = name.endswith(REFINE)
+    name = name.removesuffix(REFINE)
     grid, rest = name.split("-", 1)
     rotate, objective = rest.rsplit("-", 1) if not rest.endswith("float-outputs") else (
         rest[: -len("-float-outputs")], "float-outputs")  # fmt: skip
@@ -66,6 +78,8 @@ def quantize_args(name: str) -> list[str]:
     args += ["--seed", "0", "--rotate", rotate]
     if objective == "float-outputs":
         args += ["--objective", "float-outputs"]
+    if refine:
+        args += ["--refine", "cd,scales"]
     return args
 
 
@@ -121,7 +135,7 @@ def write_table(results: dict, path: Path) -> None:
             continue
         grid, rest = name.split("-", 1)
         rotate = next(x for x in sorted(ROTATIONS, key=len, reverse=True) if rest.startswith(x))
-        objective = rest[len(rotate) + 1 :]
+        objective = rest[len(rotate) + 1 :].replace(REFINE, " + refine cd,scales")
         if "error" in r:
             lines.append(f"| {grid} | {rotate} | {objective} | error: {r['error']} | | | |")
             continue
@@ -133,6 +147,19 @@ def write_table(results: dict, path: Path) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def _merge(out_json: Path, name: str, result: dict, machine: str) -> dict:
+    """The results on disk with ``name``'s row set, written atomically (and the table): another
+    invocation's rows, saved since this one started, are kept."""
+    results = json.loads(out_json.read_text()) if out_json.exists() else {"runs": {}}
+    results["machine"] = machine
+    results["runs"][name] = result
+    tmpj = out_json.with_suffix(".json.tmp")
+    tmpj.write_text(json.dumps(results, indent=1))
+    os.replace(tmpj, out_json)
+    write_table(results, out_json.with_suffix(".md"))
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,12 +189,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             if name in results["runs"] and "error" not in results["runs"][name] and not args.redo:
                 continue
-            results["runs"][name] = run_one(name, work, second)
-            tmpj = out_json.with_suffix(".json.tmp")
-            tmpj.write_text(json.dumps(results, indent=1))
-            os.replace(tmpj, out_json)
-            write_table(results, out_json.with_suffix(".md"))
-            print(name, results["runs"][name], flush=True)
+            result = run_one(name, work, second)
+            results = _merge(out_json, name, result, results["machine"])
+            print(name, result, flush=True)
     print(out_json.with_suffix(".md").read_text())
 
 
