@@ -1,0 +1,260 @@
+"""Every architecture the GGUF writer takes, run by llama.cpp itself: its perplexity against ours.
+
+For each family (Llama, Mistral, Qwen2, Qwen3, Gemma 3) a small random model is built from the
+family's real transformers configuration (hidden 256, so the K types keep their 256-weight
+super-blocks instead of falling back), saved as a Hugging Face folder with SmolLM2's real
+tokenizer, and quantized by ``latticequant quantize --checkpoint-format gguf`` to each file type
+of ``TYPES``. Then:
+
+* ``llama-perplexity -c 128 --chunks 16`` (llama.cpp's tools from ``scripts/llama_cpp_env.sh``)
+  scores the file on the protocol's held-out text;
+* the same file, read back by latticequant's GGUF loader (dequantized through the ``gguf``
+  package), is scored the way ``llama-perplexity`` scores: the text's tokens in windows of 128,
+  the first token of each window replaced by BOS when the file says to add one, and the
+  negative log-likelihood of the second half of each window only;
+* and so is the float model the file was made from.
+
+Equal perplexities (to what llama.cpp's run-time quantization of the activations to Q8_0
+explains) say that llama.cpp reads the file as the model we quantized: architecture metadata,
+the Q/K row permutation, norms (Gemma 3's ``1 + w``), scaled embeddings, tied embeddings, and
+the block bytes of every type. A random model's perplexity is high and means nothing by itself;
+only the ratios do.
+
+    bash scripts/llama_cpp_env.sh                  # once: builds llama.cpp's tools (.bench/)
+    python benchmarks/gguf_families.py             # writes docs/gguf_families.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+DOCS = ROOT / "docs"
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
+TYPES = ("Q8_0", "Q4_K_M", "Q4_0")
+N_CTX, N_CHUNKS = 128, 16
+SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+#: family -> (transformers config class, its settings beyond SHAPE)
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(num_hidden_layers=2, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(num_hidden_layers=2, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(num_hidden_layers=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(num_hidden_layers=2, head_dim=128, tie_word_embeddings=True)),
+    # six layers: the sixth full attention, the others a sliding window of 32
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(num_hidden_layers=6, head_dim=64, query_pre_attn_scalar=64, sliding_window=512),
+    ),
+}
+PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+
+
+def build(family: str, tokenizer, folder: Path) -> None:
+    """A random ``family`` model of SHAPE saved with ``tokenizer`` to ``folder``: its matrices
+    scaled by 3 so that the layers interact (random init gives near-uniform attention), the
+    embeddings and head by 6 so that its next-token distributions are peaked (at the init's
+    scale they are near uniform, and any reading of the file would score the vocabulary's
+    size), and Gemma 3's norm offsets drawn around 0."""
+    import torch
+    import transformers
+
+    cls, extra = FAMILIES[family]
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = getattr(transformers, cls)(vocab_size=len(tokenizer), **SHAPE, **extra, **ids)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if family == "gemma3" and name.endswith("norm.weight"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif "embed" in name or "lm_head" in name:
+                p.mul_(6.0)
+            elif p.dim() == 2:
+                p.mul_(3.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def llama_scoring(model, ids, bos: int | None) -> float:
+    """Perplexity as ``llama-perplexity -c N_CTX --chunks N_CHUNKS`` computes it: windows of
+    N_CTX tokens, BOS in place of each window's first token when the file adds one, the
+    log-likelihood of the second half of each window (float64 log-softmax)."""
+    import torch
+
+    if bos is not None:
+        ids = torch.cat([torch.tensor([bos]), ids])
+    first, nll, count = N_CTX // 2, 0.0, 0
+    for i in range(min(N_CHUNKS, len(ids) // N_CTX)):
+        window = ids[i * N_CTX : (i + 1) * N_CTX]
+        inputs = window.clone()
+        if bos is not None:
+            inputs[0] = bos
+        with torch.no_grad():
+            logits = model(inputs[None]).logits[0].double()
+        logp = torch.log_softmax(logits[first : N_CTX - 1], dim=-1)
+        target = window[first + 1 :]
+        nll -= logp.gather(1, target[:, None]).sum().item()
+        count += len(target)
+    return math.exp(nll / count)
+
+
+def file_bos(path: Path) -> int | None:
+    """The BOS id llama.cpp puts first in each window, or None when the file adds none."""
+    import gguf
+
+    from latticequant.pipeline.gguf_read import q2_0_reading
+
+    with q2_0_reading():
+        fields = gguf.GGUFReader(str(path)).fields
+    add = fields.get("tokenizer.ggml.add_bos_token")
+    if add is None or not bool(add.contents()):
+        return None
+    return int(fields["tokenizer.ggml.bos_token_id"].contents())
+
+
+def llama_ppl(
+    bin_dir: Path, model: Path, text: Path, log: Path, threads: int, extra=()
+) -> float:
+    cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text),
+           "-c", str(N_CTX), "--chunks", str(N_CHUNKS), "-t", str(threads), "--no-repack",
+           *extra]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    m = PPL.search(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or m is None:
+        raise RuntimeError(f"llama-perplexity failed on {model.name}: see {log}")
+    return float(m.group(1))
+
+
+def measure(family: str, args, tokenizer, text: Path, ids, work: Path) -> dict:
+    from latticequant.pipeline.models import load_model
+
+    folder = work / family
+    build(family, tokenizer, folder)
+    model, _ = load_model(str(folder))
+    row = {"float_ours": llama_scoring(model, ids, None), "types": {}}
+    for qtype in args.types:
+        out = work / f"{family}-{qtype}.gguf"
+        cmd = [sys.executable, "-m", "latticequant", "quantize", str(folder), "--method", "gptq",
+               "--checkpoint-format", "gguf", "--gguf-type", qtype, "--out", str(out),
+               "--no-eval", "--nsamples", "16"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+        if proc.returncode != 0:
+            row["types"][qtype] = {"error": proc.stderr.strip().splitlines()[-1]}
+            continue
+        bos = file_bos(out)
+        quantized, _ = load_model(str(out))
+        theirs = llama_ppl(args.bin, out, text, work / f"{family}-{qtype}.log", args.threads)
+        ours = llama_scoring(quantized, ids, bos)
+        if bos is not None:
+            row["float_ours"] = llama_scoring(model, ids, bos)
+        row["types"][qtype] = {"llama": theirs, "ours": ours, "ratio": theirs / ours}
+        print(f"{family} {qtype}: llama.cpp {theirs:.4f}, ours {ours:.4f}", flush=True)
+        if qtype == args.types[0]:  # the same weights in F32: no activation quantization
+            f32 = work / f"{family}-{qtype}-as-F32.gguf"
+            subprocess.run(
+                [str(args.bin / "llama-quantize"), "--allow-requantize", str(out), str(f32),
+                 "F32"], capture_output=True, check=True,
+            )  # fmt: skip
+            # float32 K/V cache too (llama.cpp's default is float16)
+            exact = llama_ppl(args.bin, f32, text, work / f"{family}-f32.log", args.threads,
+                              ["-ctk", "f32", "-ctv", "f32"])  # fmt: skip
+            row["types"][f"{qtype} as F32"] = {"llama": exact, "ours": ours, "ratio": exact / ours}
+            print(f"{family} {qtype} as F32: llama.cpp {exact:.4f}, ours {ours:.4f}", flush=True)
+    return row
+
+
+def write_table(results: dict, path: Path) -> None:
+    lines = [
+        "# Every GGUF architecture, run by llama.cpp",
+        "",
+        f"`python benchmarks/gguf_families.py` on {results['machine']}: random models of each "
+        "family (hidden 256, SmolLM2's tokenizer), quantized by `latticequant quantize "
+        "--checkpoint-format gguf` with GPTQ; `llama-perplexity -c 128 --chunks 16` on the "
+        "protocol's held-out text against latticequant's reading of the same file scored the same "
+        "way (second half of each 128-token window). A random model's perplexity means nothing "
+        "by itself: read the ratio (llama.cpp quantizes the activations to Q8_0 at run time, "
+        "ours stay float32).",
+        "",
+        "| family | type | llama.cpp | ours (same file) | ratio | float model (ours) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for family, row in results["families"].items():
+        for qtype, r in row["types"].items():
+            if "error" in r:
+                lines.append(f"| {family} | {qtype} | error: {r['error']} | | | |")
+                continue
+            lines.append(
+                f"| {family} | {qtype} | {r['llama']:.3f} | {r['ours']:.3f} | {r['ratio']:.4f} "
+                f"| {row['float_ours']:.3f} |"
+            )
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--types", default=",".join(TYPES))
+    p.add_argument("--bin", type=Path, default=ROOT / ".bench" / "llama.cpp" / "build" / "bin")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=DOCS / "gguf_families.json")
+    args = p.parse_args(argv)
+    args.types = [t for t in args.types.split(",") if t]
+    families = [f for f in args.families.split(",") if f]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad:
+        raise SystemExit(f"gguf_families: unknown {', '.join(bad)}; known: {', '.join(FAMILIES)}")
+    if not (args.bin / "llama-perplexity").exists():
+        raise SystemExit(
+            f"gguf_families: {args.bin / 'llama-perplexity'} not found; build llama.cpp's tools "
+            "first: bash scripts/llama_cpp_env.sh (or give --bin)"
+        )
+    from transformers import AutoTokenizer
+
+    from bench_gguf import _texts
+    from latticequant.pipeline.data import tokenize
+    from latticequant.pipeline.models import default_model_path
+
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "families": {}}
+    if args.json.exists():
+        results["families"] = json.loads(args.json.read_text()).get("families", {})
+    with tempfile.TemporaryDirectory(prefix="gguf_families.") as tmp:
+        work = Path(tmp)
+        _, held = _texts(work)
+        gguf_path = Path(default_model_path())
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        ids = tokenize(tokenizer, held.read_text(), special_tokens=False)
+        for family in families:
+            results["families"][family] = measure(family, args, tokenizer, held, ids, work)
+            tmpj = args.json.with_suffix(".json.tmp")
+            tmpj.write_text(json.dumps(results, indent=1))
+            os.replace(tmpj, args.json)
+            write_table(results, args.json.with_suffix(".md"))
+    print(args.json.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
