@@ -22,6 +22,11 @@ only the ratios do.
 
     bash scripts/llama_cpp_env.sh                  # once: builds llama.cpp's tools (.bench/)
     python benchmarks/gguf_families.py             # writes docs/gguf_families.{json,md}
+    python benchmarks/gguf_families.py --score .bench/gguf/F32.gguf --ctx 512
+
+``--score FILE ...`` prints the perplexity of each GGUF file, read by latticequant, scored as
+``llama-perplexity -c CTX`` scores it on the protocol's held-out text (``bench_gguf.py``'s files:
+the same figure as its ``llama ppl`` column but for llama.cpp's run-time arithmetic).
 """
 
 from __future__ import annotations
@@ -133,9 +138,7 @@ def file_bos(path: Path) -> int | None:
     return int(fields["tokenizer.ggml.bos_token_id"].contents())
 
 
-def llama_ppl(
-    bin_dir: Path, model: Path, text: Path, log: Path, threads: int, extra=()
-) -> float:
+def llama_ppl(bin_dir: Path, model: Path, text: Path, log: Path, threads: int, extra=()) -> float:
     cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text),
            "-c", str(N_CTX), "--chunks", str(N_CHUNKS), "-t", str(threads), "--no-repack",
            *extra]  # fmt: skip
@@ -150,7 +153,7 @@ def llama_ppl(
 def measure(family: str, args, tokenizer, text: Path, ids, work: Path) -> dict:
     from latticequant.pipeline.models import load_model
 
-    folder = work / family
+    folder = work / f"tiny-{family}"  # general.name "mistral" alone makes transformers misread
     build(family, tokenizer, folder)
     model, _ = load_model(str(folder))
     row = {"float_ours": llama_scoring(model, ids, None), "types": {}}
@@ -214,6 +217,25 @@ def write_table(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def score(paths: list[Path], n_ctx: int) -> None:
+    """Each file's perplexity as ``llama-perplexity -c n_ctx`` computes it, on every window of
+    the protocol's held-out text, with latticequant's reading of the file (float32)."""
+    global N_CTX, N_CHUNKS
+    from bench_gguf import _texts
+
+    from latticequant.pipeline.data import tokenize
+    from latticequant.pipeline.models import load_model
+
+    N_CTX, N_CHUNKS = n_ctx, 1 << 30
+    with tempfile.TemporaryDirectory(prefix="gguf_score.") as tmp:
+        _, held = _texts(Path(tmp))
+        text = held.read_text()
+    for path in paths:
+        model, tokenizer = load_model(str(path))
+        ids = tokenize(tokenizer, text, special_tokens=False)
+        print(f"{path}: {llama_scoring(model, ids, file_bos(path)):.4f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--families", default=",".join(FAMILIES))
@@ -221,7 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bin", type=Path, default=ROOT / ".bench" / "llama.cpp" / "build" / "bin")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=DOCS / "gguf_families.json")
+    p.add_argument("--score", nargs="+", type=Path, help="GGUF files to score as llama.cpp does")
+    p.add_argument("--ctx", type=int, default=N_CTX, help="window of --score (default 128)")
     args = p.parse_args(argv)
+    if args.score:
+        score(args.score, args.ctx)
+        return
     args.types = [t for t in args.types.split(",") if t]
     families = [f for f in args.families.split(",") if f]
     bad = [f for f in families if f not in FAMILIES]
@@ -232,9 +259,9 @@ def main(argv: list[str] | None = None) -> None:
             f"gguf_families: {args.bin / 'llama-perplexity'} not found; build llama.cpp's tools "
             "first: bash scripts/llama_cpp_env.sh (or give --bin)"
         )
+    from bench_gguf import _texts
     from transformers import AutoTokenizer
 
-    from bench_gguf import _texts
     from latticequant.pipeline.data import tokenize
     from latticequant.pipeline.models import default_model_path
 
