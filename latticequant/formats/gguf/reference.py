@@ -491,6 +491,14 @@ _QUANTIZERS = {
 CHUNK_BLOCKS = 1 << 14
 
 
+def check_importance(importance, cols: int) -> np.ndarray:
+    """An importance matrix (one finite non-negative weight per input column) as float32."""
+    qw = np.asarray(importance, dtype=np.float32).reshape(-1)
+    if qw.shape != (cols,) or not np.isfinite(qw).all() or (qw < 0).any():
+        raise ValueError(f"importance must be {cols} finite non-negative weights")
+    return qw
+
+
 def quantize_reference(
     qtype: GGMLType | str | int, W, importance=None
 ) -> tuple[np.ndarray, GgufGrid]:
@@ -518,9 +526,7 @@ def quantize_reference(
     blocks = x.reshape(-1, info.block_size)
     qw = sigma2 = None
     if importance is not None:
-        qw = np.asarray(importance, dtype=np.float32).reshape(-1)
-        if qw.shape != (cols,) or not np.isfinite(qw).all() or (qw < 0).any():
-            raise ValueError(f"importance must be {cols} finite non-negative weights")
+        qw = check_importance(importance, cols)
         qw = np.broadcast_to(qw.reshape(1, nb, info.block_size), (rows, nb, info.block_size))
         qw = qw.reshape(-1, info.block_size)
         sigma2 = np.repeat(sum_sq(x) / F32(cols), nb)

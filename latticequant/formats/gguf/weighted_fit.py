@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from latticequant.formats.gguf.reference import check_importance
 from latticequant.formats.gguf.types import GGMLType, GgufGrid, type_info
 
 __all__ = ["Q2_0_STEPS", "fit_q2_0", "q2_0_error"]
@@ -57,13 +58,14 @@ def _fit_blocks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     cand = _fp16(amax[:, None, None] * sign[None, :, None] * Q2_0_STEPS[None, None, :])
     cand = cand.reshape(len(x), -1)  # (n, 2 * steps)
     err = q2_0_error(x[:, None, :], w[:, None, :], cand)
-    best = cand[np.arange(len(x)), err.argmin(axis=1)]
+    pick = err.argmin(axis=1)
+    best, best_err = cand[np.arange(len(x)), pick], err[np.arange(len(x)), pick]
     # one weighted least-squares step on the best grid's codes: d = sum w x z / sum w z^2
     z = _codes(x, best[:, None])
     den = (w * z * z).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         ls = _fp16(np.where(den > 0, (w * x * z).sum(axis=1) / np.where(den > 0, den, 1), best))
-    keep = q2_0_error(x, w, ls) < q2_0_error(x, w, best)
+    keep = q2_0_error(x, w, ls) < best_err
     return np.where(keep, ls, best).astype(np.float16)
 
 
@@ -81,9 +83,7 @@ def fit_q2_0(W, importance=None) -> GgufGrid:
     if importance is None:
         h = np.ones(cols, dtype=np.float32)
     else:
-        h = np.asarray(importance, dtype=np.float32).reshape(-1)
-        if h.shape != (cols,) or not np.isfinite(h).all() or (h < 0).any():
-            raise ValueError(f"importance must be {cols} finite non-negative weights")
+        h = check_importance(importance, cols)
         # a column the calibration never excited still counts a little, as its weight does
         h = h + np.float32(1e-6) * max(float(h.mean()), 1e-30)
     blocks = x.reshape(-1, g)
