@@ -42,14 +42,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-DOCS = ROOT / "docs"
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-}
+from bench_gguf import DOCS, ENV, ROOT, _texts  # noqa: E402  (this checkout's package, its env)
+
 TYPES = ("Q8_0", "Q4_K_M", "Q4_0")
 N_CTX, N_CHUNKS = 128, 16
 SHAPE = dict(
@@ -101,23 +96,25 @@ def build(family: str, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def llama_scoring(model, ids, bos: int | None) -> float:
-    """Perplexity as ``llama-perplexity -c N_CTX --chunks N_CHUNKS`` computes it: windows of
-    N_CTX tokens, BOS in place of each window's first token when the file adds one, the
+def llama_scoring(
+    model, ids, bos: int | None, n_ctx: int = N_CTX, n_chunks: int = N_CHUNKS
+) -> float:
+    """Perplexity as ``llama-perplexity -c n_ctx --chunks n_chunks`` computes it: windows of
+    n_ctx tokens, BOS in place of each window's first token when the file adds one, the
     log-likelihood of the second half of each window (float64 log-softmax)."""
     import torch
 
     if bos is not None:
         ids = torch.cat([torch.tensor([bos]), ids])
-    first, nll, count = N_CTX // 2, 0.0, 0
-    for i in range(min(N_CHUNKS, len(ids) // N_CTX)):
-        window = ids[i * N_CTX : (i + 1) * N_CTX]
+    first, nll, count = n_ctx // 2, 0.0, 0
+    for i in range(min(n_chunks, len(ids) // n_ctx)):
+        window = ids[i * n_ctx : (i + 1) * n_ctx]
         inputs = window.clone()
         if bos is not None:
             inputs[0] = bos
         with torch.no_grad():
             logits = model(inputs[None]).logits[0].double()
-        logp = torch.log_softmax(logits[first : N_CTX - 1], dim=-1)
+        logp = torch.log_softmax(logits[first : n_ctx - 1], dim=-1)
         target = window[first + 1 :]
         nll -= logp.gather(1, target[:, None]).sum().item()
         count += len(target)
@@ -156,7 +153,7 @@ def measure(family: str, args, tokenizer, text: Path, ids, work: Path) -> dict:
     folder = work / f"tiny-{family}"  # general.name "mistral" alone makes transformers misread
     build(family, tokenizer, folder)
     model, _ = load_model(str(folder))
-    row = {"float_ours": llama_scoring(model, ids, None), "types": {}}
+    row = {"types": {}}
     for qtype in args.types:
         out = work / f"{family}-{qtype}.gguf"
         cmd = [sys.executable, "-m", "latticequant", "quantize", str(folder), "--method", "gptq",
@@ -170,7 +167,7 @@ def measure(family: str, args, tokenizer, text: Path, ids, work: Path) -> dict:
         quantized, _ = load_model(str(out))
         theirs = llama_ppl(args.bin, out, text, work / f"{family}-{qtype}.log", args.threads)
         ours = llama_scoring(quantized, ids, bos)
-        if bos is not None:
+        if "float_ours" not in row:  # the float model, scored with the files' BOS rule
             row["float_ours"] = llama_scoring(model, ids, bos)
         row["types"][qtype] = {"llama": theirs, "ours": ours, "ratio": theirs / ours}
         print(f"{family} {qtype}: llama.cpp {theirs:.4f}, ours {ours:.4f}", flush=True)
@@ -220,20 +217,19 @@ def write_table(results: dict, path: Path) -> None:
 def score(paths: list[Path], n_ctx: int) -> None:
     """Each file's perplexity as ``llama-perplexity -c n_ctx`` computes it, on every window of
     the protocol's held-out text, with latticequant's reading of the file (float32)."""
-    global N_CTX, N_CHUNKS
-    from bench_gguf import _texts
 
     from latticequant.pipeline.data import tokenize
     from latticequant.pipeline.models import load_model
 
-    N_CTX, N_CHUNKS = n_ctx, 1 << 30
     with tempfile.TemporaryDirectory(prefix="gguf_score.") as tmp:
         _, held = _texts(Path(tmp))
         text = held.read_text()
     for path in paths:
         model, tokenizer = load_model(str(path))
         ids = tokenize(tokenizer, text, special_tokens=False)
-        print(f"{path}: {llama_scoring(model, ids, file_bos(path)):.4f}", flush=True)
+        print(
+            f"{path}: {llama_scoring(model, ids, file_bos(path), n_ctx, 1 << 30):.4f}", flush=True
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,6 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ctx", type=int, default=N_CTX, help="window of --score (default 128)")
     args = p.parse_args(argv)
     if args.score:
+        missing = [str(f) for f in args.score if not f.is_file()]
+        if missing or args.ctx < 4:
+            why = f"no such file: {', '.join(missing)}" if missing else "--ctx must be at least 4"
+            raise SystemExit(f"gguf_families: {why}")
         score(args.score, args.ctx)
         return
     args.types = [t for t in args.types.split(",") if t]
@@ -259,7 +259,6 @@ def main(argv: list[str] | None = None) -> None:
             f"gguf_families: {args.bin / 'llama-perplexity'} not found; build llama.cpp's tools "
             "first: bash scripts/llama_cpp_env.sh (or give --bin)"
         )
-    from bench_gguf import _texts
     from transformers import AutoTokenizer
 
     from latticequant.pipeline.data import tokenize
