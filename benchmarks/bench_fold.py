@@ -10,12 +10,13 @@ docs/bench_fold.json and .md, rewritten after each run; a rerun skips what is me
     python benchmarks/bench_fold.py                             # all 24 runs (hours on 2 cores)
     python benchmarks/bench_fold.py --runs 3g128-folded-float-outputs,3g128-none-layer
     python benchmarks/bench_fold.py --list
-    python benchmarks/bench_fold.py --runs 3g128-folded-float-outputs+refine
+    python benchmarks/bench_fold.py --runs 3g128-folded-float-outputs+hessian+refine
 
-A run name is ``GRID-ROTATION-OBJECTIVE``; ``+refine`` adds ``--refine cd,scales`` (coordinate
-descent on the codes, then the scales re-solved: docs/decoders.md), the best decoding setting,
-for the runs listed in ``REFINED``. Each finished run is merged into the JSON on disk, so
-invocations running side by side keep each other's rows.
+A run name is ``GRID-ROTATION-OBJECTIVE``, for the runs listed in ``EXTRA`` followed by
+``+hessian`` (``--scale-method hessian``: each group's scale fitted on the Hessian-weighted
+error before the decode, docs/core.md) and/or ``+refine`` (``--refine cd,scales``: coordinate
+descent on the codes, then the scales re-solved, docs/decoders.md). Each finished run is
+merged into the JSON on disk, so invocations running side by side keep each other's rows.
 
 Readers, from the format each run writes: ``none`` and ``folded`` write a plain GPTQ checkpoint
 with nothing to apply at run time; ``folded+online`` and ``hadamard`` keep an online rotation
@@ -46,9 +47,18 @@ ENV = {
 GRIDS = {"3g128": ("3", "128"), "2g64": ("2", "64"), "4g128": ("4", "128")}
 ROTATIONS = ("none", "folded", "folded+online", "hadamard")
 OBJECTIVES = ("layer", "float-outputs")
-#: runs also measured with ``--refine cd,scales``: the folded goal's best setting
-REFINED = ("3g128-folded-float-outputs",)
-REFINE = "+refine"
+#: settings a run name may add, in this order: ``+hessian`` fits every group's scale on the
+#: Hessian-weighted error (``--scale-method hessian``), ``+refine`` refines the decode
+SUFFIXES = {
+    "+hessian": (["--scale-method", "hessian"], "Hessian-weighted scales"),
+    "+refine": (["--refine", "cd,scales"], "refine cd,scales"),
+}
+#: runs also measured with those settings (the folded goal's best settings)
+EXTRA = (
+    "3g128-folded-float-outputs+refine",
+    *(f"3g128-{r}-layer+hessian" for r in ROTATIONS),
+    "3g128-folded-float-outputs+hessian+refine",
+)
 READERS = {  # by what each rotation writes; run: latticequant here, transformers in the tests
     "none": "a plain asymmetric GPTQ v1 file: latticequant, transformers; GPTQModel's loader "
     "only as gptq_v2 or symmetric (docs/fold_readers.md, tiny models)",
@@ -64,12 +74,19 @@ AFTER = re.compile(r"^perplexity after:\s*([0-9.]+)", re.M)
 
 def run_names() -> list[str]:
     names = [f"{g}-{r}-{o}" for g in GRIDS for r in ROTATIONS for o in OBJECTIVES]
-    return names + [n + REFINE for n in REFINED]
+    return names + list(EXTRA)
+
+
+def split_settings(name: str) -> tuple[str, list[str]]:
+    """``GRID-ROTATION-OBJECTIVE`` and the suffixes of SUFFIXES the name adds, in order."""
+    base, *extra = name.split("+")
+    if base.endswith("-folded"):  # the rotation "folded+online" holds a plus itself
+        base, extra = base + "+" + extra[0], extra[1:]
+    return base, ["+" + x for x in extra]
 
 
 def quantize_args(name: str) -> list[str]:
-    refine = name.endswith(REFINE)
-    name = name.removesuffix(REFINE)
+    name, extra = split_settings(name)
     grid, rest = name.split("-", 1)
     rotate, objective = rest.rsplit("-", 1) if not rest.endswith("float-outputs") else (
         rest[: -len("-float-outputs")], "float-outputs")  # fmt: skip
@@ -78,8 +95,8 @@ def quantize_args(name: str) -> list[str]:
     args += ["--seed", "0", "--rotate", rotate]
     if objective == "float-outputs":
         args += ["--objective", "float-outputs"]
-    if refine:
-        args += ["--refine", "cd,scales"]
+    for suffix in extra:
+        args += SUFFIXES[suffix][0]
     return args
 
 
@@ -133,9 +150,10 @@ def write_table(results: dict, path: Path) -> None:
         r = results["runs"].get(name)
         if r is None:
             continue
-        grid, rest = name.split("-", 1)
+        base, extra = split_settings(name)
+        grid, rest = base.split("-", 1)
         rotate = next(x for x in sorted(ROTATIONS, key=len, reverse=True) if rest.startswith(x))
-        objective = rest[len(rotate) + 1 :].replace(REFINE, " + refine cd,scales")
+        objective = " + ".join([rest[len(rotate) + 1 :], *(SUFFIXES[x][1] for x in extra)])
         if "error" in r:
             lines.append(f"| {grid} | {rotate} | {objective} | error: {r['error']} | | | |")
             continue

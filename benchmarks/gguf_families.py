@@ -26,7 +26,8 @@ only the ratios do.
 
 ``--score FILE ...`` prints the perplexity of each GGUF file, read by latticequant, scored as
 ``llama-perplexity -c CTX`` scores it on the protocol's held-out text (``bench_gguf.py``'s files:
-the same figure as its ``llama ppl`` column but for llama.cpp's run-time arithmetic).
+the same figure as its ``llama ppl`` column but for llama.cpp's run-time arithmetic), on
+llama.cpp's own tokens of the text and on transformers' (which differ: see the page).
 """
 
 from __future__ import annotations
@@ -135,6 +136,20 @@ def file_bos(path: Path) -> int | None:
     return int(fields["tokenizer.ggml.bos_token_id"].contents())
 
 
+def llama_tokens(bin_dir: Path, model: Path, text: Path):
+    """The text's tokens as llama.cpp's tokenizer reads the file's vocabulary
+    (``llama-tokenize``), no BOS: the token sequence ``llama-perplexity`` scores."""
+    import torch
+
+    cmd = [str(bin_dir / "llama-tokenize"), "-m", str(model), "-f", str(text), "--ids",
+           "--no-bos", "--log-disable"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode != 0 or not line.startswith("["):
+        raise RuntimeError(f"llama-tokenize failed on {model.name}: {proc.stderr.strip()[-300:]}")
+    return torch.tensor(json.loads(line))
+
+
 def llama_ppl(bin_dir: Path, model: Path, text: Path, log: Path, threads: int, extra=()) -> float:
     cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text),
            "-c", str(N_CTX), "--chunks", str(N_CHUNKS), "-t", str(threads), "--no-repack",
@@ -147,13 +162,21 @@ def llama_ppl(bin_dir: Path, model: Path, text: Path, log: Path, threads: int, e
     return float(m.group(1))
 
 
+def first_difference(a, b) -> int | None:
+    """The first position where two token sequences differ (None: one is a prefix of the
+    other)."""
+    n = min(len(a), len(b))
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0]) if len(diff) else None
+
+
 def measure(family: str, args, tokenizer, text: Path, ids, work: Path) -> dict:
     from latticequant.pipeline.models import load_model
 
     folder = work / f"tiny-{family}"  # general.name "mistral" alone makes transformers misread
     build(family, tokenizer, folder)
     model, _ = load_model(str(folder))
-    row = {"types": {}}
+    row, llama_ids = {"types": {}}, None
     for qtype in args.types:
         out = work / f"{family}-{qtype}.gguf"
         cmd = [sys.executable, "-m", "latticequant", "quantize", str(folder), "--method", "gptq",
@@ -164,11 +187,15 @@ def measure(family: str, args, tokenizer, text: Path, ids, work: Path) -> dict:
             row["types"][qtype] = {"error": proc.stderr.strip().splitlines()[-1]}
             continue
         bos = file_bos(out)
+        if llama_ids is None:  # llama.cpp's tokens of the text, which both sides score
+            llama_ids = llama_tokens(args.bin, out, text)
+            row["tokens_llama"], row["tokens_ours"] = len(llama_ids), len(ids)
+            row["first_token_differing"] = first_difference(llama_ids, ids)
         quantized, _ = load_model(str(out))
         theirs = llama_ppl(args.bin, out, text, work / f"{family}-{qtype}.log", args.threads)
-        ours = llama_scoring(quantized, ids, bos)
+        ours = llama_scoring(quantized, llama_ids, bos)
         if "float_ours" not in row:  # the float model, scored with the files' BOS rule
-            row["float_ours"] = llama_scoring(model, ids, bos)
+            row["float_ours"] = llama_scoring(model, llama_ids, bos)
         row["types"][qtype] = {"llama": theirs, "ours": ours, "ratio": theirs / ours}
         print(f"{family} {qtype}: llama.cpp {theirs:.4f}, ours {ours:.4f}", flush=True)
         if qtype == args.types[0]:  # the same weights in F32: no activation quantization
@@ -193,9 +220,26 @@ def write_table(results: dict, path: Path) -> None:
         "family (hidden 256, SmolLM2's tokenizer), quantized by `latticequant quantize "
         "--checkpoint-format gguf` with GPTQ; `llama-perplexity -c 128 --chunks 16` on the "
         "protocol's held-out text against latticequant's reading of the same file scored the same "
-        "way (second half of each 128-token window). A random model's perplexity means nothing "
+        "way (second half of each 128-token window), on the same tokens: llama.cpp's own "
+        "tokenization of the text (`llama-tokenize`). A random model's perplexity means nothing "
         "by itself: read the ratio (llama.cpp quantizes the activations to Q8_0 at run time, "
-        "ours stay float32).",
+        "ours stay float32; `as F32` rows: the same weights dequantized to F32 by "
+        "`llama-quantize`, with a float32 K/V cache).",
+        "",
+        "transformers' reading of the same vocabulary tokenizes the text differently from "
+        "llama.cpp's `smollm` pre-tokenizer (a run of spaces before a digit is split otherwise); "
+        "scored on its tokens, the windows after the first difference hold other text:",
+        "",
+        "| family | tokens (llama.cpp) | tokens (transformers) | first differing token |",
+        "|---|---|---|---|",
+    ]
+    for family, row in results["families"].items():
+        if "tokens_llama" in row:
+            lines.append(
+                f"| {family} | {row['tokens_llama']} | {row['tokens_ours']} "
+                f"| {row['first_token_differing']} |"
+            )
+    lines += [
         "",
         "| family | type | llama.cpp | ours (same file) | ratio | float model (ours) |",
         "|---|---|---|---|---|---|",
@@ -214,22 +258,27 @@ def write_table(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def score(paths: list[Path], n_ctx: int) -> None:
+def score(paths: list[Path], n_ctx: int, bin_dir: Path) -> None:
     """Each file's perplexity as ``llama-perplexity -c n_ctx`` computes it, on every window of
-    the protocol's held-out text, with latticequant's reading of the file (float32)."""
+    the protocol's held-out text, with latticequant's reading of the file (float32): on
+    llama.cpp's tokens of the text (when ``llama-tokenize`` is built) and on transformers'."""
 
     from latticequant.pipeline.data import tokenize
     from latticequant.pipeline.models import load_model
 
     with tempfile.TemporaryDirectory(prefix="gguf_score.") as tmp:
         _, held = _texts(Path(tmp))
-        text = held.read_text()
-    for path in paths:
-        model, tokenizer = load_model(str(path))
-        ids = tokenize(tokenizer, text, special_tokens=False)
-        print(
-            f"{path}: {llama_scoring(model, ids, file_bos(path), n_ctx, 1 << 30):.4f}", flush=True
-        )
+        for path in paths:
+            model, tokenizer = load_model(str(path))
+            bos = file_bos(path)
+            ids = tokenize(tokenizer, held.read_text(), special_tokens=False)
+            figures = [f"{llama_scoring(model, ids, bos, n_ctx, 1 << 30):.4f} on transformers' "
+                       f"{len(ids)} tokens"]  # fmt: skip
+            if (bin_dir / "llama-tokenize").exists():
+                theirs = llama_tokens(bin_dir, path, held)
+                ppl = llama_scoring(model, theirs, bos, n_ctx, 1 << 30)
+                figures.insert(0, f"{ppl:.4f} on llama.cpp's {len(theirs)} tokens")
+            print(f"{path}: " + ", ".join(figures), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         if missing or args.ctx < 4:
             why = f"no such file: {', '.join(missing)}" if missing else "--ctx must be at least 4"
             raise SystemExit(f"gguf_families: {why}")
-        score(args.score, args.ctx)
+        score(args.score, args.ctx, args.bin)
         return
     args.types = [t for t in args.types.split(",") if t]
     families = [f for f in args.families.split(",") if f]

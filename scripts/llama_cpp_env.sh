@@ -2,7 +2,8 @@
 # Build (idempotently) llama.cpp's command-line tools for the GGUF benchmarks, in `.bench/llama.cpp`.
 #
 # llama.cpp is the reader that judges a GGUF file, so the benchmarks run its own `llama-quantize`,
-# `llama-imatrix` and `llama-perplexity`. They are built from the llama.cpp sources vendored in the
+# `llama-imatrix` and `llama-perplexity`, and `llama-tokenize` to score our reading of a file
+# on the very tokens llama.cpp scores. They are built from the llama.cpp sources vendored in the
 # `llama-cpp-python` sdist on PyPI (the package registries are the only network a CI machine has),
 # with cmake, CPU only. Nothing of this is a dependency of the package or of its tests.
 #
@@ -19,7 +20,7 @@ DIR="$ROOT/.bench/llama.cpp"
 SRC="$DIR/src-$VERSION"
 BUILD="$DIR/build"
 BIN="$BUILD/bin"
-TOOLS=(llama-quantize llama-imatrix llama-perplexity)
+TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-tokenize)
 
 for tool in cmake gcc g++; do
     command -v "$tool" >/dev/null || { echo "llama_cpp_env.sh: $tool is needed to build llama.cpp; install it first" >&2; exit 1; }

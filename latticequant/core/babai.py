@@ -110,7 +110,7 @@ def babai_quantize(
         g_idx, S, Z = _decode_groups(W, Q, g)
     else:
         g_idx = group_index(d, g).to(W.device)
-        S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
+        S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros, h)
 
     # basis vectors become rows: every per-vector read and write below is contiguous
     if not refit:  # one grid row per group, looked up per basis vector (no W-sized expansion)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 ORDER_NAMES = ("natural", "reverse", "act", "min-pivot")
-SCALE_METHODS = ("minmax", "mse")
+SCALE_METHODS = ("minmax", "mse", "hessian")
 REFINE_STEPS = ("cd", "scales")
 
 Order = str | torch.Tensor
@@ -28,7 +28,8 @@ class QuantConfig:
       convention, so ``gptq_quantize(cfg)`` and ``babai_quantize(cfg)`` decode in the same
       sequence for them. A LongTensor is taken literally.
     clip: clamp codes to the b-bit grid; ``False`` lets codes leave it (the bound then holds).
-    scale_method: ``"minmax"`` or ``"mse"`` (shrink the range to minimise ``|w - q|^2.4``).
+    scale_method: ``"minmax"``, ``"mse"`` (shrink the range to minimise ``|w - q|^2.4``) or
+      ``"hessian"`` (shrink it to minimise ``sum_j H_jj (w_j - q_j)^2``; static grids only).
     static_groups: fit every grid on the original weights before any update (the paper's
       setting); ``False`` refits each group when the loop reaches it, on the error-updated
       weights (the reference GPTQ's behaviour, needed for checkpoints made that way).
@@ -82,6 +83,11 @@ class QuantConfig:
         if self.scale_method not in SCALE_METHODS:
             raise ValueError(
                 f"scale_method must be one of {SCALE_METHODS}, got {self.scale_method!r}"
+            )
+        if self.scale_method == "hessian" and not self.static_groups and self.group_size != -1:
+            raise ValueError(
+                "scale_method 'hessian' fits a static grid on the Hessian's diagonal: "
+                "use static_groups=True (--static-groups)"
             )
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < float("inf")):
             raise ValueError(f"damp must be a finite non-negative number, got {self.damp!r}")

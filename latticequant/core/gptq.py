@@ -219,7 +219,7 @@ def gptq_quantize(
     if cfg.group_size != -1 and not cfg.static_groups and scales is None:
         S = Z = None
     else:
-        S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
+        S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros, h)
     dec = gptq_decode(W, P, U, cfg, S, Z, min_zero=min_zero, levels=levels)
     del U
     return assemble(

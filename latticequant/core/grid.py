@@ -100,15 +100,21 @@ def check_codebook(levels: torch.Tensor | None, scales: torch.Tensor | None) -> 
 
 
 def fit_rows(
-    x: torch.Tensor, cfg: QuantConfig, min_zero: int = 0
+    x: torch.Tensor, cfg: QuantConfig, min_zero: int = 0, h: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One grid per row of ``x`` (d_out, k), by min-max or by shrinking the range (MSE).
+    """One grid per row of ``x`` (d_out, k), by min-max or by shrinking the range.
 
     The range always contains 0, so the offset of an asymmetric grid is a valid code (at least
     ``min_zero``, the smallest offset the grid's storage holds). The MSE
     search shrinks ``[xmin, xmax]`` by ``p = 1, 1 - 1/grid, ...`` down to ``1 - maxshrink`` and
-    keeps, per row, the scale with the smallest ``sum |q - x|^norm`` (clipped codes).
+    keeps, per row, the scale with the smallest ``sum |q - x|^norm`` (clipped codes). The
+    ``"hessian"`` search shrinks the same way and keeps the smallest ``sum_j h_j (q_j - x_j)^2``,
+    ``h`` (k,) being the Hessian's diagonal on these columns: the diagonal part of the row
+    objective ``(w - q)^T H (w - q)`` (docs/theory.md §1, Eq. (4)), the importance weighting
+    llama.cpp's block fits use.
     """
+    if cfg.scale_method == "hessian" and (h is None or h.shape != x.shape[1:]):
+        raise ValueError("scale_method 'hessian' needs the Hessian's diagonal on the columns")
     maxq = cfg.maxq
     if isinstance(min_zero, bool) or not isinstance(min_zero, int) or not 0 <= min_zero < maxq:
         raise ValueError(f"min_zero must be an integer from 0 to {maxq - 1}, got {min_zero!r}")
@@ -122,7 +128,10 @@ def fit_rows(
         p = 1 - i / cfg.mse_grid
         s1, z1 = _minmax(p * xmin, p * xmax, maxq, cfg.sym, min_zero)
         q = s1[:, None] * (round_to_grid(x, s1[:, None], z1[:, None], maxq) - z1[:, None])
-        err = (q - x).abs_().pow_(cfg.mse_norm).sum(dim=1)
+        if h is None:
+            err = (q - x).abs_().pow_(cfg.mse_norm).sum(dim=1)
+        else:
+            err = (q - x).square_() @ h.to(x.dtype)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s1, scale)
@@ -131,12 +140,17 @@ def fit_rows(
 
 
 def fit_grid(
-    W: torch.Tensor, cfg: QuantConfig, min_zero: int = 0
+    W: torch.Tensor, cfg: QuantConfig, min_zero: int = 0, h: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Static grid of the whole layer: ``(scales, zeros)``, each of shape (d_out, n_groups)."""
+    """Static grid of the whole layer: ``(scales, zeros)``, each of shape (d_out, n_groups).
+    ``h``: the Hessian's diagonal (d_in,), read by ``scale_method="hessian"`` only."""
     d_in = W.shape[1]
     g = d_in if cfg.group_size == -1 else cfg.group_size
-    pieces = [fit_rows(W[:, a : a + g], cfg, min_zero) for a in range(0, d_in, g)]
+    weighted = h is not None and cfg.scale_method == "hessian"
+    pieces = [
+        fit_rows(W[:, a : a + g], cfg, min_zero, h[a : a + g] if weighted else None)
+        for a in range(0, d_in, g)
+    ]
     scales = torch.stack([s for s, _ in pieces], dim=1)
     zeros = torch.stack([z for _, z in pieces], dim=1)
     return scales, zeros
@@ -172,8 +186,10 @@ def static_grid(
     zeros: torch.Tensor | None = None,
     min_zero: int = 0,
     integer_zeros: bool = True,
+    h: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid fixed before any update: fitted on W, or pinned by the caller.
+    """The grid fixed before any update: fitted on W (``h``: the Hessian's diagonal, which
+    ``scale_method="hessian"`` weights the fit by), or pinned by the caller.
 
     Pinned scales let a method choose the grid itself (one scale per matrix for HPTQ, a
     common factor for SSQR). ``zeros`` may be omitted for a symmetric grid.
@@ -188,7 +204,7 @@ def static_grid(
     if scales is None:
         if zeros is not None:
             raise ValueError("zeros were given without scales")
-        return fit_grid(W, cfg, min_zero)
+        return fit_grid(W, cfg, min_zero, h)
     scales = torch.as_tensor(scales, dtype=W.dtype, device=W.device)
     if scales.shape != shape:
         raise ValueError(f"scales must have shape {shape}, got {tuple(scales.shape)}")

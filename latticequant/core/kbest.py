@@ -215,7 +215,7 @@ def kbest_quantize(
     d_out, d = W.shape
     (Q, Un, u), damp = factor if factor is not None else babai_basis(H, cfg, h, W.dtype)
     g_idx = group_index(d, cfg.group_size).to(W.device)
-    S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
+    S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros, h)
     Dq = u**2
     S_g, Z_g, g_of = S.T.contiguous(), Z.T.contiguous(), g_idx[Q].tolist()
     x = W[:, Q].T.contiguous()

@@ -18,8 +18,8 @@ from latticequant.core.grid import (
 )
 from latticequant.core.hessian import (
     check_inputs,
-    dead_columns,
     prepare_diagonal,
+    solve_diagonal,
     with_damped_diagonal,
 )
 from latticequant.core.order import ldl_diagonal, resolve_order_or_none
@@ -50,7 +50,9 @@ def rtn_quantize(
     W, h = prepare_diagonal(W, H)
 
     (P, D), damp = factor if factor is not None else rtn_factor(H, cfg, h)
-    codes, S, Z, g_idx, clipped = _rounded(W, cfg, scales, zeros, min_zero, integer_zeros, levels)
+    codes, S, Z, g_idx, clipped = _rounded(
+        W, cfg, scales, zeros, min_zero, integer_zeros, levels, h
+    )
     return assemble(
         W=W0, H=H, codes=codes, scales=S, zeros=Z, g_idx=g_idx, order=P, D=D,
         clipped=clipped, bits=cfg.bits, clip=cfg.clip, damp=damp, targets=W.clone(), t0=t0,
@@ -88,14 +90,14 @@ def rtn_loss(
     ``rtn_quantize(...).proxy_loss`` without its bound: a baseline to read another method's loss
     against needs no factorization of H, which at 14336 columns costs gigabytes."""
     check_inputs(W, H)
-    dead = dead_columns(H)
+    h, dead = solve_diagonal(H)
     total = 0.0
     for a in range(0, W.shape[0], LOSS_ROWS):  # rows are independent: no W-sized temporaries
         b = min(a + LOSS_ROWS, W.shape[0])
         Wd = W[a:b].clone()
         Wd[:, dead] = 0  # as prepare_diagonal() does, so a fitted grid is the same
         rows = (None, None) if scales is None else (scales[a:b], zeros[a:b])
-        codes, S, Z, g_idx, _ = _rounded(Wd, cfg, *rows, min_zero, integer_zeros, levels)
+        codes, S, Z, g_idx, _ = _rounded(Wd, cfg, *rows, min_zero, integer_zeros, levels, h)
         Q = dequantize(codes, S, Z, g_idx, levels).to(W.dtype)
         total += float(row_losses(W[a:b], H, Q).sum())
     return total
@@ -109,10 +111,12 @@ def _rounded(
     min_zero: int = 0,
     integer_zeros: bool = True,
     levels: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Codes of W on its static grid (given or fitted), the grid, and the clipped count."""
+    """Codes of W on its static grid (given or fitted on the Hessian's diagonal ``h``), the
+    grid, and the clipped count."""
     g_idx = group_index(W.shape[1], cfg.group_size).to(W.device)
-    S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros)
+    S, Z = static_grid(W, cfg, scales, zeros, min_zero, integer_zeros, h)
     if levels is not None:  # a codebook: the nearest of its levels
         check_codebook(levels, scales)
         u = W / S[:, g_idx] + Z[:, g_idx]

@@ -1,4 +1,12 @@
-"""Reading GGUF files that hold Q2_0 tensors (ggml type 42) through transformers' GGUF loader.
+"""Reading GGUF files through transformers' GGUF loader as llama.cpp reads them.
+
+Two things the loader does not do by itself. Gemma 3: it maps only some of the file's keys to
+the config and leaves the rest at ``Gemma3TextConfig``'s defaults, while llama.cpp reads them
+(the sliding layers' rope base, the final logit soft-capping, the per-layer sliding pattern, the
+linear rope scaling) or assumes them from the shape (the query scale, which no GGUF stores:
+``query_pre_attn_scalar`` 256 by transformers' default, the head size by llama.cpp's, for every
+Gemma 3 but the 27B); :func:`llama_cpp_config` sets them as llama.cpp does, so a file is scored
+as the model llama.cpp runs. Q2_0:
 
 transformers reads a GGUF file (its config, tokenizer and tensors) with ``gguf.GGUFReader`` and
 dequantizes each tensor with ``gguf.dequantize``, both imported from the ``gguf`` package when
@@ -20,6 +28,7 @@ import contextlib
 import numpy as np
 
 from latticequant.formats.gguf.blocks import unpack
+from latticequant.formats.gguf.format import gemma3_attention_scale
 from latticequant.formats.gguf.types import GGMLType, dequantize, type_info
 
 
@@ -103,3 +112,34 @@ def q2_0_reading():
         yield
     finally:
         gguf.GGUFReader, gguf.dequantize = reader, deq
+
+
+def llama_cpp_config(config, path: str):
+    """``config`` (transformers' reading of the GGUF file at ``path``) with what llama.cpp reads
+    from the file, or assumes, where transformers keeps its own defaults (Gemma 3 only)."""
+    if getattr(config, "model_type", None) != "gemma3_text":
+        return config
+    import gguf
+
+    with q2_0_reading():
+        fields = gguf.GGUFReader(path).fields
+
+    def value(key: str):
+        field = fields.get(key.format(arch="gemma3"))
+        return None if field is None else field.contents()
+
+    config.query_pre_attn_scalar = int(gemma3_attention_scale(config))  # a whole number
+    config.final_logit_softcapping = value(gguf.Keys.LLM.FINAL_LOGIT_SOFTCAPPING)
+    rope = {kind: dict(p) for kind, p in (config.rope_parameters or {}).items()}
+    local = value(gguf.Keys.Rope.FREQ_BASE_SWA)
+    if local is not None and "sliding_attention" in rope:
+        rope["sliding_attention"]["rope_theta"] = float(local)
+    if value(gguf.Keys.Rope.SCALING_TYPE) == "linear" and "full_attention" in rope:
+        factor = float(value(gguf.Keys.Rope.SCALING_FACTOR))
+        rope["full_attention"].update(rope_type="linear", factor=factor)
+    config.rope_parameters = rope
+    pattern = value(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN)
+    if pattern is not None:
+        sliding = [bool(v) for v in pattern]
+        config.layer_types = [("sliding_attention" if v else "full_attention") for v in sliding]
+    return config

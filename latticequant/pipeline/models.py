@@ -154,12 +154,12 @@ def _load_gguf(path: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from latticequant.pipeline.gguf_read import q2_0_reading
+    from latticequant.pipeline.gguf_read import llama_cpp_config, q2_0_reading
 
     folder, name = os.path.split(os.path.abspath(path))
     try:  # Q2_0 (ggml type 42) is read by our dequantizer: gguf 0.19 does not know it
         with q2_0_reading():
-            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            config = llama_cpp_config(AutoConfig.from_pretrained(folder, gguf_file=name), path)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             loaded = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
     except (ValueError, KeyError, OSError, RuntimeError, IndexError) as exc:

@@ -1,4 +1,4 @@
-"""Grids: groups, symmetric and asymmetric offsets, min-max and MSE scales."""
+"""Grids: groups, symmetric and asymmetric offsets, min-max, MSE and Hessian-weighted scales."""
 
 from __future__ import annotations
 
@@ -84,6 +84,67 @@ def test_mse_scale_is_the_best_on_its_search_grid():
         ze = torch.round(-p * xmin / sc)
         best = torch.minimum(best, err(sc, ze))
     torch.testing.assert_close(err(s, z), best)
+
+
+def test_hessian_scale_is_the_best_weighted_fit_on_its_search_grid():
+    W = weights(6, 48, seed=4)
+    W[0, 5] = 9.0  # an outlier on a column the Hessian barely weighs
+    h = torch.rand(48, dtype=W.dtype, generator=torch.Generator().manual_seed(1)) + 0.05
+    h[5] = 1e-4
+    cfg = lq.QuantConfig(bits=3, group_size=-1, scale_method="hessian")
+    s, z = fit_rows(W, cfg, h=h)
+
+    def err(scale, zero):  # float64 by hand, nearest code clamped to 0..7
+        q = scale[:, None] * (
+            torch.round(W / scale[:, None] + zero[:, None]).clamp(0, 7) - zero[:, None]
+        )
+        return ((q - W) ** 2 * h).sum(1)
+
+    xmin, xmax = W.min(1).values.clamp(max=0), W.max(1).values.clamp(min=0)
+    best = torch.full((6,), float("inf"), dtype=W.dtype)
+    for i in range(int(cfg.mse_maxshrink * cfg.mse_grid)):  # brute force, same candidates
+        p = 1 - i / cfg.mse_grid
+        sc = (p * xmax - p * xmin) / 7
+        best = torch.minimum(best, err(sc, torch.round(-p * xmin / sc)))
+    torch.testing.assert_close(err(s, z), best)
+    s_mm, z_mm = fit_rows(W, cfg.replace(scale_method="minmax"))
+    assert (err(s, z) <= err(s_mm, z_mm) + 1e-12).all()
+    assert s[0] < s_mm[0] and err(s, z)[0] < 0.7 * err(s_mm, z_mm)[0]  # the outlier let go
+    # with equal weights it is the squared-error search (a second implementation: "mse", norm 2)
+    ones = torch.ones(48, dtype=W.dtype)
+    s1, z1 = fit_rows(W, cfg, h=ones)
+    s2, z2 = fit_rows(W, cfg.replace(scale_method="mse", mse_norm=2.0))
+    assert torch.equal(s1, s2) and torch.equal(z1, z2)
+
+
+def test_hessian_scale_reads_each_groups_own_diagonal():
+    W = weights(4, 64, seed=6)
+    h = torch.rand(64, dtype=W.dtype, generator=torch.Generator().manual_seed(2)) + 0.1
+    cfg = lq.QuantConfig(bits=3, group_size=16, scale_method="hessian")
+    S, Z = fit_grid(W, cfg, h=h)
+    for k in range(4):
+        s, z = fit_rows(
+            W[:, 16 * k : 16 * (k + 1)], cfg.replace(group_size=-1), h=h[16 * k : 16 * (k + 1)]
+        )
+        assert torch.equal(S[:, k], s) and torch.equal(Z[:, k], z)
+    with pytest.raises(ValueError, match="Hessian's diagonal"):
+        fit_rows(W, cfg)
+    with pytest.raises(ValueError, match="static_groups=True"):
+        cfg.replace(static_groups=False)
+
+
+def test_every_method_fits_the_hessian_scale_on_its_own_diagonal():
+    W = weights(8, 64, seed=7)
+    X = torch.randn(256, 64, dtype=W.dtype, generator=torch.Generator().manual_seed(3))
+    X[:, :8] *= 10  # columns the Hessian weighs far more
+    H = X.T @ X / 256
+    cfg = lq.QuantConfig(bits=3, group_size=32, scale_method="hessian", order="act")
+    S_ref, Z_ref = fit_grid(W, cfg, h=torch.diagonal(H).clone())
+    for fn in (lq.gptq_quantize, lq.babai_quantize, lq.rtn_quantize):
+        r = fn(W, H, cfg)
+        assert torch.equal(r.scales, S_ref) and torch.equal(r.zeros, Z_ref), fn.__name__
+    S_mse, _ = fit_grid(W, cfg.replace(scale_method="mse", mse_norm=2.0))
+    assert not torch.equal(S_ref, S_mse)  # the weighting changed the grid
 
 
 def test_all_zero_row_gets_a_valid_grid():

@@ -590,6 +590,42 @@ def test_gemma3_settings_written_or_refused(tmp_path, source):
         assert "\n" not in str(err.value) and not bad.exists()
 
 
+def test_gemma3_file_reads_back_with_what_llama_cpp_reads(tmp_path, source):
+    """transformers' GGUF loader leaves Gemma 3 settings at its config's defaults; llama.cpp
+    reads them from the file, or (the query scale) assumes the head size. Our reader follows
+    llama.cpp: with a head of 64 (not transformers' default scale of 256), soft-capping, linear
+    rope scaling and another sliding pattern, the file reads back to the source model itself
+    (its config as given, the file's weights loaded into it)."""
+    from latticequant.pipeline.models import load_model
+
+    types = ["sliding_attention", "full_attention"] * 3
+    model = make_tiny_gemma3(
+        head_dim=64,
+        query_pre_attn_scalar=64,
+        final_logit_softcapping=30.0,
+        layer_types=types,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 2e4},
+        },
+    )
+    out = tmp_path / "g.gguf"
+    _run(model, source, out, "Q8_0", method="rtn")
+    plain = transformers_gguf_model(str(out))
+    assert plain.config.query_pre_attn_scalar == 256  # what transformers alone would run
+    loaded, _ = load_model(str(out))
+    assert loaded.config.query_pre_attn_scalar == 64
+    assert loaded.config.final_logit_softcapping == 30.0
+    assert loaded.config.layer_types == types
+    assert loaded.config.rope_parameters["sliding_attention"]["rope_theta"] == 2e4
+    assert loaded.config.rope_parameters["full_attention"]["factor"] == 8.0
+    with torch.no_grad():
+        model.load_state_dict(loaded.state_dict())
+        ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-2)
+
+
 def test_gemma3_with_images_writes_its_text_model(tmp_path, source):
     """A Gemma 3 with a vision tower (``model_type`` ``gemma3``, its text model in
     ``model.language_model``) gives the same file as its text model alone: the vision tower is
