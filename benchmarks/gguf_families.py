@@ -204,9 +204,10 @@ def measure(family: str, args, tokenizer, text: Path, ids, work: Path) -> dict:
                 [str(args.bin / "llama-quantize"), "--allow-requantize", str(out), str(f32),
                  "F32"], capture_output=True, check=True,
             )  # fmt: skip
-            # float32 K/V cache too (llama.cpp's default is float16)
+            # float32 K/V cache too (llama.cpp's default is float16), and no flash attention
+            # (its CPU kernel converts K and V to float16 whatever the cache holds)
             exact = llama_ppl(args.bin, f32, text, work / f"{family}-f32.log", args.threads,
-                              ["-ctk", "f32", "-ctv", "f32"])  # fmt: skip
+                              ["-ctk", "f32", "-ctv", "f32", "-fa", "off"])  # fmt: skip
             row["types"][f"{qtype} as F32"] = {"llama": exact, "ours": ours, "ratio": exact / ours}
             print(f"{family} {qtype} as F32: llama.cpp {exact:.4f}, ours {ours:.4f}", flush=True)
     return row
@@ -224,7 +225,8 @@ def write_table(results: dict, path: Path) -> None:
         "tokenization of the text (`llama-tokenize`). A random model's perplexity means nothing "
         "by itself: read the ratio (llama.cpp quantizes the activations to Q8_0 at run time, "
         "ours stay float32; `as F32` rows: the same weights dequantized to F32 by "
-        "`llama-quantize`, with a float32 K/V cache).",
+        "`llama-quantize`, with a float32 K/V cache and without flash attention, whose CPU kernel "
+        "rounds K and V to float16).",
         "",
         "transformers' reading of the same vocabulary tokenizes the text differently from "
         "llama.cpp's `smollm` pre-tokenizer (a run of spaces before a digit is split otherwise); "
