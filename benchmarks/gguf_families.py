@@ -4,8 +4,8 @@ For each family (Llama, Mistral, Qwen2, Qwen3, Gemma 3) a small random model is 
 family's real transformers configuration (hidden 256, so the K types keep their 256-weight
 super-blocks instead of falling back), saved as a Hugging Face folder with SmolLM2's real
 tokenizer (Qwen2 with Qwen2's own, which ``scripts/qwen2_tokenizer.sh`` builds: transformers
-reads any Qwen2 folder's tokenizer as Qwen's), and quantized by ``latticequant quantize --checkpoint-format gguf`` to each file type
-of ``TYPES``. Then:
+reads any Qwen2 folder's tokenizer as Qwen's), and quantized by ``latticequant quantize
+--checkpoint-format gguf`` to each file type of ``TYPES``. Then:
 
 * ``llama-perplexity -c 128 --chunks 16`` (llama.cpp's tools from ``scripts/llama_cpp_env.sh``)
   scores the file on the protocol's held-out text;
@@ -22,6 +22,7 @@ the block bytes of every type. A random model's perplexity is high and means not
 only the ratios do.
 
     bash scripts/llama_cpp_env.sh                  # once: builds llama.cpp's tools (.bench/)
+    bash scripts/qwen2_tokenizer.sh                # once: Qwen2's tokenizer (.bench/)
     python benchmarks/gguf_families.py             # writes docs/gguf_families.{json,md}
     python benchmarks/gguf_families.py --score .bench/gguf/F32.gguf --ctx 512
 
