@@ -505,6 +505,19 @@ def make_tiny_gemma3(**changes):
     return model
 
 
+def gemma3_settings(layer_types: list[str], local_theta: float) -> dict:
+    """Gemma 3 settings beyond llama.cpp's defaults: soft-capping 30, linear rope scaling by 8
+    on the full-attention layers, ``layer_types``, the sliding layers' rope base."""
+    return dict(
+        final_logit_softcapping=30.0,
+        layer_types=layer_types,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+        },
+    )
+
+
 def test_gemma3_file_reads_back_to_the_quantized_model(tmp_path, source):
     """Gemma 3 as llama.cpp's converter writes it: norms as ``1 + w`` under gguf's names for
     the architecture (``post_attention_norm``, ``ffn_norm``, ``post_ffw_norm``, ``attn_q_norm``,
@@ -564,14 +577,7 @@ def test_gemma3_settings_written_or_refused(tmp_path, source):
     default go into the file as the converter writes them; settings llama.cpp's gemma3 graph
     does not read are refused in one line, before anything is written."""
     types = ["sliding_attention", "full_attention"] * 3
-    model = make_tiny_gemma3(
-        final_logit_softcapping=30.0,
-        layer_types=types,
-        rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-        },
-    )
+    model = make_tiny_gemma3(**gemma3_settings(types, local_theta=1e4))
     out = tmp_path / "g.gguf"
     _run(model, source, out, "Q8_0", method="rtn")
     fields = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items()}
@@ -599,16 +605,8 @@ def test_gemma3_file_reads_back_with_what_llama_cpp_reads(tmp_path, source):
     from latticequant.pipeline.models import load_model
 
     types = ["sliding_attention", "full_attention"] * 3
-    model = make_tiny_gemma3(
-        head_dim=64,
-        query_pre_attn_scalar=64,
-        final_logit_softcapping=30.0,
-        layer_types=types,
-        rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 2e4},
-        },
-    )
+    settings = gemma3_settings(types, local_theta=2e4)
+    model = make_tiny_gemma3(head_dim=64, query_pre_attn_scalar=64, **settings)
     out = tmp_path / "g.gguf"
     _run(model, source, out, "Q8_0", method="rtn")
     plain = transformers_gguf_model(str(out))
