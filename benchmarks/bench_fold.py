@@ -57,6 +57,7 @@ SUFFIXES = {
 EXTRA = (
     "3g128-folded-float-outputs+refine",
     *(f"3g128-{r}-layer+hessian" for r in ROTATIONS),
+    "3g128-folded-float-outputs+hessian",
     "3g128-folded-float-outputs+hessian+refine",
 )
 READERS = {  # by what each rotation writes; run: latticequant here, transformers in the tests
