@@ -185,6 +185,11 @@ CORPUS = [
         "online rotations cannot go into a gguf file",
     ),
     (
+        "gguf with a scale search",
+        q("--checkpoint-format", "gguf", "--gguf-type", "Q4_0", "--scale-method", "hessian"),
+        "block scales are fitted as llama.cpp fits them",
+    ),
+    (
         "gguf out not a .gguf file",
         q("--checkpoint-format", "gguf", "--gguf-type", "Q4_0"),
         "one file named *.gguf",

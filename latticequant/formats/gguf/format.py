@@ -315,6 +315,11 @@ class GgufFormat(Format):
             raise UnsupportedConfigError(
                 "--no-clip leaves codes off the grid, which a GGUF type cannot store"
             )
+        if getattr(config, "scale_method", "minmax") != "minmax":
+            raise UnsupportedConfigError(
+                f"--scale-method {config.scale_method}: a GGUF type's block scales are fitted "
+                "as llama.cpp fits them, weighted by the Hessian's diagonal already; leave it out"
+            )
         if not getattr(config, "static_groups", True):
             raise UnsupportedConfigError(
                 "a GGUF grid is fixed per block before the decode: use --static-groups"
