@@ -53,7 +53,9 @@ def test_the_rotation_is_what_compressed_tensors_applies(n):
     transform = getattr(model.layer, f"hadamard_{b}_input")
     eye = torch.eye(n, dtype=torch.float64)
     R = ct_hadamard_rotation(n).matrix()
-    assert torch.equal(transform(eye), R)  # x -> x R, exactly
+    # x -> x R, to float64 rounding: the order of the package's products follows the CPU's
+    # kernels, so the last bit of an entry may differ from one machine to the next
+    torch.testing.assert_close(transform(eye), R, rtol=0, atol=1e-15)
     assert torch.equal(transform.weight, deterministic_hadamard_matrix(b, torch.float64))
     assert b == n // {64: 1, 128: 1, 576: 9, 1536: 3, 96: 3, 192: 3}[n]
     # the weight side it fused (weight_input, inverse) is W R: what our stored weights hold

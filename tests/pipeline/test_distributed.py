@@ -286,10 +286,14 @@ def test_a_mixture_of_experts_across_ranks(files, tmp_path, objective):
     ]
     # an expert's matmul runs over the routed rows of each share: equal to float rounding.
     # With float-outputs, the float hidden states block 0 hands on differ by that rounding,
-    # which each of block 1's targets carries (through C - H~) and which flips a few codes
-    rel = 1e-4 if objective == "layer" else 2e-2
+    # which each of block 1's targets carries (through C - H~) and which flips a few codes: in
+    # a small expert a flip or two moves its loss by some per cent (how many depends on the
+    # CPU's float rounding), the sum over all layers far less
+    rel = 1e-4 if objective == "layer" else 1e-1
     for a, b in zip(log["layers"], two["layers"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=rel), a["name"]
+    total = [sum(e["loss"] for e in side["layers"]) for side in (log, two)]
+    assert total[1] == pytest.approx(total[0], rel=1e-4 if objective == "layer" else 1e-3)
     ta, tb = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
     assert ta.keys() == tb.keys()
     for k in ta:
