@@ -57,6 +57,8 @@ SUFFIXES = {
 EXTRA = (
     "3g128-folded-float-outputs+refine",
     *(f"3g128-{r}-layer+hessian" for r in ROTATIONS),
+    "4g128-none-layer+hessian",
+    "4g128-folded-layer+hessian",
     "3g128-folded-float-outputs+hessian",
     "3g128-folded-float-outputs+hessian+refine",
 )
