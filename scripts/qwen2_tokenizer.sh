@@ -52,7 +52,6 @@ pattern = (
 )
 special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 backend = TikTokenConverter(str(ranks), pattern=pattern, extra_special_tokens=special).converted()
-(tmp / "tokenizer.json").unlink(missing_ok=True)
 backend.save(str(tmp / "tokenizer.json"))
 tok = PreTrainedTokenizerFast(
     tokenizer_file=str(tmp / "tokenizer.json"), eos_token="<|endoftext|>", pad_token="<|endoftext|>"

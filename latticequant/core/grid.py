@@ -113,7 +113,8 @@ def fit_rows(
     objective ``(w - q)^T H (w - q)`` (docs/theory.md §1, Eq. (4)), the importance weighting
     llama.cpp's block fits use.
     """
-    if cfg.scale_method == "hessian" and (h is None or h.shape != x.shape[1:]):
+    weighted = cfg.scale_method == "hessian"
+    if weighted and (h is None or h.shape != x.shape[1:]):
         raise ValueError("scale_method 'hessian' needs the Hessian's diagonal on the columns")
     maxq = cfg.maxq
     if isinstance(min_zero, bool) or not isinstance(min_zero, int) or not 0 <= min_zero < maxq:
@@ -128,10 +129,10 @@ def fit_rows(
         p = 1 - i / cfg.mse_grid
         s1, z1 = _minmax(p * xmin, p * xmax, maxq, cfg.sym, min_zero)
         q = s1[:, None] * (round_to_grid(x, s1[:, None], z1[:, None], maxq) - z1[:, None])
-        if h is None:
-            err = (q - x).abs_().pow_(cfg.mse_norm).sum(dim=1)
-        else:
+        if weighted:
             err = (q - x).square_() @ h.to(x.dtype)
+        else:
+            err = (q - x).abs_().pow_(cfg.mse_norm).sum(dim=1)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s1, scale)
@@ -146,9 +147,8 @@ def fit_grid(
     ``h``: the Hessian's diagonal (d_in,), read by ``scale_method="hessian"`` only."""
     d_in = W.shape[1]
     g = d_in if cfg.group_size == -1 else cfg.group_size
-    weighted = h is not None and cfg.scale_method == "hessian"
     pieces = [
-        fit_rows(W[:, a : a + g], cfg, min_zero, h[a : a + g] if weighted else None)
+        fit_rows(W[:, a : a + g], cfg, min_zero, None if h is None else h[a : a + g])
         for a in range(0, d_in, g)
     ]
     scales = torch.stack([s for s, _ in pieces], dim=1)
