@@ -23,7 +23,9 @@ that compressed-tensors' ``hadamard`` transform builds (:func:`block_hadamard_ro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -92,6 +94,10 @@ def fwht(x: torch.Tensor, a: int) -> torch.Tensor:
     return x
 
 
+#: a Walsh-Hadamard transform ``(y, a) -> y (H_a (x) I)`` on ``y``'s second-last axis of size ``a``
+Butterfly = Callable[[torch.Tensor, int], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Rotation:
     """The orthogonal ``R = diag(signs) (H_a (x) factor) / sqrt(a)`` of one layer's input space.
@@ -114,6 +120,11 @@ class Rotation:
         if m <= 0 or n % m or (n // m) & (n // m - 1):
             raise ValueError(f"signs of length {n} do not split as a power of two times {m}")
 
+    @cached_property
+    def plain_factor(self) -> bool:
+        """Whether ``factor`` is the identity (block-diagonal Hadamard): its product is skipped."""
+        return bool(torch.equal(self.factor, torch.eye(self.m, dtype=self.factor.dtype)))
+
     @property
     def n(self) -> int:
         return self.signs.numel()
@@ -126,16 +137,18 @@ class Rotation:
     def a(self) -> int:
         return self.n // self.m
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``x R`` over the last axis of ``x``, in x's dtype."""
+    def apply(self, x: torch.Tensor, butterfly: Butterfly | None = None) -> torch.Tensor:
+        """``x R`` over the last axis of ``x``, in x's dtype. ``butterfly(y, a)``: the
+        Walsh-Hadamard transform of ``y``'s second-last axis (:func:`fwht` unless given, e.g. a
+        GPU kernel of the same)."""
         self._check(x)
-        return self._kron(x * self.signs.to(x.dtype), self.factor)
+        return self._kron(x * self.signs.to(x.dtype), self.factor, butterfly or fwht)
 
     def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
         """``x R^T`` over the last axis (``R^T`` undoes :meth:`apply`)."""
-        return self._kron(x, self.factor.T) * self.signs.to(x.dtype)
+        return self._kron(x, self.factor.T, fwht) * self.signs.to(x.dtype)
 
-    def _kron(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    def _kron(self, x: torch.Tensor, factor: torch.Tensor, butterfly: Butterfly) -> torch.Tensor:
         """``x (H_a (x) factor) / sqrt(a)``: index ``j = j_a * m + j_m``; ``H_a`` acts on j_a.
         Factor-major: ``x (factor (x) H_a) / sqrt(a)``, the same on ``X^T`` for ``X`` the
         ``(m, a)`` view of x (``H_a`` is symmetric)."""
@@ -145,8 +158,8 @@ class Rotation:
             y = x.reshape(*lead, self.m, self.a).transpose(-1, -2)
         else:
             y = x.reshape(*lead, self.a, self.m)
-        y = fwht(y, self.a)
-        if self.m > 1:
+        y = butterfly(y, self.a)
+        if self.m > 1 and not self.plain_factor:
             y = y @ factor.to(x.dtype)
         if self.factor_major:
             y = y.transpose(-1, -2)

@@ -121,7 +121,6 @@ class RotatedLinear(nn.Module):
         self.backend = backend
         self.a, self.m = rotation.a, rotation.m
         self.factor_major = rotation.factor_major
-        self.identity = bool(torch.equal(rotation.factor, torch.eye(self.m, dtype=torch.float64)))
         self.in_features = rotation.n
         self.out_features = getattr(inner, "out_features", None)
         self.register_buffer("signs", rotation.signs.to(torch.float32), persistent=False)
@@ -133,21 +132,16 @@ class RotatedLinear(nn.Module):
             raise ValueError(
                 f"input has {x.shape[-1]} features, this layer takes {self.in_features}"
             )
-        lead = x.shape[:-1]
-        y = x.to(torch.float32) * self.signs
-        if self.factor_major:
-            y = y.reshape(*lead, self.m, self.a).transpose(-1, -2)
-        else:
-            y = y.reshape(*lead, self.a, self.m)
-        if use_kernels(self.backend, x):
-            y = kernels.hadamard_transform(y, self.a)
-        else:
-            y = fwht(y, self.a)
-        if self.m > 1 and not self.identity:
-            y = y @ self.factor
-        if self.factor_major:
-            y = y.transpose(-1, -2)
-        return (y * self.a**-0.5).reshape(*lead, self.in_features)
+        butterfly = kernels.hadamard_transform if use_kernels(self.backend, x) else fwht
+        return self._rotation().apply(x.to(torch.float32), butterfly)
+
+    def _rotation(self) -> Rotation:
+        """The rotation on the buffers as they are now (``.to()`` replaces them), built once."""
+        r = self.__dict__.get("_cached_rotation")
+        if r is None or r.signs is not self.signs or r.factor is not self.factor:
+            r = Rotation(self.signs, self.factor, self.factor_major)
+            self.__dict__["_cached_rotation"] = r
+        return r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(self.rotate(x).to(x.dtype))

@@ -122,3 +122,20 @@ def test_rotated_linear_runs_factor_major_rotations(rot):
     assert torch.allclose(module(x), inner(x @ R), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="factor-major"):
         pack_rotation(rot, 0)
+
+
+def test_rotated_linear_follows_its_buffers_when_moved():
+    """``.to()`` replaces the sign and factor buffers: the rotation applied afterwards is the one
+    on the new buffers (here a float64 copy), still ``x R`` of the dense matrix."""
+    rot = hadamard_rotation(48, 5)  # 16 x 3: a random odd factor
+    inner = torch.nn.Linear(48, 6).double()
+    module = RotatedLinear(rot, inner)
+    x = torch.randn(3, 48, dtype=torch.float64)
+    before = module.rotate(x)
+    module.to(torch.float64)
+    assert module.signs.dtype == torch.float64
+    after = module.rotate(x)
+    reference = x @ rot.matrix()
+    assert torch.allclose(before.double(), reference, atol=1e-5, rtol=0)
+    assert torch.allclose(after.double(), reference, atol=1e-5, rtol=0)
+    assert module._rotation().signs is module.signs
