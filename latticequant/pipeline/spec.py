@@ -325,6 +325,8 @@ def prepare(model: nn.Module, spec: RunSpec, world: World | None = None) -> Plan
     fold = None
     if spec.target.folded:  # every check passed: the float model's weights are rotated now
         fold = fold_rotations(model, spec.target.seed, spec.target.rotate == "folded+online")
+        if fold.untied:  # a head of its own now: the GGUF mix types it and the embeddings anew
+            fmt = fmt.for_model(model.config, spec.output.format_options())
     return Plan(
         spec, method, config, fmt, layout, layers, device, hessian_dtype, world, memory, fold
     )

@@ -379,7 +379,9 @@ def test_command_line_quantize_then_eval(tmp_path, source, capsys):
 def test_folded_rotation_goes_into_the_file(tmp_path, source, untied):
     """``--rotate folded`` leaves a plain llama: transformers' GGUF loader reads the file to
     the quantized model's logits, and a final norm that is not all ones unties the head, which
-    the file then stores as ``output.weight``."""
+    the file then stores as ``output.weight``, typed as llama-quantize types an untied model
+    (llama_tensor_get_type: the output Q6_K on rows of 256, the embeddings the file type's own
+    Q4_0), where a tied model's embeddings take the output's Q6_K."""
     from latticequant.pipeline.target import TargetConfig
 
     model = make_tiny_llama(**SHAPE)
@@ -395,11 +397,19 @@ def test_folded_rotation_goes_into_the_file(tmp_path, source, untied):
         method="gptq",
         target=TargetConfig(rotate="folded"),
         calibration=CalibrationSpec(nsamples=4, seqlen=32),
-        output=OutputSpec(str(out), "gguf", gguf_type="Q8_0", gguf_source=str(source)),
+        output=OutputSpec(str(out), "gguf", gguf_type="Q4_0", gguf_source=str(source)),
     )
     quantize_model(model, Calibration(calib), prepare(model, spec))
     tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
     assert ("output.weight" in tensors) == untied
+    embeddings = {k: tensors[k].tensor_type.name for k in ("token_embd.weight", "output.weight")
+                  if k in tensors}  # fmt: skip
+    assert embeddings == (
+        {"token_embd.weight": "Q4_0", "output.weight": "Q6_K"}
+        if untied
+        else {"token_embd.weight": "Q6_K"}
+    )
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
     loaded = transformers_gguf_model(str(out))
     for key, module in (
         ("token_embd.weight", model.get_input_embeddings()),
