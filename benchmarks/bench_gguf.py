@@ -361,8 +361,9 @@ def main(argv: list[str] | None = None) -> None:
                     bench.our_ppl(f"{qtype}/{setting}", out)
     if not args.no_our_eval:  # llama.cpp's own files last: a cross-check, not a row of ours
         for qtype in types:
-            path = bench.work / f"{qtype}.llama-imatrix.gguf"
-            if path.exists():
+            row = bench.row(f"{qtype}/llama-imatrix")
+            if "our_ppl" not in row and not row.get("our_ppl_error"):  # remade if removed
+                path = bench.llama_quantize(qtype, f32, bench.imatrix(f32, calib))
                 bench.our_ppl(f"{qtype}/llama-imatrix", path)
     print(bench.json.with_suffix(".md").read_text())
 

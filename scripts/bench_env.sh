@@ -21,21 +21,9 @@ PYTHON="${PYTHON:-python3}"
 GPTQMODEL_VERSION="${GPTQMODEL_VERSION:-7.7.0}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 
-if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)"; then
-    echo "bench_env.sh: $PYTHON needs torch==$TORCH_VERSION installed first (the venv reuses it):" >&2
-    echo "  $PYTHON -m pip install torch==$TORCH_VERSION" >&2
-    exit 1
-fi
-
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "bench_env.sh: creating $VENV"
-    "$PYTHON" -m venv --system-site-packages "$VENV"
-fi
-PY="$VENV/bin/python"
-PIP=("$PY" -m pip --disable-pip-version-check)
-
-CONSTRAINTS="$VENV/constraints.txt"
-echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
+TAG=bench_env.sh
+# shellcheck source=scripts/bench_venv.sh
+source "$ROOT/scripts/bench_venv.sh"  # PY, PIP, CONSTRAINTS
 
 installed="$("$PY" -c "import importlib.metadata as m; print(m.version('gptqmodel'))" 2>/dev/null || true)"
 if [ "$installed" != "$GPTQMODEL_VERSION" ]; then
