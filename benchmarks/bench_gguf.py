@@ -9,7 +9,8 @@ On the protocol model (SmolLM2-135M-Instruct) and text, in one invocation, for e
 * (c) ``llama-quantize`` without one,
 * (d) ours, plain GPTQ decoding on llama.cpp's grids (``latticequant quantize --method gptq
   --checkpoint-format gguf --gguf-type TYPE``),
-* (e) ours with our best settings for a GGUF (``--objective float-outputs``),
+* (e) ours with our best settings for a GGUF (``--objective float-outputs --refine cd``), and
+  the same with the residual-stream rotation folded into the weights (``--rotate folded``),
 
 each scored by ``llama-perplexity -c 512`` on the held-out text (the last 20%; it scores the
 second half of every 512-token window, so its figures are quoted as ratios to its own float
@@ -22,7 +23,7 @@ default ``.bench/llama.cpp/build/bin``). Files and partial results live in ``--w
 rerun skips what is already measured (``--fresh`` starts over).
 
     bash scripts/llama_cpp_env.sh
-    python benchmarks/bench_gguf.py                          # all seven types (about 1.5 h)
+    python benchmarks/bench_gguf.py                          # all seven types (4 h on 2 cores)
     python benchmarks/bench_gguf.py --types Q4_0,Q2_0        # a subset
     python benchmarks/bench_gguf.py --tables                 # the .md from the .json only
 """
@@ -72,7 +73,7 @@ OURS = {
     ),
 }
 #: the settings a plain invocation runs (--settings names others)
-DEFAULT_SETTINGS = ("ours", "ours-best")
+DEFAULT_SETTINGS = ("ours", "ours-best", "ours-folded")
 PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 LQ_PPL = re.compile(r"^perplexity[^:]*:\s*([0-9.]+)", re.M)
 
