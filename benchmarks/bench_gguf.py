@@ -334,7 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = [s for s in args.settings.split(",") if s]
     bad = [t for t in types if t not in TYPES] + [s for s in settings if s not in OURS]
     if bad:
-        raise SystemExit(f"bench_gguf: unknown {', '.join(bad)}; types: {', '.join(TYPES)}")
+        raise SystemExit(
+            f"bench_gguf: unknown {', '.join(bad)}; types: {', '.join(TYPES)}; "
+            f"settings: {', '.join(OURS)}"
+        )
     bench = Bench(args)
     if args.tables:
         write_tables(bench.results, bench.json.with_suffix(".md"))
