@@ -485,11 +485,24 @@ def _group_of(subsets, configs) -> dict[str, list[str]]:
     return groups
 
 
-def quantize_block_lazy(block, batch: BlockInputs, subsets, bq: BlockQuantizer, bank: HessianBank):
+def quantize_block_lazy(
+    block,
+    batch: BlockInputs,
+    subsets,
+    bq: BlockQuantizer,
+    bank: HessianBank,
+    float_block: nn.Module | None = None,
+):
     """One pass: when the first layer of a group is about to run, the whole group (whose
-    layers read the same input) is quantized on that input, then the forward goes on."""
+    layers read the same input) is quantized on that input, then the forward goes on.
+
+    ``float_block``: the block's float copy (the float-outputs objective). It runs once,
+    first, on the batch's float hidden states, keeping what every layer reads in it for its
+    group's cross Gram. The float copy never changes, so one pass serves every group: the
+    batched path runs it up to each group again."""
     modules = {name: block.get_submodule(name) for name in bq.configs}
     groups = _group_of(subsets, bq.configs)
+    float_x = {} if float_block is None else float_inputs(float_block, batch, list(modules))
     handles = []
 
     def make_hook(name):
@@ -503,9 +516,13 @@ def quantize_block_lazy(block, batch: BlockInputs, subsets, bq: BlockQuantizer, 
                         "layer of its group in the architecture's description"
                     )
                 return None
-            bank.add(name, args[0], batch.mask, batch.first_window)
+            fx = float_x.get(name)
+            for n in groups[name]:  # the group's float input goes once its cross Gram holds it
+                float_x.pop(n, None)
+            bank.add(name, args[0], batch.mask, batch.first_window, float_x=fx)
             acc = bank.get(name)
-            bq.quantize_group(block, {n: acc for n in groups[name]})
+            crosses = None if fx is None else {n: bank.get_cross(name) for n in groups[name]}
+            bq.quantize_group(block, {n: acc for n in groups[name]}, crosses=crosses)
             return None
 
         return hook

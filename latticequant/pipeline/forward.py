@@ -45,7 +45,7 @@ class BlockInputs:
     kwargs: dict
     mask: torch.Tensor | None  # (batch, seqlen) bool: tokens that enter the Hessians
     first_window: int = 0  # index of the batch's first window among all calibration windows
-    float_hidden: torch.Tensor | None = None  # the float model's hidden states (float-outputs)
+    float_hidden: torch.Tensor | None = None  # the float-outputs reference's hidden states
 
     def to(self, device) -> BlockInputs:
         mask = None if self.mask is None else self.mask.to(device)

@@ -79,13 +79,16 @@ def estimate_block_memory(
         key=lambda i: sum(p.numel() for p in layout.blocks[i].parameters()),
     )
     block = layout.blocks[index]
-    shapes = []
+    shapes, group_inputs = [], []
     for subset in layout.subsets_of(index):
+        widths = []
         for name in subset:
             try:
                 shapes.append(tuple(linear_weight(block.get_submodule(name)).shape))
             except AttributeError:
                 continue
+            widths.append(shapes[-1][1])
+        group_inputs += widths[:1]  # a group's layers read one input
     if not shapes:
         return BlockMemory(0, 0, 0, 0)
     hidden_size = int(getattr(config, "hidden_size", 0) or shapes[0][1])  # the first group's input
@@ -105,7 +108,8 @@ def estimate_block_memory(
     hessians = d_max * d_max * (h_bytes * depth + 8 * copies)
     if float_copy:
         hidden *= 2
-        activations += batch_tokens * max(d_in for _, d_in in shapes) * act  # its layer input
+        # its layers' inputs: all groups' at once when one pass serves them (one batch)
+        activations += batch_tokens * sum(group_inputs) * act
         weights += params
         hessians += d_max * d_max * h_bytes * depth
     return BlockMemory(hidden, activations, weights, hessians)

@@ -182,12 +182,12 @@ def _quantize_block(
     bank = HessianBank(plan.hessian_dtype, device)
     subsets = layout.subsets_of(index)
     float_block = copy.deepcopy(block) if target.float_outputs else None
-    if len(on_device) == 1 and not has_experts(block) and float_block is None:
-        outputs = quantize_block_lazy(block, on_device[0], subsets, bq, bank)
+    if len(on_device) == 1 and not has_experts(block):
+        outputs = quantize_block_lazy(block, on_device[0], subsets, bq, bank, float_block)
     else:
         outputs = quantize_block_batched(block, on_device, subsets, bq, bank, float_block)
-    if float_block is not None:  # the float model's next hidden states, then the copy goes
-        for b, b_dev in zip(batches, on_device):
+    if float_block is not None:  # the next block's reference: this float block on the
+        for b, b_dev in zip(batches, on_device):  # quantized stream (docs/targets.md)
             b.float_hidden = b_dev.run(float_block).to("cpu")
         del float_block
     block.to("cpu")
@@ -234,7 +234,7 @@ def _keep_block(
     if saving:
         rows = [len(shard_range(n_windows, r, world.size)) for r in range(world.size)]
         hidden = [world.gather_rows(torch.cat([b.hidden for b in batches]), rows, "gather")]
-        if batches[0].float_hidden is not None:  # the float model's, for the float objective
+        if batches[0].float_hidden is not None:  # the float-outputs reference's
             mine = torch.cat([b.float_hidden for b in batches])
             hidden.append(world.gather_rows(mine, rows, "gather"))
         if state is not None:
@@ -338,7 +338,7 @@ def _quantize_model(
     mask = None if attention_mask is None else attention_mask[share.start : share.stop]
     batch_size = ids.shape[0] if spec.execution.batch_size is None else spec.execution.batch_size
     batches = capture_first_block_inputs(model, layout, ids, mask, batch_size, share.start)
-    if spec.target.float_outputs:  # the float model's hidden states, equal up to the first block
+    if spec.target.float_outputs:  # the reference's hidden states, equal up to the first block
         for b in batches:
             b.float_hidden = b.hidden
     work = None if output is None else output[1]

@@ -3,7 +3,8 @@
 Two options change the problem a method is handed, never the method:
 
 - ``objective="float-outputs"`` moves the target from ``W`` to the point whose outputs on the
-  quantized inputs best match the float model's outputs on the float inputs
+  quantized inputs best match the float model's outputs on the float inputs (restarted from
+  the quantized stream one block back, docs/targets.md)
   (:func:`latticequant.core.objective.output_target`); the pipeline accumulates the cross Gram
   matrix ``C = X^T X~`` beside the Hessian for it.
 - ``rotate="hadamard"`` hands the method ``(W R, R^T H R)`` for a randomised Hadamard ``R``

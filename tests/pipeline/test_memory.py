@@ -31,6 +31,13 @@ def test_the_estimate_follows_windows_batches_and_dtype():
     # the rotated Hessian: one more float64 matrix of the widest input (down_proj's)
     e = estimate_block_memory(layout, 64, 128, 64, torch.float32, config=model.config, rotated=True)
     assert e.hessians - a.hessians == model.config.intermediate_size**2 * 8
+    # the float-outputs copy's inputs, held for all four groups at once in one pass: q/k/v,
+    # o_proj and gate/up read the hidden size, down_proj the intermediate size
+    f = estimate_block_memory(layout, 64, 128, 64, torch.float32, config=model.config,
+                              float_copy=True)  # fmt: skip
+    widths = 3 * model.config.hidden_size + model.config.intermediate_size
+    assert f.activations - a.activations == 64 * 128 * widths * 4
+    assert f.hidden == 2 * a.hidden
 
 
 def test_a_run_that_cannot_fit_is_refused_naming_the_flags():

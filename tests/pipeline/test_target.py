@@ -125,6 +125,71 @@ def test_the_target_each_layer_gets_is_the_least_squares_match_of_the_float_mode
     assert torch.allclose(seen[0][0], W_q, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch_size", [None, 5])
+def test_a_deeper_block_aims_at_the_float_blocks_run_from_the_quantized_stream(calib, batch_size):
+    """q_proj of block 2 of 3: its target is ``lstsq(X~, X W^T)`` with X~ the input of the
+    model whose blocks 0 and 1 are the run's quantized ones and X the reference's: float
+    blocks 1 and 2 run on the quantized block 0's outputs (docs/targets.md), for one pass per
+    block and for batches alike. The whole float model's input is another target, farther
+    off than the tolerance by a hundred times (checked too)."""
+    seen: dict = {}
+    run_quantize(
+        _model(num_hidden_layers=3), None, calib, _recording(seen), _cfg(2), progress=False,
+        target=TargetConfig("float-outputs", damp=0.0), batch_size=batch_size,
+    )  # fmt: skip
+    names = [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    names += [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+    assert len(seen) == 3 * len(names)
+    float_model, partly, reference = (_model(num_hidden_layers=3) for _ in range(3))
+    for i in range(2 * len(names)):  # blocks 0 and 1, in the order they were solved
+        block, name = divmod(i, len(names))
+        set_linear_weight(partly.get_submodule(f"model.layers.{block}.{names[name]}"), seen[i][2])
+        if block == 0:
+            set_linear_weight(reference.get_submodule(f"model.layers.0.{names[name]}"), seen[i][2])
+    xs = {}
+
+    def grab(key):
+        def hook(module, args):
+            xs[key] = args[0].reshape(-1, args[0].shape[-1]).double()
+
+        return hook
+
+    q = "model.layers.2.self_attn.q_proj"
+    for key, m in (("float", float_model), ("quant", partly), ("reference", reference)):
+        h = m.get_submodule(q).register_forward_pre_hook(grab(key))
+        with torch.no_grad():
+            m(input_ids=calib, use_cache=False)
+        h.remove()
+    W = linear_weight(float_model.get_submodule(q)).detach().double()
+    W_t = seen[2 * len(names)][0]
+    ref = torch.linalg.lstsq(xs["quant"], xs["reference"] @ W.T).solution.T
+    whole = torch.linalg.lstsq(xs["quant"], xs["float"] @ W.T).solution.T
+    tol = 2e-5 * float(ref.abs().max())
+    assert torch.allclose(W_t, ref, atol=tol, rtol=0)
+    assert float((whole - ref).abs().max()) > 100 * tol
+
+
+def test_one_pass_a_block_runs_each_float_copy_twice_and_each_block_once(calib, monkeypatch):
+    """With all windows in one batch, each block runs once (quantized as it goes) and its
+    float copy twice: once on the reference's hidden states for every group's cross Gram,
+    once on the quantized stream for the next block's reference. Running the float copy up
+    to each group again, as batches must, made ten calls of a block per block."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    calls = []
+    forward = LlamaDecoderLayer.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counting)
+    model = _model(num_hidden_layers=3)
+    run_quantize(model, None, calib, "gptq", _cfg(3), progress=False, target=BOTH)
+    assert len(calls) == 3 * 3
+    assert len({id(c) for c in calls}) == 2 * 3  # three blocks and three float copies
+
+
 def test_rotated_layers_compute_the_dequantized_rotated_weights_on_rotated_inputs(calib, tmp_path):
     model = _model()
     tok = make_char_tokenizer()
