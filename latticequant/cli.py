@@ -50,7 +50,7 @@ from latticequant.pipeline.spec import (
     prepare,
 )
 from latticequant.pipeline.state import OutputExistsError, output_lock, partial_folder
-from latticequant.pipeline.target import OBJECTIVES, ROTATIONS, TargetConfig
+from latticequant.pipeline.target import OBJECTIVES, REFERENCES, ROTATIONS, TargetConfig
 from latticequant.report import format_table, load_report, plot_loss_vs_bound
 
 log = logging.getLogger("latticequant")
@@ -344,6 +344,14 @@ def _add_quantize_run(q: argparse.ArgumentParser) -> None:
         default=None,
         help="what each layer matches: its float weights on its own inputs (layer, the default) "
         "or the float model's outputs (float-outputs: a float copy of each block runs beside it)",
+    )
+    q.add_argument(
+        "--float-reference",
+        choices=REFERENCES,
+        default=None,
+        help="with --objective float-outputs, which float outputs: the float model restarted "
+        "from the quantized stream one block back (previous-block, the default), the whole "
+        "float model (model), or each block's float copy on the quantized stream (block)",
     )
     q.add_argument(
         "--rotate",
@@ -650,7 +658,12 @@ def run_spec(args) -> RunSpec:
         method=method.name,
         config=config_from_args(method, args),
         overrides=tuple(overrides),
-        target=TargetConfig(args.objective or "layer", args.rotate or "none", args.seed),
+        target=TargetConfig(
+            args.objective or "layer",
+            args.rotate or "none",
+            args.seed,
+            reference=args.float_reference or "previous-block",
+        ),
         experts=ExpertPolicy(args.min_expert_tokens, args.expert_fallback),
         calibration=CalibrationSpec(args.text, args.nsamples, args.seqlen, args.seed, args.bos),
         output=OutputSpec(
@@ -758,7 +771,11 @@ def _quantize(args, spec: RunSpec, world: World) -> int:
         "rotation": None if plan.fold is None else plan.fold.as_dict(),
         "preset": args.preset,
         "preset_settings": args.preset_settings,
-        "target": {"objective": spec.target.objective, "rotate": spec.target.rotate},
+        "target": {
+            "objective": spec.target.objective,
+            "rotate": spec.target.rotate,
+            "float_reference": spec.target.reference if spec.target.float_outputs else None,
+        },
     }
     lines = _summary_lines(args, spec, plan, summary, quantize_s, total_s, world)
     if args.evaluate:

@@ -252,9 +252,15 @@ def test_objective_and_rotation_from_the_command_line(
     out = tmp_path / "r"
     args = _quantize_args(tiny_llama_dir, sample_text_file, out, "--json", "--bits", "3")
     args += ["--objective", "float-outputs", "--rotate", "hadamard", "--seed", "2"]
-    assert main(args) == 0
+    assert main([*args, "--objective", "layer", "--float-reference", "model"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "needs the float-outputs objective" in err and "\n" not in err
+    assert not out.exists()  # refused before anything was written
+    assert main([*args, "--float-reference", "model"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["target"] == {"objective": "float-outputs", "rotate": "hadamard"}
+    assert payload["target"] == {
+        "objective": "float-outputs", "rotate": "hadamard", "float_reference": "model"
+    }  # fmt: skip
     qc = json.loads((out / "quantize_config.json").read_text())
     assert qc["quant_method"] == "latticequant" and qc["format"] == "latticequant-hadamard"
     evaluated = ["eval", str(out), "--text", str(sample_text_file), "--seqlen", "64", "--json"]
@@ -262,8 +268,9 @@ def test_objective_and_rotation_from_the_command_line(
     ppl = json.loads(capsys.readouterr().out)["perplexity"]
     assert ppl == pytest.approx(payload["ppl_after"], rel=1e-4)
     log = json.loads((out / "quant_log.json").read_text())
-    assert log["run"]["target"]["seed"] == 2
+    assert log["run"]["target"]["seed"] == 2 and log["run"]["target"]["reference"] == "model"
     assert all(s["rotation"] == "hadamard" and "target_shift" in s for s in log["layers"])
+    assert all(s["float_reference"] == "model" for s in log["layers"])
 
 
 def test_generate_from_a_checkpoint(quantized, capsys):
@@ -427,7 +434,9 @@ def test_presets_fill_only_what_no_flag_gave_and_the_summary_names_them(cli_file
         "rotate": "hadamard",
     }
     assert best["config"]["refine"] == "cd,scales" and best["config"]["order"] == "act"
-    assert best["target"] == {"objective": "float-outputs", "rotate": "hadamard"}
+    assert best["target"] == {
+        "objective": "float-outputs", "rotate": "hadamard", "float_reference": "previous-block"
+    }  # fmt: skip
     assert best["checkpoint_format"] == "gptq+hadamard"
     qlog = json.loads((tmp_path / "b" / "quant_log.json").read_text())
     assert all(layer["rotation"] == "hadamard" for layer in qlog["layers"])

@@ -387,6 +387,7 @@ class BlockQuantizer:
         if self.target.float_outputs:  # added block by block in row order, as one process does
             shifts = [s for *_, s in sorted(solved, key=lambda x: x[2].start)]
             lq.stats["objective"] = self.target.objective
+            lq.stats["float_reference"] = self.target.reference
             lq.stats["target_shift"] = sum(s for s, _ in shifts)
             lq.stats["target_damp"] = shifts[0][1]
         elapsed = sum(t for _, t, _, _ in solved)

@@ -35,6 +35,7 @@ from latticequant.methods.registry import LayerQuant, Method, UnsupportedConfigE
 
 __all__ = [
     "OBJECTIVES",
+    "REFERENCES",
     "ROTATIONS",
     "TargetConfig",
     "layer_seed",
@@ -44,6 +45,10 @@ __all__ = [
 ]
 
 OBJECTIVES = ("layer", "float-outputs")
+#: where the float-outputs objective's float reference starts (docs/targets.md): the float
+#: model restarted from the quantized stream one block back, the whole float model, or the
+#: block's own float copy on the quantized stream
+REFERENCES = ("previous-block", "model", "block")
 ROTATIONS = ("none", "hadamard", "folded", "folded+online")
 ONLINE_FOLDED = ("mlp.down_proj",)  # where folded+online keeps a rotation at run time
 
@@ -62,12 +67,17 @@ class TargetConfig:
       the nonlinearity stops folding).
     seed: the seed every rotation is drawn from (with the layer's name).
     damp: relative damping of the float-outputs target's solve.
+    reference: what the float-outputs objective's ``X`` is: ``"previous-block"`` (the float
+      blocks before and of this layer run on the quantized stream's input one block back; the
+      best measured), ``"model"`` (the whole float model from the embeddings) or ``"block"``
+      (this block's float copy on the quantized stream).
     """
 
     objective: str = "layer"
     rotate: str = "none"
     seed: int = 0
     damp: float = 0.01
+    reference: str = "previous-block"
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -80,6 +90,15 @@ class TargetConfig:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < 10):
             raise ValueError(f"damp must be a number in [0, 10), got {self.damp!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(
+                f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}"
+            )
+        if self.reference != "previous-block" and not self.float_outputs:
+            raise ValueError(
+                f"a float reference ({self.reference!r}) needs the float-outputs objective: "
+                "add --objective float-outputs or leave the reference out"
+            )
 
     @property
     def float_outputs(self) -> bool:
@@ -156,6 +175,7 @@ def solve_layer(
             raise RuntimeError(f"{name}: the float-outputs objective needs the cross Gram matrix")
         T64, used = output_target(W, H, cross, target.damp)
         stats["objective"] = target.objective
+        stats["float_reference"] = target.reference
         # (T - W) H (T - W)^T summed, a block of H's columns at a time: no float64 copy of H
         stats["target_shift"] = float(row_losses(T64, H, W.to(torch.float64)).sum())
         stats["target_damp"] = used

@@ -125,27 +125,35 @@ def test_the_target_each_layer_gets_is_the_least_squares_match_of_the_float_mode
     assert torch.allclose(seen[0][0], W_q, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch_size", [None, 5])
-def test_a_deeper_block_aims_at_the_float_blocks_run_from_the_quantized_stream(calib, batch_size):
+@pytest.mark.parametrize(
+    "reference, batch_size",
+    [("previous-block", None), ("previous-block", 5), ("model", None), ("model", 5),
+     ("block", None)],
+)  # fmt: skip
+def test_a_deeper_block_aims_at_its_float_reference(calib, reference, batch_size):
     """q_proj of block 2 of 3: its target is ``lstsq(X~, X W^T)`` with X~ the input of the
-    model whose blocks 0 and 1 are the run's quantized ones and X the reference's: float
-    blocks 1 and 2 run on the quantized block 0's outputs (docs/targets.md), for one pass per
-    block and for batches alike. The whole float model's input is another target, farther
-    off than the tolerance by a hundred times (checked too)."""
+    model whose blocks 0 and 1 are the run's quantized ones and X the reference's input of
+    the layer, hooked from a model built for it (float64, from the activations): float
+    blocks 1 and 2 on the quantized block 0's outputs (``previous-block``), the float model
+    (``model``), or the quantized stream itself (``block``: the target is ``W``). For one
+    pass per block and for batches alike; each other reference's target is farther off than
+    the tolerance by a hundred times (checked too)."""
     seen: dict = {}
     run_quantize(
         _model(num_hidden_layers=3), None, calib, _recording(seen), _cfg(2), progress=False,
-        target=TargetConfig("float-outputs", damp=0.0), batch_size=batch_size,
+        target=TargetConfig("float-outputs", damp=0.0, reference=reference),
+        batch_size=batch_size,
     )  # fmt: skip
     names = [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     names += [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
     assert len(seen) == 3 * len(names)
-    float_model, partly, reference = (_model(num_hidden_layers=3) for _ in range(3))
+    models = {k: _model(num_hidden_layers=3) for k in ("model", "block", "previous-block")}
     for i in range(2 * len(names)):  # blocks 0 and 1, in the order they were solved
         block, name = divmod(i, len(names))
-        set_linear_weight(partly.get_submodule(f"model.layers.{block}.{names[name]}"), seen[i][2])
+        layer = f"model.layers.{block}.{names[name]}"
+        set_linear_weight(models["block"].get_submodule(layer), seen[i][2])
         if block == 0:
-            set_linear_weight(reference.get_submodule(f"model.layers.0.{names[name]}"), seen[i][2])
+            set_linear_weight(models["previous-block"].get_submodule(layer), seen[i][2])
     xs = {}
 
     def grab(key):
@@ -155,18 +163,21 @@ def test_a_deeper_block_aims_at_the_float_blocks_run_from_the_quantized_stream(c
         return hook
 
     q = "model.layers.2.self_attn.q_proj"
-    for key, m in (("float", float_model), ("quant", partly), ("reference", reference)):
+    for key, m in models.items():
         h = m.get_submodule(q).register_forward_pre_hook(grab(key))
         with torch.no_grad():
             m(input_ids=calib, use_cache=False)
         h.remove()
-    W = linear_weight(float_model.get_submodule(q)).detach().double()
+    W = linear_weight(models["model"].get_submodule(q)).detach().double()
     W_t = seen[2 * len(names)][0]
-    ref = torch.linalg.lstsq(xs["quant"], xs["reference"] @ W.T).solution.T
-    whole = torch.linalg.lstsq(xs["quant"], xs["float"] @ W.T).solution.T
-    tol = 2e-5 * float(ref.abs().max())
-    assert torch.allclose(W_t, ref, atol=tol, rtol=0)
-    assert float((whole - ref).abs().max()) > 100 * tol
+    refs = {k: torch.linalg.lstsq(xs["block"], x @ W.T).solution.T for k, x in xs.items()}
+    tol = 2e-5 * float(refs[reference].abs().max())
+    assert torch.allclose(W_t, refs[reference], atol=tol, rtol=0)
+    for other, ref in refs.items():
+        if other != reference:
+            assert float((ref - refs[reference]).abs().max()) > 100 * tol, other
+    if reference == "block":
+        assert torch.allclose(W_t, W, atol=1e-6)
 
 
 def test_one_pass_a_block_runs_each_float_copy_twice_and_each_block_once(calib, monkeypatch):
@@ -367,7 +378,15 @@ def test_what_cannot_be_honoured_is_refused_before_any_forward(calib):
     with pytest.raises(UnsupportedConfigError, match="odd factor 67"):
         run_quantize(model, None, calib, "hptq", None, progress=False,
                        target=TargetConfig(rotate="hadamard"))  # fmt: skip
-    for bad in (dict(objective="outputs"), dict(rotate="walsh"), dict(seed=-1), dict(damp=-1)):
+    bad_ones = (
+        dict(objective="outputs"),
+        dict(rotate="walsh"),
+        dict(seed=-1),
+        dict(damp=-1),
+        dict(objective="float-outputs", reference="float"),
+        dict(reference="model"),
+    )
+    for bad in bad_ones:
         with pytest.raises(ValueError):
             TargetConfig(**bad)
 
