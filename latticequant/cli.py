@@ -316,28 +316,8 @@ def _add_quantize(sub, parents) -> argparse.ArgumentParser:
     return q
 
 
-def _add_quantize_run(q: argparse.ArgumentParser) -> None:
-    """How a quantize run executes: batches, blocks, the problem each layer solves, experts,
-    offload and the perplexity around it."""
-    q.add_argument(
-        "--batch-size",
-        type=_positive("--batch-size"),
-        default=None,
-        help="windows per forward pass (default: all, one pass per block)",
-    )
-    q.add_argument(
-        "--blocks",
-        type=_block_range,
-        metavar="START:END",
-        help="quantize only the blocks START <= i < END (the others stay in float; the run stops "
-        "after END)",
-    )
-    q.add_argument(
-        "--hessian-dtype",
-        choices=("float32", "float64"),
-        default="float32",
-        help="dtype the Hessians accumulate in (float32; the solves run in float64 on the CPU)",
-    )
+def _add_target_flags(q: argparse.ArgumentParser) -> None:
+    """The problem each layer solves (``TargetConfig``): objective, its reference, rotation."""
     q.add_argument(
         "--objective",
         choices=OBJECTIVES,
@@ -365,6 +345,31 @@ def _add_quantize_run(q: argparse.ArgumentParser) -> None:
         "are written as its transform_config, in the block Hadamard its readers build); none "
         "(default)",
     )
+
+
+def _add_quantize_run(q: argparse.ArgumentParser) -> None:
+    """How a quantize run executes: batches, blocks, the problem each layer solves, experts,
+    offload and the perplexity around it."""
+    q.add_argument(
+        "--batch-size",
+        type=_positive("--batch-size"),
+        default=None,
+        help="windows per forward pass (default: all, one pass per block)",
+    )
+    q.add_argument(
+        "--blocks",
+        type=_block_range,
+        metavar="START:END",
+        help="quantize only the blocks START <= i < END (the others stay in float; the run stops "
+        "after END)",
+    )
+    q.add_argument(
+        "--hessian-dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="dtype the Hessians accumulate in (float32; the solves run in float64 on the CPU)",
+    )
+    _add_target_flags(q)
     q.add_argument(
         "--min-expert-tokens",
         type=_positive("--min-expert-tokens", 0),

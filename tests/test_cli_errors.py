@@ -239,6 +239,16 @@ CORPUS = [
     ("unknown objective", q("--objective", "outputs"), "invalid choice: 'outputs'"),
     ("unknown rotation", q("--rotate", "walsh"), "invalid choice: 'walsh'"),
     (
+        "unknown float reference",
+        q("--objective", "float-outputs", "--float-reference", "float"),
+        "invalid choice: 'float'",
+    ),  # fmt: skip
+    (
+        "float reference without the objective",
+        q("--float-reference", "model"),
+        "needs the float-outputs objective",
+    ),  # fmt: skip
+    (
         "rotation of a size it cannot factor",
         q("--rotate", "hadamard", "--bits", "8", model="odd"),
         "odd factor 67 above 63",
