@@ -7,7 +7,7 @@ scored on the held-out 20% of the protocol text (``perplexity after``) and on th
 ``bench_decoders.py`` (Debian's licence texts, by ``latticequant eval --text``). Results go to
 docs/bench_fold.json and .md, rewritten after each run; a rerun skips what is measured.
 
-    python benchmarks/bench_fold.py                             # all 24 runs (hours on 2 cores)
+    python benchmarks/bench_fold.py                             # all runs (hours on 2 cores)
     python benchmarks/bench_fold.py --runs 3g128-folded-float-outputs,3g128-none-layer
     python benchmarks/bench_fold.py --list
     python benchmarks/bench_fold.py --runs 3g128-folded-float-outputs+hessian+refine
@@ -144,7 +144,9 @@ def write_table(results: dict, path: Path) -> None:
         f"`python benchmarks/bench_fold.py` on {results.get('machine', '?')}: GPTQ, act-order, "
         "asymmetric, seed 0, the protocol's calibration; perplexity on the protocol's held-out "
         "text and on the second text (Debian's licence texts). Readers: what loads the "
-        "checkpoint each rotation writes (by its format).",
+        "checkpoint each rotation writes (by its format). Wall seconds: the whole run (the "
+        "quantization and both perplexities), on shared cores, often beside other runs; the "
+        "float-outputs rows above 3000 s ran before its one-pass path (docs/targets.md).",
         "",
         "| grid | rotation | objective | held-out | second text | wall s | readers |",
         "|---|---|---|---|---|---|---|",
