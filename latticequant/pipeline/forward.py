@@ -58,9 +58,10 @@ class BlockInputs:
             None if self.float_hidden is None else self.float_hidden.to(device),
         )
 
-    def run(self, block: nn.Module) -> torch.Tensor:
-        """The block's output hidden states on these inputs."""
-        return block_output(block(self.hidden, *self.args, **self.kwargs))
+    def run(self, block: nn.Module, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output hidden states on these inputs (on ``hidden`` in their place)."""
+        hidden = self.hidden if hidden is None else hidden
+        return block_output(block(hidden, *self.args, **self.kwargs))
 
 
 def block_output(out) -> torch.Tensor:

@@ -38,7 +38,7 @@ from latticequant.pipeline.checkpoint import (
 )
 from latticequant.pipeline.distributed import World, shard_range
 from latticequant.pipeline.experts import has_experts
-from latticequant.pipeline.forward import BlockInputs, block_output, capture_first_block_inputs
+from latticequant.pipeline.forward import BlockInputs, capture_first_block_inputs
 from latticequant.pipeline.gguf_file import write_gguf
 from latticequant.pipeline.layout import ModelLayout, linear_weight, set_linear_weight
 from latticequant.pipeline.memory import release_freed_memory
@@ -182,16 +182,13 @@ def _quantize_block(
     bank = HessianBank(plan.hessian_dtype, device)
     subsets = layout.subsets_of(index)
     float_block = copy.deepcopy(block) if target.float_outputs else None
-    if float_block is not None and target.reference == "block":  # the copy reads the quantized
-        for b in on_device:  # stream itself
-            b.float_hidden = b.hidden
     if len(on_device) == 1 and not has_experts(block):
         outputs = quantize_block_lazy(block, on_device[0], subsets, bq, bank, float_block)
     else:
         outputs = quantize_block_batched(block, on_device, subsets, bq, bank, float_block)
     if float_block is not None:  # the next block's reference (docs/targets.md)
-        for b, b_dev in zip(batches, on_device):
-            b.float_hidden = _next_reference(target.reference, float_block, b_dev).to("cpu")
+        for b, b_dev, out in zip(batches, on_device, outputs):
+            b.float_hidden = _next_reference(target.reference, float_block, b_dev, out).to("cpu")
         del float_block
     block.to("cpu")
     layers, Qs = {}, {}
@@ -220,14 +217,16 @@ def _quantize_block(
     return layers, Qs, {"solve_s": bq.solve_s, "hessian_s": bank.gram_s}
 
 
-def _next_reference(reference: str, float_block: nn.Module, batch: BlockInputs) -> torch.Tensor:
+def _next_reference(
+    reference: str, float_block: nn.Module, batch: BlockInputs, output: torch.Tensor
+) -> torch.Tensor:
     """The next block's float reference hidden states: this float block on the quantized
     stream (``previous-block``), on this block's reference (``model``), or the quantized
-    stream's input itself, which the next block replaces with its own (``block``)."""
+    block's ``output`` itself, the next block's quantized input (``block``)."""
     if reference == "model":
-        return block_output(float_block(batch.float_hidden, *batch.args, **batch.kwargs))
+        return batch.run(float_block, batch.float_hidden)
     if reference == "block":
-        return batch.hidden
+        return output
     return batch.run(float_block)
 
 
