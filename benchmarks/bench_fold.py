@@ -59,6 +59,7 @@ EXTRA = (
     *(f"3g128-{r}-layer+hessian" for r in ROTATIONS),
     "4g128-none-layer+hessian",
     "4g128-folded-layer+hessian",
+    *(f"2g64-{r}-layer+hessian" for r in ROTATIONS),
     "3g128-folded-float-outputs+hessian",
     "3g128-folded-float-outputs+hessian+refine",
 )
