@@ -207,9 +207,11 @@ def write_table(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grids", default=",".join(GRIDS), help="part 1's grids (2g64,3g128)")
-    p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--nsamples", type=int, default=64, help="block 0's calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     args = p.parse_args(argv)
+    if args.nsamples < 1 or args.seqlen < 2:
+        p.error("--nsamples must be at least 1 and --seqlen at least 2")
     grids = [g for g in args.grids.split(",") if g]
     unknown = sorted(set(grids) - set(GRIDS))
     if unknown:
