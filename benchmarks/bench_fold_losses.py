@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,9 +37,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_fold import ENV, ROTATIONS, quantize_args  # noqa: E402
+
 from latticequant.core.config import QuantConfig  # noqa: E402
 from latticequant.core.gptq import gptq_quantize  # noqa: E402
 from latticequant.core.rotation import hadamard_rotation  # noqa: E402
+from latticequant.pipeline.checkpoint import read_quant_log  # noqa: E402
 from latticequant.pipeline.data import (  # noqa: E402
     calibration_windows,
     load_text,
@@ -52,33 +54,27 @@ from latticequant.pipeline.models import load_model  # noqa: E402
 from latticequant.pipeline.target import layer_seed  # noqa: E402
 
 DOCS = ROOT / "docs"
+#: grids as (bits, group size); part 1 runs them through bench_fold.quantize_args
 GRIDS = {"2g64": (2, 64), "3g128": (3, 128)}
-ROTATIONS = ("none", "folded", "folded+online", "hadamard")
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BASES = ("none", "hadamard", "folded", "g in W", "R1, g in x")
 READERS = {
     "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
 }
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-}
 
 
 def quantize(grid: str, rotation: str, out: Path) -> dict:
-    """One whole run; the loss, RTN loss and clipped codes of each kind of layer summed."""
-    bits, group = GRIDS[grid]
-    cmd = [sys.executable, "-m", "latticequant", "quantize", "--method", "gptq", "--bits",
-           str(bits), "--group-size", str(group), "--order", "act", "--seed", "0", "--rotate",
-           rotation, "--no-eval", "--out", str(out), "--overwrite"]  # fmt: skip
+    """One whole run (bench_fold's settings for ``GRID-ROTATION-layer``, without the
+    perplexities); the loss, RTN loss and clipped codes of each kind of layer summed."""
+    cmd = [sys.executable, "-m", "latticequant", "quantize",
+           *quantize_args(f"{grid}-{rotation}-layer"),
+           "--no-eval", "--out", str(out), "--overwrite"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    layers = json.loads((out / "quant_log.json").read_text())["layers"]
-    layers = layers if isinstance(layers, list) else list(layers.values())
     kinds: dict = defaultdict(lambda: {"loss": 0.0, "rtn_loss": 0.0, "clipped": 0, "weights": 0})
-    for entry in layers:
+    for entry in read_quant_log(out)["layers"]:
         k = kinds[entry["name"].rsplit(".", 1)[-1]]
         k["loss"] += entry["loss"]
         k["rtn_loss"] += entry["rtn_loss"]
@@ -88,30 +84,31 @@ def quantize(grid: str, rotation: str, out: Path) -> dict:
 
 
 def block0_inputs(nsamples: int, seqlen: int) -> tuple[torch.nn.Module, dict]:
-    """The float model and, per norm of block 0, its normalised input ``x`` (rows) and scale."""
+    """The float model and, per norm of block 0, its normalised input ``x`` (float64 rows)."""
     model, tokenizer = load_model(None)
     bos = window_bos(tokenizer, "auto")  # as `latticequant quantize` draws its windows
     ids = split_ids(tokenize(tokenizer, load_text(None), bos is None))[0]
     windows = calibration_windows(ids, nsamples, seqlen, 0, bos)
     block = model.model.layers[0]
-    seen = {}
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in READERS}
 
     def hook(name):
         def fn(module, args):
             h = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-            seen[name] = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+            x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+            parts[name].append(x)
 
         return fn
 
     handles = [getattr(block, n).register_forward_pre_hook(hook(n)) for n in READERS]
-    with torch.no_grad():
-        for a in range(0, nsamples, 8):
-            model.model(windows[a : a + 8])
-            for n in READERS:
-                seen.setdefault("parts", {}).setdefault(n, []).append(seen.pop(n))
-    for h in handles:
-        h.remove()
-    return model, {n: torch.cat(seen["parts"][n]) for n in READERS}
+    try:
+        with torch.no_grad():
+            for a in range(0, nsamples, 8):
+                model.model(windows[a : a + 8])
+    finally:
+        for h in handles:
+            h.remove()
+    return model, {n: torch.cat(xs) for n, xs in parts.items()}
 
 
 def gram(X: torch.Tensor) -> torch.Tensor:
